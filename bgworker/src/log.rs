@@ -1,0 +1,127 @@
+//! Logging from network threads. They must not call `elog`, so a small
+//! `tracing` subscriber turns each event into a [`LogRecord`] and hands it to
+//! the worker's main thread, which writes it to the Postgres log. When the
+//! queue is full, records are dropped and counted rather than blocking a
+//! network thread.
+
+use crate::wake::Waker;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Metadata, Subscriber};
+
+/// One log line for the main thread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    pub level: Level,
+    pub message: String,
+}
+
+/// Forwards `tracing` events to the main thread.
+pub struct Forwarder {
+    tx: Sender<LogRecord>,
+    waker: Waker,
+    max_level: Level,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Builds the subscriber and the receiving end. `capacity` bounds the queue.
+pub fn forwarder(waker: Waker, max_level: Level, capacity: usize) -> (Forwarder, LogReceiver) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let dropped = Arc::new(AtomicU64::new(0));
+    (Forwarder { tx, waker, max_level, dropped: dropped.clone() }, LogReceiver { rx, dropped })
+}
+
+/// The main thread's end.
+pub struct LogReceiver {
+    rx: Receiver<LogRecord>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl LogReceiver {
+    /// Pending records, and how many were dropped since the last call.
+    pub fn drain(&self) -> (Vec<LogRecord>, u64) {
+        (self.rx.try_iter().collect(), self.dropped.swap(0, Ordering::Relaxed))
+    }
+}
+
+struct Fields(String);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        } else {
+            let _ = write!(self.0, " {}={value}", field.name());
+        }
+    }
+}
+
+impl Subscriber for Forwarder {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        *metadata.level() <= self.max_level
+    }
+
+    fn new_span(&self, _span: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _span: &Id, _values: &Record<'_>) {}
+
+    fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        let record = LogRecord { level: *event.metadata().level(), message: fields.0 };
+        match self.tx.try_send(record) {
+            Ok(()) => self.waker.wake(),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn enter(&self, _span: &Id) {}
+
+    fn exit(&self, _span: &Id) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wake::wake_pair;
+
+    #[test]
+    fn events_reach_the_receiver_and_wake_it() {
+        let (waker, mut wake_rx) = wake_pair().unwrap();
+        let (fwd, rx) = forwarder(waker, Level::INFO, 2);
+        tracing::subscriber::with_default(fwd, || {
+            tracing::info!(peer = "127.0.0.1:1", "connection opened");
+            tracing::debug!("too verbose");
+            tracing::warn!("second");
+            tracing::warn!("third, over capacity");
+        });
+        let (records, dropped) = rx.drain();
+        assert_eq!(
+            records,
+            vec![
+                LogRecord { level: Level::INFO, message: "connection opened peer=127.0.0.1:1".into() },
+                LogRecord { level: Level::WARN, message: "second".into() },
+            ]
+        );
+        assert_eq!(dropped, 1);
+        assert_eq!(wake_rx.drain(), 2);
+    }
+}

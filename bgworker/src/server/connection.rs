@@ -1,0 +1,421 @@
+//! One WebSocket connection: its channels, their tokens and expiry timers,
+//! and the Phoenix events of `realtime-protocol.md` §1.5, §2 and §6.
+
+use super::handshake::{self, Accepted};
+use super::hub::Member;
+use super::Context;
+use crate::join::{parse_join, JoinConfig};
+use crate::jwt::{self, AuthError, Claims};
+use crate::protocol::{self, Frame, Inbound, Outbound, Payload, UserBroadcast, Vsn};
+use crate::stats::Counters;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+const TOPIC_PREFIX: &str = "realtime:";
+
+/// Serves one accepted TCP connection to the end.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(ctx.options.max_frame_bytes))
+        .max_frame_size(Some(ctx.options.max_frame_bytes));
+    let mut accepted = None;
+    let callback = |request: &_, response| match handshake::check(&ctx, request) {
+        Ok(a) => {
+            accepted = Some(a);
+            Ok(response)
+        }
+        Err(refusal) => Err(refusal),
+    };
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let ws = match tokio::time::timeout(ctx.options.handshake_timeout, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "upgrade failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "upgrade timed out");
+            return;
+        }
+    };
+    let Some(accepted) = accepted else { return };
+    let id = ctx.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(ctx.options.outbound_queue);
+    let mut conn = Connection { id, peer, ctx, ws, accepted, channels: HashMap::new(), fanout_tx: tx };
+    conn.run(rx, shutdown).await;
+    conn.leave_all();
+}
+
+/// A joined channel.
+struct Channel {
+    join_ref: Option<String>,
+    subtopic: String,
+    /// The token the channel acts with, and its verified claims.
+    token: String,
+    claims: Claims,
+    config: JoinConfig,
+}
+
+impl Channel {
+    fn join_ref(&self) -> &str {
+        self.join_ref.as_deref().unwrap_or("")
+    }
+}
+
+/// Why the loop ends.
+enum Close {
+    /// The client closed or the transport failed: nothing more to send.
+    Gone,
+    /// We close, with this code and reason.
+    With(CloseCode, &'static str),
+}
+
+struct Connection {
+    id: u64,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+    ws: WebSocketStream<TcpStream>,
+    accepted: Accepted,
+    channels: HashMap<String, Channel>,
+    fanout_tx: mpsc::Sender<Arc<Outbound>>,
+}
+
+impl Connection {
+    fn vsn(&self) -> Vsn {
+        self.accepted.vsn
+    }
+
+    async fn run(&mut self, mut fanout: mpsc::Receiver<Arc<Outbound>>, mut shutdown: watch::Receiver<bool>) {
+        let idle_timeout = self.ctx.options.idle_timeout;
+        let mut idle_deadline = Instant::now() + idle_timeout;
+        let close = loop {
+            if *shutdown.borrow() {
+                break Close::With(CloseCode::Away, "server shutting down");
+            }
+            let expiry = self.next_expiry();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break Close::With(CloseCode::Away, "server shutting down"),
+                message = self.ws.next() => match message {
+                    None => break Close::Gone,
+                    Some(Err(WsError::Capacity(e))) => {
+                        Counters::incr(&self.ctx.counters.oversized_frames);
+                        tracing::info!(peer = %self.peer, error = %e, "frame over the size limit; closing");
+                        break Close::With(CloseCode::Size, "frame too large");
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "transport error");
+                        break Close::Gone;
+                    }
+                    Some(Ok(message)) => {
+                        idle_deadline = Instant::now() + idle_timeout;
+                        if self.on_message(message).await.is_err() {
+                            break Close::Gone;
+                        }
+                    }
+                },
+                Some(out) = fanout.recv() => {
+                    if self.send(&out).await.is_err() {
+                        break Close::Gone;
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    Counters::incr(&self.ctx.counters.idle_closed);
+                    break Close::With(CloseCode::Normal, "idle timeout");
+                }
+                _ = sleep_until_opt(expiry) => {
+                    if self.expire_tokens().await.is_err() {
+                        break Close::Gone;
+                    }
+                }
+            }
+        };
+        if let Close::With(code, reason) = close {
+            self.close(code, reason).await;
+        }
+    }
+
+    /// Sends our close frame and waits briefly for the client's answer.
+    async fn close(&mut self, code: CloseCode, reason: &'static str) {
+        let frame = CloseFrame { code, reason: reason.into() };
+        let grace = self.ctx.options.close_grace;
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout(grace, async {
+            if ws.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+    }
+
+    async fn send(&mut self, out: &Outbound) -> Result<(), WsError> {
+        match protocol::encode(self.vsn(), out) {
+            Some(message) => self.ws.send(message).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), WsError> {
+        let vsn = self.vsn();
+        let decoded = match message {
+            Message::Text(text) => protocol::decode_text(vsn, &text),
+            Message::Binary(bytes) => protocol::decode_binary(vsn, &bytes),
+            // Pings are answered by tungstenite; a close is answered there too
+            // and then ends the stream.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return Ok(()),
+        };
+        Counters::incr(&self.ctx.counters.frames_received);
+        match decoded {
+            Ok(Inbound::Frame(frame)) => self.on_frame(frame).await,
+            Ok(Inbound::Broadcast(b)) => self.on_user_broadcast(b).await,
+            Err(e) => {
+                Counters::incr(&self.ctx.counters.malformed_frames);
+                tracing::debug!(peer = %self.peer, error = %e, "malformed frame dropped");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame) -> Result<(), WsError> {
+        #[cfg(test)]
+        if frame.event == "__test_panic__" {
+            panic!("test-only panic on a network thread");
+        }
+        if frame.topic == "phoenix" && frame.event == "heartbeat" {
+            return self.send(&Outbound::reply(&frame, "ok", json!({}))).await;
+        }
+        if frame.event == "phx_join" {
+            return self.join(frame).await;
+        }
+        if !self.channels.contains_key(&frame.topic) {
+            return self.unmatched(&frame).await;
+        }
+        match frame.event.as_str() {
+            "phx_leave" => self.leave(frame).await,
+            "access_token" => self.refresh_token(frame).await,
+            "broadcast" => self.on_json_broadcast(frame).await,
+            "presence" => {
+                let reason = "presence is not supported by this version of pg_realtime";
+                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason }))).await
+            }
+            // Unknown channel events are ignored without reply, as Supabase does.
+            _ => Ok(()),
+        }
+    }
+
+    /// `[null, ref, topic, "phx_reply", {"status":"error","response":{"reason":"unmatched topic"}}]`
+    async fn unmatched(&mut self, frame: &Frame) -> Result<(), WsError> {
+        let mut reply_to = frame.clone();
+        reply_to.join_ref = None;
+        self.send(&Outbound::reply(&reply_to, "error", json!({"reason": "unmatched topic"}))).await
+    }
+
+    async fn join(&mut self, frame: Frame) -> Result<(), WsError> {
+        let Some(subtopic) = frame.topic.strip_prefix(TOPIC_PREFIX).map(str::to_owned) else {
+            return self.unmatched(&frame).await;
+        };
+        // A second join of a joined topic replaces the first.
+        if let Some(old) = self.remove_channel(&frame.topic) {
+            let close = Outbound::close(old.join_ref(), &frame.topic);
+            self.send(&close).await?;
+        }
+        match self.admit(&frame, &subtopic) {
+            Ok(channel) => {
+                let postgres_changes: Vec<Value> =
+                    channel.config.postgres_changes.iter().map(|b| Value::Object(b.raw.clone())).collect();
+                let presence = channel.config.presence.enabled;
+                self.ctx.hub.join(&frame.topic, Member { connection: self.id, tx: self.fanout_tx.clone() });
+                Counters::incr(&self.ctx.counters.channels_joined);
+                let join_ref = channel.join_ref().to_owned();
+                self.channels.insert(frame.topic.clone(), channel);
+                self.send(&Outbound::reply(&frame, "ok", json!({ "postgres_changes": postgres_changes })))
+                    .await?;
+                if presence {
+                    // Nobody can be tracked yet (presence is not supported), so
+                    // the state is truthfully empty; realtime-js waits for it.
+                    self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({}))).await?;
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                Counters::incr(&self.ctx.counters.joins_refused);
+                tracing::debug!(peer = %self.peer, topic = %frame.topic, %reason, "join refused");
+                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason }))).await
+            }
+        }
+    }
+
+    /// Decides a join; `Err` is the reply's `reason`.
+    fn admit(&self, frame: &Frame, subtopic: &str) -> Result<Channel, String> {
+        if subtopic.is_empty() {
+            return Err("TopicNameRequired: You must provide a topic name".into());
+        }
+        let settings = self.ctx.settings();
+        if self.channels.len() >= settings.max_channels_per_connection {
+            return Err("ChannelRateLimitReached: Too many channels".into());
+        }
+        let payload = match &frame.payload {
+            Payload::Json(v) => v.clone(),
+            Payload::Binary(_) => Value::Null,
+        };
+        let request = parse_join(&payload);
+        for warning in &request.warnings {
+            tracing::info!(peer = %self.peer, topic = %frame.topic, "join config: {warning}; using the default");
+        }
+        let token = request.access_token.unwrap_or_else(|| self.accepted.token.clone());
+        let claims = settings.verifier.verify(&token, jwt::now()).map_err(|e| e.join_reason())?;
+        if request.config.private {
+            return Err("Unauthorized: private channels are not supported by this version of pg_realtime".into());
+        }
+        if !request.config.postgres_changes.is_empty() {
+            return Err(
+                "PostgresChangesUnavailable: postgres_changes is not supported by this version of pg_realtime".into(),
+            );
+        }
+        Ok(Channel { join_ref: frame.join_ref.clone(), subtopic: subtopic.to_owned(), token, claims, config: request.config })
+    }
+
+    async fn leave(&mut self, frame: Frame) -> Result<(), WsError> {
+        if let Some(channel) = self.remove_channel(&frame.topic) {
+            self.send(&Outbound::reply(&frame, "ok", json!({}))).await?;
+            self.send(&Outbound::close(channel.join_ref(), &frame.topic)).await?;
+        }
+        Ok(())
+    }
+
+    fn remove_channel(&mut self, topic: &str) -> Option<Channel> {
+        let channel = self.channels.remove(topic)?;
+        self.ctx.hub.leave(topic, self.id);
+        Counters::decr(&self.ctx.counters.channels_joined);
+        Some(channel)
+    }
+
+    fn leave_all(&mut self) {
+        let topics: Vec<String> = self.channels.keys().cloned().collect();
+        for topic in topics {
+            self.remove_channel(&topic);
+        }
+    }
+
+    /// `access_token`: no reply; a bad token ends the channel.
+    async fn refresh_token(&mut self, frame: Frame) -> Result<(), WsError> {
+        let token = frame.payload.as_object().and_then(|p| p.get("access_token")).and_then(Value::as_str);
+        let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else { return Ok(()) };
+        let channel = self.channels.get_mut(&frame.topic).expect("checked by the caller");
+        if channel.token == token {
+            return Ok(());
+        }
+        match self.ctx.settings().verifier.verify(token, jwt::now()) {
+            Ok(claims) => {
+                channel.token = token.to_owned();
+                channel.claims = claims;
+                Ok(())
+            }
+            Err(e) => self.end_channel(&frame.topic, &e).await,
+        }
+    }
+
+    /// The earliest token expiry over all channels.
+    fn next_expiry(&self) -> Option<Instant> {
+        let exp = self.channels.values().map(|c| c.claims.exp).min()?;
+        let secs = (exp - jwt::now()).max(0) as u64;
+        Some(Instant::now() + Duration::from_secs(secs))
+    }
+
+    async fn expire_tokens(&mut self) -> Result<(), WsError> {
+        let now = jwt::now();
+        let expired: Vec<(String, i64)> =
+            self.channels.iter().filter(|(_, c)| c.claims.exp <= now).map(|(t, c)| (t.clone(), c.claims.exp)).collect();
+        for (topic, exp) in expired {
+            self.end_channel(&topic, &AuthError::Expired(now - exp)).await?;
+        }
+        Ok(())
+    }
+
+    /// The fatal-channel pattern: a `system` error, then `phx_close`.
+    async fn end_channel(&mut self, topic: &str, error: &AuthError) -> Result<(), WsError> {
+        let Some(channel) = self.remove_channel(topic) else { return Ok(()) };
+        Counters::incr(&self.ctx.counters.tokens_rejected);
+        let system = json!({
+            "extension": "system",
+            "status": "error",
+            "message": error.to_string(),
+            "channel": channel.subtopic,
+        });
+        self.send(&Outbound::push(channel.join_ref(), topic, "system", system)).await?;
+        self.send(&Outbound::close(channel.join_ref(), topic)).await
+    }
+
+    /// A broadcast in its JSON form: `{"type":"broadcast","event":..,"payload":..}`.
+    async fn on_json_broadcast(&mut self, frame: Frame) -> Result<(), WsError> {
+        let Some(body) = frame.payload.as_object() else {
+            Counters::incr(&self.ctx.counters.malformed_frames);
+            return Ok(());
+        };
+        let event = body.get("event").and_then(Value::as_str).unwrap_or("").to_owned();
+        let payload = body.get("payload").cloned().unwrap_or(Value::Null);
+        let broadcast = UserBroadcast {
+            join_ref: frame.join_ref.clone(),
+            msg_ref: frame.msg_ref.clone(),
+            topic: frame.topic.clone(),
+            event,
+            metadata: body.get("meta").cloned(),
+            payload: Payload::Json(payload),
+        };
+        self.on_user_broadcast(broadcast).await
+    }
+
+    /// Fans a client's broadcast out to the topic's members (and back to the
+    /// sender with `self: true`); replies `ok` with `ack: true`.
+    async fn on_user_broadcast(&mut self, b: UserBroadcast) -> Result<(), WsError> {
+        let Some(channel) = self.channels.get(&b.topic) else {
+            let frame = Frame {
+                join_ref: b.join_ref,
+                msg_ref: b.msg_ref,
+                topic: b.topic,
+                event: "broadcast".into(),
+                payload: Payload::Json(Value::Null),
+            };
+            return self.unmatched(&frame).await;
+        };
+        let (ack, include_self) = (channel.config.broadcast.ack, channel.config.broadcast.self_);
+        let out = Outbound::Broadcast { topic: b.topic.clone(), event: b.event, metadata: None, payload: b.payload };
+        if include_self {
+            self.send(&out).await?;
+        }
+        let missed = self.ctx.hub.send(&b.topic, Some(self.id), out);
+        if missed > 0 {
+            tracing::debug!(topic = %b.topic, missed, "broadcast skipped members with full queues");
+        }
+        if ack {
+            let frame = Frame {
+                join_ref: b.join_ref,
+                msg_ref: b.msg_ref,
+                topic: b.topic,
+                event: "broadcast".into(),
+                payload: Payload::Json(Value::Null),
+            };
+            self.send(&Outbound::reply(&frame, "ok", json!({}))).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,111 @@
+//! The HTTP upgrade: path, `vsn`, the `apikey` token and the connection
+//! limit are checked before a WebSocket exists. Refusals carry the status and
+//! JSON body of `realtime-protocol.md` §1.2.
+
+use super::{ConnectionSlot, Context};
+use crate::jwt::{self, AuthError};
+use crate::protocol::Vsn;
+use crate::stats::Counters;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
+use tokio_tungstenite::tungstenite::http::{header, StatusCode};
+
+/// The paths realtime-js (`/realtime/v1/websocket`) and Phoenix clients
+/// (`/socket/websocket`) connect to.
+pub const PATHS: [&str; 2] = ["/realtime/v1/websocket", "/socket/websocket"];
+
+/// An accepted upgrade.
+pub struct Accepted {
+    pub vsn: Vsn,
+    /// The connect-time token, the default identity of every channel.
+    pub token: String,
+    /// Held for the connection's lifetime: frees its place when dropped.
+    pub _slot: ConnectionSlot,
+}
+
+/// Checks an upgrade request. `Err` is the HTTP response that refuses it.
+pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, ErrorResponse> {
+    let refuse = |status: StatusCode, message: &str| {
+        Counters::incr(&ctx.counters.handshakes_refused);
+        error_response(status, message)
+    };
+    let path = request.uri().path().trim_end_matches('/');
+    if !PATHS.contains(&path) {
+        return Err(refuse(StatusCode::NOT_FOUND, "Not found"));
+    }
+    let query = request.uri().query().unwrap_or("");
+    let vsn = Vsn::from_param(query_param(query, "vsn").as_deref())
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, &e.to_string()))?;
+    let token = request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query_param(query, "apikey"))
+        .unwrap_or_default();
+    let settings = ctx.settings();
+    settings.verifier.verify(&token, jwt::now()).map_err(|e: AuthError| {
+        tracing::debug!(error = %e, "upgrade refused");
+        refuse(StatusCode::UNAUTHORIZED, &e.handshake_message())
+    })?;
+    let slot = ConnectionSlot::acquire(ctx, settings.max_connections)
+        .ok_or_else(|| refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users"))?;
+    Ok(Accepted { vsn, token, _slot: slot })
+}
+
+/// `{"error": message}` with the given status.
+pub fn error_response(status: StatusCode, message: &str) -> ErrorResponse {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut response = ErrorResponse::new(Some(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The first value of `name` in a query string, percent-decoded.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(key) == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params() {
+        let q = "apikey=a.b.c&log_level=info&vsn=2.0.0&x=%41%2b+b&flag";
+        assert_eq!(query_param(q, "apikey").as_deref(), Some("a.b.c"));
+        assert_eq!(query_param(q, "vsn").as_deref(), Some("2.0.0"));
+        assert_eq!(query_param(q, "x").as_deref(), Some("A+ b"));
+        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(query_param("a=%zz%4", "a").as_deref(), Some("%zz%4"));
+    }
+}

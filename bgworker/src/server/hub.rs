@@ -1,0 +1,57 @@
+//! Which connections have joined which topic, for broadcast fan-out.
+//! Delivering a message costs work proportional to the topic's members.
+
+use crate::protocol::Outbound;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// A connection's fan-out queue and its id.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub connection: u64,
+    pub tx: mpsc::Sender<Arc<Outbound>>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    topics: RwLock<HashMap<String, Vec<Member>>>,
+}
+
+impl Hub {
+    pub fn join(&self, topic: &str, member: Member) {
+        let mut topics = self.topics.write();
+        let members = topics.entry(topic.to_owned()).or_default();
+        members.retain(|m| m.connection != member.connection);
+        members.push(member);
+    }
+
+    pub fn leave(&self, topic: &str, connection: u64) {
+        let mut topics = self.topics.write();
+        if let Some(members) = topics.get_mut(topic) {
+            members.retain(|m| m.connection != connection);
+            if members.is_empty() {
+                topics.remove(topic);
+            }
+        }
+    }
+
+    /// Queues `message` for every member of `topic` but `except`. Returns how
+    /// many members were full and missed it.
+    pub fn send(&self, topic: &str, except: Option<u64>, message: Outbound) -> usize {
+        let message = Arc::new(message);
+        let topics = self.topics.read();
+        let Some(members) = topics.get(topic) else { return 0 };
+        members
+            .iter()
+            .filter(|m| Some(m.connection) != except)
+            .filter(|m| matches!(m.tx.try_send(message.clone()), Err(mpsc::error::TrySendError::Full(_))))
+            .count()
+    }
+
+    #[cfg(test)]
+    pub fn members(&self, topic: &str) -> usize {
+        self.topics.read().get(topic).map_or(0, Vec::len)
+    }
+}

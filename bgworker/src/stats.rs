@@ -1,0 +1,58 @@
+//! Counters the server keeps while it runs. The extension places them in
+//! shared memory, so `realtime.stats()` can read them from any session; the
+//! network threads only touch them with atomic operations.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+        /// Server counters; gauges go up and down, the rest only grow.
+        #[derive(Debug, Default)]
+        #[repr(C)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// Every counter with its name, in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Gauge: WebSocket connections open now.
+    connections_open,
+    /// Connections accepted since the worker started.
+    connections_total,
+    /// Upgrades refused (bad path, bad or missing token, limits).
+    handshakes_refused,
+    /// Gauge: channels joined now, over all connections.
+    channels_joined,
+    /// Join requests answered with an error.
+    joins_refused,
+    /// Frames received from clients.
+    frames_received,
+    /// Frames that could not be decoded; dropped, the socket stays.
+    malformed_frames,
+    /// Frames over the size limit; the socket is closed with 1009.
+    oversized_frames,
+    /// Sockets closed after a silent idle period.
+    idle_closed,
+    /// Channels closed because their token expired or a refresh was invalid.
+    tokens_rejected,
+    /// Panics caught on network threads (each ends one connection only).
+    network_panics,
+}
+
+impl Counters {
+    pub(crate) fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn decr(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
