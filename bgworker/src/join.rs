@@ -93,12 +93,19 @@ pub fn parse_join(payload: &Value) -> JoinRequest {
     if let Some(b) = section(config, "broadcast", warnings) {
         cfg.broadcast.ack = flag(b, "ack", "broadcast.ack", warnings);
         cfg.broadcast.self_ = flag(b, "self", "broadcast.self", warnings);
-        cfg.broadcast.replication_ready =
-            flag(b, "replication_ready", "broadcast.replication_ready", warnings);
+        cfg.broadcast.replication_ready = flag(
+            b,
+            "replication_ready",
+            "broadcast.replication_ready",
+            warnings,
+        );
         cfg.broadcast.replay = match b.get("replay") {
             None | Some(Value::Null) => None,
             Some(Value::Object(r)) => match r.get("since").and_then(as_integer) {
-                Some(since_ms) => Some(Replay { since_ms, limit: r.get("limit").and_then(as_integer) }),
+                Some(since_ms) => Some(Replay {
+                    since_ms,
+                    limit: r.get("limit").and_then(as_integer),
+                }),
                 None => {
                     warnings.push("broadcast.replay.since is not a number".into());
                     None
@@ -131,7 +138,9 @@ pub fn parse_join(payload: &Value) -> JoinRequest {
             for entry in entries {
                 match binding(entry) {
                     Some(b) => cfg.postgres_changes.push(b),
-                    None => warnings.push(format!("postgres_changes entry {entry} is not an object")),
+                    None => {
+                        warnings.push(format!("postgres_changes entry {entry} is not an object"))
+                    }
                 }
             }
         }
@@ -209,14 +218,23 @@ mod tests {
         assert_eq!(req.access_token.as_deref(), Some("eyJhbGciOi.x.y"));
         let c = &req.config;
         assert!(c.broadcast.ack && c.broadcast.self_ && c.private);
-        assert_eq!(c.presence, PresenceConfig { key: "u1".into(), enabled: true });
+        assert_eq!(
+            c.presence,
+            PresenceConfig {
+                key: "u1".into(),
+                enabled: true
+            }
+        );
         assert_eq!(c.postgres_changes.len(), 1);
         let b = &c.postgres_changes[0];
         assert_eq!(b.event, "UPDATE");
         assert_eq!(b.schema.as_deref(), Some("public"));
         assert_eq!(b.table.as_deref(), Some("t"));
         assert_eq!(b.filter.as_deref(), Some("id=eq.1"));
-        assert_eq!(Value::Object(b.raw.clone()), json!({"event": "UPDATE", "schema": "public", "table": "t", "filter": "id=eq.1"}));
+        assert_eq!(
+            Value::Object(b.raw.clone()),
+            json!({"event": "UPDATE", "schema": "public", "table": "t", "filter": "id=eq.1"})
+        );
     }
 
     #[test]
@@ -230,7 +248,9 @@ mod tests {
 
     #[test]
     fn string_booleans_are_accepted() {
-        let req = parse_join(&json!({"config": {"broadcast": {"self": "true", "ack": "false"}, "private": "true"}}));
+        let req = parse_join(
+            &json!({"config": {"broadcast": {"self": "true", "ack": "false"}, "private": "true"}}),
+        );
         assert!(req.config.broadcast.self_);
         assert!(!req.config.broadcast.ack);
         assert!(req.config.private);
@@ -250,21 +270,29 @@ mod tests {
         assert_eq!(req.config, JoinConfig::default());
         assert_eq!(req.warnings.len(), 5, "{:?}", req.warnings);
         assert!(req.warnings.iter().any(|w| w.contains("private")));
-        assert!(req.warnings.iter().any(|w| w.contains("postgres_changes is not an array")));
+        assert!(req
+            .warnings
+            .iter()
+            .any(|w| w.contains("postgres_changes is not an array")));
     }
 
     #[test]
     fn non_object_payload_and_config() {
         let req = parse_join(&json!("join me"));
         assert_eq!(req.config, JoinConfig::default());
-        assert_eq!(req.warnings, vec!["join payload is not an object".to_string()]);
+        assert_eq!(
+            req.warnings,
+            vec!["join payload is not an object".to_string()]
+        );
         let req = parse_join(&json!({"config": [1, 2]}));
         assert_eq!(req.warnings, vec!["config is not an object".to_string()]);
     }
 
     #[test]
     fn non_object_binding_is_skipped() {
-        let req = parse_join(&json!({"config": {"postgres_changes": [42, {"event": "*", "schema": "public"}]}}));
+        let req = parse_join(
+            &json!({"config": {"postgres_changes": [42, {"event": "*", "schema": "public"}]}}),
+        );
         assert_eq!(req.config.postgres_changes.len(), 1);
         assert_eq!(req.config.postgres_changes[0].table, None);
         assert_eq!(req.warnings.len(), 1);
@@ -272,16 +300,35 @@ mod tests {
 
     #[test]
     fn opaque_and_empty_tokens_fall_back_to_connect_token() {
-        assert_eq!(parse_join(&json!({"access_token": "sb_publishable_abc"})).access_token, None);
-        assert_eq!(parse_join(&json!({"access_token": null})).access_token, None);
+        assert_eq!(
+            parse_join(&json!({"access_token": "sb_publishable_abc"})).access_token,
+            None
+        );
+        assert_eq!(
+            parse_join(&json!({"access_token": null})).access_token,
+            None
+        );
         assert_eq!(parse_join(&json!({"access_token": ""})).access_token, None);
-        assert_eq!(parse_join(&json!({"user_token": "a.b.c"})).access_token.as_deref(), Some("a.b.c"));
+        assert_eq!(
+            parse_join(&json!({"user_token": "a.b.c"}))
+                .access_token
+                .as_deref(),
+            Some("a.b.c")
+        );
     }
 
     #[test]
     fn replay_parses() {
-        let req = parse_join(&json!({"config": {"broadcast": {"replay": {"since": 1700000000000i64, "limit": 5}}}}));
-        assert_eq!(req.config.broadcast.replay, Some(Replay { since_ms: 1700000000000, limit: Some(5) }));
+        let req = parse_join(
+            &json!({"config": {"broadcast": {"replay": {"since": 1700000000000i64, "limit": 5}}}}),
+        );
+        assert_eq!(
+            req.config.broadcast.replay,
+            Some(Replay {
+                since_ms: 1700000000000,
+                limit: Some(5)
+            })
+        );
         let bad = parse_join(&json!({"config": {"broadcast": {"replay": {"since": "yesterday"}}}}));
         assert_eq!(bad.config.broadcast.replay, None);
         assert_eq!(bad.warnings.len(), 1);

@@ -27,7 +27,10 @@ pub struct Claims {
 // Claims may carry personal data: keep them out of logs by default.
 impl fmt::Debug for Claims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Claims").field("role", &self.role).field("exp", &self.exp).finish_non_exhaustive()
+        f.debug_struct("Claims")
+            .field("role", &self.role)
+            .field("exp", &self.exp)
+            .finish_non_exhaustive()
     }
 }
 
@@ -54,9 +57,10 @@ impl AuthError {
     /// The `reason` of a join error reply: `Code: message`.
     pub fn join_reason(&self) -> String {
         let code = match self {
-            AuthError::Missing | AuthError::Expired(_) | AuthError::MissingClaims | AuthError::BadExpiry => {
-                "InvalidJWTToken"
-            }
+            AuthError::Missing
+            | AuthError::Expired(_)
+            | AuthError::MissingClaims
+            | AuthError::BadExpiry => "InvalidJWTToken",
             AuthError::Malformed => "MalformedJWT",
             AuthError::BadSignature => "JwtSignatureError",
             AuthError::NoSigner => "JwtSignerError",
@@ -100,7 +104,9 @@ impl Verifier {
     /// A verifier for an HMAC secret and/or a JWKS document (`{"keys":[...]}`
     /// or a single JWK). Empty strings count as not configured.
     pub fn new(secret: Option<&str>, jwks: Option<&str>) -> Result<Verifier, JwksError> {
-        let secret = secret.filter(|s| !s.is_empty()).map(|s| DecodingKey::from_secret(s.as_bytes()));
+        let secret = secret
+            .filter(|s| !s.is_empty())
+            .map(|s| DecodingKey::from_secret(s.as_bytes()));
         let jwks = match jwks.map(str::trim).filter(|s| !s.is_empty()) {
             None => Vec::new(),
             Some(text) => parse_jwks(text)?,
@@ -126,26 +132,31 @@ impl Verifier {
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
         validation.validate_aud = false;
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind;
-            match e.kind() {
-                ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
-                    AuthError::BadSignature
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::InvalidSignature
+                    | ErrorKind::InvalidAlgorithm
+                    | ErrorKind::InvalidKeyFormat => AuthError::BadSignature,
+                    _ => AuthError::Malformed,
                 }
-                _ => AuthError::Malformed,
-            }
-        })?;
+            })?;
         claims(data.claims, now)
     }
 
     fn key_for(&self, token: &str, alg: Algorithm) -> Result<DecodingKey, AuthError> {
-        let kid = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?.kid;
+        let kid = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Malformed)?
+            .kid;
         let hmac = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
         let from_jwks = |want_oct: bool| {
             self.jwks
                 .iter()
                 .filter(|(id, _)| kid.is_none() || id == &kid)
-                .filter(|(_, jwk)| matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) == want_oct)
+                .filter(|(_, jwk)| {
+                    matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) == want_oct
+                })
                 .filter(|(_, jwk)| family_matches(jwk, alg))
                 .find_map(|(_, jwk)| DecodingKey::from_jwk(jwk).ok())
         };
@@ -176,11 +187,16 @@ fn family_matches(jwk: &Jwk, alg: Algorithm) -> bool {
 fn parse_jwks(text: &str) -> Result<Vec<(Option<String>, Jwk)>, JwksError> {
     let value: Value = serde_json::from_str(text).map_err(|e| JwksError(e.to_string()))?;
     let keys: Vec<Jwk> = if value.get("keys").is_some() {
-        serde_json::from_value::<JwkSet>(value).map_err(|e| JwksError(e.to_string()))?.keys
+        serde_json::from_value::<JwkSet>(value)
+            .map_err(|e| JwksError(e.to_string()))?
+            .keys
     } else {
         vec![serde_json::from_value::<Jwk>(value).map_err(|e| JwksError(e.to_string()))?]
     };
-    Ok(keys.into_iter().map(|k| (k.common.key_id.clone(), k)).collect())
+    Ok(keys
+        .into_iter()
+        .map(|k| (k.common.key_id.clone(), k))
+        .collect())
 }
 
 /// Reads `alg` from the header ourselves, so that `none` (which the JWT
@@ -188,27 +204,41 @@ fn parse_jwks(text: &str) -> Result<Vec<(Option<String>, Jwk)>, JwksError> {
 /// than as garbage.
 fn header_alg(token: &str) -> Result<Algorithm, AuthError> {
     let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(header), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(AuthError::Malformed);
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
         .map_err(|_| AuthError::Malformed)?;
-    let header: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    let header: Map<String, Value> =
+        serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
     match header.get("alg").and_then(Value::as_str) {
         None => Err(AuthError::Malformed),
         Some(alg) if alg.eq_ignore_ascii_case("none") => Err(AuthError::BadSignature),
-        Some(alg) => alg.parse::<Algorithm>().map_err(|_| AuthError::BadSignature),
+        Some(alg) => alg
+            .parse::<Algorithm>()
+            .map_err(|_| AuthError::BadSignature),
     }
 }
 
 fn claims(all: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
-    let role = all.get("role").and_then(Value::as_str).filter(|r| !r.is_empty());
+    let role = all
+        .get("role")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty());
     let (Some(role), Some(exp)) = (role, all.get("exp")) else {
         return Err(AuthError::MissingClaims);
     };
     // Decimal exp/iat are rounded, as Supabase does.
-    let numeric = |v: &Value| v.as_i64().or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f.round() as i64));
+    let numeric = |v: &Value| {
+        v.as_i64().or_else(|| {
+            v.as_f64()
+                .filter(|f| f.is_finite())
+                .map(|f| f.round() as i64)
+        })
+    };
     let exp = numeric(exp).ok_or(AuthError::BadExpiry)?;
     if let Some(iat) = all.get("iat") {
         numeric(iat).ok_or(AuthError::Malformed)?;
@@ -242,7 +272,12 @@ pub(crate) mod tests {
     const NOW: i64 = 1_800_000_000;
 
     pub fn hs256(secret: &str, claims: Value) -> String {
-        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     fn b64(v: &[u8]) -> String {
@@ -255,7 +290,10 @@ pub(crate) mod tests {
 
     #[test]
     fn valid_token() {
-        let t = hs256(SECRET, json!({"role": "authenticated", "exp": NOW + 60, "sub": "u1", "email": "a@b"}));
+        let t = hs256(
+            SECRET,
+            json!({"role": "authenticated", "exp": NOW + 60, "sub": "u1", "email": "a@b"}),
+        );
         let c = verifier().verify(&t, NOW).unwrap();
         assert_eq!(c.role, "authenticated");
         assert_eq!(c.exp, NOW + 60);
@@ -280,8 +318,14 @@ pub(crate) mod tests {
     fn expired_token() {
         let t = hs256(SECRET, json!({"role": "anon", "exp": NOW - 5}));
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::Expired(5)));
-        assert_eq!(AuthError::Expired(5).join_reason(), "InvalidJWTToken: Token has expired 5 seconds ago");
-        assert_eq!(AuthError::Expired(5).handshake_message(), "Token has expired");
+        assert_eq!(
+            AuthError::Expired(5).join_reason(),
+            "InvalidJWTToken: Token has expired 5 seconds ago"
+        );
+        assert_eq!(
+            AuthError::Expired(5).handshake_message(),
+            "Token has expired"
+        );
         // exactly at exp is expired
         let t = hs256(SECRET, json!({"role": "anon", "exp": NOW}));
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::Expired(0)));
@@ -289,13 +333,19 @@ pub(crate) mod tests {
 
     #[test]
     fn decimal_exp_is_rounded() {
-        let t = hs256(SECRET, json!({"role": "anon", "exp": (NOW + 10) as f64 + 0.4}));
+        let t = hs256(
+            SECRET,
+            json!({"role": "anon", "exp": (NOW + 10) as f64 + 0.4}),
+        );
         assert_eq!(verifier().verify(&t, NOW).unwrap().exp, NOW + 10);
     }
 
     #[test]
     fn wrong_secret() {
-        let t = hs256("another-secret-another-secret-another-secret", json!({"role": "anon", "exp": NOW + 60}));
+        let t = hs256(
+            "another-secret-another-secret-another-secret",
+            json!({"role": "anon", "exp": NOW + 60}),
+        );
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::BadSignature));
     }
 
@@ -303,7 +353,9 @@ pub(crate) mod tests {
     fn tampered_payload() {
         let t = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60}));
         let parts: Vec<&str> = t.split('.').collect();
-        let forged = b64(json!({"role": "service_role", "exp": NOW + 60}).to_string().as_bytes());
+        let forged = b64(json!({"role": "service_role", "exp": NOW + 60})
+            .to_string()
+            .as_bytes());
         let t = format!("{}.{}.{}", parts[0], forged, parts[2]);
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::BadSignature));
     }
@@ -312,19 +364,34 @@ pub(crate) mod tests {
     fn alg_none_is_refused() {
         for alg in ["none", "None", "NONE"] {
             let header = b64(json!({"alg": alg, "typ": "JWT"}).to_string().as_bytes());
-            let body = b64(json!({"role": "service_role", "exp": NOW + 60}).to_string().as_bytes());
+            let body = b64(json!({"role": "service_role", "exp": NOW + 60})
+                .to_string()
+                .as_bytes());
             for sig in ["", "x"] {
                 let t = format!("{header}.{body}.{sig}");
-                assert_eq!(verifier().verify(&t, NOW), Err(AuthError::BadSignature), "{t}");
+                assert_eq!(
+                    verifier().verify(&t, NOW),
+                    Err(AuthError::BadSignature),
+                    "{t}"
+                );
             }
         }
     }
 
     #[test]
     fn missing_role_or_exp() {
-        for claims in [json!({"exp": NOW + 60}), json!({"role": "anon"}), json!({"role": "", "exp": NOW + 60}), json!({"role": 5, "exp": NOW + 60})] {
+        for claims in [
+            json!({"exp": NOW + 60}),
+            json!({"role": "anon"}),
+            json!({"role": "", "exp": NOW + 60}),
+            json!({"role": 5, "exp": NOW + 60}),
+        ] {
             let t = hs256(SECRET, claims.clone());
-            assert_eq!(verifier().verify(&t, NOW), Err(AuthError::MissingClaims), "{claims}");
+            assert_eq!(
+                verifier().verify(&t, NOW),
+                Err(AuthError::MissingClaims),
+                "{claims}"
+            );
         }
         assert_eq!(
             AuthError::MissingClaims.join_reason(),
@@ -336,7 +403,10 @@ pub(crate) mod tests {
     fn non_numeric_exp_or_iat() {
         let t = hs256(SECRET, json!({"role": "anon", "exp": "tomorrow"}));
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::BadExpiry));
-        let t = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60, "iat": "now"}));
+        let t = hs256(
+            SECRET,
+            json!({"role": "anon", "exp": NOW + 60, "iat": "now"}),
+        );
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::Malformed));
     }
 
@@ -346,7 +416,10 @@ pub(crate) mod tests {
             assert_eq!(verifier().verify(t, NOW), Err(AuthError::Malformed), "{t}");
         }
         assert_eq!(verifier().verify("  ", NOW), Err(AuthError::Missing));
-        assert_eq!(AuthError::Malformed.join_reason(), "MalformedJWT: The token provided is not a valid JWT");
+        assert_eq!(
+            AuthError::Malformed.join_reason(),
+            "MalformedJWT: The token provided is not a valid JWT"
+        );
     }
 
     #[test]
@@ -367,19 +440,33 @@ pub(crate) mod tests {
     fn rs256(kid: Option<&str>, claims: Value) -> String {
         let mut h = Header::new(Algorithm::RS256);
         h.kid = kid.map(Into::into);
-        encode(&h, &claims, &EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap()).unwrap()
+        encode(
+            &h,
+            &claims,
+            &EncodingKey::from_rsa_pem(RSA_PRIVATE_PEM.as_bytes()).unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn rs256_via_jwks() {
         let v = Verifier::new(None, Some(RSA_JWKS)).unwrap();
-        let t = rs256(Some("test-rsa"), json!({"role": "authenticated", "exp": NOW + 60}));
+        let t = rs256(
+            Some("test-rsa"),
+            json!({"role": "authenticated", "exp": NOW + 60}),
+        );
         assert_eq!(v.verify(&t, NOW).unwrap().role, "authenticated");
         // unknown kid: no key to verify with
-        let t = rs256(Some("other"), json!({"role": "authenticated", "exp": NOW + 60}));
+        let t = rs256(
+            Some("other"),
+            json!({"role": "authenticated", "exp": NOW + 60}),
+        );
         assert_eq!(v.verify(&t, NOW), Err(AuthError::NoSigner));
         // RS256 without a JWKS: no signer, even with a secret
-        let t = rs256(Some("test-rsa"), json!({"role": "authenticated", "exp": NOW + 60}));
+        let t = rs256(
+            Some("test-rsa"),
+            json!({"role": "authenticated", "exp": NOW + 60}),
+        );
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::NoSigner));
     }
 
@@ -405,7 +492,12 @@ pub(crate) mod tests {
         let v = Verifier::new(None, Some(&oct)).unwrap();
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("hs-1".into());
-        let t = encode(&h, &json!({"role": "anon", "exp": NOW + 60}), &EncodingKey::from_secret(b"jwks-hmac-secret-jwks-hmac-secret")).unwrap();
+        let t = encode(
+            &h,
+            &json!({"role": "anon", "exp": NOW + 60}),
+            &EncodingKey::from_secret(b"jwks-hmac-secret-jwks-hmac-secret"),
+        )
+        .unwrap();
         assert!(v.verify(&t, NOW).is_ok());
     }
 
@@ -419,7 +511,10 @@ pub(crate) mod tests {
     fn debug_never_prints_secrets() {
         let v = verifier();
         assert!(!format!("{v:?}").contains(SECRET));
-        let t = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60, "email": "private@example.test"}));
+        let t = hs256(
+            SECRET,
+            json!({"role": "anon", "exp": NOW + 60, "email": "private@example.test"}),
+        );
         let c = v.verify(&t, NOW).unwrap();
         assert!(!format!("{c:?}").contains("private@"));
     }

@@ -5,8 +5,8 @@
 
 pub mod join;
 pub mod jwt;
-pub mod protocol;
 pub mod log;
+pub mod protocol;
 pub mod runtime;
 pub mod server;
 pub mod stats;

@@ -32,7 +32,15 @@ pub struct Forwarder {
 pub fn forwarder(waker: Waker, max_level: Level, capacity: usize) -> (Forwarder, LogReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     let dropped = Arc::new(AtomicU64::new(0));
-    (Forwarder { tx, waker, max_level, dropped: dropped.clone() }, LogReceiver { rx, dropped })
+    (
+        Forwarder {
+            tx,
+            waker,
+            max_level,
+            dropped: dropped.clone(),
+        },
+        LogReceiver { rx, dropped },
+    )
 }
 
 /// The main thread's end.
@@ -44,7 +52,10 @@ pub struct LogReceiver {
 impl LogReceiver {
     /// Pending records, and how many were dropped since the last call.
     pub fn drain(&self) -> (Vec<LogRecord>, u64) {
-        (self.rx.try_iter().collect(), self.dropped.swap(0, Ordering::Relaxed))
+        (
+            self.rx.try_iter().collect(),
+            self.dropped.swap(0, Ordering::Relaxed),
+        )
     }
 }
 
@@ -84,7 +95,10 @@ impl Subscriber for Forwarder {
     fn event(&self, event: &Event<'_>) {
         let mut fields = Fields(String::new());
         event.record(&mut fields);
-        let record = LogRecord { level: *event.metadata().level(), message: fields.0 };
+        let record = LogRecord {
+            level: *event.metadata().level(),
+            message: fields.0,
+        };
         match self.tx.try_send(record) {
             Ok(()) => self.waker.wake(),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -117,8 +131,14 @@ mod tests {
         assert_eq!(
             records,
             vec![
-                LogRecord { level: Level::INFO, message: "connection opened peer=127.0.0.1:1".into() },
-                LogRecord { level: Level::WARN, message: "second".into() },
+                LogRecord {
+                    level: Level::INFO,
+                    message: "connection opened peer=127.0.0.1:1".into()
+                },
+                LogRecord {
+                    level: Level::WARN,
+                    message: "second".into()
+                },
             ]
         );
         assert_eq!(dropped, 1);

@@ -175,8 +175,12 @@ pub fn decode_binary(vsn: Vsn, bytes: &[u8]) -> Result<Inbound, ProtocolError> {
     let mut reader = Reader { bytes, pos: 0 };
     match reader.byte()? {
         KIND_PUSH => {
-            let (join_ref_len, ref_len, topic_len, event_len) =
-                (reader.byte()?, reader.byte()?, reader.byte()?, reader.byte()?);
+            let (join_ref_len, ref_len, topic_len, event_len) = (
+                reader.byte()?,
+                reader.byte()?,
+                reader.byte()?,
+                reader.byte()?,
+            );
             let join_ref = reader.text(join_ref_len)?;
             let msg_ref = reader.text(ref_len)?;
             let topic = reader.text(topic_len)?.to_owned();
@@ -249,7 +253,10 @@ impl<'a> Reader<'a> {
 
     fn text(&mut self, len: u8) -> Result<&'a str, ProtocolError> {
         let end = self.pos + len as usize;
-        let slice = self.bytes.get(self.pos..end).ok_or(ProtocolError::Truncated)?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(ProtocolError::Truncated)?;
         self.pos = end;
         std::str::from_utf8(slice).map_err(|_| ProtocolError::BadUtf8)
     }
@@ -329,20 +336,34 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
                     "payload": payload,
                     "ref": frame.msg_ref,
                 }),
-                Vsn::V2 => json!([frame.join_ref, frame.msg_ref, frame.topic, frame.event, payload]),
+                Vsn::V2 => json!([
+                    frame.join_ref,
+                    frame.msg_ref,
+                    frame.topic,
+                    frame.event,
+                    payload
+                ]),
             };
             Some(WsMessage::Text(Utf8Bytes::from(text.to_string())))
         }
-        Outbound::Broadcast { topic, event, metadata, payload } => {
+        Outbound::Broadcast {
+            topic,
+            event,
+            metadata,
+            payload,
+        } => {
             if vsn == Vsn::V2 {
-                if let Some(bytes) = encode_user_broadcast(topic, event, metadata.as_ref(), payload) {
+                if let Some(bytes) = encode_user_broadcast(topic, event, metadata.as_ref(), payload)
+                {
                     return Some(WsMessage::Binary(Bytes::from(bytes)));
                 }
             }
             // vsn 1.0.0, or a field too long for kind 4: JSON text, which
             // realtime-js decodes to the same message. Binary payloads have
             // no JSON form.
-            let Payload::Json(p) = payload else { return None };
+            let Payload::Json(p) = payload else {
+                return None;
+            };
             let mut body = json!({"type": "broadcast", "event": event, "payload": p});
             if let Some(meta) = metadata {
                 body["meta"] = meta.clone();
@@ -378,7 +399,13 @@ fn encode_user_broadcast(
         Payload::Binary(b) => (0u8, b.clone()),
     };
     let mut out = Vec::with_capacity(5 + topic.len() + event.len() + meta.len() + body.len());
-    out.extend_from_slice(&[KIND_USER_BROADCAST, topic_len, event_len, meta_len, encoding]);
+    out.extend_from_slice(&[
+        KIND_USER_BROADCAST,
+        topic_len,
+        event_len,
+        meta_len,
+        encoding,
+    ]);
     out.extend_from_slice(topic.as_bytes());
     out.extend_from_slice(event.as_bytes());
     out.extend_from_slice(meta.as_bytes());
@@ -412,16 +439,25 @@ mod tests {
     #[test]
     fn v2_text_join_decodes() {
         let text = r#"["6","6","realtime:room1","phx_join",{"config":{"private":true}},"extra"]"#;
-        let Inbound::Frame(f) = decode_text(Vsn::V2, text).unwrap() else { panic!() };
+        let Inbound::Frame(f) = decode_text(Vsn::V2, text).unwrap() else {
+            panic!()
+        };
         assert_eq!(
             f,
-            frame(Some("6"), Some("6"), "realtime:room1", "phx_join", json!({"config":{"private":true}}))
+            frame(
+                Some("6"),
+                Some("6"),
+                "realtime:room1",
+                "phx_join",
+                json!({"config":{"private":true}})
+            )
         );
     }
 
     #[test]
     fn v2_heartbeat_with_null_join_ref() {
-        let Inbound::Frame(f) = decode_text(Vsn::V2, r#"[null,"9","phoenix","heartbeat",{}]"#).unwrap()
+        let Inbound::Frame(f) =
+            decode_text(Vsn::V2, r#"[null,"9","phoenix","heartbeat",{}]"#).unwrap()
         else {
             panic!()
         };
@@ -432,7 +468,9 @@ mod tests {
     #[test]
     fn v1_object_decodes_without_join_ref() {
         let text = r#"{"topic":"phoenix","event":"heartbeat","payload":{},"ref":"9"}"#;
-        let Inbound::Frame(f) = decode_text(Vsn::V1, text).unwrap() else { panic!() };
+        let Inbound::Frame(f) = decode_text(Vsn::V1, text).unwrap() else {
+            panic!()
+        };
         assert_eq!(f, frame(None, Some("9"), "phoenix", "heartbeat", json!({})));
     }
 
@@ -457,7 +495,9 @@ mod tests {
     fn v2_encode_reply() {
         let req = frame(Some("6"), Some("7"), "realtime:r", "phx_join", json!({}));
         let out = Outbound::reply(&req, "ok", json!({"postgres_changes": []}));
-        let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else { panic!() };
+        let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else {
+            panic!()
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
         assert_eq!(
             v,
@@ -481,7 +521,8 @@ mod tests {
 
     #[test]
     fn close_uses_join_ref_as_ref() {
-        let WsMessage::Text(t) = encode(Vsn::V2, &Outbound::close("6", "realtime:r")).unwrap() else {
+        let WsMessage::Text(t) = encode(Vsn::V2, &Outbound::close("6", "realtime:r")).unwrap()
+        else {
             panic!()
         };
         assert_eq!(t.as_str(), r#"["6","6","realtime:r","phx_close",{}]"#);
@@ -493,7 +534,9 @@ mod tests {
     fn kind3_capture_decodes() {
         let mut bytes = vec![3, 1, 1, 14, 3, 0, 1];
         bytes.extend_from_slice(b"67realtime:room1cur{\"x\":1}");
-        let Inbound::Broadcast(b) = decode_binary(Vsn::V2, &bytes).unwrap() else { panic!() };
+        let Inbound::Broadcast(b) = decode_binary(Vsn::V2, &bytes).unwrap() else {
+            panic!()
+        };
         assert_eq!(b.join_ref.as_deref(), Some("6"));
         assert_eq!(b.msg_ref.as_deref(), Some("7"));
         assert_eq!(b.topic, "realtime:room1");
@@ -509,7 +552,9 @@ mod tests {
         bytes.extend_from_slice(b"r:aev");
         bytes.extend_from_slice(meta);
         bytes.extend_from_slice(&[0xff, 0x00, 0x10]);
-        let Inbound::Broadcast(b) = decode_binary(Vsn::V2, &bytes).unwrap() else { panic!() };
+        let Inbound::Broadcast(b) = decode_binary(Vsn::V2, &bytes).unwrap() else {
+            panic!()
+        };
         assert_eq!(b.join_ref, None);
         assert_eq!(b.metadata, Some(json!({"persist": true})));
         assert_eq!(b.payload, Payload::Binary(vec![0xff, 0x00, 0x10]));
@@ -520,7 +565,9 @@ mod tests {
         let mut bytes = vec![0, 1, 1, 3, 5];
         bytes.extend_from_slice(b"12r:aevent");
         bytes.extend_from_slice(&[1, 2, 3]);
-        let Inbound::Frame(f) = decode_binary(Vsn::V2, &bytes).unwrap() else { panic!() };
+        let Inbound::Frame(f) = decode_binary(Vsn::V2, &bytes).unwrap() else {
+            panic!()
+        };
         assert_eq!(f.topic, "r:a");
         assert_eq!(f.event, "event");
         assert_eq!(f.payload, Payload::Binary(vec![1, 2, 3]));
@@ -529,15 +576,30 @@ mod tests {
     #[test]
     fn bad_binary_frames_are_errors() {
         assert_eq!(decode_binary(Vsn::V2, &[]), Err(ProtocolError::Truncated));
-        assert_eq!(decode_binary(Vsn::V2, &[4, 0, 0, 0, 1]), Err(ProtocolError::BadKind(4)));
+        assert_eq!(
+            decode_binary(Vsn::V2, &[4, 0, 0, 0, 1]),
+            Err(ProtocolError::BadKind(4))
+        );
         assert_eq!(decode_binary(Vsn::V2, &[1]), Err(ProtocolError::BadKind(1)));
-        assert_eq!(decode_binary(Vsn::V2, &[3, 1, 1, 200, 3, 0, 1, b'6']), Err(ProtocolError::Truncated));
-        assert_eq!(decode_binary(Vsn::V2, &[0, 1, 0, 0, 0, 0xff]), Err(ProtocolError::BadUtf8));
-        assert_eq!(decode_binary(Vsn::V1, &[3, 0, 0, 0, 0, 0, 1]), Err(ProtocolError::BinaryOnV1));
+        assert_eq!(
+            decode_binary(Vsn::V2, &[3, 1, 1, 200, 3, 0, 1, b'6']),
+            Err(ProtocolError::Truncated)
+        );
+        assert_eq!(
+            decode_binary(Vsn::V2, &[0, 1, 0, 0, 0, 0xff]),
+            Err(ProtocolError::BadUtf8)
+        );
+        assert_eq!(
+            decode_binary(Vsn::V1, &[3, 0, 0, 0, 0, 0, 1]),
+            Err(ProtocolError::BinaryOnV1)
+        );
         // encoding 1 promises JSON
         let mut bytes = vec![3, 0, 0, 1, 1, 0, 1];
         bytes.extend_from_slice(b"te{oops");
-        assert!(matches!(decode_binary(Vsn::V2, &bytes), Err(ProtocolError::BadJson(_))));
+        assert!(matches!(
+            decode_binary(Vsn::V2, &bytes),
+            Err(ProtocolError::BadJson(_))
+        ));
     }
 
     #[test]
@@ -548,7 +610,9 @@ mod tests {
             metadata: Some(json!({"id": "x"})),
             payload: Payload::Json(json!({"x": 1})),
         };
-        let WsMessage::Binary(b) = encode(Vsn::V2, &out).unwrap() else { panic!() };
+        let WsMessage::Binary(b) = encode(Vsn::V2, &out).unwrap() else {
+            panic!()
+        };
         let meta = br#"{"id":"x"}"#;
         let mut expected = vec![4, 14, 3, meta.len() as u8, 1];
         expected.extend_from_slice(b"realtime:room1cur");
@@ -572,9 +636,14 @@ mod tests {
             metadata: None,
             payload: Payload::Json(json!({"a": 1})),
         };
-        let WsMessage::Text(t) = encode(Vsn::V1, &json_out).unwrap() else { panic!() };
+        let WsMessage::Text(t) = encode(Vsn::V1, &json_out).unwrap() else {
+            panic!()
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
-        assert_eq!(v["payload"], json!({"type":"broadcast","event":"e","payload":{"a":1}}));
+        assert_eq!(
+            v["payload"],
+            json!({"type":"broadcast","event":"e","payload":{"a":1}})
+        );
     }
 
     #[test]
@@ -586,9 +655,14 @@ mod tests {
             metadata: None,
             payload: Payload::Json(json!({"a": 1})),
         };
-        let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else { panic!() };
+        let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else {
+            panic!()
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
-        assert_eq!(v, json!([null, null, topic, "broadcast", {"type":"broadcast","event":"e","payload":{"a":1}}]));
+        assert_eq!(
+            v,
+            json!([null, null, topic, "broadcast", {"type":"broadcast","event":"e","payload":{"a":1}}])
+        );
         let binary = Outbound::Broadcast {
             topic,
             event: "e".into(),

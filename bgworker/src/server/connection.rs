@@ -26,7 +26,12 @@ use tokio_tungstenite::WebSocketStream;
 const TOPIC_PREFIX: &str = "realtime:";
 
 /// Serves one accepted TCP connection to the end.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: watch::Receiver<bool>,
+) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(ctx.options.max_frame_bytes))
         .max_frame_size(Some(ctx.options.max_frame_bytes));
@@ -51,9 +56,19 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutd
         }
     };
     let Some(accepted) = accepted else { return };
-    let id = ctx.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = ctx
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(ctx.options.outbound_queue);
-    let mut conn = Connection { id, peer, ctx, ws, accepted, channels: HashMap::new(), fanout_tx: tx };
+    let mut conn = Connection {
+        id,
+        peer,
+        ctx,
+        ws,
+        accepted,
+        channels: HashMap::new(),
+        fanout_tx: tx,
+    };
     conn.run(rx, shutdown).await;
     conn.leave_all();
 }
@@ -97,7 +112,11 @@ impl Connection {
         self.accepted.vsn
     }
 
-    async fn run(&mut self, mut fanout: mpsc::Receiver<Arc<Outbound>>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(
+        &mut self,
+        mut fanout: mpsc::Receiver<Arc<Outbound>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let idle_timeout = self.ctx.options.idle_timeout;
         let mut idle_deadline = Instant::now() + idle_timeout;
         let close = loop {
@@ -149,7 +168,10 @@ impl Connection {
 
     /// Sends our close frame and waits briefly for the client's answer.
     async fn close(&mut self, code: CloseCode, reason: &'static str) {
-        let frame = CloseFrame { code, reason: reason.into() };
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
         let grace = self.ctx.options.close_grace;
         let ws = &mut self.ws;
         let _ = tokio::time::timeout(grace, async {
@@ -174,7 +196,9 @@ impl Connection {
             Message::Binary(bytes) => protocol::decode_binary(vsn, &bytes),
             // Pings are answered by tungstenite; a close is answered there too
             // and then ends the stream.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return Ok(()),
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
+                return Ok(())
+            }
         };
         Counters::incr(&self.ctx.counters.frames_received);
         match decoded {
@@ -208,7 +232,12 @@ impl Connection {
             "broadcast" => self.on_json_broadcast(frame).await,
             "presence" => {
                 let reason = "presence is not supported by this version of pg_realtime";
-                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason }))).await
+                self.send(&Outbound::reply(
+                    &frame,
+                    "error",
+                    json!({ "reason": reason }),
+                ))
+                .await
             }
             // Unknown channel events are ignored without reply, as Supabase does.
             _ => Ok(()),
@@ -219,7 +248,12 @@ impl Connection {
     async fn unmatched(&mut self, frame: &Frame) -> Result<(), WsError> {
         let mut reply_to = frame.clone();
         reply_to.join_ref = None;
-        self.send(&Outbound::reply(&reply_to, "error", json!({"reason": "unmatched topic"}))).await
+        self.send(&Outbound::reply(
+            &reply_to,
+            "error",
+            json!({"reason": "unmatched topic"}),
+        ))
+        .await
     }
 
     async fn join(&mut self, frame: Frame) -> Result<(), WsError> {
@@ -233,26 +267,51 @@ impl Connection {
         }
         match self.admit(&frame, &subtopic) {
             Ok(channel) => {
-                let postgres_changes: Vec<Value> =
-                    channel.config.postgres_changes.iter().map(|b| Value::Object(b.raw.clone())).collect();
+                let postgres_changes: Vec<Value> = channel
+                    .config
+                    .postgres_changes
+                    .iter()
+                    .map(|b| Value::Object(b.raw.clone()))
+                    .collect();
                 let presence = channel.config.presence.enabled;
-                self.ctx.hub.join(&frame.topic, Member { connection: self.id, tx: self.fanout_tx.clone() });
+                self.ctx.hub.join(
+                    &frame.topic,
+                    Member {
+                        connection: self.id,
+                        tx: self.fanout_tx.clone(),
+                    },
+                );
                 Counters::incr(&self.ctx.counters.channels_joined);
                 let join_ref = channel.join_ref().to_owned();
                 self.channels.insert(frame.topic.clone(), channel);
-                self.send(&Outbound::reply(&frame, "ok", json!({ "postgres_changes": postgres_changes })))
-                    .await?;
+                self.send(&Outbound::reply(
+                    &frame,
+                    "ok",
+                    json!({ "postgres_changes": postgres_changes }),
+                ))
+                .await?;
                 if presence {
                     // Nobody can be tracked yet (presence is not supported), so
                     // the state is truthfully empty; realtime-js waits for it.
-                    self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({}))).await?;
+                    self.send(&Outbound::push(
+                        &join_ref,
+                        &frame.topic,
+                        "presence_state",
+                        json!({}),
+                    ))
+                    .await?;
                 }
                 Ok(())
             }
             Err(reason) => {
                 Counters::incr(&self.ctx.counters.joins_refused);
                 tracing::debug!(peer = %self.peer, topic = %frame.topic, %reason, "join refused");
-                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason }))).await
+                self.send(&Outbound::reply(
+                    &frame,
+                    "error",
+                    json!({ "reason": reason }),
+                ))
+                .await
             }
         }
     }
@@ -274,23 +333,38 @@ impl Connection {
         for warning in &request.warnings {
             tracing::info!(peer = %self.peer, topic = %frame.topic, "join config: {warning}; using the default");
         }
-        let token = request.access_token.unwrap_or_else(|| self.accepted.token.clone());
-        let claims = settings.verifier.verify(&token, jwt::now()).map_err(|e| e.join_reason())?;
+        let token = request
+            .access_token
+            .unwrap_or_else(|| self.accepted.token.clone());
+        let claims = settings
+            .verifier
+            .verify(&token, jwt::now())
+            .map_err(|e| e.join_reason())?;
         if request.config.private {
-            return Err("Unauthorized: private channels are not supported by this version of pg_realtime".into());
+            return Err(
+                "Unauthorized: private channels are not supported by this version of pg_realtime"
+                    .into(),
+            );
         }
         if !request.config.postgres_changes.is_empty() {
             return Err(
                 "PostgresChangesUnavailable: postgres_changes is not supported by this version of pg_realtime".into(),
             );
         }
-        Ok(Channel { join_ref: frame.join_ref.clone(), subtopic: subtopic.to_owned(), token, claims, config: request.config })
+        Ok(Channel {
+            join_ref: frame.join_ref.clone(),
+            subtopic: subtopic.to_owned(),
+            token,
+            claims,
+            config: request.config,
+        })
     }
 
     async fn leave(&mut self, frame: Frame) -> Result<(), WsError> {
         if let Some(channel) = self.remove_channel(&frame.topic) {
             self.send(&Outbound::reply(&frame, "ok", json!({}))).await?;
-            self.send(&Outbound::close(channel.join_ref(), &frame.topic)).await?;
+            self.send(&Outbound::close(channel.join_ref(), &frame.topic))
+                .await?;
         }
         Ok(())
     }
@@ -311,9 +385,18 @@ impl Connection {
 
     /// `access_token`: no reply; a bad token ends the channel.
     async fn refresh_token(&mut self, frame: Frame) -> Result<(), WsError> {
-        let token = frame.payload.as_object().and_then(|p| p.get("access_token")).and_then(Value::as_str);
-        let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else { return Ok(()) };
-        let channel = self.channels.get_mut(&frame.topic).expect("checked by the caller");
+        let token = frame
+            .payload
+            .as_object()
+            .and_then(|p| p.get("access_token"))
+            .and_then(Value::as_str);
+        let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else {
+            return Ok(());
+        };
+        let channel = self
+            .channels
+            .get_mut(&frame.topic)
+            .expect("checked by the caller");
         if channel.token == token {
             return Ok(());
         }
@@ -336,17 +419,24 @@ impl Connection {
 
     async fn expire_tokens(&mut self) -> Result<(), WsError> {
         let now = jwt::now();
-        let expired: Vec<(String, i64)> =
-            self.channels.iter().filter(|(_, c)| c.claims.exp <= now).map(|(t, c)| (t.clone(), c.claims.exp)).collect();
+        let expired: Vec<(String, i64)> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.claims.exp <= now)
+            .map(|(t, c)| (t.clone(), c.claims.exp))
+            .collect();
         for (topic, exp) in expired {
-            self.end_channel(&topic, &AuthError::Expired(now - exp)).await?;
+            self.end_channel(&topic, &AuthError::Expired(now - exp))
+                .await?;
         }
         Ok(())
     }
 
     /// The fatal-channel pattern: a `system` error, then `phx_close`.
     async fn end_channel(&mut self, topic: &str, error: &AuthError) -> Result<(), WsError> {
-        let Some(channel) = self.remove_channel(topic) else { return Ok(()) };
+        let Some(channel) = self.remove_channel(topic) else {
+            return Ok(());
+        };
         Counters::incr(&self.ctx.counters.tokens_rejected);
         let system = json!({
             "extension": "system",
@@ -354,7 +444,8 @@ impl Connection {
             "message": error.to_string(),
             "channel": channel.subtopic,
         });
-        self.send(&Outbound::push(channel.join_ref(), topic, "system", system)).await?;
+        self.send(&Outbound::push(channel.join_ref(), topic, "system", system))
+            .await?;
         self.send(&Outbound::close(channel.join_ref(), topic)).await
     }
 
@@ -364,7 +455,11 @@ impl Connection {
             Counters::incr(&self.ctx.counters.malformed_frames);
             return Ok(());
         };
-        let event = body.get("event").and_then(Value::as_str).unwrap_or("").to_owned();
+        let event = body
+            .get("event")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
         let payload = body.get("payload").cloned().unwrap_or(Value::Null);
         let broadcast = UserBroadcast {
             join_ref: frame.join_ref.clone(),
@@ -391,7 +486,12 @@ impl Connection {
             return self.unmatched(&frame).await;
         };
         let (ack, include_self) = (channel.config.broadcast.ack, channel.config.broadcast.self_);
-        let out = Outbound::Broadcast { topic: b.topic.clone(), event: b.event, metadata: None, payload: b.payload };
+        let out = Outbound::Broadcast {
+            topic: b.topic.clone(),
+            event: b.event,
+            metadata: None,
+            payload: b.payload,
+        };
         if include_self {
             self.send(&out).await?;
         }

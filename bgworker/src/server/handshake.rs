@@ -44,13 +44,20 @@ pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, ErrorRes
         .or_else(|| query_param(query, "apikey"))
         .unwrap_or_default();
     let settings = ctx.settings();
-    settings.verifier.verify(&token, jwt::now()).map_err(|e: AuthError| {
-        tracing::debug!(error = %e, "upgrade refused");
-        refuse(StatusCode::UNAUTHORIZED, &e.handshake_message())
-    })?;
+    settings
+        .verifier
+        .verify(&token, jwt::now())
+        .map_err(|e: AuthError| {
+            tracing::debug!(error = %e, "upgrade refused");
+            refuse(StatusCode::UNAUTHORIZED, &e.handshake_message())
+        })?;
     let slot = ConnectionSlot::acquire(ctx, settings.max_connections)
         .ok_or_else(|| refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users"))?;
-    Ok(Accepted { vsn, token, _slot: slot })
+    Ok(Accepted {
+        vsn,
+        token,
+        _slot: slot,
+    })
 }
 
 /// `{"error": message}` with the given status.
@@ -58,9 +65,10 @@ pub fn error_response(status: StatusCode, message: &str) -> ErrorResponse {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut response = ErrorResponse::new(Some(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     response
 }
 

@@ -42,11 +42,18 @@ impl Hub {
     pub fn send(&self, topic: &str, except: Option<u64>, message: Outbound) -> usize {
         let message = Arc::new(message);
         let topics = self.topics.read();
-        let Some(members) = topics.get(topic) else { return 0 };
+        let Some(members) = topics.get(topic) else {
+            return 0;
+        };
         members
             .iter()
             .filter(|m| Some(m.connection) != except)
-            .filter(|m| matches!(m.tx.try_send(message.clone()), Err(mpsc::error::TrySendError::Full(_))))
+            .filter(|m| {
+                matches!(
+                    m.tx.try_send(message.clone()),
+                    Err(mpsc::error::TrySendError::Full(_))
+                )
+            })
             .count()
     }
 

@@ -2,7 +2,10 @@
 //! clients.
 
 use super::*;
-use crate::jwt::{self, tests::{hs256, SECRET}};
+use crate::jwt::{
+    self,
+    tests::{hs256, SECRET},
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -43,7 +46,12 @@ impl TestServer {
         let ctx = Context::new(settings, options, counters);
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(run(vec![listener], ctx.clone(), rx));
-        TestServer { addr, ctx, shutdown, task: Some(task) }
+        TestServer {
+            addr,
+            ctx,
+            shutdown,
+            task: Some(task),
+        }
     }
 
     fn url(&self, token: &str, vsn: Option<&str>) -> String {
@@ -59,15 +67,22 @@ impl TestServer {
     }
 
     async fn connect_with(&self, token: &str, vsn: Option<&str>) -> Client {
-        tokio_tungstenite::connect_async(self.url(token, vsn)).await.expect("upgrade").0
+        tokio_tungstenite::connect_async(self.url(token, vsn))
+            .await
+            .expect("upgrade")
+            .0
     }
 
     /// The refused upgrade's status and `error` message.
     async fn refused(&self, url: &str) -> (u16, String) {
         match tokio_tungstenite::connect_async(url).await {
             Err(WsError::Http(response)) => {
-                let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or(b"{}")).unwrap();
-                (response.status().as_u16(), body["error"].as_str().unwrap_or("").to_owned())
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or(b"{}")).unwrap();
+                (
+                    response.status().as_u16(),
+                    body["error"].as_str().unwrap_or("").to_owned(),
+                )
             }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("upgrade should have been refused"),
@@ -75,17 +90,29 @@ impl TestServer {
     }
 
     fn counter(&self, name: &str) -> u64 {
-        self.ctx.counters().snapshot().into_iter().find(|(n, _)| *n == name).unwrap().1
+        self.ctx
+            .counters()
+            .snapshot()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
     }
 
     async fn stop(mut self) {
         self.shutdown.send(true).unwrap();
-        tokio::time::timeout(WAIT, self.task.take().unwrap()).await.expect("server stops").unwrap();
+        tokio::time::timeout(WAIT, self.task.take().unwrap())
+            .await
+            .expect("server stops")
+            .unwrap();
     }
 }
 
 fn token(valid_for: i64) -> String {
-    hs256(SECRET, json!({"role": "authenticated", "exp": jwt::now() + valid_for, "sub": "u1"}))
+    hs256(
+        SECRET,
+        json!({"role": "authenticated", "exp": jwt::now() + valid_for, "sub": "u1"}),
+    )
 }
 
 async fn send(c: &mut Client, v: Value) {
@@ -94,7 +121,10 @@ async fn send(c: &mut Client, v: Value) {
 
 /// The next text frame as JSON (skipping nothing: a binary frame fails).
 async fn recv(c: &mut Client) -> Value {
-    match tokio::time::timeout(WAIT, c.next()).await.expect("a frame in time") {
+    match tokio::time::timeout(WAIT, c.next())
+        .await
+        .expect("a frame in time")
+    {
         Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
         other => panic!("expected a text frame, got {other:?}"),
     }
@@ -103,7 +133,10 @@ async fn recv(c: &mut Client) -> Value {
 /// Waits for the server's close frame and returns its code.
 async fn closed(c: &mut Client) -> CloseCode {
     loop {
-        match tokio::time::timeout(WAIT, c.next()).await.expect("a close in time") {
+        match tokio::time::timeout(WAIT, c.next())
+            .await
+            .expect("a close in time")
+        {
             Some(Ok(Message::Close(Some(frame)))) => return frame.code,
             Some(Ok(Message::Close(None))) => panic!("close without a code"),
             Some(Ok(_)) => continue,
@@ -119,7 +152,10 @@ async fn join(c: &mut Client, join_ref: &str, topic: &str, payload: Value) -> Va
 
 async fn heartbeat_ok(c: &mut Client, r: &str) {
     send(c, json!([null, r, "phoenix", "heartbeat", {}])).await;
-    assert_eq!(recv(c).await, json!([null, r, "phoenix", "phx_reply", {"status": "ok", "response": {}}]));
+    assert_eq!(
+        recv(c).await,
+        json!([null, r, "phoenix", "phx_reply", {"status": "ok", "response": {}}])
+    );
 }
 
 #[tokio::test]
@@ -131,7 +167,11 @@ async fn heartbeat_v2_and_v1() {
     // vsn 1.0.0, and a missing vsn means 1.0.0
     for vsn in [Some("1.0.0"), None] {
         let mut v1 = server.connect_with(&token(60), vsn).await;
-        send(&mut v1, json!({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "3"})).await;
+        send(
+            &mut v1,
+            json!({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "3"}),
+        )
+        .await;
         assert_eq!(
             recv(&mut v1).await,
             json!({"topic": "phoenix", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "3"})
@@ -144,18 +184,36 @@ async fn heartbeat_v2_and_v1() {
 async fn join_then_leave() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    let reply = join(&mut c, "6", "realtime:room1", json!({"config": {"broadcast": {"self": true}, "postgres_changes": []}})).await;
-    assert_eq!(reply, json!(["6", "6", "realtime:room1", "phx_reply", {"status": "ok", "response": {"postgres_changes": []}}]));
+    let reply = join(
+        &mut c,
+        "6",
+        "realtime:room1",
+        json!({"config": {"broadcast": {"self": true}, "postgres_changes": []}}),
+    )
+    .await;
+    assert_eq!(
+        reply,
+        json!(["6", "6", "realtime:room1", "phx_reply", {"status": "ok", "response": {"postgres_changes": []}}])
+    );
     assert_eq!(server.counter("channels_joined"), 1);
 
     send(&mut c, json!(["6", "7", "realtime:room1", "phx_leave", {}])).await;
-    assert_eq!(recv(&mut c).await, json!(["6", "7", "realtime:room1", "phx_reply", {"status": "ok", "response": {}}]));
-    assert_eq!(recv(&mut c).await, json!(["6", "6", "realtime:room1", "phx_close", {}]));
+    assert_eq!(
+        recv(&mut c).await,
+        json!(["6", "7", "realtime:room1", "phx_reply", {"status": "ok", "response": {}}])
+    );
+    assert_eq!(
+        recv(&mut c).await,
+        json!(["6", "6", "realtime:room1", "phx_close", {}])
+    );
     assert_eq!(server.counter("channels_joined"), 0);
 
     // after the leave, the topic is unknown again
     send(&mut c, json!(["6", "8", "realtime:room1", "phx_leave", {}])).await;
-    assert_eq!(recv(&mut c).await[4]["response"]["reason"], "unmatched topic");
+    assert_eq!(
+        recv(&mut c).await[4]["response"]["reason"],
+        "unmatched topic"
+    );
     server.stop().await;
 }
 
@@ -163,9 +221,18 @@ async fn join_then_leave() {
 async fn presence_enabled_join_gets_a_presence_state() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    let reply = join(&mut c, "1", "realtime:p", json!({"config": {"presence": {"key": "u1", "enabled": true}}})).await;
+    let reply = join(
+        &mut c,
+        "1",
+        "realtime:p",
+        json!({"config": {"presence": {"key": "u1", "enabled": true}}}),
+    )
+    .await;
     assert_eq!(reply[4]["status"], "ok");
-    assert_eq!(recv(&mut c).await, json!(["1", null, "realtime:p", "presence_state", {}]));
+    assert_eq!(
+        recv(&mut c).await,
+        json!(["1", null, "realtime:p", "presence_state", {}])
+    );
     server.stop().await;
 }
 
@@ -182,7 +249,10 @@ async fn unmatched_topic() {
     let reply = join(&mut c, "5", "other:room", json!({})).await;
     assert_eq!(reply[4]["response"]["reason"], "unmatched topic");
     let reply = join(&mut c, "6", "realtime:", json!({})).await;
-    assert_eq!(reply[4]["response"]["reason"], "TopicNameRequired: You must provide a topic name");
+    assert_eq!(
+        reply[4]["response"]["reason"],
+        "TopicNameRequired: You must provide a topic name"
+    );
     server.stop().await;
 }
 
@@ -190,11 +260,17 @@ async fn unmatched_topic() {
 async fn junk_frames_are_dropped_and_counted() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    c.send(Message::Text("this is not json".into())).await.unwrap();
+    c.send(Message::Text("this is not json".into()))
+        .await
+        .unwrap();
     c.send(Message::Text("[1,2]".into())).await.unwrap();
-    c.send(Message::Text(r#"{"topic":"phoenix"}"#.into())).await.unwrap();
+    c.send(Message::Text(r#"{"topic":"phoenix"}"#.into()))
+        .await
+        .unwrap();
     c.send(Message::Binary(vec![9, 9, 9].into())).await.unwrap();
-    c.send(Message::Binary(vec![3, 1, 1, 200].into())).await.unwrap();
+    c.send(Message::Binary(vec![3, 1, 1, 200].into()))
+        .await
+        .unwrap();
     // the socket is still served, in order, after the junk
     heartbeat_ok(&mut c, "10").await;
     assert_eq!(server.counter("malformed_frames"), 5);
@@ -203,10 +279,16 @@ async fn junk_frames_are_dropped_and_counted() {
 
 #[tokio::test]
 async fn oversized_frame_closes_with_1009() {
-    let options = Options { max_frame_bytes: 64 * 1024, ..Options::default() };
+    let options = Options {
+        max_frame_bytes: 64 * 1024,
+        ..Options::default()
+    };
     let server = TestServer::with(settings(SECRET, 10, 10), options).await;
     let mut c = server.connect().await;
-    let big = format!(r#"[null,"1","phoenix","heartbeat",{{"pad":"{}"}}]"#, "x".repeat(100 * 1024));
+    let big = format!(
+        r#"[null,"1","phoenix","heartbeat",{{"pad":"{}"}}]"#,
+        "x".repeat(100 * 1024)
+    );
     // The server may close before the whole frame is written.
     let _ = c.send(Message::Text(big.into())).await;
     assert_eq!(closed(&mut c).await, CloseCode::Size);
@@ -221,13 +303,25 @@ async fn oversized_frame_closes_with_1009() {
 async fn channel_limit() {
     let server = TestServer::with(settings(SECRET, 10, 2), Options::default()).await;
     let mut c = server.connect().await;
-    assert_eq!(join(&mut c, "1", "realtime:a", json!({})).await[4]["status"], "ok");
-    assert_eq!(join(&mut c, "2", "realtime:b", json!({})).await[4]["status"], "ok");
+    assert_eq!(
+        join(&mut c, "1", "realtime:a", json!({})).await[4]["status"],
+        "ok"
+    );
+    assert_eq!(
+        join(&mut c, "2", "realtime:b", json!({})).await[4]["status"],
+        "ok"
+    );
     let third = join(&mut c, "3", "realtime:c", json!({})).await;
-    assert_eq!(third[4], json!({"status": "error", "response": {"reason": "ChannelRateLimitReached: Too many channels"}}));
+    assert_eq!(
+        third[4],
+        json!({"status": "error", "response": {"reason": "ChannelRateLimitReached: Too many channels"}})
+    );
     // rejoining a joined topic does not count twice
     send(&mut c, json!(["4", "4", "realtime:a", "phx_join", {}])).await;
-    assert_eq!(recv(&mut c).await, json!(["1", "1", "realtime:a", "phx_close", {}]));
+    assert_eq!(
+        recv(&mut c).await,
+        json!(["1", "1", "realtime:a", "phx_close", {}])
+    );
     assert_eq!(recv(&mut c).await[4]["status"], "ok");
     assert_eq!(server.counter("joins_refused"), 1);
     server.stop().await;
@@ -244,7 +338,9 @@ async fn connection_limit_refuses_with_429() {
     // the slot frees once the first connection has gone
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok((mut c, _)) = tokio_tungstenite::connect_async(server.url(&token(60), Some("2.0.0"))).await {
+        if let Ok((mut c, _)) =
+            tokio_tungstenite::connect_async(server.url(&token(60), Some("2.0.0"))).await
+        {
             heartbeat_ok(&mut c, "2").await;
             break;
         }
@@ -258,26 +354,51 @@ async fn connection_limit_refuses_with_429() {
 async fn handshake_refusals() {
     let server = TestServer::start().await;
     let base = format!("ws://{}/realtime/v1/websocket", server.addr);
-    assert_eq!(server.refused(&format!("{base}?vsn=2.0.0")).await, (401, "API key is missing".into()));
-    assert_eq!(server.refused(&server.url(&token(-10), None)).await, (401, "Token has expired".into()));
-    let forged = hs256("not-the-secret-not-the-secret-not-the-secret", json!({"role": "service_role", "exp": jwt::now() + 60}));
-    assert_eq!(server.refused(&server.url(&forged, None)).await, (401, "Failed to validate JWT signature".into()));
+    assert_eq!(
+        server.refused(&format!("{base}?vsn=2.0.0")).await,
+        (401, "API key is missing".into())
+    );
+    assert_eq!(
+        server.refused(&server.url(&token(-10), None)).await,
+        (401, "Token has expired".into())
+    );
+    let forged = hs256(
+        "not-the-secret-not-the-secret-not-the-secret",
+        json!({"role": "service_role", "exp": jwt::now() + 60}),
+    );
+    assert_eq!(
+        server.refused(&server.url(&forged, None)).await,
+        (401, "Failed to validate JWT signature".into())
+    );
     let no_role = hs256(SECRET, json!({"exp": jwt::now() + 60}));
     assert_eq!(
         server.refused(&server.url(&no_role, None)).await,
         (401, "Fields `role` and `exp` are required in JWT".into())
     );
-    assert_eq!(server.refused(&server.url("garbage", None)).await, (401, "The token provided is not a valid JWT".into()));
+    assert_eq!(
+        server.refused(&server.url("garbage", None)).await,
+        (401, "The token provided is not a valid JWT".into())
+    );
     let wrong_path = format!("ws://{}/elsewhere?apikey={}", server.addr, token(60));
     assert_eq!(server.refused(&wrong_path).await.0, 404);
-    assert_eq!(server.refused(&server.url(&token(60), Some("9.0.0"))).await.0, 400);
+    assert_eq!(
+        server
+            .refused(&server.url(&token(60), Some("9.0.0")))
+            .await
+            .0,
+        400
+    );
     assert_eq!(server.counter("handshakes_refused"), 7);
     assert_eq!(server.counter("connections_total"), 0);
 
     // the Phoenix path and the x-api-key header work too
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = format!("ws://{}/socket/websocket?vsn=2.0.0", server.addr).into_client_request().unwrap();
-    request.headers_mut().insert("x-api-key", token(60).parse().unwrap());
+    let mut request = format!("ws://{}/socket/websocket?vsn=2.0.0", server.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", token(60).parse().unwrap());
     let (mut c, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     heartbeat_ok(&mut c, "1").await;
     server.stop().await;
@@ -290,12 +411,27 @@ async fn join_with_bad_access_token_is_refused() {
     let expired = token(-30);
     let reply = join(&mut c, "1", "realtime:a", json!({"access_token": expired})).await;
     let reason = reply[4]["response"]["reason"].as_str().unwrap().to_owned();
-    assert!(reason.starts_with("InvalidJWTToken: Token has expired "), "{reason}");
-    let forged = hs256("wrong-wrong-wrong-wrong-wrong-wrong-wrong", json!({"role": "anon", "exp": jwt::now() + 60}));
+    assert!(
+        reason.starts_with("InvalidJWTToken: Token has expired "),
+        "{reason}"
+    );
+    let forged = hs256(
+        "wrong-wrong-wrong-wrong-wrong-wrong-wrong",
+        json!({"role": "anon", "exp": jwt::now() + 60}),
+    );
     let reply = join(&mut c, "2", "realtime:a", json!({"access_token": forged})).await;
-    assert_eq!(reply[4]["response"]["reason"], "JwtSignatureError: Failed to validate JWT signature");
+    assert_eq!(
+        reply[4]["response"]["reason"],
+        "JwtSignatureError: Failed to validate JWT signature"
+    );
     // an opaque sb_ key falls back to the (valid) connect token
-    let reply = join(&mut c, "3", "realtime:a", json!({"access_token": "sb_publishable_x"})).await;
+    let reply = join(
+        &mut c,
+        "3",
+        "realtime:a",
+        json!({"access_token": "sb_publishable_x"}),
+    )
+    .await;
     assert_eq!(reply[4]["status"], "ok");
     server.stop().await;
 }
@@ -304,12 +440,30 @@ async fn join_with_bad_access_token_is_refused() {
 async fn postgres_changes_and_private_joins_fail_clearly() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    let pg = join(&mut c, "1", "realtime:a", json!({"config": {"postgres_changes": [{"event": "*", "schema": "public"}]}})).await;
+    let pg = join(
+        &mut c,
+        "1",
+        "realtime:a",
+        json!({"config": {"postgres_changes": [{"event": "*", "schema": "public"}]}}),
+    )
+    .await;
     assert_eq!(pg[4]["status"], "error");
-    assert!(pg[4]["response"]["reason"].as_str().unwrap().contains("postgres_changes is not supported"));
-    let private = join(&mut c, "2", "realtime:b", json!({"config": {"private": true}})).await;
+    assert!(pg[4]["response"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("postgres_changes is not supported"));
+    let private = join(
+        &mut c,
+        "2",
+        "realtime:b",
+        json!({"config": {"private": true}}),
+    )
+    .await;
     assert_eq!(private[4]["status"], "error");
-    assert!(private[4]["response"]["reason"].as_str().unwrap().starts_with("Unauthorized: "));
+    assert!(private[4]["response"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("Unauthorized: "));
     assert_eq!(server.counter("channels_joined"), 0);
     server.stop().await;
 }
@@ -318,20 +472,42 @@ async fn postgres_changes_and_private_joins_fail_clearly() {
 async fn access_token_refresh() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    assert_eq!(join(&mut c, "1", "realtime:a", json!({})).await[4]["status"], "ok");
+    assert_eq!(
+        join(&mut c, "1", "realtime:a", json!({})).await[4]["status"],
+        "ok"
+    );
     // a valid refresh gets no reply; the channel stays
-    send(&mut c, json!(["1", "2", "realtime:a", "access_token", {"access_token": token(120)}])).await;
+    send(
+        &mut c,
+        json!(["1", "2", "realtime:a", "access_token", {"access_token": token(120)}]),
+    )
+    .await;
     // sb_ keys and nulls are ignored
-    send(&mut c, json!(["1", "3", "realtime:a", "access_token", {"access_token": "sb_secret_x"}])).await;
-    send(&mut c, json!(["1", "4", "realtime:a", "access_token", {"access_token": null}])).await;
+    send(
+        &mut c,
+        json!(["1", "3", "realtime:a", "access_token", {"access_token": "sb_secret_x"}]),
+    )
+    .await;
+    send(
+        &mut c,
+        json!(["1", "4", "realtime:a", "access_token", {"access_token": null}]),
+    )
+    .await;
     heartbeat_ok(&mut c, "5").await;
     // an invalid one ends the channel: system error, then phx_close
-    send(&mut c, json!(["1", "6", "realtime:a", "access_token", {"access_token": "not-a-jwt"}])).await;
+    send(
+        &mut c,
+        json!(["1", "6", "realtime:a", "access_token", {"access_token": "not-a-jwt"}]),
+    )
+    .await;
     assert_eq!(
         recv(&mut c).await,
         json!(["1", null, "realtime:a", "system", {"extension": "system", "status": "error", "message": "The token provided is not a valid JWT", "channel": "a"}])
     );
-    assert_eq!(recv(&mut c).await, json!(["1", "1", "realtime:a", "phx_close", {}]));
+    assert_eq!(
+        recv(&mut c).await,
+        json!(["1", "1", "realtime:a", "phx_close", {}])
+    );
     assert_eq!(server.counter("channels_joined"), 0);
     // the socket itself stays
     heartbeat_ok(&mut c, "7").await;
@@ -343,14 +519,35 @@ async fn expiry_is_scheduled() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
     let short = token(2);
-    assert_eq!(join(&mut c, "1", "realtime:a", json!({"access_token": short})).await[4]["status"], "ok");
-    assert_eq!(join(&mut c, "2", "realtime:b", json!({"access_token": token(600)})).await[4]["status"], "ok");
+    assert_eq!(
+        join(&mut c, "1", "realtime:a", json!({"access_token": short})).await[4]["status"],
+        "ok"
+    );
+    assert_eq!(
+        join(
+            &mut c,
+            "2",
+            "realtime:b",
+            json!({"access_token": token(600)})
+        )
+        .await[4]["status"],
+        "ok"
+    );
     // no frames from us: the server wakes up by itself at expiry
     let system = recv(&mut c).await;
     assert_eq!(system[2], "realtime:a");
     assert_eq!(system[3], "system");
-    assert!(system[4]["message"].as_str().unwrap().starts_with("Token has expired "), "{system}");
-    assert_eq!(recv(&mut c).await, json!(["1", "1", "realtime:a", "phx_close", {}]));
+    assert!(
+        system[4]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Token has expired "),
+        "{system}"
+    );
+    assert_eq!(
+        recv(&mut c).await,
+        json!(["1", "1", "realtime:a", "phx_close", {}])
+    );
     // the other channel is untouched
     send(&mut c, json!(["2", "3", "realtime:b", "phx_leave", {}])).await;
     assert_eq!(recv(&mut c).await[4]["status"], "ok");
@@ -359,7 +556,10 @@ async fn expiry_is_scheduled() {
 
 #[tokio::test]
 async fn idle_socket_is_closed() {
-    let options = Options { idle_timeout: Duration::from_millis(300), ..Options::default() };
+    let options = Options {
+        idle_timeout: Duration::from_millis(300),
+        ..Options::default()
+    };
     let server = TestServer::with(settings(SECRET, 10, 10), options).await;
     let mut c = server.connect().await;
     let start = Instant::now();
@@ -374,20 +574,31 @@ async fn shutdown_closes_with_1001() {
     let server = TestServer::start().await;
     let mut a = server.connect().await;
     let mut b = server.connect_with(&token(60), Some("1.0.0")).await;
-    assert_eq!(join(&mut a, "1", "realtime:a", json!({})).await[4]["status"], "ok");
+    assert_eq!(
+        join(&mut a, "1", "realtime:a", json!({})).await[4]["status"],
+        "ok"
+    );
     server.shutdown.send(true).unwrap();
     assert_eq!(closed(&mut a).await, CloseCode::Away);
     assert_eq!(closed(&mut b).await, CloseCode::Away);
     let ctx = server.ctx.clone();
     server.stop().await;
-    assert_eq!(ctx.counters().connections_open.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        ctx.counters()
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test]
 async fn reload_switches_the_secret_without_dropping_connections() {
     let server = TestServer::start().await;
     let mut old = server.connect().await;
-    assert_eq!(join(&mut old, "1", "realtime:a", json!({})).await[4]["status"], "ok");
+    assert_eq!(
+        join(&mut old, "1", "realtime:a", json!({})).await[4]["status"],
+        "ok"
+    );
     let new_secret = "rotated-secret-rotated-secret-rotated-secret";
     server.ctx.update_settings(settings(new_secret, 100, 100));
     heartbeat_ok(&mut old, "2").await;
@@ -404,9 +615,15 @@ async fn a_panic_ends_one_connection_only() {
     let server = TestServer::start().await;
     let mut bystander = server.connect().await;
     let mut victim = server.connect().await;
-    send(&mut victim, json!([null, "1", "phoenix", "__test_panic__", {}])).await;
+    send(
+        &mut victim,
+        json!([null, "1", "phoenix", "__test_panic__", {}]),
+    )
+    .await;
     // the victim's socket is dropped without a close frame
-    let end = tokio::time::timeout(WAIT, victim.next()).await.expect("victim ends");
+    let end = tokio::time::timeout(WAIT, victim.next())
+        .await
+        .expect("victim ends");
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
     heartbeat_ok(&mut bystander, "2").await;
     let mut next = server.connect().await;
@@ -421,8 +638,26 @@ async fn broadcast_between_sockets() {
     let mut a = server.connect().await;
     let mut b = server.connect().await;
     let mut v1 = server.connect_with(&token(60), Some("1.0.0")).await;
-    assert_eq!(join(&mut a, "1", "realtime:room", json!({"config": {"broadcast": {"ack": true}}})).await[4]["status"], "ok");
-    assert_eq!(join(&mut b, "1", "realtime:room", json!({"config": {"broadcast": {"self": true}}})).await[4]["status"], "ok");
+    assert_eq!(
+        join(
+            &mut a,
+            "1",
+            "realtime:room",
+            json!({"config": {"broadcast": {"ack": true}}})
+        )
+        .await[4]["status"],
+        "ok"
+    );
+    assert_eq!(
+        join(
+            &mut b,
+            "1",
+            "realtime:room",
+            json!({"config": {"broadcast": {"self": true}}})
+        )
+        .await[4]["status"],
+        "ok"
+    );
     send(&mut v1, json!({"topic": "realtime:room", "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"})).await;
     assert_eq!(recv(&mut v1).await["payload"]["status"], "ok");
 
@@ -430,7 +665,10 @@ async fn broadcast_between_sockets() {
     let mut frame = vec![3, 1, 1, 13, 3, 0, 1];
     frame.extend_from_slice(b"12realtime:roomcur{\"x\":1}");
     a.send(Message::Binary(frame.into())).await.unwrap();
-    assert_eq!(recv(&mut a).await, json!(["1", "2", "realtime:room", "phx_reply", {"status": "ok", "response": {}}]));
+    assert_eq!(
+        recv(&mut a).await,
+        json!(["1", "2", "realtime:room", "phx_reply", {"status": "ok", "response": {}}])
+    );
     // b gets kind 4
     match tokio::time::timeout(WAIT, b.next()).await.unwrap() {
         Some(Ok(Message::Binary(bytes))) => {
@@ -447,8 +685,14 @@ async fn broadcast_between_sockets() {
     );
     // b (self: true) sends the JSON text form: b receives its own
     send(&mut b, json!(["1", "5", "realtime:room", "broadcast", {"type": "broadcast", "event": "hi", "payload": {"y": 2}}])).await;
-    assert!(matches!(tokio::time::timeout(WAIT, b.next()).await.unwrap(), Some(Ok(Message::Binary(_)))));
-    assert!(matches!(tokio::time::timeout(WAIT, a.next()).await.unwrap(), Some(Ok(Message::Binary(_)))));
+    assert!(matches!(
+        tokio::time::timeout(WAIT, b.next()).await.unwrap(),
+        Some(Ok(Message::Binary(_)))
+    ));
+    assert!(matches!(
+        tokio::time::timeout(WAIT, a.next()).await.unwrap(),
+        Some(Ok(Message::Binary(_)))
+    ));
     assert_eq!(recv(&mut v1).await["payload"]["event"], "hi");
     assert_eq!(server.ctx.hub.members("realtime:room"), 3);
     drop(a);

@@ -1,0 +1,134 @@
+//! Every `pg_realtime.*` setting. The names are a public contract: they are
+//! documented in the README with their defaults and when they take effect.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use realtime::jwt::Verifier;
+use realtime::server::Settings;
+use std::ffi::CString;
+
+pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(4000);
+pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"localhost"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static PUBLICATION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"supabase_realtime"));
+pub static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
+
+/// Registers the settings. Postmaster-context settings may only be created
+/// while preloading (Postgres refuses them later), and mean nothing without
+/// the worker anyway.
+pub fn define(preloading: bool) {
+    if preloading {
+        GucRegistry::define_int_guc(
+            c"pg_realtime.port",
+            c"TCP port the realtime WebSocket server listens on.",
+            c"",
+            &PORT,
+            1,
+            65535,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"pg_realtime.listen_addresses",
+            c"Addresses the realtime WebSocket server listens on.",
+            c"Same syntax as listen_addresses: a comma-separated list of host names or IP addresses, '*' for all, empty for none.",
+            &LISTEN_ADDRESSES,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc(
+            c"pg_realtime.database",
+            c"The database whose changes the realtime worker serves.",
+            c"",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+    GucRegistry::define_string_guc(
+        c"pg_realtime.jwt_secret",
+        c"Secret that HS256/HS384/HS512 client tokens are signed with.",
+        c"Never logged by pg_realtime; readable by superusers only.",
+        &JWT_SECRET,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_realtime.jwks",
+        c"JSON Web Key Set for RS*, PS*, ES* and EdDSA client tokens (found by kid).",
+        c"A JSON document {\"keys\": [...]}, or a single JWK. Readable by superusers only.",
+        &JWKS,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_realtime.publication",
+        c"Publication whose tables are captured for postgres_changes.",
+        c"",
+        &PUBLICATION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_realtime.max_connections",
+        c"WebSocket connections the realtime server accepts at once.",
+        c"Further upgrades are refused with HTTP 429.",
+        &MAX_CONNECTIONS,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_realtime.max_channels_per_connection",
+        c"Channels one WebSocket connection may join.",
+        c"",
+        &MAX_CHANNELS_PER_CONNECTION,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting.get().map(|s| s.to_string_lossy().into_owned())
+}
+
+pub fn port() -> u16 {
+    PORT.get() as u16
+}
+
+pub fn listen_addresses() -> String {
+    text(&LISTEN_ADDRESSES).unwrap_or_default()
+}
+
+pub fn database() -> String {
+    text(&DATABASE).unwrap_or_else(|| "postgres".into())
+}
+
+/// The server settings as configured now. A JWKS that does not parse is
+/// reported and left out (tokens that need it are refused); the HMAC secret
+/// still applies.
+pub fn server_settings() -> (Settings, Option<String>) {
+    let secret = text(&JWT_SECRET);
+    let jwks = text(&JWKS);
+    let (verifier, problem) = match Verifier::new(secret.as_deref(), jwks.as_deref()) {
+        Ok(v) => (v, None),
+        Err(e) => (
+            Verifier::new(secret.as_deref(), None).unwrap_or_default(),
+            Some(e.to_string()),
+        ),
+    };
+    let settings = Settings {
+        verifier,
+        max_connections: MAX_CONNECTIONS.get() as usize,
+        max_channels_per_connection: MAX_CHANNELS_PER_CONNECTION.get() as usize,
+    };
+    (settings, problem)
+}

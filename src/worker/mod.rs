@@ -1,0 +1,186 @@
+//! The realtime background worker. Its main thread owns every Postgres call:
+//! it waits on its latch and on a wake-up socket written by the network
+//! threads, reloads settings on SIGHUP, writes the network threads' log
+//! records to the server log, and on SIGTERM shuts the WebSocket server down.
+//! The tokio runtime's threads start with every signal blocked and never call
+//! Postgres.
+
+mod listen;
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use realtime::log::{forwarder, LogReceiver};
+use realtime::server::{self, Context, Options};
+use realtime::wake::{wake_pair, WakeReceiver};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long after an error exit the postmaster restarts the worker.
+const RESTART_AFTER: Duration = Duration::from_secs(5);
+/// Network threads for the WebSocket server.
+const NETWORK_THREADS: usize = 2;
+/// After SIGTERM, how long clients get to receive their close frames.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
+
+/// Registers the worker; called from `_PG_init` while preloading.
+pub fn register() {
+    BackgroundWorkerBuilder::new("pg_realtime worker")
+        .set_type("pg_realtime")
+        .set_library("pg_realtime")
+        .set_function("pg_realtime_worker_main")
+        .enable_spi_access()
+        .set_restart_time(Some(RESTART_AFTER))
+        .load();
+}
+
+/// The worker's entry point. An ERROR (or a Rust panic, which pgrx turns
+/// into one) ends the process with exit code 1: the postmaster restarts the
+/// worker after `RESTART_AFTER`, and the cluster keeps running.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some(&crate::gucs::database()), None);
+
+    let (waker, wake_rx) = wake_pair()
+        .unwrap_or_else(|e| error!("pg_realtime: cannot create the wake-up socket: {e}"));
+    let (logger, logs) = forwarder(waker.clone(), tracing::Level::INFO, 4096);
+    // Only this process's network threads log through it.
+    let _ = tracing::subscriber::set_global_default(logger);
+
+    let (settings, problem) = crate::gucs::server_settings();
+    report_settings(&settings, problem);
+    let addresses = crate::gucs::listen_addresses();
+    let listeners = listen::bind(&addresses, crate::gucs::port());
+    if listeners.is_empty() && !addresses.trim().is_empty() {
+        error!(
+            "pg_realtime: could not listen on any of pg_realtime.listen_addresses = '{addresses}'"
+        );
+    }
+
+    let runtime = realtime::runtime::build(NETWORK_THREADS, block_all_signals)
+        .unwrap_or_else(|e| error!("pg_realtime: cannot start the network threads: {e}"));
+    let ctx = Context::new(settings, Options::default(), crate::shmem::counters());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let server = {
+        let _entered = runtime.enter();
+        let listeners = listeners
+            .into_iter()
+            .filter_map(|l| tokio::net::TcpListener::from_std(l).ok())
+            .collect::<Vec<_>>();
+        let ctx = ctx.clone();
+        let waker = waker.clone();
+        runtime.spawn(async move {
+            server::run(listeners, ctx, shutdown_rx).await;
+            // Wake the main loop: the server ending is news to it.
+            waker.wake();
+        })
+    };
+
+    let mut main = MainLoop { wake_rx, logs, ctx };
+    while main.wait() {
+        if server.is_finished() {
+            main.forward_logs();
+            error!("pg_realtime: the WebSocket server stopped unexpectedly");
+        }
+    }
+
+    // SIGTERM (pg_ctl stop, pg_terminate_backend): close every socket with
+    // 1001, then leave.
+    let _ = shutdown_tx.send(true);
+    let _ = runtime.block_on(async { tokio::time::timeout(SHUTDOWN_GRACE, server).await });
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    main.forward_logs();
+    log!("pg_realtime: worker stopped");
+}
+
+struct MainLoop {
+    wake_rx: WakeReceiver,
+    logs: LogReceiver,
+    ctx: Arc<Context>,
+}
+
+impl MainLoop {
+    /// Waits for the latch or a wake-up and handles what it finds. Returns
+    /// false once SIGTERM has arrived.
+    fn wait(&mut self) -> bool {
+        let events =
+            pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_EXIT_ON_PM_DEATH;
+        // SAFETY: MyLatch is this process's latch, set up before the worker
+        // entry point runs; the descriptor stays open as long as `wake_rx`.
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                events as i32,
+                self.wake_rx.fd(),
+                -1,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+        self.wake_rx.drain();
+        self.forward_logs();
+        if BackgroundWorker::sigterm_received() {
+            return false;
+        }
+        if BackgroundWorker::sighup_received() {
+            self.reload();
+        }
+        true
+    }
+
+    /// SIGHUP: re-read the configuration and hand the server its new
+    /// settings; connections stay open.
+    fn reload(&mut self) {
+        // SAFETY: called on the main thread, outside any transaction, as
+        // Postgres's own processes do on SIGHUP.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        let (settings, problem) = crate::gucs::server_settings();
+        report_settings(&settings, problem);
+        self.ctx.update_settings(settings);
+        log!("pg_realtime: configuration reloaded");
+    }
+
+    fn forward_logs(&self) {
+        let (records, dropped) = self.logs.drain();
+        for record in records {
+            // Never ERROR here: that would end the worker. Network-side
+            // errors are reported as warnings.
+            match record.level {
+                tracing::Level::ERROR | tracing::Level::WARN => {
+                    warning!("pg_realtime: {}", record.message)
+                }
+                tracing::Level::INFO => log!("pg_realtime: {}", record.message),
+                _ => debug1!("pg_realtime: {}", record.message),
+            }
+        }
+        if dropped > 0 {
+            warning!("pg_realtime: {dropped} log messages from network threads were dropped (log queue full)");
+        }
+    }
+}
+
+fn report_settings(settings: &server::Settings, problem: Option<String>) {
+    if let Some(problem) = problem {
+        warning!("pg_realtime: {problem}; tokens that need it are refused until it is fixed");
+    }
+    if !settings.verifier.has_keys() {
+        warning!(
+            "pg_realtime: neither pg_realtime.jwt_secret nor pg_realtime.jwks is set; every WebSocket connection will be refused"
+        );
+    }
+}
+
+/// Runs first on every runtime thread: block all signals there, so that
+/// Postgres's handlers (which touch process state) only run on the main thread.
+fn block_all_signals() {
+    // SAFETY: sigfillset initialises a local set; pthread_sigmask changes
+    // only the calling thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
