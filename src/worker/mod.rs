@@ -93,6 +93,11 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     runtime.shutdown_timeout(Duration::from_millis(200));
     main.forward_logs();
     log!("pg_realtime: worker stopped");
+    // Exit code 0 would unregister the worker for good; with 1 the
+    // postmaster restarts it (after pg_terminate_backend, say), except when
+    // the whole server is shutting down.
+    // SAFETY: proc_exit runs Postgres's exit callbacks and never returns.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 struct MainLoop {
