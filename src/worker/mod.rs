@@ -43,8 +43,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&crate::gucs::database()), None);
 
-    let (waker, wake_rx) = wake_pair()
-        .unwrap_or_else(|e| error!("pg_realtime: cannot create the wake-up socket: {e}"));
+    let (waker, wake_rx) = wake_pair().unwrap_or_else(|e| error!("pg_realtime: cannot create the wake-up socket: {e}"));
     let (logger, logs) = forwarder(waker.clone(), tracing::Level::INFO, 4096);
     // Only this process's network threads log through it.
     let _ = tracing::subscriber::set_global_default(logger);
@@ -54,9 +53,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     let addresses = crate::gucs::listen_addresses();
     let listeners = listen::bind(&addresses, crate::gucs::port());
     if listeners.is_empty() && !addresses.trim().is_empty() {
-        error!(
-            "pg_realtime: could not listen on any of pg_realtime.listen_addresses = '{addresses}'"
-        );
+        error!("pg_realtime: could not listen on any of pg_realtime.listen_addresses = '{addresses}'");
     }
 
     let runtime = realtime::runtime::build(NETWORK_THREADS, block_all_signals)
@@ -110,8 +107,7 @@ impl MainLoop {
     /// Waits for the latch or a wake-up and handles what it finds. Returns
     /// false once SIGTERM has arrived.
     fn wait(&mut self) -> bool {
-        let events =
-            pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_EXIT_ON_PM_DEATH;
+        let events = pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_EXIT_ON_PM_DEATH;
         // SAFETY: MyLatch is this process's latch, set up before the worker
         // entry point runs; the descriptor stays open as long as `wake_rx`.
         unsafe {

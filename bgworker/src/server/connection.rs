@@ -26,22 +26,19 @@ use tokio_tungstenite::WebSocketStream;
 const TOPIC_PREFIX: &str = "realtime:";
 
 /// Serves one accepted TCP connection to the end.
-pub async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<Context>,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(ctx.options.max_frame_bytes))
         .max_frame_size(Some(ctx.options.max_frame_bytes));
     let mut accepted = None;
+    // The callback's error type is tungstenite's; it is built only to refuse.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &_, response| match handshake::check(&ctx, request) {
         Ok(a) => {
             accepted = Some(a);
             Ok(response)
         }
-        Err(refusal) => Err(refusal),
+        Err(refusal) => Err(refusal.response()),
     };
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
     let ws = match tokio::time::timeout(ctx.options.handshake_timeout, upgrade).await {
@@ -56,9 +53,7 @@ pub async fn serve(
         }
     };
     let Some(accepted) = accepted else { return };
-    let id = ctx
-        .next_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = ctx.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(ctx.options.outbound_queue);
     let mut conn = Connection {
         id,
@@ -112,11 +107,7 @@ impl Connection {
         self.accepted.vsn
     }
 
-    async fn run(
-        &mut self,
-        mut fanout: mpsc::Receiver<Arc<Outbound>>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn run(&mut self, mut fanout: mpsc::Receiver<Arc<Outbound>>, mut shutdown: watch::Receiver<bool>) {
         let idle_timeout = self.ctx.options.idle_timeout;
         let mut idle_deadline = Instant::now() + idle_timeout;
         let close = loop {
@@ -196,9 +187,7 @@ impl Connection {
             Message::Binary(bytes) => protocol::decode_binary(vsn, &bytes),
             // Pings are answered by tungstenite; a close is answered there too
             // and then ends the stream.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {
-                return Ok(())
-            }
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return Ok(()),
         };
         Counters::incr(&self.ctx.counters.frames_received);
         match decoded {
@@ -232,12 +221,8 @@ impl Connection {
             "broadcast" => self.on_json_broadcast(frame).await,
             "presence" => {
                 let reason = "presence is not supported by this version of pg_realtime";
-                self.send(&Outbound::reply(
-                    &frame,
-                    "error",
-                    json!({ "reason": reason }),
-                ))
-                .await
+                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
+                    .await
             }
             // Unknown channel events are ignored without reply, as Supabase does.
             _ => Ok(()),
@@ -293,25 +278,16 @@ impl Connection {
                 if presence {
                     // Nobody can be tracked yet (presence is not supported), so
                     // the state is truthfully empty; realtime-js waits for it.
-                    self.send(&Outbound::push(
-                        &join_ref,
-                        &frame.topic,
-                        "presence_state",
-                        json!({}),
-                    ))
-                    .await?;
+                    self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({})))
+                        .await?;
                 }
                 Ok(())
             }
             Err(reason) => {
                 Counters::incr(&self.ctx.counters.joins_refused);
                 tracing::debug!(peer = %self.peer, topic = %frame.topic, %reason, "join refused");
-                self.send(&Outbound::reply(
-                    &frame,
-                    "error",
-                    json!({ "reason": reason }),
-                ))
-                .await
+                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
+                    .await
             }
         }
     }
@@ -333,18 +309,13 @@ impl Connection {
         for warning in &request.warnings {
             tracing::info!(peer = %self.peer, topic = %frame.topic, "join config: {warning}; using the default");
         }
-        let token = request
-            .access_token
-            .unwrap_or_else(|| self.accepted.token.clone());
+        let token = request.access_token.unwrap_or_else(|| self.accepted.token.clone());
         let claims = settings
             .verifier
             .verify(&token, jwt::now())
             .map_err(|e| e.join_reason())?;
         if request.config.private {
-            return Err(
-                "Unauthorized: private channels are not supported by this version of pg_realtime"
-                    .into(),
-            );
+            return Err("Unauthorized: private channels are not supported by this version of pg_realtime".into());
         }
         if !request.config.postgres_changes.is_empty() {
             return Err(
@@ -363,8 +334,7 @@ impl Connection {
     async fn leave(&mut self, frame: Frame) -> Result<(), WsError> {
         if let Some(channel) = self.remove_channel(&frame.topic) {
             self.send(&Outbound::reply(&frame, "ok", json!({}))).await?;
-            self.send(&Outbound::close(channel.join_ref(), &frame.topic))
-                .await?;
+            self.send(&Outbound::close(channel.join_ref(), &frame.topic)).await?;
         }
         Ok(())
     }
@@ -393,10 +363,7 @@ impl Connection {
         let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else {
             return Ok(());
         };
-        let channel = self
-            .channels
-            .get_mut(&frame.topic)
-            .expect("checked by the caller");
+        let channel = self.channels.get_mut(&frame.topic).expect("checked by the caller");
         if channel.token == token {
             return Ok(());
         }
@@ -426,8 +393,7 @@ impl Connection {
             .map(|(t, c)| (t.clone(), c.claims.exp))
             .collect();
         for (topic, exp) in expired {
-            self.end_channel(&topic, &AuthError::Expired(now - exp))
-                .await?;
+            self.end_channel(&topic, &AuthError::Expired(now - exp)).await?;
         }
         Ok(())
     }
@@ -455,11 +421,7 @@ impl Connection {
             Counters::incr(&self.ctx.counters.malformed_frames);
             return Ok(());
         };
-        let event = body
-            .get("event")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
+        let event = body.get("event").and_then(Value::as_str).unwrap_or("").to_owned();
         let payload = body.get("payload").cloned().unwrap_or(Value::Null);
         let broadcast = UserBroadcast {
             join_ref: frame.join_ref.clone(),

@@ -23,11 +23,35 @@ pub struct Accepted {
     pub _slot: ConnectionSlot,
 }
 
-/// Checks an upgrade request. `Err` is the HTTP response that refuses it.
-pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, ErrorResponse> {
+/// Why an upgrade was refused: the HTTP status and the `error` message.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl Refusal {
+    /// The HTTP response: `{"error": message}` with the status.
+    pub fn response(&self) -> ErrorResponse {
+        let body = serde_json::json!({ "error": self.message }).to_string();
+        let mut response = ErrorResponse::new(Some(body));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+/// Checks an upgrade request.
+pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, Refusal> {
     let refuse = |status: StatusCode, message: &str| {
         Counters::incr(&ctx.counters.handshakes_refused);
-        error_response(status, message)
+        Refusal {
+            status,
+            message: message.to_owned(),
+        }
     };
     let path = request.uri().path().trim_end_matches('/');
     if !PATHS.contains(&path) {
@@ -44,13 +68,10 @@ pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, ErrorRes
         .or_else(|| query_param(query, "apikey"))
         .unwrap_or_default();
     let settings = ctx.settings();
-    settings
-        .verifier
-        .verify(&token, jwt::now())
-        .map_err(|e: AuthError| {
-            tracing::debug!(error = %e, "upgrade refused");
-            refuse(StatusCode::UNAUTHORIZED, &e.handshake_message())
-        })?;
+    settings.verifier.verify(&token, jwt::now()).map_err(|e: AuthError| {
+        tracing::debug!(error = %e, "upgrade refused");
+        refuse(StatusCode::UNAUTHORIZED, &e.handshake_message())
+    })?;
     let slot = ConnectionSlot::acquire(ctx, settings.max_connections)
         .ok_or_else(|| refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users"))?;
     Ok(Accepted {
@@ -58,18 +79,6 @@ pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, ErrorRes
         token,
         _slot: slot,
     })
-}
-
-/// `{"error": message}` with the given status.
-pub fn error_response(status: StatusCode, message: &str) -> ErrorResponse {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut response = ErrorResponse::new(Some(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 /// The first value of `name` in a query string, percent-decoded.

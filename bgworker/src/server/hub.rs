@@ -48,12 +48,7 @@ impl Hub {
         members
             .iter()
             .filter(|m| Some(m.connection) != except)
-            .filter(|m| {
-                matches!(
-                    m.tx.try_send(message.clone()),
-                    Err(mpsc::error::TrySendError::Full(_))
-                )
-            })
+            .filter(|m| matches!(m.tx.try_send(message.clone()), Err(mpsc::error::TrySendError::Full(_))))
             .count()
     }
 

@@ -103,14 +103,7 @@ pub async fn run(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: watch
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let accepts: Vec<_> = listeners
         .into_iter()
-        .map(|listener| {
-            tokio::spawn(accept_loop(
-                listener,
-                ctx.clone(),
-                shutdown.clone(),
-                done_tx.clone(),
-            ))
-        })
+        .map(|listener| tokio::spawn(accept_loop(listener, ctx.clone(), shutdown.clone(), done_tx.clone())))
         .collect();
     drop(done_tx);
     for accept in accepts {
@@ -142,10 +135,9 @@ async fn accept_loop(
                 let shutdown = shutdown.clone();
                 let done = done.clone();
                 tokio::spawn(async move {
-                    let served =
-                        AssertUnwindSafe(connection::serve(stream, peer, ctx.clone(), shutdown))
-                            .catch_unwind()
-                            .await;
+                    let served = AssertUnwindSafe(connection::serve(stream, peer, ctx.clone(), shutdown))
+                        .catch_unwind()
+                        .await;
                     if served.is_err() {
                         Counters::incr(&ctx.counters.network_panics);
                         tracing::error!(%peer, "a panic ended this connection; the server goes on");
@@ -175,9 +167,7 @@ impl ConnectionSlot {
     /// Takes a slot if fewer than `max` connections are open.
     fn acquire(ctx: &Arc<Context>, max: usize) -> Option<ConnectionSlot> {
         ctx.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()?;
         Counters::incr(&ctx.counters.connections_open);
         Counters::incr(&ctx.counters.connections_total);

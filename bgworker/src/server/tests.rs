@@ -77,8 +77,7 @@ impl TestServer {
     async fn refused(&self, url: &str) -> (u16, String) {
         match tokio_tungstenite::connect_async(url).await {
             Err(WsError::Http(response)) => {
-                let body: Value =
-                    serde_json::from_slice(response.body().as_deref().unwrap_or(b"{}")).unwrap();
+                let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or(b"{}")).unwrap();
                 (
                     response.status().as_u16(),
                     body["error"].as_str().unwrap_or("").to_owned(),
@@ -121,10 +120,7 @@ async fn send(c: &mut Client, v: Value) {
 
 /// The next text frame as JSON (skipping nothing: a binary frame fails).
 async fn recv(c: &mut Client) -> Value {
-    match tokio::time::timeout(WAIT, c.next())
-        .await
-        .expect("a frame in time")
-    {
+    match tokio::time::timeout(WAIT, c.next()).await.expect("a frame in time") {
         Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
         other => panic!("expected a text frame, got {other:?}"),
     }
@@ -133,10 +129,7 @@ async fn recv(c: &mut Client) -> Value {
 /// Waits for the server's close frame and returns its code.
 async fn closed(c: &mut Client) -> CloseCode {
     loop {
-        match tokio::time::timeout(WAIT, c.next())
-            .await
-            .expect("a close in time")
-        {
+        match tokio::time::timeout(WAIT, c.next()).await.expect("a close in time") {
             Some(Ok(Message::Close(Some(frame)))) => return frame.code,
             Some(Ok(Message::Close(None))) => panic!("close without a code"),
             Some(Ok(_)) => continue,
@@ -202,18 +195,12 @@ async fn join_then_leave() {
         recv(&mut c).await,
         json!(["6", "7", "realtime:room1", "phx_reply", {"status": "ok", "response": {}}])
     );
-    assert_eq!(
-        recv(&mut c).await,
-        json!(["6", "6", "realtime:room1", "phx_close", {}])
-    );
+    assert_eq!(recv(&mut c).await, json!(["6", "6", "realtime:room1", "phx_close", {}]));
     assert_eq!(server.counter("channels_joined"), 0);
 
     // after the leave, the topic is unknown again
     send(&mut c, json!(["6", "8", "realtime:room1", "phx_leave", {}])).await;
-    assert_eq!(
-        recv(&mut c).await[4]["response"]["reason"],
-        "unmatched topic"
-    );
+    assert_eq!(recv(&mut c).await[4]["response"]["reason"], "unmatched topic");
     server.stop().await;
 }
 
@@ -240,7 +227,11 @@ async fn presence_enabled_join_gets_a_presence_state() {
 async fn unmatched_topic() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    send(&mut c, json!(["3", "4", "realtime:nowhere", "broadcast", {"type": "broadcast", "event": "e", "payload": {}}])).await;
+    send(
+        &mut c,
+        json!(["3", "4", "realtime:nowhere", "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]),
+    )
+    .await;
     assert_eq!(
         recv(&mut c).await,
         json!([null, "4", "realtime:nowhere", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}])
@@ -260,17 +251,11 @@ async fn unmatched_topic() {
 async fn junk_frames_are_dropped_and_counted() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    c.send(Message::Text("this is not json".into()))
-        .await
-        .unwrap();
+    c.send(Message::Text("this is not json".into())).await.unwrap();
     c.send(Message::Text("[1,2]".into())).await.unwrap();
-    c.send(Message::Text(r#"{"topic":"phoenix"}"#.into()))
-        .await
-        .unwrap();
+    c.send(Message::Text(r#"{"topic":"phoenix"}"#.into())).await.unwrap();
     c.send(Message::Binary(vec![9, 9, 9].into())).await.unwrap();
-    c.send(Message::Binary(vec![3, 1, 1, 200].into()))
-        .await
-        .unwrap();
+    c.send(Message::Binary(vec![3, 1, 1, 200].into())).await.unwrap();
     // the socket is still served, in order, after the junk
     heartbeat_ok(&mut c, "10").await;
     assert_eq!(server.counter("malformed_frames"), 5);
@@ -303,14 +288,8 @@ async fn oversized_frame_closes_with_1009() {
 async fn channel_limit() {
     let server = TestServer::with(settings(SECRET, 10, 2), Options::default()).await;
     let mut c = server.connect().await;
-    assert_eq!(
-        join(&mut c, "1", "realtime:a", json!({})).await[4]["status"],
-        "ok"
-    );
-    assert_eq!(
-        join(&mut c, "2", "realtime:b", json!({})).await[4]["status"],
-        "ok"
-    );
+    assert_eq!(join(&mut c, "1", "realtime:a", json!({})).await[4]["status"], "ok");
+    assert_eq!(join(&mut c, "2", "realtime:b", json!({})).await[4]["status"], "ok");
     let third = join(&mut c, "3", "realtime:c", json!({})).await;
     assert_eq!(
         third[4],
@@ -318,10 +297,7 @@ async fn channel_limit() {
     );
     // rejoining a joined topic does not count twice
     send(&mut c, json!(["4", "4", "realtime:a", "phx_join", {}])).await;
-    assert_eq!(
-        recv(&mut c).await,
-        json!(["1", "1", "realtime:a", "phx_close", {}])
-    );
+    assert_eq!(recv(&mut c).await, json!(["1", "1", "realtime:a", "phx_close", {}]));
     assert_eq!(recv(&mut c).await[4]["status"], "ok");
     assert_eq!(server.counter("joins_refused"), 1);
     server.stop().await;
@@ -338,9 +314,7 @@ async fn connection_limit_refuses_with_429() {
     // the slot frees once the first connection has gone
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok((mut c, _)) =
-            tokio_tungstenite::connect_async(server.url(&token(60), Some("2.0.0"))).await
-        {
+        if let Ok((mut c, _)) = tokio_tungstenite::connect_async(server.url(&token(60), Some("2.0.0"))).await {
             heartbeat_ok(&mut c, "2").await;
             break;
         }
@@ -381,13 +355,7 @@ async fn handshake_refusals() {
     );
     let wrong_path = format!("ws://{}/elsewhere?apikey={}", server.addr, token(60));
     assert_eq!(server.refused(&wrong_path).await.0, 404);
-    assert_eq!(
-        server
-            .refused(&server.url(&token(60), Some("9.0.0")))
-            .await
-            .0,
-        400
-    );
+    assert_eq!(server.refused(&server.url(&token(60), Some("9.0.0"))).await.0, 400);
     assert_eq!(server.counter("handshakes_refused"), 7);
     assert_eq!(server.counter("connections_total"), 0);
 
@@ -396,9 +364,7 @@ async fn handshake_refusals() {
     let mut request = format!("ws://{}/socket/websocket?vsn=2.0.0", server.addr)
         .into_client_request()
         .unwrap();
-    request
-        .headers_mut()
-        .insert("x-api-key", token(60).parse().unwrap());
+    request.headers_mut().insert("x-api-key", token(60).parse().unwrap());
     let (mut c, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     heartbeat_ok(&mut c, "1").await;
     server.stop().await;
@@ -411,10 +377,7 @@ async fn join_with_bad_access_token_is_refused() {
     let expired = token(-30);
     let reply = join(&mut c, "1", "realtime:a", json!({"access_token": expired})).await;
     let reason = reply[4]["response"]["reason"].as_str().unwrap().to_owned();
-    assert!(
-        reason.starts_with("InvalidJWTToken: Token has expired "),
-        "{reason}"
-    );
+    assert!(reason.starts_with("InvalidJWTToken: Token has expired "), "{reason}");
     let forged = hs256(
         "wrong-wrong-wrong-wrong-wrong-wrong-wrong",
         json!({"role": "anon", "exp": jwt::now() + 60}),
@@ -425,13 +388,7 @@ async fn join_with_bad_access_token_is_refused() {
         "JwtSignatureError: Failed to validate JWT signature"
     );
     // an opaque sb_ key falls back to the (valid) connect token
-    let reply = join(
-        &mut c,
-        "3",
-        "realtime:a",
-        json!({"access_token": "sb_publishable_x"}),
-    )
-    .await;
+    let reply = join(&mut c, "3", "realtime:a", json!({"access_token": "sb_publishable_x"})).await;
     assert_eq!(reply[4]["status"], "ok");
     server.stop().await;
 }
@@ -452,13 +409,7 @@ async fn postgres_changes_and_private_joins_fail_clearly() {
         .as_str()
         .unwrap()
         .contains("postgres_changes is not supported"));
-    let private = join(
-        &mut c,
-        "2",
-        "realtime:b",
-        json!({"config": {"private": true}}),
-    )
-    .await;
+    let private = join(&mut c, "2", "realtime:b", json!({"config": {"private": true}})).await;
     assert_eq!(private[4]["status"], "error");
     assert!(private[4]["response"]["reason"]
         .as_str()
@@ -472,10 +423,7 @@ async fn postgres_changes_and_private_joins_fail_clearly() {
 async fn access_token_refresh() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    assert_eq!(
-        join(&mut c, "1", "realtime:a", json!({})).await[4]["status"],
-        "ok"
-    );
+    assert_eq!(join(&mut c, "1", "realtime:a", json!({})).await[4]["status"], "ok");
     // a valid refresh gets no reply; the channel stays
     send(
         &mut c,
@@ -504,10 +452,7 @@ async fn access_token_refresh() {
         recv(&mut c).await,
         json!(["1", null, "realtime:a", "system", {"extension": "system", "status": "error", "message": "The token provided is not a valid JWT", "channel": "a"}])
     );
-    assert_eq!(
-        recv(&mut c).await,
-        json!(["1", "1", "realtime:a", "phx_close", {}])
-    );
+    assert_eq!(recv(&mut c).await, json!(["1", "1", "realtime:a", "phx_close", {}]));
     assert_eq!(server.counter("channels_joined"), 0);
     // the socket itself stays
     heartbeat_ok(&mut c, "7").await;
@@ -524,13 +469,7 @@ async fn expiry_is_scheduled() {
         "ok"
     );
     assert_eq!(
-        join(
-            &mut c,
-            "2",
-            "realtime:b",
-            json!({"access_token": token(600)})
-        )
-        .await[4]["status"],
+        join(&mut c, "2", "realtime:b", json!({"access_token": token(600)})).await[4]["status"],
         "ok"
     );
     // no frames from us: the server wakes up by itself at expiry
@@ -538,16 +477,10 @@ async fn expiry_is_scheduled() {
     assert_eq!(system[2], "realtime:a");
     assert_eq!(system[3], "system");
     assert!(
-        system[4]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("Token has expired "),
+        system[4]["message"].as_str().unwrap().starts_with("Token has expired "),
         "{system}"
     );
-    assert_eq!(
-        recv(&mut c).await,
-        json!(["1", "1", "realtime:a", "phx_close", {}])
-    );
+    assert_eq!(recv(&mut c).await, json!(["1", "1", "realtime:a", "phx_close", {}]));
     // the other channel is untouched
     send(&mut c, json!(["2", "3", "realtime:b", "phx_leave", {}])).await;
     assert_eq!(recv(&mut c).await[4]["status"], "ok");
@@ -574,10 +507,7 @@ async fn shutdown_closes_with_1001() {
     let server = TestServer::start().await;
     let mut a = server.connect().await;
     let mut b = server.connect_with(&token(60), Some("1.0.0")).await;
-    assert_eq!(
-        join(&mut a, "1", "realtime:a", json!({})).await[4]["status"],
-        "ok"
-    );
+    assert_eq!(join(&mut a, "1", "realtime:a", json!({})).await[4]["status"], "ok");
     server.shutdown.send(true).unwrap();
     assert_eq!(closed(&mut a).await, CloseCode::Away);
     assert_eq!(closed(&mut b).await, CloseCode::Away);
@@ -595,10 +525,7 @@ async fn shutdown_closes_with_1001() {
 async fn reload_switches_the_secret_without_dropping_connections() {
     let server = TestServer::start().await;
     let mut old = server.connect().await;
-    assert_eq!(
-        join(&mut old, "1", "realtime:a", json!({})).await[4]["status"],
-        "ok"
-    );
+    assert_eq!(join(&mut old, "1", "realtime:a", json!({})).await[4]["status"], "ok");
     let new_secret = "rotated-secret-rotated-secret-rotated-secret";
     server.ctx.update_settings(settings(new_secret, 100, 100));
     heartbeat_ok(&mut old, "2").await;
@@ -615,15 +542,9 @@ async fn a_panic_ends_one_connection_only() {
     let server = TestServer::start().await;
     let mut bystander = server.connect().await;
     let mut victim = server.connect().await;
-    send(
-        &mut victim,
-        json!([null, "1", "phoenix", "__test_panic__", {}]),
-    )
-    .await;
+    send(&mut victim, json!([null, "1", "phoenix", "__test_panic__", {}])).await;
     // the victim's socket is dropped without a close frame
-    let end = tokio::time::timeout(WAIT, victim.next())
-        .await
-        .expect("victim ends");
+    let end = tokio::time::timeout(WAIT, victim.next()).await.expect("victim ends");
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
     heartbeat_ok(&mut bystander, "2").await;
     let mut next = server.connect().await;
@@ -658,7 +579,11 @@ async fn broadcast_between_sockets() {
         .await[4]["status"],
         "ok"
     );
-    send(&mut v1, json!({"topic": "realtime:room", "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"})).await;
+    send(
+        &mut v1,
+        json!({"topic": "realtime:room", "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"}),
+    )
+    .await;
     assert_eq!(recv(&mut v1).await["payload"]["status"], "ok");
 
     // a sends kind 3 with ack: a gets the ack only (self is off)
@@ -684,7 +609,11 @@ async fn broadcast_between_sockets() {
         json!({"topic": "realtime:room", "event": "broadcast", "payload": {"type": "broadcast", "event": "cur", "payload": {"x": 1}}, "ref": null})
     );
     // b (self: true) sends the JSON text form: b receives its own
-    send(&mut b, json!(["1", "5", "realtime:room", "broadcast", {"type": "broadcast", "event": "hi", "payload": {"y": 2}}])).await;
+    send(
+        &mut b,
+        json!(["1", "5", "realtime:room", "broadcast", {"type": "broadcast", "event": "hi", "payload": {"y": 2}}]),
+    )
+    .await;
     assert!(matches!(
         tokio::time::timeout(WAIT, b.next()).await.unwrap(),
         Some(Ok(Message::Binary(_)))

@@ -1,0 +1,46 @@
+# pg_realtime: `make run` brings up the demo, `make test` runs every suite.
+# Both install what they need first (Debian packages, cargo-pgrx, npm).
+
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+PG_CONFIG ?= /usr/bin/pg_config
+# Where `cargo pgrx test` keeps its cluster: a directory the postgres user owns.
+PGRX_PGDATA ?= /var/tmp/pg_realtime/pgrx-pgdata
+
+.PHONY: deps install install-release run test lint unit pgtest e2e clean
+
+deps:
+	scripts/install-deps.sh
+
+install: deps
+	cargo pgrx install --pg-config $(PG_CONFIG)
+
+install-release: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+## The demo: build, install, start a cluster with the marketplace schema.
+run: install-release
+	scripts/run-demo.sh
+
+## Every test suite, as CI runs it.
+test: deps lint unit pgtest e2e
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit:
+	cargo test -p pg_realtime_bgworker
+
+pgtest:
+	mkdir -p $(dir $(PGRX_PGDATA)) && chown postgres: $(dir $(PGRX_PGDATA)) 2>/dev/null || true
+	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)
+
+# `cargo pgrx test` leaves its test build installed: reinstall before the
+# end-to-end suites start their clusters.
+e2e: install
+	cargo test -p pg_realtime_e2e
+
+clean:
+	cargo clean
+	rm -rf pg_test/js/node_modules
