@@ -37,8 +37,9 @@ pgtest:
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)
 
 # `cargo pgrx test` leaves its test build installed: reinstall before the
-# end-to-end suites start their clusters.
-e2e: install
+# end-to-end suites start their clusters. The release build, so the suites
+# also prove the install that release tooling and `make run` use.
+e2e: install-release
 	cargo test -p pg_realtime_e2e
 
 clean:

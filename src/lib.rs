@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 
 mod api;
 mod gucs;
+mod hooks;
 mod shmem;
 mod worker;
 
@@ -30,6 +31,7 @@ pub extern "C-unwind" fn _PG_init() {
         return;
     }
     PRELOADED.store(true, std::sync::atomic::Ordering::Relaxed);
+    hooks::install();
     shmem::init();
     worker::register();
 }

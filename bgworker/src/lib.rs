@@ -7,6 +7,7 @@ pub mod join;
 pub mod jwt;
 pub mod log;
 pub mod protocol;
+pub mod redact;
 pub mod runtime;
 pub mod server;
 pub mod stats;
