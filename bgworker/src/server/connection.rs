@@ -65,7 +65,6 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutd
         fanout_tx: tx,
     };
     conn.run(rx, shutdown).await;
-    conn.leave_all();
 }
 
 /// A joined channel.
@@ -346,12 +345,6 @@ impl Connection {
         Some(channel)
     }
 
-    fn leave_all(&mut self) {
-        let topics: Vec<String> = self.channels.keys().cloned().collect();
-        for topic in topics {
-            self.remove_channel(&topic);
-        }
-    }
 
     /// `access_token`: no reply; a bad token ends the channel.
     async fn refresh_token(&mut self, frame: Frame) -> Result<(), WsError> {
@@ -472,6 +465,17 @@ impl Connection {
             self.send(&Outbound::reply(&frame, "ok", json!({}))).await?;
         }
         Ok(())
+    }
+}
+
+/// However the connection ends (even by a panic), its channels leave the
+/// hub and the gauges.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let topics: Vec<String> = self.channels.keys().cloned().collect();
+        for topic in topics {
+            self.remove_channel(&topic);
+        }
     }
 }
 

@@ -542,6 +542,7 @@ async fn a_panic_ends_one_connection_only() {
     let server = TestServer::start().await;
     let mut bystander = server.connect().await;
     let mut victim = server.connect().await;
+    assert_eq!(join(&mut victim, "1", "realtime:a", json!({})).await[4]["status"], "ok");
     send(&mut victim, json!([null, "1", "phoenix", "__test_panic__", {}])).await;
     // the victim's socket is dropped without a close frame
     let end = tokio::time::timeout(WAIT, victim.next()).await.expect("victim ends");
@@ -550,6 +551,9 @@ async fn a_panic_ends_one_connection_only() {
     let mut next = server.connect().await;
     heartbeat_ok(&mut next, "3").await;
     assert_eq!(server.counter("network_panics"), 1);
+    // the dead connection's channel left with it
+    assert_eq!(server.counter("channels_joined"), 0);
+    assert_eq!(server.ctx.hub.members("realtime:a"), 0);
     server.stop().await;
 }
 
