@@ -24,7 +24,13 @@ unsafe extern "C-unwind" fn redact_secrets(edata: *mut pg_sys::ErrorData) {
     // allocates nor can fail, which matters inside error reporting.
     unsafe {
         if let Some(edata) = edata.as_mut() {
-            for field in [edata.message, edata.detail, edata.detail_log, edata.context, edata.internalquery] {
+            for field in [
+                edata.message,
+                edata.detail,
+                edata.detail_log,
+                edata.context,
+                edata.internalquery,
+            ] {
                 cut(field);
             }
             let query = pg_sys::debug_query_string;

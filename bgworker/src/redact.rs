@@ -68,7 +68,11 @@ mod tests {
 
     #[test]
     fn other_messages_are_untouched() {
-        for m in ["parameter \"pg_realtime.port\" changed to \"4001\"", "", "pg_realtime.jwt"] {
+        for m in [
+            "parameter \"pg_realtime.port\" changed to \"4001\"",
+            "",
+            "pg_realtime.jwt",
+        ] {
             assert_eq!(cut_point(m.as_bytes()), None, "{m}");
         }
     }

@@ -262,7 +262,10 @@ fn reload_rotates_the_secret_without_dropping_connections(ctx: &Ctx) {
         .map(|l| &l[..l.len().min(200)])
         .collect();
     assert!(leaks.is_empty(), "secret in the server log: {leaks:?}");
-    assert!(log.contains("parameter \"pg_realtime.jwt_secret\" changed"), "the reload was not logged at all");
+    assert!(
+        log.contains("parameter \"pg_realtime.jwt_secret\" changed"),
+        "the reload was not logged at all"
+    );
 }
 
 /// SigBlk of a task, as a bit set (bit n-1 = signal n).

@@ -345,7 +345,6 @@ impl Connection {
         Some(channel)
     }
 
-
     /// `access_token`: no reply; a bad token ends the channel.
     async fn refresh_token(&mut self, frame: Frame) -> Result<(), WsError> {
         let token = frame

@@ -1,0 +1,5 @@
+//! `postgres_changes`: filters, typed values, subscriptions and the event
+//! frames delivered to channels (`realtime-protocol.md` §3).
+
+pub mod filter;
+pub mod value;

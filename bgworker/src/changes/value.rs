@@ -1,0 +1,367 @@
+//! Typed JSON values as the row encoder writes them, compared with their
+//! column type's semantics: numbers in numeric order (exactly, however long),
+//! text by bytes, uuids case-insensitively, booleans, dates, and timestamps as
+//! instants whatever their UTC offset.
+
+use serde_json::Value;
+use std::cmp::Ordering;
+
+/// How values of a column compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Number,
+    Text,
+    Uuid,
+    Bool,
+    Date,
+    Timestamp,
+    Timestamptz,
+    /// Anything else: equality of the JSON value only.
+    Other,
+}
+
+impl Kind {
+    /// The kind of a `pg_type.typname`.
+    pub fn of_type(typname: &str) -> Kind {
+        match typname {
+            "int2" | "int4" | "int8" | "float4" | "float8" | "numeric" | "oid" => Kind::Number,
+            "text" | "varchar" | "bpchar" | "name" | "citext" | "char" => Kind::Text,
+            "uuid" => Kind::Uuid,
+            "bool" => Kind::Bool,
+            "date" => Kind::Date,
+            "timestamp" => Kind::Timestamp,
+            "timestamptz" => Kind::Timestamptz,
+            _ => Kind::Other,
+        }
+    }
+
+    /// Whether `lt`/`gt`/... make sense for this kind.
+    pub fn is_ordered(self) -> bool {
+        self != Kind::Other
+    }
+}
+
+/// Compares two non-null values of one kind; `None` when they cannot be
+/// compared (malformed input), which filters treat as unknown.
+pub fn compare(kind: Kind, a: &Value, b: &Value) -> Option<Ordering> {
+    match kind {
+        Kind::Number => Some(Decimal::parse(&number_text(a)?)?.cmp(&Decimal::parse(&number_text(b)?)?)),
+        Kind::Text | Kind::Date => Some(a.as_str()?.cmp(b.as_str()?)),
+        Kind::Uuid => Some(a.as_str()?.to_ascii_lowercase().cmp(&b.as_str()?.to_ascii_lowercase())),
+        Kind::Bool => Some(a.as_bool()?.cmp(&b.as_bool()?)),
+        Kind::Timestamp | Kind::Timestamptz => Some(instant(a.as_str()?)?.cmp(&instant(b.as_str()?)?)),
+        Kind::Other => Some(if a == b { Ordering::Equal } else { Ordering::Less }),
+    }
+}
+
+fn number_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) => Some(n.to_string()),
+        // NaN and infinities arrive as strings
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A decimal number, exactly: `0.digits × 10^exp`, with Postgres's order
+/// for the special values (-Infinity < finite < Infinity < NaN).
+#[derive(Debug, PartialEq, Eq)]
+enum Decimal {
+    NegInfinity,
+    Finite { negative: bool, digits: Vec<u8>, exp: i64 },
+    Infinity,
+    NaN,
+}
+
+impl Decimal {
+    fn parse(text: &str) -> Option<Decimal> {
+        let text = text.trim();
+        match text {
+            "NaN" => return Some(Decimal::NaN),
+            "Infinity" | "+Infinity" => return Some(Decimal::Infinity),
+            "-Infinity" => return Some(Decimal::NegInfinity),
+            _ => {}
+        }
+        let (negative, rest) = match text.as_bytes().first()? {
+            b'-' => (true, &text[1..]),
+            b'+' => (false, &text[1..]),
+            _ => (false, text),
+        };
+        let (mantissa, exponent) = match rest.find(['e', 'E']) {
+            Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+            None => (rest, 0),
+        };
+        let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        if int_part.is_empty() && frac_part.is_empty() {
+            return None;
+        }
+        if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let mut digits: Vec<u8> = int_part.bytes().chain(frac_part.bytes()).map(|b| b - b'0').collect();
+        let mut exp = int_part.len() as i64 + exponent;
+        while digits.first() == Some(&0) {
+            digits.remove(0);
+            exp -= 1;
+        }
+        while digits.last() == Some(&0) {
+            digits.pop();
+        }
+        if digits.is_empty() {
+            return Some(Decimal::Finite {
+                negative: false,
+                digits,
+                exp: 0,
+            });
+        }
+        Some(Decimal::Finite { negative, digits, exp })
+    }
+}
+
+impl Ord for Decimal {
+    fn cmp(&self, other: &Self) -> Ordering {
+        use Decimal::*;
+        let rank = |d: &Decimal| match d {
+            NegInfinity => 0,
+            Finite { .. } => 1,
+            Infinity => 2,
+            NaN => 3,
+        };
+        match (self, other) {
+            (
+                Finite {
+                    negative: an,
+                    digits: ad,
+                    exp: ae,
+                },
+                Finite {
+                    negative: bn,
+                    digits: bd,
+                    exp: be,
+                },
+            ) => {
+                let sign = |neg: bool, digits: &Vec<u8>| {
+                    if digits.is_empty() {
+                        0
+                    } else if neg {
+                        -1
+                    } else {
+                        1
+                    }
+                };
+                let (sa, sb) = (sign(*an, ad), sign(*bn, bd));
+                if sa != sb || sa == 0 {
+                    return sa.cmp(&sb);
+                }
+                let magnitude = ae.cmp(be).then_with(|| ad.cmp(bd));
+                if sa > 0 {
+                    magnitude
+                } else {
+                    magnitude.reverse()
+                }
+            }
+            _ => rank(self).cmp(&rank(other)),
+        }
+    }
+}
+
+impl PartialOrd for Decimal {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Microseconds since 1970-01-01 UTC of an ISO-8601 timestamp as Postgres's
+/// JSON output writes it (`2025-03-04T10:11:12.345+01:00`; no offset means
+/// UTC, for `timestamp`). `infinity`/`-infinity` sort last/first.
+pub fn instant(text: &str) -> Option<i128> {
+    match text {
+        "infinity" => return Some(i128::MAX),
+        "-infinity" => return Some(i128::MIN),
+        _ => {}
+    }
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') || b[13] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut pos = 19;
+    let mut micros: i64 = 0;
+    if b.get(pos) == Some(&b'.') {
+        let start = pos + 1;
+        let mut end = start;
+        while end < b.len() && b[end].is_ascii_digit() {
+            end += 1;
+        }
+        let frac = &text[start..end];
+        let padded = format!("{:0<6}", &frac[..frac.len().min(6)]);
+        micros = padded.parse().ok()?;
+        pos = end;
+    }
+    let offset_secs: i64 = match text.get(pos..) {
+        None | Some("") | Some("Z") => 0,
+        Some(tz) => {
+            let sign = match tz.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let tz = &tz[1..];
+            let (h, rest) = tz.split_at(tz.len().min(2));
+            let rest = rest.trim_start_matches(':');
+            let (m, rest) = rest.split_at(rest.len().min(2));
+            let s = rest.trim_start_matches(':');
+            let part = |p: &str| if p.is_empty() { Some(0) } else { p.parse::<i64>().ok() };
+            sign * (part(h)? * 3600 + part(m)? * 60 + part(s)?)
+        }
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs as i128 * 1_000_000 + micros as i128)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Rewrites a `timestamptz` as UTC (`...+00:00`), so every event carries the
+/// same offset whatever the writing session's TimeZone was. Other text is
+/// returned unchanged.
+pub fn timestamptz_to_utc(text: &str) -> String {
+    match instant(text) {
+        Some(i) if i != i128::MAX && i != i128::MIN => format_utc(i),
+        _ => text.to_owned(),
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00` for microseconds since the epoch.
+pub fn format_utc(micros: i128) -> String {
+    let secs = micros.div_euclid(1_000_000) as i64;
+    let frac = micros.rem_euclid(1_000_000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    let mut out = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    if frac != 0 {
+        let digits = format!("{frac:06}");
+        out.push('.');
+        out.push_str(digits.trim_end_matches('0'));
+    }
+    out.push_str("+00:00");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn num(a: &str, b: &str) -> Ordering {
+        Decimal::parse(a).unwrap().cmp(&Decimal::parse(b).unwrap())
+    }
+
+    #[test]
+    fn decimals_compare_exactly() {
+        assert_eq!(num("10", "9"), Ordering::Greater);
+        assert_eq!(num("10.0", "10"), Ordering::Equal);
+        assert_eq!(num("0.1", "0.10000"), Ordering::Equal);
+        assert_eq!(num("-5", "3"), Ordering::Less);
+        assert_eq!(num("-5", "-30"), Ordering::Greater);
+        assert_eq!(num("0", "-0.0"), Ordering::Equal);
+        assert_eq!(
+            num("12345678901234567890.000000000000000001", "12345678901234567890"),
+            Ordering::Greater
+        );
+        assert_eq!(num("1e+20", "100000000000000000000"), Ordering::Equal);
+        assert_eq!(num("1.5e-3", "0.0015"), Ordering::Equal);
+        assert_eq!(num("NaN", "Infinity"), Ordering::Greater);
+        assert_eq!(num("-Infinity", "-1e300"), Ordering::Less);
+        assert_eq!(num("Infinity", "1e300"), Ordering::Greater);
+        assert!(Decimal::parse("abc").is_none());
+        assert!(Decimal::parse(".").is_none());
+        assert!(Decimal::parse("1.2.3").is_none());
+    }
+
+    #[test]
+    fn kinds_of_types() {
+        assert_eq!(Kind::of_type("int8"), Kind::Number);
+        assert_eq!(Kind::of_type("varchar"), Kind::Text);
+        assert_eq!(Kind::of_type("timestamptz"), Kind::Timestamptz);
+        assert_eq!(Kind::of_type("jsonb"), Kind::Other);
+        assert!(!Kind::Other.is_ordered());
+    }
+
+    #[test]
+    fn instants() {
+        let utc = instant("2025-03-04T10:00:00+00:00").unwrap();
+        assert_eq!(instant("2025-03-04T11:00:00+01:00"), Some(utc));
+        assert_eq!(instant("2025-03-04T05:30:00-04:30"), Some(utc));
+        assert_eq!(instant("2025-03-04T10:00:00Z"), Some(utc));
+        assert_eq!(instant("2025-03-04 10:00:00+00"), Some(utc));
+        assert_eq!(instant("2025-03-04T10:00:00.25+00:00"), Some(utc + 250_000));
+        assert_eq!(instant("1970-01-01T00:00:00"), Some(0));
+        assert!(instant("infinity").unwrap() > utc);
+        assert!(instant("yesterday").is_none());
+    }
+
+    #[test]
+    fn utc_normalisation_round_trips() {
+        assert_eq!(
+            timestamptz_to_utc("2025-03-04T11:11:12.345+01:00"),
+            "2025-03-04T10:11:12.345+00:00"
+        );
+        // across midnight, a month and a year
+        assert_eq!(
+            timestamptz_to_utc("2025-01-01T00:30:00+02:00"),
+            "2024-12-31T22:30:00+00:00"
+        );
+        assert_eq!(
+            timestamptz_to_utc("2024-02-28T23:00:00-02:00"),
+            "2024-02-29T01:00:00+00:00"
+        );
+        assert_eq!(
+            timestamptz_to_utc("1969-12-31T23:59:59.999999-00:00"),
+            "1969-12-31T23:59:59.999999+00:00"
+        );
+        assert_eq!(timestamptz_to_utc("infinity"), "infinity");
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00+00:00");
+    }
+
+    #[test]
+    fn compare_by_kind() {
+        assert_eq!(compare(Kind::Uuid, &json!("ABC"), &json!("abc")), Some(Ordering::Equal));
+        assert_eq!(compare(Kind::Bool, &json!(false), &json!(true)), Some(Ordering::Less));
+        assert_eq!(
+            compare(Kind::Other, &json!({"a": 1}), &json!({"a": 1})),
+            Some(Ordering::Equal)
+        );
+        assert_eq!(compare(Kind::Number, &json!("x"), &json!(1)), None);
+        assert_eq!(compare(Kind::Text, &json!(1), &json!("1")), None);
+    }
+}
