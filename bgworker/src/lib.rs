@@ -9,6 +9,7 @@ pub mod jwt;
 pub mod log;
 pub mod protocol;
 pub mod redact;
+pub mod ring;
 pub mod runtime;
 pub mod server;
 pub mod stats;

@@ -3,3 +3,4 @@
 
 pub mod filter;
 pub mod value;
+pub mod wire;

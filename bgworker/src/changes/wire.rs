@@ -1,0 +1,321 @@
+//! How a committed transaction travels through the change ring: one record
+//! per transaction, so its changes stay together, in statement order. Each
+//! relation a transaction touched is described once (names, column names and
+//! types, replica identity), so the worker needs no catalog lookup to encode
+//! an event, even if the table was altered or dropped since.
+
+use thiserror::Error;
+
+/// Kinds of row change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Insert => "INSERT",
+            ChangeKind::Update => "UPDATE",
+            ChangeKind::Delete => "DELETE",
+        }
+    }
+}
+
+/// A column as events list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// `pg_type.typname` (`int4`, `_text`, ...).
+    pub typname: String,
+}
+
+/// A relation touched by the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    pub relid: u32,
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<Column>,
+    /// Positions (in `columns`) of the replica identity: the primary key by
+    /// default; every column with `REPLICA IDENTITY FULL`.
+    pub identity: Vec<u16>,
+}
+
+/// One row change. Records are JSON objects as text (typed values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Index into [`Transaction::relations`].
+    pub relation: u16,
+    pub kind: ChangeKind,
+    /// The new row (INSERT, UPDATE).
+    pub record: Option<String>,
+    /// The whole old row (UPDATE, DELETE); the worker trims it to the
+    /// replica identity for `old_record`, but filters and checks use all of it.
+    pub old: Option<String>,
+}
+
+/// A committed transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Transaction {
+    pub xid: u32,
+    /// Commit LSN: the worker delivers in this order.
+    pub commit_lsn: u64,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_time_us: i64,
+    pub relations: Vec<Relation>,
+    pub changes: Vec<Change>,
+    /// The transaction's changes could not all be kept (larger than the
+    /// per-transaction limit): `changes` is empty, `relations` lists what it
+    /// touched, so their subscribers can be told to refetch.
+    pub overflowed: bool,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("malformed transaction record at byte {0}")]
+pub struct WireError(usize);
+
+impl Transaction {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.changes.iter().map(Change::size_hint).sum::<usize>());
+        out.push(u8::from(self.overflowed));
+        out.extend_from_slice(&self.xid.to_le_bytes());
+        out.extend_from_slice(&self.commit_lsn.to_le_bytes());
+        out.extend_from_slice(&self.commit_time_us.to_le_bytes());
+        out.extend_from_slice(&(self.relations.len() as u32).to_le_bytes());
+        for rel in &self.relations {
+            out.extend_from_slice(&rel.relid.to_le_bytes());
+            put_str(&mut out, &rel.schema);
+            put_str(&mut out, &rel.table);
+            out.extend_from_slice(&(rel.columns.len() as u32).to_le_bytes());
+            for col in &rel.columns {
+                put_str(&mut out, &col.name);
+                put_str(&mut out, &col.typname);
+            }
+            out.extend_from_slice(&(rel.identity.len() as u32).to_le_bytes());
+            for i in &rel.identity {
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.changes.len() as u32).to_le_bytes());
+        for change in &self.changes {
+            change.encode_into(&mut out);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Transaction, WireError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let overflowed = r.u8()? != 0;
+        let xid = r.u32()?;
+        let commit_lsn = r.u64()?;
+        let commit_time_us = r.u64()? as i64;
+        let mut relations = Vec::new();
+        for _ in 0..r.u32()? {
+            let relid = r.u32()?;
+            let schema = r.string()?;
+            let table = r.string()?;
+            let mut columns = Vec::new();
+            for _ in 0..r.u32()? {
+                columns.push(Column {
+                    name: r.string()?,
+                    typname: r.string()?,
+                });
+            }
+            let mut identity = Vec::new();
+            for _ in 0..r.u32()? {
+                identity.push(r.u16()?);
+            }
+            relations.push(Relation {
+                relid,
+                schema,
+                table,
+                columns,
+                identity,
+            });
+        }
+        let mut changes = Vec::new();
+        for _ in 0..r.u32()? {
+            let relation = r.u16()?;
+            if relation as usize >= relations.len() {
+                return Err(WireError(r.pos));
+            }
+            let kind = match r.u8()? {
+                0 => ChangeKind::Insert,
+                1 => ChangeKind::Update,
+                2 => ChangeKind::Delete,
+                _ => return Err(WireError(r.pos)),
+            };
+            let record = r.opt_string()?;
+            let old = r.opt_string()?;
+            changes.push(Change {
+                relation,
+                kind,
+                record,
+                old,
+            });
+        }
+        Ok(Transaction {
+            xid,
+            commit_lsn,
+            commit_time_us,
+            relations,
+            changes,
+            overflowed,
+        })
+    }
+}
+
+impl Change {
+    fn size_hint(&self) -> usize {
+        16 + self.record.as_ref().map_or(0, String::len) + self.old.as_ref().map_or(0, String::len)
+    }
+
+    /// Appends this change's encoding (what [`Transaction::decode`] reads).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.relation.to_le_bytes());
+        out.push(match self.kind {
+            ChangeKind::Insert => 0,
+            ChangeKind::Update => 1,
+            ChangeKind::Delete => 2,
+        });
+        put_opt_str(out, self.record.as_deref());
+        put_opt_str(out, self.old.as_deref());
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+        Some(s) => put_str(out, s),
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], WireError> {
+        let slice = self.bytes.get(self.pos..self.pos + n).ok_or(WireError(self.pos))?;
+        self.pos += n;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    fn string(&mut self) -> Result<String, WireError> {
+        let len = self.u32()? as usize;
+        let at = self.pos;
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| WireError(at))
+    }
+
+    fn opt_string(&mut self) -> Result<Option<String>, WireError> {
+        let len = self.u32()?;
+        if len == u32::MAX {
+            return Ok(None);
+        }
+        let at = self.pos;
+        String::from_utf8(self.take(len as usize)?.to_vec())
+            .map(Some)
+            .map_err(|_| WireError(at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Transaction {
+        Transaction {
+            xid: 742,
+            commit_lsn: 0x1_6B37_4D48,
+            commit_time_us: 1_741_083_072_345_000,
+            relations: vec![Relation {
+                relid: 16384,
+                schema: "public".into(),
+                table: "messages".into(),
+                columns: vec![
+                    Column {
+                        name: "id".into(),
+                        typname: "uuid".into(),
+                    },
+                    Column {
+                        name: "body".into(),
+                        typname: "text".into(),
+                    },
+                ],
+                identity: vec![0],
+            }],
+            changes: vec![
+                Change {
+                    relation: 0,
+                    kind: ChangeKind::Insert,
+                    record: Some(r#"{"id":"a","body":"hé"}"#.into()),
+                    old: None,
+                },
+                Change {
+                    relation: 0,
+                    kind: ChangeKind::Update,
+                    record: Some(r#"{"id":"a","body":"x"}"#.into()),
+                    old: Some(r#"{"id":"a","body":"hé"}"#.into()),
+                },
+                Change {
+                    relation: 0,
+                    kind: ChangeKind::Delete,
+                    record: None,
+                    old: Some("{}".into()),
+                },
+            ],
+            overflowed: false,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let t = sample();
+        assert_eq!(Transaction::decode(&t.encode()), Ok(t));
+        let overflow = Transaction {
+            changes: vec![],
+            overflowed: true,
+            ..sample()
+        };
+        assert_eq!(Transaction::decode(&overflow.encode()), Ok(overflow));
+    }
+
+    #[test]
+    fn truncated_or_corrupt_input_is_an_error() {
+        let bytes = sample().encode();
+        for cut in [0, 1, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(Transaction::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad_kind = sample();
+        bad_kind.changes.truncate(1);
+        let mut bytes = bad_kind.encode();
+        let kind_at = bytes.len() - (4 + bad_kind.changes[0].record.as_ref().unwrap().len()) - 4 - 1;
+        bytes[kind_at] = 9;
+        assert!(Transaction::decode(&bytes).is_err());
+    }
+}
