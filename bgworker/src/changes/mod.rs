@@ -1,6 +1,8 @@
 //! `postgres_changes`: filters, typed values, subscriptions and the event
 //! frames delivered to channels (`realtime-protocol.md` §3).
 
+pub mod event;
 pub mod filter;
+pub mod registry;
 pub mod value;
 pub mod wire;

@@ -171,6 +171,21 @@ impl PartialOrd for Decimal {
     }
 }
 
+/// A canonical text for a number: equal exactly when the numbers are equal
+/// (`10`, `10.0` and `1e1` share one key).
+pub fn decimal_key(text: &str) -> Option<String> {
+    Some(match Decimal::parse(text)? {
+        Decimal::NaN => "NaN".into(),
+        Decimal::Infinity => "Infinity".into(),
+        Decimal::NegInfinity => "-Infinity".into(),
+        Decimal::Finite { digits, .. } if digits.is_empty() => "0".into(),
+        Decimal::Finite { negative, digits, exp } => {
+            let digits: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
+            format!("{}{digits}e{exp}", if negative { "-" } else { "" })
+        }
+    })
+}
+
 /// Microseconds since 1970-01-01 UTC of an ISO-8601 timestamp as Postgres's
 /// JSON output writes it (`2025-03-04T10:11:12.345+01:00`; no offset means
 /// UTC, for `timestamp`). `infinity`/`-infinity` sort last/first.

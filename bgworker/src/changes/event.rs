@@ -1,0 +1,284 @@
+//! Turning a captured row change into the `data` of a `postgres_changes`
+//! event (`realtime-protocol.md` §3.1): typed records, `columns`, the
+//! replica identity in `old_record`, UTC timestamps, and the size limit.
+//! Built once per change and shared by every channel it is delivered to.
+
+use super::value::timestamptz_to_utc;
+use super::wire::{Change, ChangeKind, Relation};
+use serde_json::{json, Map, Value};
+
+/// Values at most this long survive in an over-sized record.
+const SMALL_VALUE_BYTES: usize = 64;
+
+pub const ERROR_TOO_LARGE: &str = "Error 413: Payload Too Large";
+pub const ERROR_NO_PRIMARY_KEY: &str = "Error 400: Bad Request, no primary key";
+
+/// A change ready for delivery.
+#[derive(Debug)]
+pub struct Event {
+    pub kind: ChangeKind,
+    /// The serialized `data` object.
+    pub data: String,
+    /// The row filters look at: the new row, or the whole old row for DELETE.
+    pub filter_row: Map<String, Value>,
+}
+
+/// Parses a record as captured, normalising what the writer's session could
+/// have rendered differently: `timestamptz` to UTC, `bytea` to bare hex.
+pub fn parse_record(text: Option<&str>, relation: &Relation) -> Map<String, Value> {
+    let mut map = match text.map(serde_json::from_str::<Value>) {
+        Some(Ok(Value::Object(map))) => map,
+        _ => Map::new(),
+    };
+    for column in &relation.columns {
+        let Some(value) = map.get_mut(&column.name) else {
+            continue;
+        };
+        match column.typname.as_str() {
+            "timestamptz" => normalise(value, &|s| timestamptz_to_utc(s)),
+            "_timestamptz" => {
+                if let Value::Array(items) = value {
+                    for item in items {
+                        normalise(item, &|s| timestamptz_to_utc(s));
+                    }
+                }
+            }
+            "bytea" => normalise(value, &|s| s.strip_prefix("\\x").unwrap_or(s).to_owned()),
+            _ => {}
+        }
+    }
+    map
+}
+
+fn normalise(value: &mut Value, f: &dyn Fn(&str) -> String) {
+    if let Value::String(s) = value {
+        *s = f(s);
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for microseconds since the Unix epoch.
+pub fn commit_timestamp(micros: i64) -> String {
+    let utc = super::value::format_utc(i128::from(micros - micros.rem_euclid(1000)));
+    // format_utc writes trimmed fractions and "+00:00"; the protocol wants
+    // exactly three digits and "Z".
+    let (base, _) = utc.split_once('+').unwrap_or((&utc, ""));
+    let (seconds, frac) = base.split_once('.').unwrap_or((base, ""));
+    format!("{seconds}.{:0<3}Z", &frac[..frac.len().min(3)])
+}
+
+/// Builds the event for one change.
+pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_record_bytes: usize) -> Event {
+    let record = parse_record(change.record.as_deref(), relation);
+    let old = parse_record(change.old.as_deref(), relation);
+    let filter_row = if change.kind == ChangeKind::Delete {
+        old.clone()
+    } else {
+        record.clone()
+    };
+    let mut data = Map::new();
+    data.insert("schema".into(), json!(relation.schema));
+    data.insert("table".into(), json!(relation.table));
+    data.insert("type".into(), json!(change.kind.as_str()));
+    data.insert("commit_timestamp".into(), json!(commit_timestamp(commit_time_us)));
+    if relation.identity.is_empty() && change.kind != ChangeKind::Delete {
+        data.insert("errors".into(), json!([ERROR_NO_PRIMARY_KEY]));
+        return Event {
+            kind: change.kind,
+            data: Value::Object(data).to_string(),
+            filter_row,
+        };
+    }
+    let columns: Vec<Value> = relation
+        .columns
+        .iter()
+        .map(|c| json!({"name": c.name, "type": c.typname}))
+        .collect();
+    data.insert("columns".into(), Value::Array(columns));
+    let mut errors = Vec::new();
+    if change.kind != ChangeKind::Delete {
+        data.insert(
+            "record".into(),
+            Value::Object(limit(record, max_record_bytes, &mut errors)),
+        );
+    }
+    if change.kind != ChangeKind::Insert {
+        let identity_full = relation.identity.len() == relation.columns.len();
+        let old_record = if identity_full {
+            old
+        } else {
+            let keep: Vec<&str> = relation
+                .identity
+                .iter()
+                .filter_map(|i| relation.columns.get(*i as usize))
+                .map(|c| c.name.as_str())
+                .collect();
+            old.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
+        };
+        data.insert(
+            "old_record".into(),
+            Value::Object(limit(old_record, max_record_bytes, &mut errors)),
+        );
+    }
+    errors.dedup();
+    data.insert(
+        "errors".into(),
+        if errors.is_empty() { Value::Null } else { json!(errors) },
+    );
+    Event {
+        kind: change.kind,
+        data: Value::Object(data).to_string(),
+        filter_row,
+    }
+}
+
+/// Over the limit, keep only small values and say so.
+fn limit(record: Map<String, Value>, max_bytes: usize, errors: &mut Vec<&'static str>) -> Map<String, Value> {
+    let size: usize = record.iter().map(|(k, v)| k.len() + v.to_string().len()).sum();
+    if size <= max_bytes {
+        return record;
+    }
+    errors.push(ERROR_TOO_LARGE);
+    record
+        .into_iter()
+        .filter(|(_, v)| v.to_string().len() <= SMALL_VALUE_BYTES)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changes::wire::Column;
+
+    fn relation(identity: Vec<u16>) -> Relation {
+        Relation {
+            relid: 1,
+            schema: "public".into(),
+            table: "t".into(),
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    typname: "int8".into(),
+                },
+                Column {
+                    name: "title".into(),
+                    typname: "text".into(),
+                },
+                Column {
+                    name: "at".into(),
+                    typname: "timestamptz".into(),
+                },
+                Column {
+                    name: "blob".into(),
+                    typname: "bytea".into(),
+                },
+            ],
+            identity,
+        }
+    }
+
+    fn change(kind: ChangeKind, record: Option<&str>, old: Option<&str>) -> Change {
+        Change {
+            relation: 0,
+            kind,
+            record: record.map(Into::into),
+            old: old.map(Into::into),
+        }
+    }
+
+    fn data(e: &Event) -> Value {
+        serde_json::from_str(&e.data).unwrap()
+    }
+
+    const ROW: &str = r#"{"id":7,"title":"new","at":"2025-03-04T11:11:12.345+01:00","blob":"\\xdeadbeef"}"#;
+
+    #[test]
+    fn insert_has_record_only_with_normalised_values() {
+        let e = build(
+            &relation(vec![0]),
+            &change(ChangeKind::Insert, Some(ROW), None),
+            1_741_083_072_345_678,
+            1 << 20,
+        );
+        let d = data(&e);
+        assert_eq!(d["type"], "INSERT");
+        assert_eq!(d["commit_timestamp"], "2025-03-04T10:11:12.345Z");
+        assert_eq!(
+            d["record"],
+            json!({"id": 7, "title": "new", "at": "2025-03-04T10:11:12.345+00:00", "blob": "deadbeef"})
+        );
+        assert!(d.get("old_record").is_none());
+        assert_eq!(d["errors"], Value::Null);
+        assert_eq!(d["columns"][2], json!({"name": "at", "type": "timestamptz"}));
+        assert_eq!(e.filter_row["id"], json!(7));
+    }
+
+    #[test]
+    fn update_old_record_follows_replica_identity() {
+        let old = r#"{"id":7,"title":"old","at":null,"blob":null}"#;
+        let d = data(&build(
+            &relation(vec![0]),
+            &change(ChangeKind::Update, Some(ROW), Some(old)),
+            0,
+            1 << 20,
+        ));
+        assert_eq!(d["old_record"], json!({"id": 7}));
+        assert_eq!(d["record"]["title"], "new");
+        let full = data(&build(
+            &relation(vec![0, 1, 2, 3]),
+            &change(ChangeKind::Update, Some(ROW), Some(old)),
+            0,
+            1 << 20,
+        ));
+        assert_eq!(
+            full["old_record"],
+            json!({"id": 7, "title": "old", "at": null, "blob": null})
+        );
+    }
+
+    #[test]
+    fn delete_filters_on_the_whole_old_row() {
+        let old = r#"{"id":7,"title":"gone","at":null,"blob":null}"#;
+        let e = build(
+            &relation(vec![0]),
+            &change(ChangeKind::Delete, None, Some(old)),
+            0,
+            1 << 20,
+        );
+        let d = data(&e);
+        assert!(d.get("record").is_none());
+        assert_eq!(d["old_record"], json!({"id": 7}));
+        assert_eq!(e.filter_row["title"], "gone");
+    }
+
+    #[test]
+    fn oversized_records_keep_small_fields_and_say_so() {
+        let big = format!(r#"{{"id":7,"title":"{}","at":null,"blob":null}}"#, "x".repeat(2000));
+        let d = data(&build(
+            &relation(vec![0]),
+            &change(ChangeKind::Insert, Some(&big), None),
+            0,
+            1000,
+        ));
+        assert_eq!(d["errors"], json!([ERROR_TOO_LARGE]));
+        assert_eq!(d["record"], json!({"id": 7, "at": null, "blob": null}));
+    }
+
+    #[test]
+    fn no_primary_key() {
+        let d = data(&build(
+            &relation(vec![]),
+            &change(ChangeKind::Insert, Some(ROW), None),
+            0,
+            1 << 20,
+        ));
+        assert_eq!(d["errors"], json!([ERROR_NO_PRIMARY_KEY]));
+        assert!(d.get("record").is_none());
+    }
+
+    #[test]
+    fn commit_timestamps_have_milliseconds() {
+        assert_eq!(commit_timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(commit_timestamp(1_500_000), "1970-01-01T00:00:01.500Z");
+        assert_eq!(commit_timestamp(1_741_083_072_000_999), "2025-03-04T10:11:12.000Z");
+    }
+}

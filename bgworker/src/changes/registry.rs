@@ -1,0 +1,451 @@
+//! Who subscribed to what, and which subscriptions a row change reaches.
+//! Bindings are indexed by relation (or schema, or all), and bindings with
+//! an equality condition by the value they want, so delivering an event
+//! costs work proportional to the subscriptions it matches, not to all the
+//! subscriptions on its table (invariant 5).
+
+use super::filter::{Condition, Op};
+use super::value::{instant, Kind};
+use super::wire::{ChangeKind, Relation};
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Identifies a channel: its connection and topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelKey {
+    pub connection: u64,
+    pub topic: String,
+}
+
+/// What a binding listens to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Table(u32),
+    Schema(String),
+    All,
+}
+
+/// Which change kinds a binding wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventFilter {
+    All,
+    Only(ChangeKind),
+}
+
+impl EventFilter {
+    /// `INSERT`/`UPDATE`/`DELETE` (any case); anything else means all, as
+    /// Supabase treats it.
+    pub fn parse(event: &str) -> EventFilter {
+        match event.to_ascii_uppercase().as_str() {
+            "INSERT" => EventFilter::Only(ChangeKind::Insert),
+            "UPDATE" => EventFilter::Only(ChangeKind::Update),
+            "DELETE" => EventFilter::Only(ChangeKind::Delete),
+            _ => EventFilter::All,
+        }
+    }
+
+    fn accepts(self, kind: ChangeKind) -> bool {
+        match self {
+            EventFilter::All => true,
+            EventFilter::Only(k) => k == kind,
+        }
+    }
+}
+
+/// One validated `postgres_changes` binding of a channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    /// The id the join reply gave it.
+    pub id: u32,
+    pub target: Target,
+    pub events: EventFilter,
+    pub conditions: Vec<Condition>,
+}
+
+/// A value's canonical form for the equality index: two values have the same
+/// key exactly when [`super::value::compare`] finds them equal.
+pub fn index_key(kind: Kind, value: &Value) -> Option<String> {
+    match kind {
+        Kind::Number => {
+            let text = match value {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                _ => return None,
+            };
+            super::value::decimal_key(&text)
+        }
+        Kind::Uuid => value.as_str().map(str::to_ascii_lowercase),
+        Kind::Text | Kind::Date => value.as_str().map(str::to_owned),
+        Kind::Bool => value.as_bool().map(|b| b.to_string()),
+        Kind::Timestamp | Kind::Timestamptz => value.as_str().and_then(instant).map(|i| i.to_string()),
+        Kind::Other => Some(value.to_string()),
+    }
+}
+
+#[derive(Default)]
+struct TargetIndex {
+    /// Bindings without a usable equality condition.
+    scan: Vec<(ChannelKey, usize)>,
+    /// (column, key) -> bindings whose first equality condition wants it.
+    by_value: HashMap<(String, String), Vec<(ChannelKey, usize)>>,
+    /// The columns `by_value` is keyed on, with their kinds.
+    columns: HashMap<String, Kind>,
+}
+
+/// A channel's subscription: its bindings and where its events go.
+pub struct Subscription<S> {
+    pub bindings: Vec<Binding>,
+    pub sink: S,
+}
+
+/// All subscriptions. `S` is how events reach a channel (a queue sender in
+/// the server; anything in tests).
+pub struct Registry<S> {
+    channels: BTreeMap<ChannelKey, Subscription<S>>,
+    targets: HashMap<Target, TargetIndex>,
+}
+
+impl<S> Default for Registry<S> {
+    fn default() -> Self {
+        Registry {
+            channels: BTreeMap::new(),
+            targets: HashMap::new(),
+        }
+    }
+}
+
+/// A match: a channel and the ids of its bindings that an event satisfies.
+#[derive(Debug, PartialEq)]
+pub struct Match<'a, S> {
+    pub channel: &'a ChannelKey,
+    pub sink: &'a S,
+    pub ids: Vec<u32>,
+}
+
+impl<S> Registry<S> {
+    /// Adds (or replaces) a channel's subscription.
+    pub fn subscribe(&mut self, key: ChannelKey, subscription: Subscription<S>) {
+        self.unsubscribe(&key);
+        for (i, binding) in subscription.bindings.iter().enumerate() {
+            let index = self.targets.entry(binding.target.clone()).or_default();
+            let eq = binding
+                .conditions
+                .iter()
+                .find(|c| c.op == Op::Eq && !c.negate && c.values.len() == 1);
+            match eq.and_then(|c| Some((c, index_key(c.kind, &c.values[0])?))) {
+                Some((c, value_key)) => {
+                    index.columns.insert(c.column.clone(), c.kind);
+                    index
+                        .by_value
+                        .entry((c.column.clone(), value_key))
+                        .or_default()
+                        .push((key.clone(), i));
+                }
+                None => index.scan.push((key.clone(), i)),
+            }
+        }
+        self.channels.insert(key, subscription);
+    }
+
+    /// Removes a channel's subscription; returns it.
+    pub fn unsubscribe(&mut self, key: &ChannelKey) -> Option<Subscription<S>> {
+        let subscription = self.channels.remove(key)?;
+        let targets: HashSet<&Target> = subscription.bindings.iter().map(|b| &b.target).collect();
+        for target in targets {
+            if let Some(index) = self.targets.get_mut(target) {
+                index.scan.retain(|(k, _)| k != key);
+                index.by_value.retain(|_, v| {
+                    v.retain(|(k, _)| k != key);
+                    !v.is_empty()
+                });
+                if index.scan.is_empty() && index.by_value.is_empty() {
+                    self.targets.remove(target);
+                }
+            }
+        }
+        Some(subscription)
+    }
+
+    /// Removes every channel of a connection.
+    pub fn unsubscribe_connection(&mut self, connection: u64) {
+        let keys: Vec<ChannelKey> = self
+            .channels
+            .keys()
+            .filter(|k| k.connection == connection)
+            .cloned()
+            .collect();
+        for key in keys {
+            self.unsubscribe(&key);
+        }
+    }
+
+    pub fn get(&self, key: &ChannelKey) -> Option<&Subscription<S>> {
+        self.channels.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    /// Relations with a table-level binding, schemas with a schema-level
+    /// one, and whether any binding covers all schemas: what the capture
+    /// triggers need to know.
+    pub fn interest(&self) -> (Vec<u32>, Vec<String>, bool) {
+        let mut tables = Vec::new();
+        let mut schemas = Vec::new();
+        let mut all = false;
+        for target in self.targets.keys() {
+            match target {
+                Target::Table(relid) => tables.push(*relid),
+                Target::Schema(s) => schemas.push(s.clone()),
+                Target::All => all = true,
+            }
+        }
+        (tables, schemas, all)
+    }
+
+    /// Channels whose bindings a change satisfies, each with the matching
+    /// binding ids. `row` is what filters look at: the new row, or the old
+    /// row for DELETE.
+    pub fn matches<'a>(&'a self, relation: &Relation, kind: ChangeKind, row: &Map<String, Value>) -> Vec<Match<'a, S>> {
+        let mut hits: BTreeMap<&ChannelKey, Vec<u32>> = BTreeMap::new();
+        let targets = [
+            Target::Table(relation.relid),
+            Target::Schema(relation.schema.clone()),
+            Target::All,
+        ];
+        for target in &targets {
+            let Some(index) = self.targets.get(target) else {
+                continue;
+            };
+            let mut candidates: Vec<&(ChannelKey, usize)> = index.scan.iter().collect();
+            for (column, kind_of) in &index.columns {
+                let Some(value) = row.get(column).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                let Some(value_key) = index_key(*kind_of, value) else {
+                    continue;
+                };
+                if let Some(list) = index.by_value.get(&(column.clone(), value_key)) {
+                    candidates.extend(list.iter());
+                }
+            }
+            for (key, i) in candidates {
+                let Some(sub) = self.channels.get(key) else { continue };
+                let binding = &sub.bindings[*i];
+                if binding.events.accepts(kind) && binding.conditions.iter().all(|c| c.matches(row)) {
+                    let ids = hits.entry(key).or_default();
+                    if !ids.contains(&binding.id) {
+                        ids.push(binding.id);
+                    }
+                }
+            }
+        }
+        hits.into_iter()
+            .filter_map(|(key, mut ids)| {
+                let (channel, sub) = self.channels.get_key_value(key)?;
+                ids.sort_unstable();
+                Some(Match {
+                    channel,
+                    sink: &sub.sink,
+                    ids,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The id a join reply gives a binding: a hash of what the client sent
+/// (event, schema, table, filter), so identical entries get identical ids;
+/// never 0 (realtime-js ignores falsy ids), and below 2^27 like Supabase's.
+pub fn binding_id(event: &str, schema: Option<&str>, table: Option<&str>, filter: Option<&str>) -> u32 {
+    // FNV-1a: stable across processes and releases.
+    let mut hash: u32 = 0x811c_9dc5;
+    for part in [Some(event), schema, table, filter] {
+        for byte in part.unwrap_or("\u{0}").bytes().chain(std::iter::once(0xff)) {
+            hash ^= u32::from(byte);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    }
+    (hash % ((1 << 27) - 1)) + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::changes::wire::Column;
+    use serde_json::json;
+
+    fn relation() -> Relation {
+        Relation {
+            relid: 100,
+            schema: "public".into(),
+            table: "messages".into(),
+            columns: vec![Column {
+                name: "recipient_id".into(),
+                typname: "uuid".into(),
+            }],
+            identity: vec![0],
+        }
+    }
+
+    fn key(c: u64) -> ChannelKey {
+        ChannelKey {
+            connection: c,
+            topic: "realtime:t".into(),
+        }
+    }
+
+    fn eq(column: &str, kind: Kind, v: Value) -> Condition {
+        Condition {
+            column: column.into(),
+            kind,
+            op: Op::Eq,
+            negate: false,
+            values: vec![v],
+        }
+    }
+
+    fn row(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn equality_index_finds_only_the_matching_subscriber() {
+        let mut r: Registry<&str> = Registry::default();
+        for i in 0..1000u64 {
+            let binding = Binding {
+                id: 7,
+                target: Target::Table(100),
+                events: EventFilter::All,
+                conditions: vec![eq("recipient_id", Kind::Uuid, json!(format!("u{i}")))],
+            };
+            r.subscribe(
+                key(i),
+                Subscription {
+                    bindings: vec![binding],
+                    sink: "s",
+                },
+            );
+        }
+        let m = r.matches(&relation(), ChangeKind::Insert, &row(json!({"recipient_id": "U42"})));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].channel, &key(42));
+        assert_eq!(m[0].ids, vec![7]);
+        // the index is what made it cheap: one candidate list of one entry
+        let index = r.targets.get(&Target::Table(100)).unwrap();
+        assert!(index.scan.is_empty());
+        assert_eq!(index.by_value.len(), 1000);
+    }
+
+    #[test]
+    fn one_match_per_channel_listing_every_matching_id() {
+        let mut r: Registry<u8> = Registry::default();
+        let bindings = vec![
+            Binding {
+                id: 1,
+                target: Target::Table(100),
+                events: EventFilter::All,
+                conditions: vec![],
+            },
+            Binding {
+                id: 2,
+                target: Target::Schema("public".into()),
+                events: EventFilter::Only(ChangeKind::Insert),
+                conditions: vec![],
+            },
+            Binding {
+                id: 3,
+                target: Target::All,
+                events: EventFilter::Only(ChangeKind::Delete),
+                conditions: vec![],
+            },
+        ];
+        r.subscribe(key(1), Subscription { bindings, sink: 0 });
+        let m = r.matches(&relation(), ChangeKind::Insert, &row(json!({})));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].ids, vec![1, 2]);
+        let m = r.matches(&relation(), ChangeKind::Delete, &row(json!({})));
+        assert_eq!(m[0].ids, vec![1, 3]);
+        let other_schema = Relation {
+            schema: "private".into(),
+            relid: 5,
+            ..relation()
+        };
+        assert_eq!(r.matches(&other_schema, ChangeKind::Update, &row(json!({}))).len(), 0);
+    }
+
+    #[test]
+    fn unsubscribe_cleans_the_indexes() {
+        let mut r: Registry<()> = Registry::default();
+        let b = Binding {
+            id: 1,
+            target: Target::Table(100),
+            events: EventFilter::All,
+            conditions: vec![eq("recipient_id", Kind::Uuid, json!("a"))],
+        };
+        r.subscribe(
+            key(1),
+            Subscription {
+                bindings: vec![b.clone()],
+                sink: (),
+            },
+        );
+        r.subscribe(
+            key(2),
+            Subscription {
+                bindings: vec![b],
+                sink: (),
+            },
+        );
+        assert_eq!(r.interest().0, vec![100]);
+        r.unsubscribe_connection(1);
+        assert_eq!(r.len(), 1);
+        assert!(r.unsubscribe(&key(2)).is_some());
+        assert!(r.is_empty());
+        assert!(r.targets.is_empty());
+        assert_eq!(r.interest(), (vec![], vec![], false));
+    }
+
+    #[test]
+    fn index_keys_follow_comparison() {
+        assert_eq!(
+            index_key(Kind::Number, &json!(10)),
+            index_key(Kind::Number, &json!(10.0))
+        );
+        assert_ne!(
+            index_key(Kind::Number, &json!(10)),
+            index_key(Kind::Number, &json!(100))
+        );
+        assert_eq!(index_key(Kind::Uuid, &json!("AB")), index_key(Kind::Uuid, &json!("ab")));
+        assert_eq!(
+            index_key(Kind::Timestamptz, &json!("2025-01-01T01:00:00+01:00")),
+            index_key(Kind::Timestamptz, &json!("2025-01-01T00:00:00+00:00"))
+        );
+    }
+
+    #[test]
+    fn binding_ids_are_stable_non_zero_and_distinct() {
+        let a = binding_id("*", Some("public"), Some("messages"), Some("recipient_id=eq.1"));
+        assert_eq!(
+            a,
+            binding_id("*", Some("public"), Some("messages"), Some("recipient_id=eq.1"))
+        );
+        assert_ne!(
+            a,
+            binding_id("*", Some("public"), Some("messages"), Some("recipient_id=eq.2"))
+        );
+        assert_ne!(
+            binding_id("*", Some("a"), None, None),
+            binding_id("*", None, Some("a"), None)
+        );
+        for i in 0..10_000 {
+            let id = binding_id("INSERT", Some("s"), Some(&i.to_string()), None);
+            assert!(id > 0 && id < (1 << 27));
+        }
+    }
+}

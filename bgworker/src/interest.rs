@@ -1,0 +1,139 @@
+//! Which relations (or schemas) anyone subscribes to, in shared memory: the
+//! realtime worker is the only writer, capture triggers read it without a
+//! lock and return at once when nobody listens (invariant 5).
+//!
+//! Open addressing over atomic words: a slot holds an OID and an "active"
+//! bit. Slots are never emptied, only deactivated, so probe chains stay
+//! intact for lock-free readers. If the table fills up, `all` is set and
+//! every relation counts as interesting: safe, merely slower.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+const ACTIVE: u64 = 1 << 32;
+
+/// The shared part beside the slots.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct InterestHeader {
+    all: AtomicU32,
+}
+
+#[derive(Clone, Copy)]
+pub struct InterestTable<'a> {
+    header: &'a InterestHeader,
+    slots: &'a [AtomicU64],
+}
+
+impl<'a> InterestTable<'a> {
+    pub fn new(header: &'a InterestHeader, slots: &'a [AtomicU64]) -> InterestTable<'a> {
+        assert!(!slots.is_empty());
+        InterestTable { header, slots }
+    }
+
+    fn start(&self, oid: u32) -> usize {
+        (oid.wrapping_mul(0x9E37_79B1) as usize) % self.slots.len()
+    }
+
+    /// Whether any of `oids` (a relation's OID, its schema's OID) has a
+    /// subscriber. Lock-free; called by capture triggers on every row.
+    pub fn any(&self, oids: &[u32]) -> bool {
+        if self.header.all.load(Ordering::Acquire) != 0 {
+            return true;
+        }
+        oids.iter().any(|oid| self.is_active(*oid))
+    }
+
+    fn is_active(&self, oid: u32) -> bool {
+        let mut i = self.start(oid);
+        for _ in 0..self.slots.len() {
+            let slot = self.slots[i].load(Ordering::Acquire);
+            if slot == 0 {
+                return false;
+            }
+            if slot as u32 == oid {
+                return slot & ACTIVE != 0;
+            }
+            i = (i + 1) % self.slots.len();
+        }
+        false
+    }
+
+    /// Makes exactly `oids` (plus everything, with `all`) interesting.
+    /// Writer only (the realtime worker).
+    pub fn set(&self, oids: &HashSet<u32>, all: bool) {
+        let mut overflow = false;
+        for oid in oids.iter().filter(|o| **o != 0) {
+            overflow |= !self.activate(*oid);
+        }
+        for slot in self.slots {
+            let value = slot.load(Ordering::Relaxed);
+            if value & ACTIVE != 0 && !oids.contains(&(value as u32)) {
+                slot.store(value & !ACTIVE, Ordering::Release);
+            }
+        }
+        self.header.all.store(u32::from(all || overflow), Ordering::Release);
+    }
+
+    fn activate(&self, oid: u32) -> bool {
+        let mut i = self.start(oid);
+        for _ in 0..self.slots.len() {
+            let slot = self.slots[i].load(Ordering::Relaxed);
+            if slot == 0 || slot as u32 == oid {
+                self.slots[i].store(u64::from(oid) | ACTIVE, Ordering::Release);
+                return true;
+            }
+            i = (i + 1) % self.slots.len();
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(n: usize) -> (InterestHeader, Vec<AtomicU64>) {
+        (InterestHeader::default(), (0..n).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    #[test]
+    fn set_and_clear() {
+        let (h, s) = table(8);
+        let t = InterestTable::new(&h, &s);
+        assert!(!t.any(&[42]));
+        t.set(&HashSet::from([42, 7]), false);
+        assert!(t.any(&[42]) && t.any(&[1, 7]) && !t.any(&[8]));
+        t.set(&HashSet::from([7]), false);
+        assert!(!t.any(&[42]) && t.any(&[7]));
+        t.set(&HashSet::new(), false);
+        assert!(!t.any(&[7, 42]));
+        t.set(&HashSet::new(), true);
+        assert!(t.any(&[12345]));
+    }
+
+    #[test]
+    fn overflow_means_everything() {
+        let (h, s) = table(4);
+        let t = InterestTable::new(&h, &s);
+        t.set(&(1..=5).collect(), false);
+        assert!(t.any(&[999]));
+        t.set(&HashSet::from([1]), false);
+        assert!(t.any(&[1]) && !t.any(&[999]));
+    }
+
+    #[test]
+    fn probing_survives_deactivation() {
+        let (h, s) = table(16);
+        let t = InterestTable::new(&h, &s);
+        let oids: HashSet<u32> = (100..112).collect();
+        t.set(&oids, false);
+        t.set(&(106..112).collect(), false);
+        for oid in 106..112 {
+            assert!(t.any(&[oid]), "{oid}");
+        }
+        for oid in 100..106 {
+            assert!(!t.any(&[oid]), "{oid}");
+        }
+    }
+}
