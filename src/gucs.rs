@@ -14,6 +14,8 @@ pub static JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::ne
 pub static PUBLICATION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"supabase_realtime"));
 pub static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+pub static MAX_RECORD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 
 /// Registers the settings. Postmaster-context settings may only be created
 /// while preloading (Postgres refuses them later), and mean nothing without
@@ -37,6 +39,16 @@ pub fn define(preloading: bool) {
             &LISTEN_ADDRESSES,
             GucContext::Postmaster,
             GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"pg_realtime.queue_size",
+            c"Shared memory for committed changes on their way to subscribers.",
+            c"A commit never waits for it: when it is full, the changes are dropped and their subscribers told to refetch.",
+            &QUEUE_SIZE_KB,
+            64,
+            4 * 1024 * 1024,
+            GucContext::Postmaster,
+            GucFlags::UNIT_KB,
         );
         GucRegistry::define_string_guc(
             c"pg_realtime.database",
@@ -82,6 +94,16 @@ pub fn define(preloading: bool) {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"pg_realtime.max_record_bytes",
+        c"Largest postgres_changes record sent whole.",
+        c"Larger records are sent with only their small fields and errors: [\"Error 413: Payload Too Large\"].",
+        &MAX_RECORD_BYTES,
+        1024,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
         c"pg_realtime.max_channels_per_connection",
         c"Channels one WebSocket connection may join.",
         c"",
@@ -103,6 +125,19 @@ pub fn port() -> u16 {
 
 pub fn listen_addresses() -> String {
     text(&LISTEN_ADDRESSES).unwrap_or_default()
+}
+
+/// `pg_realtime.queue_size` in bytes.
+pub fn queue_size_bytes() -> usize {
+    QUEUE_SIZE_KB.get() as usize * 1024
+}
+
+pub fn max_record_bytes() -> usize {
+    MAX_RECORD_BYTES.get() as usize
+}
+
+pub fn publication() -> String {
+    text(&PUBLICATION).unwrap_or_else(|| "supabase_realtime".into())
 }
 
 pub fn database() -> String {

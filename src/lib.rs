@@ -5,6 +5,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod capture;
 mod gucs;
 mod hooks;
 mod shmem;

@@ -4,6 +4,7 @@
 //! outbound). See `realtime-protocol.md` §1.3.
 
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 use thiserror::Error;
 use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage, Utf8Bytes};
 
@@ -266,6 +267,9 @@ pub enum Outbound {
         metadata: Option<Value>,
         payload: Payload,
     },
+    /// A `postgres_changes` event: `data` is serialized once per change and
+    /// shared by every channel it goes to; `ids` are this channel's bindings.
+    PostgresChanges { topic: String, ids: Vec<u32>, data: Arc<str> },
 }
 
 impl Outbound {
@@ -325,6 +329,17 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
                 Vsn::V2 => json!([frame.join_ref, frame.msg_ref, frame.topic, frame.event, payload]),
             };
             Some(WsMessage::Text(Utf8Bytes::from(text.to_string())))
+        }
+        Outbound::PostgresChanges { topic, ids, data } => {
+            let topic = Value::String(topic.clone());
+            let ids = json!(ids);
+            let text = match vsn {
+                Vsn::V2 => format!(r#"[null,null,{topic},"postgres_changes",{{"ids":{ids},"data":{data}}}]"#),
+                Vsn::V1 => format!(
+                    r#"{{"topic":{topic},"event":"postgres_changes","payload":{{"ids":{ids},"data":{data}}},"ref":null}}"#
+                ),
+            };
+            Some(WsMessage::Text(Utf8Bytes::from(text)))
         }
         Outbound::Broadcast {
             topic,
@@ -558,6 +573,22 @@ mod tests {
         let mut bytes = vec![3, 0, 0, 1, 1, 0, 1];
         bytes.extend_from_slice(b"te{oops");
         assert!(matches!(decode_binary(Vsn::V2, &bytes), Err(ProtocolError::BadJson(_))));
+    }
+
+    #[test]
+    fn postgres_changes_frames() {
+        let out = Outbound::PostgresChanges {
+            topic: "realtime:t\"x".into(),
+            ids: vec![3, 9],
+            data: Arc::from(r#"{"type":"INSERT"}"#),
+        };
+        let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else { panic!() };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v, json!([null, null, "realtime:t\"x", "postgres_changes", {"ids": [3, 9], "data": {"type": "INSERT"}}]));
+        let WsMessage::Text(t) = encode(Vsn::V1, &out).unwrap() else { panic!() };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v["payload"]["ids"], json!([3, 9]));
+        assert_eq!(v["event"], "postgres_changes");
     }
 
     #[test]

@@ -45,14 +45,27 @@ counters! {
     tokens_rejected,
     /// Panics caught on network threads (each ends one connection only).
     network_panics,
+    /// Row changes encoded by capture triggers (none while nobody listens).
+    rows_captured,
+    /// Committed transactions written to the change ring.
+    transactions_published,
+    /// Committed transactions whose changes were lost (ring full, or larger
+    /// than the ring); their subscribers were told to refetch.
+    transactions_lost,
+    /// postgres_changes frames queued for channels.
+    events_delivered,
+    /// postgres_changes frames a channel's full queue could not take.
+    events_dropped,
+    /// Gauge: channels with a postgres_changes subscription.
+    subscriptions,
 }
 
 impl Counters {
-    pub(crate) fn incr(counter: &AtomicU64) {
+    pub fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn decr(counter: &AtomicU64) {
+    pub fn decr(counter: &AtomicU64) {
         counter.fetch_sub(1, Ordering::Relaxed);
     }
 }

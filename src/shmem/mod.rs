@@ -1,8 +1,18 @@
-//! Shared memory: the server's counters, readable from every session.
+//! Shared memory: the server's counters, the change ring, the interest
+//! table and the worker's latch. Everything in it is atomics, so backends,
+//! the worker's main thread and its network threads may all touch it
+//! without calling Postgres.
+
+mod region;
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use realtime::interest::InterestTable;
+use realtime::ring::ChangeRing;
 use realtime::stats::Counters;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use region::ChangesRegion;
 
 /// The worker's counters. Only atomics, so network threads may update them
 /// without calling Postgres, and sessions may read them without a lock.
@@ -14,12 +24,25 @@ pub struct SharedCounters(pub Counters);
 // pointers and is valid to share between processes as raw memory.
 unsafe impl PGRXSharedMemory for SharedCounters {}
 
-// SAFETY: the name is unique to this extension.
-static COUNTERS: PgAtomic<SharedCounters> = unsafe { PgAtomic::new(c"pg_realtime counters") };
+/// Where the worker's latch is, for committing backends to set.
+#[derive(Default)]
+pub struct WorkerLatch(AtomicUsize);
 
-/// Requests the shared memory; called from `_PG_init` while preloading.
+// SAFETY: an atomic word; the address it holds points into shared memory
+// (a PGPROC), which is mapped at the same address in every process.
+unsafe impl PGRXSharedMemory for WorkerLatch {}
+
+// SAFETY (both): the names are unique to this extension.
+static COUNTERS: PgAtomic<SharedCounters> = unsafe { PgAtomic::new(c"pg_realtime counters") };
+static LATCH: PgAtomic<WorkerLatch> = unsafe { PgAtomic::new(c"pg_realtime worker latch") };
+static CHANGES: ChangesRegion = ChangesRegion::new(c"pg_realtime changes");
+
+/// Requests the shared memory; called from `_PG_init` while preloading,
+/// after the settings are defined (the ring's size is one).
 pub fn init() {
     pg_shmem_init!(COUNTERS);
+    pg_shmem_init!(LATCH);
+    pg_shmem_init!(CHANGES = ());
 }
 
 /// The counters, once shared memory exists (any process forked after
@@ -27,4 +50,30 @@ pub fn init() {
 /// lives as long as the process.
 pub fn counters() -> &'static Counters {
     &COUNTERS.get().0
+}
+
+pub fn ring() -> ChangeRing<'static> {
+    CHANGES.ring()
+}
+
+pub fn interest() -> InterestTable<'static> {
+    CHANGES.interest()
+}
+
+/// Publishes this process's latch as the worker's (worker start-up).
+pub fn set_worker_latch() {
+    // SAFETY: MyLatch points at this process's PGPROC latch, in shared memory.
+    let latch = unsafe { pg_sys::MyLatch } as usize;
+    LATCH.get().0.store(latch, Ordering::Release);
+}
+
+/// Wakes the worker, if it is running.
+pub fn wake_worker() {
+    let latch = LATCH.get().0.load(Ordering::Acquire) as *mut pg_sys::Latch;
+    if !latch.is_null() {
+        // SAFETY: the pointer is a PGPROC latch in shared memory, valid for
+        // the life of the cluster; SetLatch on a latch whose owner has
+        // exited is harmless.
+        unsafe { pg_sys::SetLatch(latch) };
+    }
 }

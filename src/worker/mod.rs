@@ -58,7 +58,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
 
     let runtime = realtime::runtime::build(NETWORK_THREADS, block_all_signals)
         .unwrap_or_else(|e| error!("pg_realtime: cannot start the network threads: {e}"));
-    let ctx = Context::new(settings, Options::default(), crate::shmem::counters());
+    let ctx = Context::new(settings, Options::default(), crate::shmem::counters(), None);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = {
         let _entered = runtime.enter();

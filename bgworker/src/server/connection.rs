@@ -3,6 +3,8 @@
 
 use super::handshake::{self, Accepted};
 use super::hub::Member;
+use super::link::{MainRequest, Subscribe};
+use crate::changes::registry::{self, ChannelKey};
 use super::Context;
 use crate::join::{parse_join, JoinConfig};
 use crate::jwt::{self, AuthError, Claims};
@@ -15,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -24,6 +26,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 const TOPIC_PREFIX: &str = "realtime:";
+/// How long a join waits for the main thread to set up postgres_changes
+/// (realtime-js gives up on a join after 10 s).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// Serves one accepted TCP connection to the end.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
@@ -75,6 +80,8 @@ struct Channel {
     token: String,
     claims: Claims,
     config: JoinConfig,
+    /// Whether the main thread holds a `postgres_changes` subscription for it.
+    subscribed: bool,
 }
 
 impl Channel {
@@ -249,45 +256,79 @@ impl Connection {
             let close = Outbound::close(old.join_ref(), &frame.topic);
             self.send(&close).await?;
         }
-        match self.admit(&frame, &subtopic) {
-            Ok(channel) => {
-                let postgres_changes: Vec<Value> = channel
-                    .config
-                    .postgres_changes
-                    .iter()
-                    .map(|b| Value::Object(b.raw.clone()))
-                    .collect();
-                let presence = channel.config.presence.enabled;
-                self.ctx.hub.join(
-                    &frame.topic,
-                    Member {
-                        connection: self.id,
-                        tx: self.fanout_tx.clone(),
-                    },
-                );
-                Counters::incr(&self.ctx.counters.channels_joined);
-                let join_ref = channel.join_ref().to_owned();
-                self.channels.insert(frame.topic.clone(), channel);
-                self.send(&Outbound::reply(
-                    &frame,
-                    "ok",
-                    json!({ "postgres_changes": postgres_changes }),
-                ))
-                .await?;
-                if presence {
-                    // Nobody can be tracked yet (presence is not supported), so
-                    // the state is truthfully empty; realtime-js waits for it.
-                    self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({})))
-                        .await?;
-                }
-                Ok(())
-            }
+        let mut channel = match self.admit(&frame, &subtopic) {
+            Ok(channel) => channel,
             Err(reason) => {
                 Counters::incr(&self.ctx.counters.joins_refused);
                 tracing::debug!(peer = %self.peer, topic = %frame.topic, %reason, "join refused");
-                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
-                    .await
+                return self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason }))).await;
             }
+        };
+        let ids: Vec<u32> = channel
+            .config
+            .postgres_changes
+            .iter()
+            .map(|b| registry::binding_id(&b.event, b.schema.as_deref(), b.table.as_deref(), b.filter.as_deref()))
+            .collect();
+        // postgres_changes: the main thread validates the bindings and starts
+        // delivery before we reply, so SUBSCRIBED means live.
+        let subscription = if ids.is_empty() { None } else { Some(self.subscribe(&frame.topic, &channel, &ids).await) };
+        channel.subscribed = matches!(subscription, Some(Ok(())));
+        let postgres_changes: Vec<Value> = channel
+            .config
+            .postgres_changes
+            .iter()
+            .zip(&ids)
+            .map(|(b, id)| {
+                let mut entry = b.raw.clone();
+                entry.insert("id".into(), json!(id));
+                Value::Object(entry)
+            })
+            .collect();
+        let presence = channel.config.presence.enabled;
+        self.ctx.hub.join(&frame.topic, Member { connection: self.id, tx: self.fanout_tx.clone() });
+        Counters::incr(&self.ctx.counters.channels_joined);
+        let join_ref = channel.join_ref().to_owned();
+        self.channels.insert(frame.topic.clone(), channel);
+        self.send(&Outbound::reply(&frame, "ok", json!({ "postgres_changes": postgres_changes }))).await?;
+        if presence {
+            // Nobody can be tracked yet (presence is not supported), so
+            // the state is truthfully empty; realtime-js waits for it.
+            self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({}))).await?;
+        }
+        if let Some(result) = subscription {
+            let (status, message) = match result {
+                Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
+                Err(message) => ("error", message),
+            };
+            let system = json!({"extension": "postgres_changes", "status": status, "message": message, "channel": subtopic});
+            self.send(&Outbound::push(&join_ref, &frame.topic, "system", system)).await?;
+        }
+        Ok(())
+    }
+
+    /// Asks the main thread to subscribe the channel's bindings; `Err` is
+    /// the message of the `system` error the client gets.
+    async fn subscribe(&self, topic: &str, channel: &Channel, ids: &[u32]) -> Result<(), String> {
+        let Some(main) = &self.ctx.main else {
+            return Err("postgres_changes is not available: the server runs without a database".into());
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = MainRequest::Subscribe(Subscribe {
+            key: ChannelKey { connection: self.id, topic: topic.to_owned() },
+            subtopic: channel.subtopic.clone(),
+            bindings: ids.iter().copied().zip(channel.config.postgres_changes.iter().cloned()).collect(),
+            claims: channel.claims.clone(),
+            sink: self.fanout_tx.clone(),
+            reply,
+        });
+        if !main.send(request) {
+            return Err("Realtime was unable to connect to the project database".into());
+        }
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("Realtime was unable to connect to the project database".into()),
+            Err(_) => Err(format!("Timed out after {}ms waiting for the postgres_changes subscription", SUBSCRIBE_TIMEOUT.as_millis())),
         }
     }
 
@@ -316,17 +357,13 @@ impl Connection {
         if request.config.private {
             return Err("Unauthorized: private channels are not supported by this version of pg_realtime".into());
         }
-        if !request.config.postgres_changes.is_empty() {
-            return Err(
-                "PostgresChangesUnavailable: postgres_changes is not supported by this version of pg_realtime".into(),
-            );
-        }
         Ok(Channel {
             join_ref: frame.join_ref.clone(),
             subtopic: subtopic.to_owned(),
             token,
             claims,
             config: request.config,
+            subscribed: false,
         })
     }
 
@@ -341,6 +378,11 @@ impl Connection {
     fn remove_channel(&mut self, topic: &str) -> Option<Channel> {
         let channel = self.channels.remove(topic)?;
         self.ctx.hub.leave(topic, self.id);
+        if channel.subscribed {
+            if let Some(main) = &self.ctx.main {
+                main.send(MainRequest::Unsubscribe(ChannelKey { connection: self.id, topic: topic.to_owned() }));
+            }
+        }
         Counters::decr(&self.ctx.counters.channels_joined);
         Some(channel)
     }

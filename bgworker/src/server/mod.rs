@@ -6,11 +6,13 @@
 mod connection;
 mod handshake;
 mod hub;
+pub mod link;
 
 use crate::jwt::Verifier;
 use crate::stats::Counters;
 use futures_util::FutureExt;
 use hub::Hub;
+use link::MainLink;
 use parking_lot::RwLock;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -65,11 +67,20 @@ pub struct Context {
     open: AtomicUsize,
     next_id: AtomicU64,
     hub: Hub,
+    /// The worker's main thread, for `postgres_changes`; without it (unit
+    /// tests of the protocol alone) such joins are refused.
+    main: Option<MainLink>,
 }
 
 impl Context {
-    pub fn new(settings: Settings, options: Options, counters: &'static Counters) -> Arc<Context> {
+    pub fn new(
+        settings: Settings,
+        options: Options,
+        counters: &'static Counters,
+        main: Option<MainLink>,
+    ) -> Arc<Context> {
         Arc::new(Context {
+            main,
             settings: RwLock::new(Arc::new(settings)),
             options,
             counters,

@@ -43,7 +43,7 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let counters: &'static Counters = Box::leak(Box::default());
-        let ctx = Context::new(settings, options, counters);
+        let ctx = Context::new(settings, options, counters, None);
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(run(vec![listener], ctx.clone(), rx));
         TestServer {
@@ -394,28 +394,81 @@ async fn join_with_bad_access_token_is_refused() {
 }
 
 #[tokio::test]
-async fn postgres_changes_and_private_joins_fail_clearly() {
+async fn postgres_changes_without_a_database_and_private_joins_fail_clearly() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
-    let pg = join(
-        &mut c,
-        "1",
-        "realtime:a",
-        json!({"config": {"postgres_changes": [{"event": "*", "schema": "public"}]}}),
-    )
-    .await;
-    assert_eq!(pg[4]["status"], "error");
-    assert!(pg[4]["response"]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("postgres_changes is not supported"));
+    let binding = json!({"event": "*", "schema": "public", "table": "t", "filter": "id=eq.1"});
+    let reply = join(&mut c, "1", "realtime:a", json!({"config": {"postgres_changes": [binding]}})).await;
+    // the join succeeds (broadcast still works), the bindings get ids...
+    assert_eq!(reply[4]["status"], "ok");
+    let entry = &reply[4]["response"]["postgres_changes"][0];
+    assert_eq!(entry["table"], "t");
+    assert_eq!(entry["filter"], "id=eq.1");
+    assert!(entry["id"].as_u64().unwrap() > 0);
+    // ...and a system error says why no change will come
+    let system = recv(&mut c).await;
+    assert_eq!(system[3], "system");
+    assert_eq!(system[4]["extension"], "postgres_changes");
+    assert_eq!(system[4]["status"], "error");
     let private = join(&mut c, "2", "realtime:b", json!({"config": {"private": true}})).await;
     assert_eq!(private[4]["status"], "error");
-    assert!(private[4]["response"]["reason"]
-        .as_str()
-        .unwrap()
-        .starts_with("Unauthorized: "));
-    assert_eq!(server.counter("channels_joined"), 0);
+    assert!(private[4]["response"]["reason"].as_str().unwrap().starts_with("Unauthorized: "));
+    assert_eq!(server.counter("channels_joined"), 1);
+    server.stop().await;
+}
+
+/// A stand-in for the worker's main thread: accepts every subscription,
+/// then pushes one event to it; reports unsubscriptions.
+fn fake_main(rx: link::MainReceiver, unsubscribed: std::sync::mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        while let Ok(request) = rx.recv() {
+            match request {
+                link::MainRequest::Subscribe(s) => {
+                    let ids: Vec<u32> = s.bindings.iter().map(|(id, _)| *id).collect();
+                    let topic = s.key.topic.clone();
+                    s.reply.send(Ok(())).unwrap();
+                    let event = crate::protocol::Outbound::PostgresChanges {
+                        topic,
+                        ids,
+                        data: Arc::from(r#"{"type":"INSERT","record":{"id":1}}"#),
+                    };
+                    s.sink.try_send(Arc::new(event)).unwrap();
+                }
+                link::MainRequest::Unsubscribe(key) => unsubscribed.send(key.topic).unwrap(),
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn postgres_changes_subscribe_through_the_main_thread() {
+    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (link, rx) = link::main_link(waker);
+    let (unsub_tx, unsub_rx) = std::sync::mpsc::channel();
+    fake_main(rx, unsub_tx);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ctx = Context::new(settings(SECRET, 10, 10), Options::default(), Box::leak(Box::default()), Some(link));
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(run(vec![listener], ctx.clone(), shutdown_rx));
+    let server = TestServer { addr, ctx, shutdown, task: Some(task) };
+
+    let mut c = server.connect().await;
+    let binding = json!({"event": "INSERT", "schema": "public", "table": "t"});
+    let reply = join(&mut c, "1", "realtime:a", json!({"config": {"postgres_changes": [binding]}})).await;
+    let id = reply[4]["response"]["postgres_changes"][0]["id"].clone();
+    // join reply, then "Subscribed to PostgreSQL", then the event
+    assert_eq!(
+        recv(&mut c).await,
+        json!(["1", null, "realtime:a", "system", {"extension": "postgres_changes", "status": "ok", "message": "Subscribed to PostgreSQL", "channel": "a"}])
+    );
+    let event = recv(&mut c).await;
+    assert_eq!(event[3], "postgres_changes");
+    assert_eq!(event[4]["ids"], json!([id]));
+    assert_eq!(event[4]["data"]["record"], json!({"id": 1}));
+    send(&mut c, json!(["1", "2", "realtime:a", "phx_leave", {}])).await;
+    assert_eq!(recv(&mut c).await[4]["status"], "ok");
+    assert_eq!(unsub_rx.recv_timeout(WAIT).unwrap(), "realtime:a");
     server.stop().await;
 }
 

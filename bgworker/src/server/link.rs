@@ -1,0 +1,59 @@
+//! Requests from network threads to the worker's main thread, which alone
+//! may read the catalog and owns the subscription registry. Each request is
+//! queued, then the main thread is woken through the wake-up socket.
+
+use crate::changes::registry::ChannelKey;
+use crate::join::PostgresChangesBinding;
+use crate::jwt::Claims;
+use crate::protocol::Outbound;
+use crate::wake::Waker;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// The network side's handle on the main thread.
+#[derive(Clone)]
+pub struct MainLink {
+    tx: crossbeam_channel::Sender<MainRequest>,
+    waker: Waker,
+}
+
+/// The main thread's end.
+pub type MainReceiver = crossbeam_channel::Receiver<MainRequest>;
+
+/// A link and its receiving end.
+pub fn main_link(waker: Waker) -> (MainLink, MainReceiver) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    (MainLink { tx, waker }, rx)
+}
+
+impl MainLink {
+    /// Queues a request and wakes the main thread. False if the main thread
+    /// is gone.
+    pub fn send(&self, request: MainRequest) -> bool {
+        let sent = self.tx.send(request).is_ok();
+        self.waker.wake();
+        sent
+    }
+}
+
+pub enum MainRequest {
+    /// Validate a channel's `postgres_changes` bindings against the catalog
+    /// and start delivering; reply once events flow (or why they cannot).
+    Subscribe(Subscribe),
+    /// The channel left or its connection closed.
+    Unsubscribe(ChannelKey),
+}
+
+/// A channel's `postgres_changes` subscription.
+pub struct Subscribe {
+    pub key: ChannelKey,
+    /// The topic without `realtime:`, for messages.
+    pub subtopic: String,
+    /// The client's entries with the ids the join reply gives them.
+    pub bindings: Vec<(u32, PostgresChangesBinding)>,
+    pub claims: Claims,
+    /// Where the channel's events go.
+    pub sink: mpsc::Sender<Arc<Outbound>>,
+    /// `Err` is the `system` error message for the client.
+    pub reply: oneshot::Sender<Result<(), String>>,
+}

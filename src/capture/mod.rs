@@ -1,0 +1,222 @@
+//! Capture: the row trigger on published tables, the per-transaction buffer
+//! and the transaction callbacks that publish it.
+//!
+//! - The trigger returns at once when nobody subscribes to the table (or its
+//!   schema): one lock-free look-up in the interest table.
+//! - Otherwise the row is encoded (`row_to_json`, called directly: no SQL, no
+//!   SPI) and buffered in backend memory, tagged with its subtransaction.
+//! - At `XACT_EVENT_COMMIT` the transaction goes into the change ring as one
+//!   record, carrying its commit LSN and time, and the worker's latch is set.
+//!   Nothing there may fail: a full ring is a counted, reported loss.
+//! - Aborts drop the buffer; a rolled-back savepoint drops its own changes;
+//!   PREPARE TRANSACTION with captured changes is refused before it happens.
+
+mod encode;
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use realtime::changes::wire::{Change, ChangeKind, Relation, Transaction};
+use realtime::stats::Counters;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
+
+/// Microseconds between the Unix epoch and Postgres's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// What the current transaction captured so far.
+#[derive(Default)]
+struct TxnBuffer {
+    relations: Vec<Relation>,
+    index: HashMap<u32, u16>,
+    /// Each change with the subtransaction that made it.
+    changes: Vec<(pg_sys::SubTransactionId, Change)>,
+    bytes: usize,
+    /// More than fits in the ring: the changes were dropped, only the
+    /// relations are kept, to tell their subscribers.
+    overflowed: bool,
+    touched: BTreeSet<u32>,
+}
+
+impl TxnBuffer {
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty() && !self.overflowed
+    }
+}
+
+thread_local! {
+    // A backend is single-threaded: this is per-backend state.
+    static TXN: RefCell<TxnBuffer> = RefCell::new(TxnBuffer::default());
+    static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The capture trigger, attached to every published table by
+/// `realtime.sync_captured_tables()`.
+#[pg_trigger]
+fn capture_changes<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    if !crate::preloaded() {
+        return Ok(None);
+    }
+    let data = trigger.trigger_data();
+    let rel = data.tg_relation;
+    // SAFETY: tg_relation is the open relation the trigger fired on.
+    let (relid, namespace) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relnamespace) };
+    if !crate::shmem::interest().any(&[relid.to_u32(), namespace.to_u32()]) {
+        return Ok(None);
+    }
+    let event = trigger.event();
+    let kind = if event.fired_by_insert() {
+        ChangeKind::Insert
+    } else if event.fired_by_update() {
+        ChangeKind::Update
+    } else if event.fired_by_delete() {
+        ChangeKind::Delete
+    } else {
+        return Ok(None);
+    };
+    ensure_callbacks();
+    // SAFETY: the tuples belong to this trigger call and match the
+    // relation's descriptor.
+    let (record, old) = unsafe {
+        let desc = (*rel).rd_att;
+        match kind {
+            ChangeKind::Insert => (Some(encode::row_json(data.tg_trigtuple, desc)), None),
+            ChangeKind::Update => {
+                (Some(encode::row_json(data.tg_newtuple, desc)), Some(encode::row_json(data.tg_trigtuple, desc)))
+            }
+            ChangeKind::Delete => (None, Some(encode::row_json(data.tg_trigtuple, desc))),
+        }
+    };
+    Counters::incr(&crate::shmem::counters().rows_captured);
+    // SAFETY: plain read of the current subtransaction id.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let limit = crate::shmem::ring().max_payload();
+    TXN.with(|txn| {
+        let mut txn = txn.borrow_mut();
+        txn.touched.insert(relid.to_u32());
+        if txn.overflowed {
+            return;
+        }
+        let relation = match txn.index.get(&relid.to_u32()) {
+            Some(i) => *i,
+            None => {
+                // SAFETY: `rel` is open for the duration of the trigger call.
+                let described = unsafe { encode::describe(rel) };
+                let i = txn.relations.len() as u16;
+                txn.relations.push(described);
+                txn.index.insert(relid.to_u32(), i);
+                i
+            }
+        };
+        txn.bytes += 32 + record.as_ref().map_or(0, String::len) + old.as_ref().map_or(0, String::len);
+        if txn.bytes > limit {
+            // Larger than the ring could ever hold: stop buffering (no
+            // unbounded backend memory) and report the loss at commit.
+            txn.overflowed = true;
+            txn.changes = Vec::new();
+            return;
+        }
+        txn.changes.push((subxact, Change { relation, kind, record, old }));
+    });
+    Ok(None)
+}
+
+fn ensure_callbacks() {
+    if CALLBACKS.get() {
+        return;
+    }
+    // SAFETY: registered once per backend, for its whole life; the
+    // callbacks only touch this backend's buffer and shared atomics.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+    CALLBACKS.set(true);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_PREPARE => {
+            if !TXN.with(|t| t.borrow().is_empty()) {
+                TXN.with(|t| *t.borrow_mut() = TxnBuffer::default());
+                ErrorReport::new(
+                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                    "cannot PREPARE a transaction that changed tables captured by pg_realtime",
+                    "capture_changes",
+                )
+                .set_detail("Two-phase commit is not supported for realtime changes; they would be lost.")
+                .set_hint("Commit the transaction normally, or remove the table from the realtime publication.")
+                .report(PgLogLevel::ERROR);
+            }
+        }
+        XACT_EVENT_COMMIT => {
+            let txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
+            if !txn.is_empty() {
+                // Nothing may raise after the commit record: a panic here is
+                // caught and counted as a loss instead.
+                let touched: Vec<u32> = txn.touched.iter().copied().collect();
+                if std::panic::catch_unwind(move || publish(txn)).is_err() {
+                    crate::shmem::ring().record_loss(touched);
+                    Counters::incr(&crate::shmem::counters().transactions_lost);
+                }
+                crate::shmem::wake_worker();
+            }
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
+            TXN.with(|t| *t.borrow_mut() = TxnBuffer::default());
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // Subtransaction ids grow: ours and our children's are >= my_subid,
+        // and no later sibling has started yet.
+        TXN.with(|t| t.borrow_mut().changes.retain(|(subid, _)| *subid < my_subid));
+    }
+}
+
+/// Writes a committed transaction into the ring (at XACT_EVENT_COMMIT).
+fn publish(txn: TxnBuffer) {
+    // SAFETY: plain reads of this backend's transaction state, still valid
+    // during the commit callbacks.
+    let (xid, lsn, stop) = unsafe {
+        (pg_sys::GetTopTransactionIdIfAny(), pg_sys::XactLastCommitEnd, pg_sys::GetCurrentTransactionStopTimestamp())
+    };
+    let counters = crate::shmem::counters();
+    let ring = crate::shmem::ring();
+    let touched: Vec<u32> = txn.touched.iter().copied().collect();
+    if xid == pg_sys::TransactionId::INVALID {
+        return;
+    }
+    let record = Transaction {
+        xid: xid.into_inner(),
+        commit_lsn: lsn,
+        commit_time_us: stop + PG_EPOCH_OFFSET_US,
+        changes: txn.changes.into_iter().map(|(_, c)| c).collect(),
+        relations: txn.relations,
+        overflowed: txn.overflowed,
+    };
+    if record.changes.is_empty() && !record.overflowed {
+        // every change was in rolled-back savepoints
+        return;
+    }
+    match ring.publish(&record.encode()) {
+        Ok(_) if !record.overflowed => Counters::incr(&counters.transactions_published),
+        Ok(_) => Counters::incr(&counters.transactions_lost),
+        Err(_) => {
+            ring.record_loss(touched);
+            Counters::incr(&counters.transactions_lost);
+        }
+    }
+}

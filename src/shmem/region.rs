@@ -1,0 +1,110 @@
+//! The shared region holding the change ring and the interest table. Its
+//! size comes from `pg_realtime.queue_size`, so it is requested by hand
+//! rather than as a fixed-size pgrx struct.
+
+use pgrx::prelude::*;
+use pgrx::PgSharedMemoryInitialization;
+use realtime::interest::{InterestHeader, InterestTable};
+use realtime::ring::{ChangeRing, RingHeader};
+use std::cell::UnsafeCell;
+use std::ffi::CStr;
+use std::sync::atomic::AtomicU64;
+
+/// Interest slots: relations and schemas with subscribers, with room for
+/// tombstones. Past that, every relation counts as interesting.
+const INTEREST_SLOTS: usize = 16 * 1024;
+
+pub struct ChangesRegion {
+    name: &'static CStr,
+    base: UnsafeCell<*mut u8>,
+}
+
+// SAFETY: `base` is written once per process, in the shmem start-up hook,
+// before any reader exists; afterwards only read.
+unsafe impl Sync for ChangesRegion {}
+
+fn align8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+struct Layout {
+    interest_header: usize,
+    interest_slots: usize,
+    ring_words: usize,
+    ring_len: usize,
+    total: usize,
+}
+
+fn layout() -> Layout {
+    let ring_bytes = crate::gucs::queue_size_bytes();
+    let ring_len = ring_bytes / 8;
+    let interest_header = align8(size_of::<RingHeader>());
+    let interest_slots = interest_header + align8(size_of::<InterestHeader>());
+    let ring_words = interest_slots + INTEREST_SLOTS * 8;
+    Layout { interest_header, interest_slots, ring_words, ring_len, total: ring_words + ring_len * 8 }
+}
+
+impl ChangesRegion {
+    pub const fn new(name: &'static CStr) -> ChangesRegion {
+        ChangesRegion { name, base: UnsafeCell::new(std::ptr::null_mut()) }
+    }
+
+    fn base(&self) -> *mut u8 {
+        // SAFETY: see the Sync impl.
+        let base = unsafe { *self.base.get() };
+        assert!(!base.is_null(), "pg_realtime shared memory is not initialized (not preloaded?)");
+        base
+    }
+
+    pub fn ring(&self) -> ChangeRing<'static> {
+        let l = layout();
+        let base = self.base();
+        // SAFETY: the region was sized by `layout()` and zeroed, which is a
+        // valid state for these all-atomic types; it lives as long as the
+        // process and is 8-aligned (ShmemInitStruct MAXALIGNs).
+        unsafe {
+            let header = &*(base as *const RingHeader);
+            let words = std::slice::from_raw_parts(base.add(l.ring_words) as *const AtomicU64, l.ring_len);
+            ChangeRing::new(header, words)
+        }
+    }
+
+    pub fn interest(&self) -> InterestTable<'static> {
+        let l = layout();
+        let base = self.base();
+        // SAFETY: as in `ring`.
+        unsafe {
+            let header = &*(base.add(l.interest_header) as *const InterestHeader);
+            let slots = std::slice::from_raw_parts(base.add(l.interest_slots) as *const AtomicU64, INTEREST_SLOTS);
+            InterestTable::new(header, slots)
+        }
+    }
+}
+
+impl PgSharedMemoryInitialization for ChangesRegion {
+    type Value = ();
+
+    unsafe fn on_shmem_request(&'static self) {
+        // SAFETY: called from the shmem request hook (PG15+) or _PG_init
+        // while preloading (PG13/14), as Postgres requires.
+        unsafe { pg_sys::RequestAddinShmemSpace(layout().total) };
+    }
+
+    unsafe fn on_shmem_startup(&'static self, _value: ()) {
+        let size = layout().total;
+        // SAFETY: the start-up hook runs in the postmaster (and, with
+        // EXEC_BACKEND, each child) under AddinShmemInitLock; a new region is
+        // zeroed, the initial state of every structure in it.
+        unsafe {
+            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let mut found = false;
+            let base = pg_sys::ShmemInitStruct(self.name.as_ptr(), size, &mut found).cast::<u8>();
+            if !found {
+                std::ptr::write_bytes(base, 0, size);
+            }
+            *self.base.get() = base;
+            pg_sys::LWLockRelease(init_lock);
+        }
+    }
+}
