@@ -269,7 +269,11 @@ pub enum Outbound {
     },
     /// A `postgres_changes` event: `data` is serialized once per change and
     /// shared by every channel it goes to; `ids` are this channel's bindings.
-    PostgresChanges { topic: String, ids: Vec<u32>, data: Arc<str> },
+    PostgresChanges {
+        topic: String,
+        ids: Vec<u32>,
+        data: Arc<str>,
+    },
 }
 
 impl Outbound {
@@ -582,10 +586,17 @@ mod tests {
             ids: vec![3, 9],
             data: Arc::from(r#"{"type":"INSERT"}"#),
         };
-        let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else { panic!() };
+        let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else {
+            panic!()
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
-        assert_eq!(v, json!([null, null, "realtime:t\"x", "postgres_changes", {"ids": [3, 9], "data": {"type": "INSERT"}}]));
-        let WsMessage::Text(t) = encode(Vsn::V1, &out).unwrap() else { panic!() };
+        assert_eq!(
+            v,
+            json!([null, null, "realtime:t\"x", "postgres_changes", {"ids": [3, 9], "data": {"type": "INSERT"}}])
+        );
+        let WsMessage::Text(t) = encode(Vsn::V1, &out).unwrap() else {
+            panic!()
+        };
         let v: Value = serde_json::from_str(&t).unwrap();
         assert_eq!(v["payload"]["ids"], json!([3, 9]));
         assert_eq!(v["event"], "postgres_changes");

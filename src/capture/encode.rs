@@ -17,7 +17,11 @@ pub unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) -> Str
     // current (trigger call) memory context.
     unsafe {
         let composite = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        let json = pg_sys::OidFunctionCall1Coll(pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD), pg_sys::InvalidOid, composite);
+        let json = pg_sys::OidFunctionCall1Coll(
+            pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
+            pg_sys::InvalidOid,
+            composite,
+        );
         let text = pg_sys::text_to_cstring(json.cast_mut_ptr());
         let out = CStr::from_ptr(text).to_string_lossy().into_owned();
         pg_sys::pfree(text.cast());
@@ -40,13 +44,17 @@ pub unsafe fn describe(rel: pg_sys::Relation) -> Relation {
         // attnum of each kept column, for the identity positions
         let mut attnums = Vec::with_capacity(natts);
         for att in attrs.iter().filter(|a| !a.attisdropped) {
-            columns.push(Column { name: att.name().to_owned(), typname: typname(att.atttypid) });
+            columns.push(Column {
+                name: att.name().to_owned(),
+                typname: typname(att.atttypid),
+            });
             attnums.push(att.attnum as i32);
         }
         let identity: Vec<u16> = if form.relreplident == pg_sys::REPLICA_IDENTITY_FULL as std::ffi::c_char {
             (0..columns.len() as u16).collect()
         } else {
-            let keys = pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY);
+            let keys =
+                pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY);
             let mut identity = Vec::new();
             let mut member = -1;
             loop {
@@ -62,7 +70,11 @@ pub unsafe fn describe(rel: pg_sys::Relation) -> Relation {
             identity
         };
         let schema_ptr = pg_sys::get_namespace_name(form.relnamespace);
-        let schema = if schema_ptr.is_null() { String::new() } else { CStr::from_ptr(schema_ptr).to_string_lossy().into_owned() };
+        let schema = if schema_ptr.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(schema_ptr).to_string_lossy().into_owned()
+        };
         Relation {
             relid: (*rel).rd_id.to_u32(),
             schema,

@@ -13,6 +13,15 @@
 
 mod encode;
 
+// The publication sync (triggers on exactly the published tables), its event
+// triggers and the `realtime.captured_tables` view.
+extension_sql_file!(
+    "../../sql/capture.sql",
+    name = "capture_sql",
+    requires = [capture_changes],
+    finalize
+);
+
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use realtime::changes::wire::{Change, ChangeKind, Relation, Transaction};
@@ -82,9 +91,10 @@ fn capture_changes<'a>(
         let desc = (*rel).rd_att;
         match kind {
             ChangeKind::Insert => (Some(encode::row_json(data.tg_trigtuple, desc)), None),
-            ChangeKind::Update => {
-                (Some(encode::row_json(data.tg_newtuple, desc)), Some(encode::row_json(data.tg_trigtuple, desc)))
-            }
+            ChangeKind::Update => (
+                Some(encode::row_json(data.tg_newtuple, desc)),
+                Some(encode::row_json(data.tg_trigtuple, desc)),
+            ),
             ChangeKind::Delete => (None, Some(encode::row_json(data.tg_trigtuple, desc))),
         }
     };
@@ -117,7 +127,15 @@ fn capture_changes<'a>(
             txn.changes = Vec::new();
             return;
         }
-        txn.changes.push((subxact, Change { relation, kind, record, old }));
+        txn.changes.push((
+            subxact,
+            Change {
+                relation,
+                kind,
+                record,
+                old,
+            },
+        ));
     });
     Ok(None)
 }
@@ -139,18 +157,16 @@ fn ensure_callbacks() {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_PREPARE => {
-            if !TXN.with(|t| t.borrow().is_empty()) {
-                TXN.with(|t| *t.borrow_mut() = TxnBuffer::default());
-                ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    "cannot PREPARE a transaction that changed tables captured by pg_realtime",
-                    "capture_changes",
-                )
-                .set_detail("Two-phase commit is not supported for realtime changes; they would be lost.")
-                .set_hint("Commit the transaction normally, or remove the table from the realtime publication.")
-                .report(PgLogLevel::ERROR);
-            }
+        XACT_EVENT_PRE_PREPARE if !TXN.with(|t| t.borrow().is_empty()) => {
+            TXN.with(|t| *t.borrow_mut() = TxnBuffer::default());
+            ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "cannot PREPARE a transaction that changed tables captured by pg_realtime",
+                "capture_changes",
+            )
+            .set_detail("Two-phase commit is not supported for realtime changes; they would be lost.")
+            .set_hint("Commit the transaction normally, or remove the table from the realtime publication.")
+            .report(PgLogLevel::ERROR);
         }
         XACT_EVENT_COMMIT => {
             let txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
@@ -191,7 +207,11 @@ fn publish(txn: TxnBuffer) {
     // SAFETY: plain reads of this backend's transaction state, still valid
     // during the commit callbacks.
     let (xid, lsn, stop) = unsafe {
-        (pg_sys::GetTopTransactionIdIfAny(), pg_sys::XactLastCommitEnd, pg_sys::GetCurrentTransactionStopTimestamp())
+        (
+            pg_sys::GetTopTransactionIdIfAny(),
+            pg_sys::XactLastCommitEnd,
+            pg_sys::GetCurrentTransactionStopTimestamp(),
+        )
     };
     let counters = crate::shmem::counters();
     let ring = crate::shmem::ring();

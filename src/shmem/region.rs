@@ -41,18 +41,30 @@ fn layout() -> Layout {
     let interest_header = align8(size_of::<RingHeader>());
     let interest_slots = interest_header + align8(size_of::<InterestHeader>());
     let ring_words = interest_slots + INTEREST_SLOTS * 8;
-    Layout { interest_header, interest_slots, ring_words, ring_len, total: ring_words + ring_len * 8 }
+    Layout {
+        interest_header,
+        interest_slots,
+        ring_words,
+        ring_len,
+        total: ring_words + ring_len * 8,
+    }
 }
 
 impl ChangesRegion {
     pub const fn new(name: &'static CStr) -> ChangesRegion {
-        ChangesRegion { name, base: UnsafeCell::new(std::ptr::null_mut()) }
+        ChangesRegion {
+            name,
+            base: UnsafeCell::new(std::ptr::null_mut()),
+        }
     }
 
     fn base(&self) -> *mut u8 {
         // SAFETY: see the Sync impl.
         let base = unsafe { *self.base.get() };
-        assert!(!base.is_null(), "pg_realtime shared memory is not initialized (not preloaded?)");
+        assert!(
+            !base.is_null(),
+            "pg_realtime shared memory is not initialized (not preloaded?)"
+        );
         base
     }
 

@@ -5,11 +5,14 @@
 //! The tokio runtime's threads start with every signal blocked and never call
 //! Postgres.
 
+mod catalog;
+mod changes;
 mod listen;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use realtime::log::{forwarder, LogReceiver};
+use realtime::server::link::main_link;
 use realtime::server::{self, Context, Options};
 use realtime::wake::{wake_pair, WakeReceiver};
 use std::sync::Arc;
@@ -42,6 +45,13 @@ pub fn register() {
 pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&crate::gucs::database()), None);
+    // Filter values are rendered by this session: timestamps in UTC, like
+    // the events themselves.
+    BackgroundWorker::transaction(|| Spi::run("SET TIME ZONE 'UTC'"))
+        .unwrap_or_else(|e| error!("pg_realtime: cannot set the worker's time zone: {e}"));
+    crate::shmem::set_worker_latch();
+    // Whatever subscribers the previous worker had are gone with it.
+    crate::shmem::interest().set(&Default::default(), false);
 
     let (waker, wake_rx) = wake_pair().unwrap_or_else(|e| error!("pg_realtime: cannot create the wake-up socket: {e}"));
     let (logger, logs) = forwarder(waker.clone(), tracing::Level::INFO, 4096);
@@ -58,7 +68,8 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
 
     let runtime = realtime::runtime::build(NETWORK_THREADS, block_all_signals)
         .unwrap_or_else(|e| error!("pg_realtime: cannot start the network threads: {e}"));
-    let ctx = Context::new(settings, Options::default(), crate::shmem::counters(), None);
+    let (link, requests) = main_link(waker.clone());
+    let ctx = Context::new(settings, Options::default(), crate::shmem::counters(), Some(link));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = {
         let _entered = runtime.enter();
@@ -75,7 +86,12 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
         })
     };
 
-    let mut main = MainLoop { wake_rx, logs, ctx };
+    let mut main = MainLoop {
+        wake_rx,
+        logs,
+        ctx,
+        changes: changes::Changes::new(requests),
+    };
     while main.wait() {
         if server.is_finished() {
             main.forward_logs();
@@ -101,6 +117,7 @@ struct MainLoop {
     wake_rx: WakeReceiver,
     logs: LogReceiver,
     ctx: Arc<Context>,
+    changes: changes::Changes,
 }
 
 impl MainLoop {
@@ -129,6 +146,8 @@ impl MainLoop {
         if BackgroundWorker::sighup_received() {
             self.reload();
         }
+        self.changes.handle_requests();
+        self.changes.drain();
         true
     }
 

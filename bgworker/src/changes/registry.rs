@@ -183,6 +183,28 @@ impl<S> Registry<S> {
         self.channels.get(key)
     }
 
+    /// Every channel's sink.
+    pub fn sinks(&self) -> impl Iterator<Item = &S> {
+        self.channels.values().map(|s| &s.sink)
+    }
+
+    /// Sinks of the channels that may have wanted changes of `relids`:
+    /// table bindings on them, and every schema-wide or global binding (the
+    /// relation's schema is not known here, so err towards telling). With
+    /// `all`, every channel.
+    pub fn sinks_for(&self, relids: &[u32], all: bool) -> Vec<&S> {
+        self.channels
+            .values()
+            .filter(|sub| {
+                all || sub.bindings.iter().any(|b| match &b.target {
+                    Target::Table(r) => relids.contains(r),
+                    Target::Schema(_) | Target::All => true,
+                })
+            })
+            .map(|sub| &sub.sink)
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.channels.len()
     }

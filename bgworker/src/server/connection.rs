@@ -4,8 +4,8 @@
 use super::handshake::{self, Accepted};
 use super::hub::Member;
 use super::link::{MainRequest, Subscribe};
-use crate::changes::registry::{self, ChannelKey};
 use super::Context;
+use crate::changes::registry::{self, ChannelKey};
 use crate::join::{parse_join, JoinConfig};
 use crate::jwt::{self, AuthError, Claims};
 use crate::protocol::{self, Frame, Inbound, Outbound, Payload, UserBroadcast, Vsn};
@@ -261,7 +261,9 @@ impl Connection {
             Err(reason) => {
                 Counters::incr(&self.ctx.counters.joins_refused);
                 tracing::debug!(peer = %self.peer, topic = %frame.topic, %reason, "join refused");
-                return self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason }))).await;
+                return self
+                    .send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
+                    .await;
             }
         };
         let ids: Vec<u32> = channel
@@ -272,7 +274,11 @@ impl Connection {
             .collect();
         // postgres_changes: the main thread validates the bindings and starts
         // delivery before we reply, so SUBSCRIBED means live.
-        let subscription = if ids.is_empty() { None } else { Some(self.subscribe(&frame.topic, &channel, &ids).await) };
+        let subscription = if ids.is_empty() {
+            None
+        } else {
+            Some(self.subscribe(&frame.topic, &channel, &ids).await)
+        };
         channel.subscribed = matches!(subscription, Some(Ok(())));
         let postgres_changes: Vec<Value> = channel
             .config
@@ -286,23 +292,37 @@ impl Connection {
             })
             .collect();
         let presence = channel.config.presence.enabled;
-        self.ctx.hub.join(&frame.topic, Member { connection: self.id, tx: self.fanout_tx.clone() });
+        self.ctx.hub.join(
+            &frame.topic,
+            Member {
+                connection: self.id,
+                tx: self.fanout_tx.clone(),
+            },
+        );
         Counters::incr(&self.ctx.counters.channels_joined);
         let join_ref = channel.join_ref().to_owned();
         self.channels.insert(frame.topic.clone(), channel);
-        self.send(&Outbound::reply(&frame, "ok", json!({ "postgres_changes": postgres_changes }))).await?;
+        self.send(&Outbound::reply(
+            &frame,
+            "ok",
+            json!({ "postgres_changes": postgres_changes }),
+        ))
+        .await?;
         if presence {
             // Nobody can be tracked yet (presence is not supported), so
             // the state is truthfully empty; realtime-js waits for it.
-            self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({}))).await?;
+            self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({})))
+                .await?;
         }
         if let Some(result) = subscription {
             let (status, message) = match result {
                 Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
                 Err(message) => ("error", message),
             };
-            let system = json!({"extension": "postgres_changes", "status": status, "message": message, "channel": subtopic});
-            self.send(&Outbound::push(&join_ref, &frame.topic, "system", system)).await?;
+            let system =
+                json!({"extension": "postgres_changes", "status": status, "message": message, "channel": subtopic});
+            self.send(&Outbound::push(&join_ref, &frame.topic, "system", system))
+                .await?;
         }
         Ok(())
     }
@@ -315,9 +335,16 @@ impl Connection {
         };
         let (reply, answer) = oneshot::channel();
         let request = MainRequest::Subscribe(Subscribe {
-            key: ChannelKey { connection: self.id, topic: topic.to_owned() },
+            key: ChannelKey {
+                connection: self.id,
+                topic: topic.to_owned(),
+            },
             subtopic: channel.subtopic.clone(),
-            bindings: ids.iter().copied().zip(channel.config.postgres_changes.iter().cloned()).collect(),
+            bindings: ids
+                .iter()
+                .copied()
+                .zip(channel.config.postgres_changes.iter().cloned())
+                .collect(),
             claims: channel.claims.clone(),
             sink: self.fanout_tx.clone(),
             reply,
@@ -328,7 +355,10 @@ impl Connection {
         match tokio::time::timeout(SUBSCRIBE_TIMEOUT, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("Realtime was unable to connect to the project database".into()),
-            Err(_) => Err(format!("Timed out after {}ms waiting for the postgres_changes subscription", SUBSCRIBE_TIMEOUT.as_millis())),
+            Err(_) => Err(format!(
+                "Timed out after {}ms waiting for the postgres_changes subscription",
+                SUBSCRIBE_TIMEOUT.as_millis()
+            )),
         }
     }
 
@@ -380,7 +410,10 @@ impl Connection {
         self.ctx.hub.leave(topic, self.id);
         if channel.subscribed {
             if let Some(main) = &self.ctx.main {
-                main.send(MainRequest::Unsubscribe(ChannelKey { connection: self.id, topic: topic.to_owned() }));
+                main.send(MainRequest::Unsubscribe(ChannelKey {
+                    connection: self.id,
+                    topic: topic.to_owned(),
+                }));
             }
         }
         Counters::decr(&self.ctx.counters.channels_joined);

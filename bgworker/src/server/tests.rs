@@ -398,7 +398,13 @@ async fn postgres_changes_without_a_database_and_private_joins_fail_clearly() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
     let binding = json!({"event": "*", "schema": "public", "table": "t", "filter": "id=eq.1"});
-    let reply = join(&mut c, "1", "realtime:a", json!({"config": {"postgres_changes": [binding]}})).await;
+    let reply = join(
+        &mut c,
+        "1",
+        "realtime:a",
+        json!({"config": {"postgres_changes": [binding]}}),
+    )
+    .await;
     // the join succeeds (broadcast still works), the bindings get ids...
     assert_eq!(reply[4]["status"], "ok");
     let entry = &reply[4]["response"]["postgres_changes"][0];
@@ -412,7 +418,10 @@ async fn postgres_changes_without_a_database_and_private_joins_fail_clearly() {
     assert_eq!(system[4]["status"], "error");
     let private = join(&mut c, "2", "realtime:b", json!({"config": {"private": true}})).await;
     assert_eq!(private[4]["status"], "error");
-    assert!(private[4]["response"]["reason"].as_str().unwrap().starts_with("Unauthorized: "));
+    assert!(private[4]["response"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("Unauthorized: "));
     assert_eq!(server.counter("channels_joined"), 1);
     server.stop().await;
 }
@@ -448,14 +457,30 @@ async fn postgres_changes_subscribe_through_the_main_thread() {
     fake_main(rx, unsub_tx);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let ctx = Context::new(settings(SECRET, 10, 10), Options::default(), Box::leak(Box::default()), Some(link));
+    let ctx = Context::new(
+        settings(SECRET, 10, 10),
+        Options::default(),
+        Box::leak(Box::default()),
+        Some(link),
+    );
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(run(vec![listener], ctx.clone(), shutdown_rx));
-    let server = TestServer { addr, ctx, shutdown, task: Some(task) };
+    let server = TestServer {
+        addr,
+        ctx,
+        shutdown,
+        task: Some(task),
+    };
 
     let mut c = server.connect().await;
     let binding = json!({"event": "INSERT", "schema": "public", "table": "t"});
-    let reply = join(&mut c, "1", "realtime:a", json!({"config": {"postgres_changes": [binding]}})).await;
+    let reply = join(
+        &mut c,
+        "1",
+        "realtime:a",
+        json!({"config": {"postgres_changes": [binding]}}),
+    )
+    .await;
     let id = reply[4]["response"]["postgres_changes"][0]["id"].clone();
     // join reply, then "Subscribed to PostgreSQL", then the event
     assert_eq!(

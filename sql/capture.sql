@@ -1,0 +1,82 @@
+-- Which tables are captured: every table of the publication named by
+-- pg_realtime.publication, each with one AFTER ROW trigger for the actions the
+-- publication publishes. Kept in sync by event triggers on the DDL that can
+-- change the set (publications, new tables, ALTER TABLE), and once at
+-- CREATE EXTENSION for a publication that existed before.
+
+-- The wanted triggers: AFTER ROW (tgtype bit 1) plus INSERT (4), DELETE (8),
+-- UPDATE (16), per the publication's flags.
+CREATE FUNCTION realtime.wanted_captures()
+RETURNS TABLE (relid oid, tgtype int, events text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT DISTINCT ON (c.oid) c.oid,
+         1 | CASE WHEN p.pubinsert THEN 4 ELSE 0 END | CASE WHEN p.pubdelete THEN 8 ELSE 0 END
+           | CASE WHEN p.pubupdate THEN 16 ELSE 0 END,
+         concat_ws(' OR ', CASE WHEN p.pubinsert THEN 'INSERT' END, CASE WHEN p.pubupdate THEN 'UPDATE' END,
+                   CASE WHEN p.pubdelete THEN 'DELETE' END)
+  FROM pg_publication p
+  JOIN pg_publication_tables pt ON pt.pubname = p.pubname
+  JOIN pg_namespace n ON n.nspname = pt.schemaname
+  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+  WHERE p.pubname = coalesce(nullif(current_setting('pg_realtime.publication', true), ''), 'supabase_realtime')
+    AND c.relkind IN ('r', 'p')
+    AND (p.pubinsert OR p.pubupdate OR p.pubdelete)
+$$;
+
+CREATE FUNCTION realtime.sync_captured_tables() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  capture oid := 'realtime.capture_changes()'::regprocedure;
+  r record;
+BEGIN
+  -- Remove triggers no longer wanted, or wanted for other actions.
+  FOR r IN
+    SELECT t.tgrelid, t.tgname FROM pg_trigger t
+    LEFT JOIN realtime.wanted_captures() w ON w.relid = t.tgrelid
+    WHERE t.tgfoid = capture AND (w.relid IS NULL OR w.tgtype <> t.tgtype)
+  LOOP
+    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.tgrelid::regclass);
+  END LOOP;
+
+  -- Add the missing ones.
+  FOR r IN
+    SELECT w.relid, w.events FROM realtime.wanted_captures() w
+    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = w.relid AND t.tgfoid = capture)
+  LOOP
+    EXECUTE format('CREATE TRIGGER pg_realtime_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION realtime.capture_changes()',
+                   r.events, r.relid::regclass);
+  END LOOP;
+END
+$$;
+
+COMMENT ON FUNCTION realtime.sync_captured_tables() IS
+  'Attaches the pg_realtime capture trigger to exactly the tables of the publication named by pg_realtime.publication. Run automatically by event triggers.';
+
+CREATE FUNCTION realtime.on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM realtime.sync_captured_tables();
+END
+$$;
+
+CREATE EVENT TRIGGER pg_realtime_sync ON ddl_command_end
+  WHEN TAG IN ('CREATE PUBLICATION', 'ALTER PUBLICATION', 'DROP PUBLICATION',
+               'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'ALTER SCHEMA')
+  EXECUTE FUNCTION realtime.on_ddl();
+
+CREATE VIEW realtime.captured_tables AS
+SELECT n.nspname AS schema,
+       c.relname AS "table",
+       c.oid::regclass AS relation,
+       (t.tgtype & 4) <> 0 AS inserts,
+       (t.tgtype & 16) <> 0 AS updates,
+       (t.tgtype & 8) <> 0 AS deletes
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE t.tgfoid = 'realtime.capture_changes()'::regprocedure;
+
+COMMENT ON VIEW realtime.captured_tables IS
+  'Tables whose committed changes pg_realtime captures, and for which actions.';
+
+SELECT realtime.sync_captured_tables();

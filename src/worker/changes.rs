@@ -1,0 +1,377 @@
+//! postgres_changes on the worker's main thread: validating subscriptions
+//! against the catalog, keeping the interest table in step with them, and
+//! draining the change ring into channels in commit order.
+
+use super::catalog;
+use pgrx::bgworkers::BackgroundWorker;
+use realtime::changes::event;
+use realtime::changes::filter::{self, Condition};
+use realtime::changes::registry::{EventFilter, Registry, Subscription, Target};
+use realtime::changes::value::Kind;
+use realtime::changes::wire::Transaction;
+use realtime::join::PostgresChangesBinding;
+use realtime::protocol::Outbound;
+use realtime::server::link::{MainReceiver, MainRequest, Subscribe};
+use realtime::stats::Counters;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long a privilege answer is trusted before it is asked again, so a
+/// REVOKE stops deliveries within this time.
+const PRIVILEGE_TTL: Duration = Duration::from_secs(1);
+
+/// Where a channel's events go, and who it acts as.
+pub struct Sink {
+    tx: mpsc::Sender<Arc<Outbound>>,
+    topic: String,
+    subtopic: String,
+    role: String,
+}
+
+pub struct Changes {
+    requests: MainReceiver,
+    registry: Registry<Sink>,
+    /// Schema name to OID, for the interest table.
+    schema_oids: HashMap<String, u32>,
+    /// (role, relid) -> may the role receive the table's rows, and when that
+    /// was established.
+    allowed: HashMap<(String, u32), (bool, Instant)>,
+}
+
+/// The parameters as Supabase lists them in its messages.
+fn params(b: &PostgresChangesBinding) -> String {
+    format!(
+        "[event: {}, schema: {}, table: {}, filters: [{}], select: nil]",
+        b.event,
+        b.schema.as_deref().unwrap_or("nil"),
+        b.table.as_deref().unwrap_or("nil"),
+        b.filter.as_deref().unwrap_or("")
+    )
+}
+
+fn refused(b: &PostgresChangesBinding, why: &str) -> String {
+    format!(
+        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {why}",
+        params(b)
+    )
+}
+
+impl Changes {
+    pub fn new(requests: MainReceiver) -> Changes {
+        Changes {
+            requests,
+            registry: Registry::default(),
+            schema_oids: HashMap::new(),
+            allowed: HashMap::new(),
+        }
+    }
+
+    /// Handles every queued request from the network threads.
+    pub fn handle_requests(&mut self) {
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                MainRequest::Subscribe(s) => self.subscribe(s),
+                MainRequest::Unsubscribe(key) => {
+                    if self.registry.unsubscribe(&key).is_some() {
+                        Counters::decr(&crate::shmem::counters().subscriptions);
+                        self.publish_interest();
+                    }
+                }
+            }
+        }
+    }
+
+    fn subscribe(&mut self, request: Subscribe) {
+        let role = request.claims.role.clone();
+        let validated = BackgroundWorker::transaction(|| {
+            let r = validate(&request.bindings, &role);
+            r.map(|(bindings, bypass)| {
+                let schemas: Vec<(String, u32)> = bindings
+                    .iter()
+                    .filter_map(|b| match &b.target {
+                        Target::Schema(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .filter_map(|s| catalog::schema_oid(&s).ok().flatten().map(|oid| (s, oid)))
+                    .collect();
+                (bindings, bypass, schemas)
+            })
+        });
+        match validated {
+            Ok((bindings, _bypass_rls, schemas)) => {
+                self.schema_oids.extend(schemas);
+                let sink = Sink {
+                    tx: request.sink,
+                    topic: request.key.topic.clone(),
+                    subtopic: request.subtopic,
+                    role,
+                };
+                if self.registry.get(&request.key).is_none() {
+                    Counters::incr(&crate::shmem::counters().subscriptions);
+                }
+                self.registry.subscribe(request.key, Subscription { bindings, sink });
+                // Interest first, then the reply: once the client hears
+                // back, every later commit on these tables is captured.
+                self.publish_interest();
+                let _ = request.reply.send(Ok(()));
+            }
+            Err(message) => {
+                let _ = request.reply.send(Err(message));
+            }
+        }
+    }
+
+    fn publish_interest(&self) {
+        let (tables, schemas, all) = self.registry.interest();
+        let mut oids: HashSet<u32> = tables.into_iter().collect();
+        oids.extend(schemas.iter().filter_map(|s| self.schema_oids.get(s)));
+        crate::shmem::interest().set(&oids, all);
+    }
+
+    /// Delivers everything committed so far, in commit-LSN order.
+    pub fn drain(&mut self) {
+        let ring = crate::shmem::ring();
+        let mut transactions = Vec::new();
+        ring.drain(|_, bytes| match Transaction::decode(&bytes) {
+            Ok(t) => transactions.push(t),
+            Err(e) => pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}"),
+        });
+        let losses = ring.take_losses();
+        if losses.records > 0 {
+            self.notify_loss(&losses.relations, losses.all);
+        }
+        if transactions.is_empty() {
+            return;
+        }
+        // The commit callback runs before locks are released, so a later
+        // conflicting writer almost always publishes later; the LSN settles
+        // the rest within what was drained together.
+        transactions.sort_by_key(|t| t.commit_lsn);
+        let max_record_bytes = crate::gucs::max_record_bytes();
+        let needs_check = self.unchecked_privileges(&transactions);
+        if !needs_check.is_empty() {
+            self.check_privileges(needs_check);
+        }
+        let counters = crate::shmem::counters();
+        for txn in &transactions {
+            if txn.overflowed {
+                let relids: Vec<u32> = txn.relations.iter().map(|r| r.relid).collect();
+                self.notify_loss(&relids, false);
+                continue;
+            }
+            for change in &txn.changes {
+                let relation = &txn.relations[change.relation as usize];
+                let event = event::build(relation, change, txn.commit_time_us, max_record_bytes);
+                let matches = self.registry.matches(relation, change.kind, &event.filter_row);
+                if matches.is_empty() {
+                    continue;
+                }
+                let data: Arc<str> = Arc::from(event.data.as_str());
+                for m in matches {
+                    if !self.may_receive(m.sink, relation.relid) {
+                        continue;
+                    }
+                    let out = Outbound::PostgresChanges {
+                        topic: m.sink.topic.clone(),
+                        ids: m.ids,
+                        data: data.clone(),
+                    };
+                    match m.sink.tx.try_send(Arc::new(out)) {
+                        Ok(()) => Counters::incr(&counters.events_delivered),
+                        Err(_) => Counters::incr(&counters.events_dropped),
+                    }
+                }
+            }
+        }
+    }
+
+    fn may_receive(&self, sink: &Sink, relid: u32) -> bool {
+        matches!(self.allowed.get(&(sink.role.clone(), relid)), Some((true, _)))
+    }
+
+    /// (role, relid) pairs this batch may deliver whose answer is missing or old.
+    fn unchecked_privileges(&self, transactions: &[Transaction]) -> Vec<(String, u32)> {
+        let relids: HashSet<u32> = transactions
+            .iter()
+            .flat_map(|t| t.relations.iter().map(|r| r.relid))
+            .collect();
+        let roles: HashSet<&String> = self.registry.sinks().map(|s| &s.role).collect();
+        let mut out = Vec::new();
+        for role in roles {
+            for relid in &relids {
+                let fresh = self
+                    .allowed
+                    .get(&(role.clone(), *relid))
+                    .is_some_and(|(_, at)| at.elapsed() < PRIVILEGE_TTL);
+                if !fresh {
+                    out.push((role.clone(), *relid));
+                }
+            }
+        }
+        out
+    }
+
+    /// Until row-level security is enforced per row, fail closed: a role
+    /// receives a table's rows only if it may SELECT them and row-level
+    /// security does not apply to it.
+    fn check_privileges(&mut self, pairs: Vec<(String, u32)>) {
+        let answers = BackgroundWorker::transaction(|| {
+            pairs
+                .into_iter()
+                .map(|(role, relid)| {
+                    let ok = catalog::role(&role).ok().flatten().is_some_and(|r| {
+                        catalog::can_select(&role, relid).unwrap_or(false)
+                            && (r.bypass_rls || !catalog::rls_enabled(relid).unwrap_or(true))
+                    });
+                    ((role, relid), ok)
+                })
+                .collect::<Vec<_>>()
+        });
+        let now = Instant::now();
+        for (key, ok) in answers {
+            self.allowed.insert(key, (ok, now));
+        }
+    }
+
+    /// Tells every channel subscribed to one of `relids` (or to anything,
+    /// with `all`) that changes were lost, so it can refetch.
+    fn notify_loss(&self, relids: &[u32], all: bool) {
+        let message = "Some changes could not be delivered (pg_realtime.queue_size was exceeded): refetch to catch up";
+        for sink in self.registry.sinks_for(relids, all) {
+            let system = json!({"extension": "postgres_changes", "status": "error", "message": message, "channel": sink.subtopic});
+            let out = Outbound::Frame(realtime::protocol::Frame {
+                join_ref: None,
+                msg_ref: None,
+                topic: sink.topic.clone(),
+                event: "system".into(),
+                payload: realtime::protocol::Payload::Json(system),
+            });
+            let _ = sink.tx.try_send(Arc::new(out));
+        }
+    }
+}
+
+/// Validates a channel's bindings for `role`; returns them ready for the
+/// registry and whether the role bypasses row-level security, or the
+/// message of the `system` error.
+fn validate(
+    bindings: &[(u32, PostgresChangesBinding)],
+    role: &str,
+) -> Result<(Vec<realtime::changes::registry::Binding>, bool), String> {
+    let publication = crate::gucs::publication();
+    let spi = |e: pgrx::spi::Error| format!("Realtime was unable to check the subscription: {e}");
+    let role_info = catalog::role(role).map_err(spi)?;
+    let Some(role_info) = role_info else {
+        return Err(format!("Unauthorized: role \"{role}\" of the token does not exist"));
+    };
+    let mut out = Vec::with_capacity(bindings.len());
+    for (id, b) in bindings {
+        let schema = match (&b.schema, &b.table) {
+            (None, None) => {
+                return Err(format!(
+                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
+                params(b)
+            ))
+            }
+            (None, Some(_)) => "public".to_owned(),
+            (Some(s), _) => s.clone(),
+        };
+        let table = b.table.clone().filter(|t| t != "*");
+        let mut conditions: Vec<Condition> = Vec::new();
+        let parsed = filter::parse(b.filter.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
+        let target = match (&schema[..], table) {
+            ("*", _) | (_, None) => {
+                let schema_filter = (schema != "*").then_some(schema.as_str());
+                if !catalog::published(&publication, schema_filter, None).map_err(spi)? {
+                    return Err(not_enabled(b));
+                }
+                if !parsed.is_empty() {
+                    return Err(refused(b, "filters need an explicit table"));
+                }
+                if schema == "*" {
+                    Target::All
+                } else {
+                    Target::Schema(schema.clone())
+                }
+            }
+            (_, Some(table)) => {
+                let Some(found) = catalog::table(&schema, &table).map_err(spi)? else {
+                    return Err(refused(b, &format!("relation \"{schema}.{table}\" does not exist")));
+                };
+                if !catalog::published(&publication, Some(&schema), Some(&table)).map_err(spi)? {
+                    return Err(not_enabled(b));
+                }
+                if !catalog::can_select(role, found.relid).map_err(spi)? {
+                    return Err(refused(
+                        b,
+                        &format!("permission denied: role \"{role}\" cannot SELECT from \"{schema}.{table}\""),
+                    ));
+                }
+                if found.rls && !role_info.bypass_rls {
+                    return Err(refused(
+                        b,
+                        &format!(
+                            "row-level security is enabled on \"{schema}.{table}\": this version of pg_realtime delivers its changes only to roles that bypass row-level security"
+                        ),
+                    ));
+                }
+                for condition in parsed {
+                    let Some(column) = catalog::column(found.relid, &condition.column).map_err(spi)? else {
+                        return Err(refused(b, &format!("invalid column for filter {}", condition.column)));
+                    };
+                    let kind = Kind::of_type(&column.typname);
+                    if condition.op.is_ordering() && !kind.is_ordered() {
+                        return Err(refused(
+                            b,
+                            &format!(
+                                "filter on {} of type {}: only eq, neq and in are supported",
+                                condition.column, column.typname
+                            ),
+                        ));
+                    }
+                    let mut values = Vec::with_capacity(condition.values.len());
+                    for raw in &condition.values {
+                        let json = catalog::cast_to_json(raw, &column.sql_type)
+                            .map_err(|e| refused(b, &format!("invalid value for filter {}: {e}", condition.column)))?;
+                        let value: Value = serde_json::from_str(&json).map_err(|e| refused(b, &e.to_string()))?;
+                        values.push(normalise(kind, value));
+                    }
+                    conditions.push(Condition {
+                        column: condition.column,
+                        kind,
+                        op: condition.op,
+                        negate: condition.negate,
+                        values,
+                    });
+                }
+                Target::Table(found.relid)
+            }
+        };
+        out.push(realtime::changes::registry::Binding {
+            id: *id,
+            target,
+            events: EventFilter::parse(&b.event),
+            conditions,
+        });
+    }
+    Ok((out, role_info.bypass_rls))
+}
+
+fn not_enabled(b: &PostgresChangesBinding) -> String {
+    format!(
+        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
+        params(b)
+    )
+}
+
+/// Filter values are compared with captured values, which the worker
+/// normalises the same way (timestamps to UTC).
+fn normalise(kind: Kind, value: Value) -> Value {
+    match (kind, value) {
+        (Kind::Timestamptz, Value::String(s)) => Value::String(realtime::changes::value::timestamptz_to_utc(&s)),
+        (_, v) => v,
+    }
+}
