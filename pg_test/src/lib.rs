@@ -342,3 +342,110 @@ pub fn node_ok(script: &str, env: &[(&str, String)]) -> String {
     );
     stdout
 }
+
+/// A raw WebSocket client speaking vsn 2.0.0, for exact protocol checks.
+pub mod client {
+    use futures_util::{SinkExt, StreamExt};
+    use serde_json::{json, Value};
+    use std::time::Duration;
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+    pub const WAIT: Duration = Duration::from_secs(15);
+
+    pub struct Client {
+        ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+        next_ref: u64,
+    }
+
+    /// A joined channel's reply and the ids of its bindings, in order.
+    pub struct Joined {
+        pub reply: Value,
+        pub ids: Vec<Value>,
+        /// The `system` message that followed (for postgres_changes joins).
+        pub system: Option<Value>,
+    }
+
+    impl Client {
+        pub async fn connect(ws_port: u16, token: &str) -> Client {
+            let url = format!("ws://127.0.0.1:{ws_port}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
+            let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
+            Client { ws, next_ref: 1 }
+        }
+
+        pub async fn send(&mut self, frame: Value) {
+            self.ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+        }
+
+        /// The next text frame, skipping nothing.
+        pub async fn recv(&mut self) -> Value {
+            self.recv_within(WAIT).await.expect("a frame in time")
+        }
+
+        pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+            loop {
+                match tokio::time::timeout(wait, self.ws.next()).await.ok()? {
+                    Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                    Some(Ok(Message::Binary(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
+                    other => panic!("socket ended: {other:?}"),
+                }
+            }
+        }
+
+        /// Joins `topic` with these postgres_changes bindings; waits for the
+        /// reply and, with bindings, the system message after it.
+        pub async fn join(&mut self, topic: &str, bindings: Value, token: &str) -> Joined {
+            let r = self.next_ref.to_string();
+            self.next_ref += 1;
+            let topic = format!("realtime:{topic}");
+            let has_bindings = bindings.as_array().is_some_and(|b| !b.is_empty());
+            self.send(
+                json!([r, r, topic, "phx_join", {"config": {"postgres_changes": bindings}, "access_token": token}]),
+            )
+            .await;
+            let reply = self.recv().await;
+            assert_eq!(reply[3], "phx_reply", "{reply}");
+            let ids = reply[4]["response"]["postgres_changes"]
+                .as_array()
+                .map(|a| a.iter().map(|e| e["id"].clone()).collect())
+                .unwrap_or_default();
+            let system = if has_bindings && reply[4]["status"] == "ok" {
+                Some(self.recv().await)
+            } else {
+                None
+            };
+            Joined { reply, ids, system }
+        }
+
+        /// The next postgres_changes event (other frames are skipped).
+        pub async fn event(&mut self) -> Value {
+            loop {
+                let frame = self.recv().await;
+                if frame[3] == "postgres_changes" {
+                    return frame;
+                }
+            }
+        }
+
+        /// The next `n` events.
+        pub async fn events(&mut self, n: usize) -> Vec<Value> {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                out.push(self.event().await);
+            }
+            out
+        }
+
+        pub async fn heartbeat(&mut self) {
+            self.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
+            loop {
+                let f = self.recv().await;
+                if f[2] == "phoenix" {
+                    assert_eq!(f[4]["status"], "ok");
+                    return;
+                }
+            }
+        }
+    }
+}

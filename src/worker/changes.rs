@@ -11,13 +11,14 @@ use realtime::changes::value::Kind;
 use realtime::changes::wire::Transaction;
 use realtime::join::PostgresChangesBinding;
 use realtime::protocol::Outbound;
+use realtime::server::fanout::{FanoutError, FanoutSender};
 use realtime::server::link::{MainReceiver, MainRequest, Subscribe};
 use realtime::stats::Counters;
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// How long a privilege answer is trusted before it is asked again, so a
 /// REVOKE stops deliveries within this time.
@@ -25,7 +26,10 @@ const PRIVILEGE_TTL: Duration = Duration::from_secs(1);
 
 /// Where a channel's events go, and who it acts as.
 pub struct Sink {
-    tx: mpsc::Sender<Arc<Outbound>>,
+    tx: FanoutSender,
+    /// Events were dropped for this channel (its client is too slow) and
+    /// it was told; cleared once its queue has drained.
+    lagged: Cell<bool>,
     topic: String,
     subtopic: String,
     role: String,
@@ -105,6 +109,7 @@ impl Changes {
                 self.schema_oids.extend(schemas);
                 let sink = Sink {
                     tx: request.sink,
+                    lagged: Cell::new(false),
                     topic: request.key.topic.clone(),
                     subtopic: request.subtopic,
                     role,
@@ -179,9 +184,21 @@ impl Changes {
                         ids: m.ids,
                         data: data.clone(),
                     };
-                    match m.sink.tx.try_send(Arc::new(out)) {
-                        Ok(()) => Counters::incr(&counters.events_delivered),
-                        Err(_) => Counters::incr(&counters.events_dropped),
+                    match m.sink.tx.send(Arc::new(out)) {
+                        Ok(()) => {
+                            Counters::incr(&counters.events_delivered);
+                            if m.sink.lagged.get() && m.sink.tx.pending() == 0 {
+                                m.sink.lagged.set(false);
+                            }
+                        }
+                        Err(FanoutError::Full) => {
+                            Counters::incr(&counters.events_dropped);
+                            if !m.sink.lagged.replace(true) {
+                                let message = "Too many changes are waiting for this client: some were dropped, refetch to catch up";
+                                let _ = m.sink.tx.force(Arc::new(system_error(m.sink, message)));
+                            }
+                        }
+                        Err(FanoutError::Closed) => {}
                     }
                 }
             }
@@ -241,17 +258,22 @@ impl Changes {
     fn notify_loss(&self, relids: &[u32], all: bool) {
         let message = "Some changes could not be delivered (pg_realtime.queue_size was exceeded): refetch to catch up";
         for sink in self.registry.sinks_for(relids, all) {
-            let system = json!({"extension": "postgres_changes", "status": "error", "message": message, "channel": sink.subtopic});
-            let out = Outbound::Frame(realtime::protocol::Frame {
-                join_ref: None,
-                msg_ref: None,
-                topic: sink.topic.clone(),
-                event: "system".into(),
-                payload: realtime::protocol::Payload::Json(system),
-            });
-            let _ = sink.tx.try_send(Arc::new(out));
+            let _ = sink.tx.force(Arc::new(system_error(sink, message)));
         }
     }
+}
+
+/// A `system` error on a channel, `extension: postgres_changes`.
+fn system_error(sink: &Sink, message: &str) -> Outbound {
+    let system =
+        json!({"extension": "postgres_changes", "status": "error", "message": message, "channel": sink.subtopic});
+    Outbound::Frame(realtime::protocol::Frame {
+        join_ref: None,
+        msg_ref: None,
+        topic: sink.topic.clone(),
+        event: "system".into(),
+        payload: realtime::protocol::Payload::Json(system),
+    })
 }
 
 /// Validates a channel's bindings for `role`; returns them ready for the

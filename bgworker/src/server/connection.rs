@@ -1,6 +1,7 @@
 //! One WebSocket connection: its channels, their tokens and expiry timers,
 //! and the Phoenix events of `realtime-protocol.md` §1.5, §2 and §6.
 
+use super::fanout::{fanout, FanoutReceiver, FanoutSender};
 use super::handshake::{self, Accepted};
 use super::hub::Member;
 use super::link::{MainRequest, Subscribe};
@@ -17,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -59,7 +60,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutd
     };
     let Some(accepted) = accepted else { return };
     let id = ctx.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(ctx.options.outbound_queue);
+    let (tx, rx) = fanout(ctx.options.outbound_queue);
     let mut conn = Connection {
         id,
         peer,
@@ -105,7 +106,7 @@ struct Connection {
     ws: WebSocketStream<TcpStream>,
     accepted: Accepted,
     channels: HashMap<String, Channel>,
-    fanout_tx: mpsc::Sender<Arc<Outbound>>,
+    fanout_tx: FanoutSender,
 }
 
 impl Connection {
@@ -113,7 +114,7 @@ impl Connection {
         self.accepted.vsn
     }
 
-    async fn run(&mut self, mut fanout: mpsc::Receiver<Arc<Outbound>>, mut shutdown: watch::Receiver<bool>) {
+    async fn run(&mut self, mut fanout: FanoutReceiver, mut shutdown: watch::Receiver<bool>) {
         let idle_timeout = self.ctx.options.idle_timeout;
         let mut idle_deadline = Instant::now() + idle_timeout;
         let close = loop {

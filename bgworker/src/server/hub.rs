@@ -1,17 +1,17 @@
 //! Which connections have joined which topic, for broadcast fan-out.
 //! Delivering a message costs work proportional to the topic's members.
 
+use super::fanout::{FanoutError, FanoutSender};
 use crate::protocol::Outbound;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 /// A connection's fan-out queue and its id.
 #[derive(Clone, Debug)]
 pub struct Member {
     pub connection: u64,
-    pub tx: mpsc::Sender<Arc<Outbound>>,
+    pub tx: FanoutSender,
 }
 
 #[derive(Default)]
@@ -48,7 +48,7 @@ impl Hub {
         members
             .iter()
             .filter(|m| Some(m.connection) != except)
-            .filter(|m| matches!(m.tx.try_send(message.clone()), Err(mpsc::error::TrySendError::Full(_))))
+            .filter(|m| m.tx.send(message.clone()) == Err(FanoutError::Full))
             .count()
     }
 

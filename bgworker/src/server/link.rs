@@ -2,13 +2,12 @@
 //! may read the catalog and owns the subscription registry. Each request is
 //! queued, then the main thread is woken through the wake-up socket.
 
+use super::fanout::FanoutSender;
 use crate::changes::registry::ChannelKey;
 use crate::join::PostgresChangesBinding;
 use crate::jwt::Claims;
-use crate::protocol::Outbound;
 use crate::wake::Waker;
-use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// The network side's handle on the main thread.
 #[derive(Clone)]
@@ -53,7 +52,7 @@ pub struct Subscribe {
     pub bindings: Vec<(u32, PostgresChangesBinding)>,
     pub claims: Claims,
     /// Where the channel's events go.
-    pub sink: mpsc::Sender<Arc<Outbound>>,
+    pub sink: FanoutSender,
     /// `Err` is the `system` error message for the client.
     pub reply: oneshot::Sender<Result<(), String>>,
 }

@@ -4,6 +4,7 @@
 //! its main thread where errors can be reported to Postgres.
 
 mod connection;
+pub mod fanout;
 mod handshake;
 mod hub;
 pub mod link;
@@ -43,7 +44,8 @@ pub struct Options {
     pub close_grace: Duration,
     /// How long a client may take to complete the HTTP upgrade.
     pub handshake_timeout: Duration,
-    /// Queue length per connection for messages fanned out to it.
+    /// Messages that may wait for one connection (broadcasts and
+    /// postgres_changes); past that they are dropped and the channel told.
     pub outbound_queue: usize,
 }
 
@@ -54,7 +56,7 @@ impl Default for Options {
             idle_timeout: Duration::from_secs(60),
             close_grace: Duration::from_millis(500),
             handshake_timeout: Duration::from_secs(10),
-            outbound_queue: 1024,
+            outbound_queue: 100_000,
         }
     }
 }

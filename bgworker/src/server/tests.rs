@@ -441,7 +441,7 @@ fn fake_main(rx: link::MainReceiver, unsubscribed: std::sync::mpsc::Sender<Strin
                         ids,
                         data: Arc::from(r#"{"type":"INSERT","record":{"id":1}}"#),
                     };
-                    s.sink.try_send(Arc::new(event)).unwrap();
+                    s.sink.send(Arc::new(event)).unwrap();
                 }
                 link::MainRequest::Unsubscribe(key) => unsubscribed.send(key.topic).unwrap(),
             }

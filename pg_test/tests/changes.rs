@@ -1,0 +1,683 @@
+//! postgres_changes end to end: capture, transaction semantics, ordering,
+//! overflow, filters, publication sync and refusals, on real clusters with
+//! raw WebSocket clients (exact frames) — the seed-app suites with
+//! supabase-js are in `seed_app.rs`.
+
+use pg_realtime_e2e::client::{Client, Joined};
+use pg_realtime_e2e::runner::{self, Test};
+use pg_realtime_e2e::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Ctx {
+    c: Cluster,
+    rt: tokio::runtime::Runtime,
+}
+
+const SETUP: &str = r#"
+CREATE EXTENSION pg_realtime;
+CREATE ROLE authenticated NOLOGIN;
+CREATE ROLE outsider NOLOGIN;
+CREATE ROLE admin_bypass NOLOGIN BYPASSRLS;
+CREATE TABLE items (
+  id bigserial PRIMARY KEY, n int, price numeric, name text, u uuid, flag bool, d date,
+  ts timestamptz, doc jsonb, tags text[], blob bytea, note text);
+CREATE TABLE quiet (id bigserial PRIMARY KEY, n int);
+CREATE TABLE counter (id int PRIMARY KEY, v int NOT NULL);
+INSERT INTO counter VALUES (1, 0);
+CREATE TABLE secret_rows (id bigserial PRIMARY KEY, owner text);
+ALTER TABLE secret_rows ENABLE ROW LEVEL SECURITY;
+CREATE TABLE unpublished (id bigserial PRIMARY KEY);
+GRANT SELECT ON items, quiet, counter, secret_rows, unpublished TO authenticated, admin_bypass;
+CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, secret_rows;
+"#;
+
+fn main() {
+    let c = Cluster::start_with(ClusterConfig {
+        settings: vec!["max_prepared_transactions = 5".into()],
+        ..ClusterConfig::default()
+    });
+    c.psql(SETUP);
+    c.wait_for_websocket(Duration::from_secs(10));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tests: &[Test<Ctx>] = &[
+        (
+            "no_encoding_work_without_subscribers",
+            no_encoding_work_without_subscribers,
+        ),
+        (
+            "insert_update_delete_with_typed_values",
+            insert_update_delete_with_typed_values,
+        ),
+        (
+            "rollback_and_savepoint_rollback_are_never_delivered",
+            rollback_and_savepoint_rollback_are_never_delivered,
+        ),
+        (
+            "prepare_transaction_with_captured_changes_fails",
+            prepare_transaction_with_captured_changes_fails,
+        ),
+        (
+            "commit_order_across_concurrent_sessions",
+            commit_order_across_concurrent_sessions,
+        ),
+        (
+            "ten_thousand_row_transaction_complete_and_in_order",
+            ten_thousand_row_transaction_complete_and_in_order,
+        ),
+        ("every_filter_operator_per_type", every_filter_operator_per_type),
+        ("delete_is_filtered_on_the_old_row", delete_is_filtered_on_the_old_row),
+        ("event_kinds_and_schema_wildcards", event_kinds_and_schema_wildcards),
+        (
+            "bad_bindings_are_refused_and_the_socket_stays",
+            bad_bindings_are_refused_and_the_socket_stays,
+        ),
+        (
+            "privileges_and_row_level_security_fail_closed",
+            privileges_and_row_level_security_fail_closed,
+        ),
+        ("overflow_is_signalled", overflow_is_signalled),
+        ("publication_sync_for_each_ddl_form", publication_sync_for_each_ddl_form),
+    ];
+    runner::run(Ctx { c, rt }, tests);
+}
+
+fn user() -> String {
+    token("authenticated", 3600)
+}
+
+async fn subscriber(ctx: &Ctx, topic: &str, bindings: Value) -> (Client, Joined) {
+    let tok = user();
+    let mut client = Client::connect(ctx.c.ws_port, &tok).await;
+    let joined = client.join(topic, bindings, &tok).await;
+    assert_eq!(joined.reply[4]["status"], "ok", "{}", joined.reply);
+    let system = joined.system.clone().unwrap();
+    assert_eq!(system[4]["status"], "ok", "subscription failed: {system}");
+    (client, joined)
+}
+
+fn record(event: &Value) -> &Value {
+    &event[4]["data"]["record"]
+}
+
+fn no_encoding_work_without_subscribers(ctx: &Ctx) {
+    let before = ctx.c.stat("rows_captured");
+    ctx.c
+        .psql("INSERT INTO quiet (n) SELECT g FROM generate_series(1, 500) g");
+    assert_eq!(
+        ctx.c.stat("rows_captured"),
+        before,
+        "rows were encoded with nobody listening"
+    );
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "quiet",
+            json!([{"event": "*", "schema": "public", "table": "quiet"}]),
+        )
+        .await;
+        ctx.c
+            .psql("INSERT INTO quiet (n) SELECT g FROM generate_series(1, 20) g");
+        assert_eq!(client.events(20).await.len(), 20);
+    });
+    assert_eq!(ctx.c.stat("rows_captured"), before + 20);
+}
+
+fn insert_update_delete_with_typed_values(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let (mut client, joined) =
+            subscriber(ctx, "items", json!([{"event": "*", "schema": "public", "table": "items"}])).await;
+        // the reply echoes the entry with an id
+        assert_eq!(joined.reply[4]["response"]["postgres_changes"][0]["table"], "items");
+        ctx.c.psql(
+            "SET TIME ZONE 'Europe/Paris'; INSERT INTO items (id, n, price, name, u, flag, d, ts, doc, tags, blob) VALUES \
+             (1001, 42, 12.50, 'mug', 'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', true, '2025-03-04', '2025-03-04 11:11:12.345+01', \
+              '{\"k\": [1, {\"x\": null}]}', '{a,\"b c\"}', '\\xdeadbeef')",
+        );
+        let insert = client.event().await;
+        assert_eq!(insert[0], Value::Null);
+        assert_eq!(insert[4]["ids"], json!([joined.ids[0]]));
+        let data = &insert[4]["data"];
+        assert_eq!(data["type"], "INSERT");
+        assert_eq!((data["schema"].as_str(), data["table"].as_str()), (Some("public"), Some("items")));
+        assert_eq!(data["errors"], Value::Null);
+        assert!(data.get("old_record").is_none());
+        let ts = data["commit_timestamp"].as_str().unwrap();
+        assert!(ts.ends_with('Z') && ts.len() == 24, "{ts}");
+        let r = &data["record"];
+        assert_eq!(r["id"], 1001);
+        assert_eq!(r["n"], 42);
+        assert_eq!(r["price"].to_string(), "12.50");
+        assert_eq!(r["name"], "mug");
+        assert_eq!(r["u"], "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
+        assert_eq!(r["flag"], true);
+        assert_eq!(r["d"], "2025-03-04");
+        // the writer's TimeZone does not leak: UTC
+        assert_eq!(r["ts"], "2025-03-04T10:11:12.345+00:00");
+        assert_eq!(r["doc"], json!({"k": [1, {"x": null}]}));
+        assert_eq!(r["tags"], json!(["a", "b c"]));
+        assert_eq!(r["blob"], "deadbeef");
+        assert_eq!(r["note"], Value::Null);
+        let columns = data["columns"].as_array().unwrap();
+        assert_eq!(columns[0], json!({"name": "id", "type": "int8"}));
+        assert_eq!(columns[9], json!({"name": "tags", "type": "_text"}));
+
+        // UPDATE: record and the primary key as old_record
+        ctx.c.psql("UPDATE items SET name = 'cup' WHERE id = 1001");
+        let update = client.event().await;
+        assert_eq!(update[4]["data"]["type"], "UPDATE");
+        assert_eq!(record(&update)["name"], "cup");
+        assert_eq!(update[4]["data"]["old_record"], json!({"id": 1001}));
+
+        // a TOASTed value, unchanged by an UPDATE, is still in the record
+        let long = "x".repeat(100_000);
+        ctx.c.psql(&format!("UPDATE items SET note = '{long}' WHERE id = 1001"));
+        assert_eq!(record(&client.event().await)["note"].as_str().unwrap().len(), 100_000);
+        ctx.c.psql("UPDATE items SET n = 43 WHERE id = 1001");
+        let r = client.event().await;
+        assert_eq!(record(&r)["n"], 43);
+        assert_eq!(record(&r)["note"].as_str().unwrap().len(), 100_000);
+
+        // REPLICA IDENTITY FULL: the whole old row
+        ctx.c.psql("ALTER TABLE items REPLICA IDENTITY FULL; UPDATE items SET n = 44 WHERE id = 1001; ALTER TABLE items REPLICA IDENTITY DEFAULT");
+        let full = client.event().await;
+        assert_eq!(full[4]["data"]["old_record"]["n"], 43);
+        assert_eq!(full[4]["data"]["old_record"]["name"], "cup");
+
+        ctx.c.psql("DELETE FROM items WHERE id = 1001");
+        let delete = client.event().await;
+        assert_eq!(delete[4]["data"]["type"], "DELETE");
+        assert!(delete[4]["data"].get("record").is_none());
+        assert_eq!(delete[4]["data"]["old_record"], json!({"id": 1001}));
+    });
+}
+
+fn rollback_and_savepoint_rollback_are_never_delivered(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "tx",
+            json!([{"event": "INSERT", "schema": "public", "table": "quiet"}]),
+        )
+        .await;
+        ctx.c.psql("BEGIN; INSERT INTO quiet (n) VALUES (-1); ROLLBACK;");
+        ctx.c.psql(
+            "BEGIN; INSERT INTO quiet (n) VALUES (-2); SAVEPOINT a; INSERT INTO quiet (n) VALUES (-3); \
+             SAVEPOINT b; INSERT INTO quiet (n) VALUES (-4); ROLLBACK TO a; INSERT INTO quiet (n) VALUES (-5); \
+             SAVEPOINT c; INSERT INTO quiet (n) VALUES (-6); RELEASE c; COMMIT;",
+        );
+        // an error aborts the transaction and everything it captured
+        let failed = ctx
+            .c
+            .psql_output("BEGIN; INSERT INTO quiet (n) VALUES (-7); SELECT 1/0; COMMIT;");
+        assert!(!failed.status.success());
+        ctx.c.psql("INSERT INTO quiet (n) VALUES (-8)");
+        let got: Vec<Value> = client.events(4).await.iter().map(|e| record(e)["n"].clone()).collect();
+        // -1 rolled back, -3/-4 in a rolled-back savepoint, -7 aborted
+        assert_eq!(got, vec![json!(-2), json!(-5), json!(-6), json!(-8)]);
+    });
+}
+
+fn prepare_transaction_with_captured_changes_fails(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "2pc",
+            json!([{"event": "*", "schema": "public", "table": "quiet"}]),
+        )
+        .await;
+        let out = ctx
+            .c
+            .psql_output("BEGIN; INSERT INTO quiet (n) VALUES (-100); PREPARE TRANSACTION 'rt';");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cannot PREPARE a transaction that changed tables captured by pg_realtime"),
+            "{stderr}"
+        );
+        assert_eq!(ctx.c.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");
+        assert_eq!(ctx.c.psql("SELECT count(*) FROM quiet WHERE n = -100"), "0");
+        // the session and later transactions are unaffected
+        ctx.c.psql("INSERT INTO quiet (n) VALUES (-101)");
+        assert_eq!(record(&client.event().await)["n"], -101);
+    });
+    // tables nobody captures can still use two-phase commit
+    ctx.c
+        .psql("BEGIN; INSERT INTO unpublished DEFAULT VALUES; PREPARE TRANSACTION 'ok';");
+    ctx.c.psql("COMMIT PREPARED 'ok'");
+}
+
+fn commit_order_across_concurrent_sessions(ctx: &Ctx) {
+    const SESSIONS: usize = 4;
+    const EACH: usize = 50;
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "order",
+            json!([{"event": "UPDATE", "schema": "public", "table": "counter"}]),
+        )
+        .await;
+        let start: i64 = ctx.c.psql("SELECT v FROM counter WHERE id = 1").parse().unwrap();
+        // Sessions race to increment one row: the row lock serialises them,
+        // so commit order is the order of the values.
+        let script = "UPDATE counter SET v = v + 1 WHERE id = 1;\n".repeat(EACH);
+        let writers: Vec<_> = (0..SESSIONS)
+            .map(|_| {
+                let (dir, port, script) = (ctx.c.dir.clone(), ctx.c.port, script.clone());
+                std::thread::spawn(move || psql_script(&dir, port, &script))
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let values: Vec<i64> = client
+            .events(SESSIONS * EACH)
+            .await
+            .iter()
+            .map(|e| record(e)["v"].as_i64().unwrap())
+            .collect();
+        let expected: Vec<i64> = (start + 1..=start + (SESSIONS * EACH) as i64).collect();
+        assert_eq!(values, expected);
+    });
+}
+
+/// Runs a script through psql as the cluster owner.
+fn psql_script(dir: &std::path::Path, port: u16, script: &str) {
+    use std::io::Write;
+    let psql = std::path::PathBuf::from(
+        String::from_utf8(
+            std::process::Command::new(pg_config())
+                .arg("--bindir")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim(),
+    )
+    .join("psql");
+    let mut cmd = if is_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(psql);
+        c
+    } else {
+        std::process::Command::new(psql)
+    };
+    let mut child = cmd
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(dir)
+        .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+fn ten_thousand_row_transaction_complete_and_in_order(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "bulk",
+            json!([{"event": "INSERT", "schema": "public", "table": "quiet"}]),
+        )
+        .await;
+        ctx.c
+            .psql("INSERT INTO quiet (n) SELECT g FROM generate_series(1, 10000) g ORDER BY g");
+        let events = client.events(10_000).await;
+        let ns: Vec<i64> = events.iter().map(|e| record(e)["n"].as_i64().unwrap()).collect();
+        assert_eq!(ns, (1..=10_000).collect::<Vec<_>>());
+        // one transaction: one commit timestamp
+        let first = &events[0][4]["data"]["commit_timestamp"];
+        assert!(events.iter().all(|e| &e[4]["data"]["commit_timestamp"] == first));
+    });
+}
+
+fn every_filter_operator_per_type(ctx: &Ctx) {
+    // Each channel has the filtered binding and an unfiltered one, so every
+    // row reaches it and the ids show whether the filter matched.
+    let filters: Vec<(&str, fn(&Value) -> bool)> = vec![
+        ("n=eq.5", |r| r["n"] == 5),
+        ("n=neq.5", |r| !r["n"].is_null() && r["n"] != 5),
+        ("n=lt.5", |r| r["n"].as_i64().is_some_and(|n| n < 5)),
+        ("n=lte.5", |r| r["n"].as_i64().is_some_and(|n| n <= 5)),
+        ("n=gt.5", |r| r["n"].as_i64().is_some_and(|n| n > 5)),
+        ("n=gte.5", |r| r["n"].as_i64().is_some_and(|n| n >= 5)),
+        ("n=in.(1,5,9)", |r| [1, 5, 9].iter().any(|v| r["n"] == *v)),
+        ("n=not.eq.5", |r| !r["n"].is_null() && r["n"] != 5),
+        ("n=not.in.(1,5)", |r| r["n"].as_i64().is_some_and(|n| n != 1 && n != 5)),
+        ("price=gt.10.5", |r| r["price"].as_f64().is_some_and(|p| p > 10.5)),
+        ("price=eq.10", |r| r["price"].as_f64() == Some(10.0)),
+        ("name=eq.b", |r| r["name"] == "b"),
+        ("name=lt.b", |r| r["name"].as_str().is_some_and(|s| s < "b")),
+        ("name=in.(a,\"c,d\")", |r| r["name"] == "a" || r["name"] == "c,d"),
+        ("u=eq.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", |r| {
+            r["u"] == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+        }),
+        ("flag=eq.true", |r| r["flag"] == true),
+        ("flag=neq.true", |r| r["flag"] == false),
+        ("d=lt.2025-06-01", |r| r["d"].as_str().is_some_and(|d| d < "2025-06-01")),
+        ("d=gte.2025-06-01", |r| {
+            r["d"].as_str().is_some_and(|d| d >= "2025-06-01")
+        }),
+        ("ts=gte.2025-01-01T12:00:00+02:00", |r| {
+            r["ts"].as_str().is_some_and(|t| t >= "2025-01-01T10:00:00")
+        }),
+        ("ts=lt.2025-01-01 10:00:00+00", |r| {
+            r["ts"].as_str().is_some_and(|t| t < "2025-01-01T10:00:00")
+        }),
+        ("n=gt.2,name=neq.b", |r| {
+            r["n"].as_i64().is_some_and(|n| n > 2) && r["name"] != "b" && !r["name"].is_null()
+        }),
+    ];
+    let rows = "(1, 1, 'a', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', true, '2025-01-01', '2025-01-01 09:59:59+00'),\
+                (5, 10, 'b', '00000000-0000-0000-0000-000000000000', false, '2025-06-01', '2025-01-01 10:00:00+00'),\
+                (9, 10.75, 'c,d', NULL, true, '2025-12-31', '2025-01-01 13:00:00+02'),\
+                (7, 2, 'B', NULL, NULL, NULL, NULL),\
+                (NULL, NULL, NULL, NULL, NULL, NULL, NULL)";
+    ctx.rt.block_on(async {
+        let tok = user();
+        let mut client = Client::connect(ctx.c.ws_port, &tok).await;
+        let mut channels = Vec::new();
+        for (i, (filter, _)) in filters.iter().enumerate() {
+            let joined = client
+                .join(
+                    &format!("f{i}"),
+                    json!([
+                        {"event": "INSERT", "schema": "public", "table": "items", "filter": filter},
+                        {"event": "INSERT", "schema": "public", "table": "items"}
+                    ]),
+                    &tok,
+                )
+                .await;
+            let system = joined.system.clone().unwrap();
+            assert_eq!(system[4]["status"], "ok", "{filter}: {system}");
+            channels.push((format!("realtime:f{i}"), joined.ids[0].clone()));
+        }
+        ctx.c.psql(&format!(
+            "INSERT INTO items (n, price, name, u, flag, d, ts) VALUES {rows}"
+        ));
+        let events = client.events(filters.len() * 5).await;
+        for (i, (filter, expected)) in filters.iter().enumerate() {
+            let (topic, filtered_id) = &channels[i];
+            let mine: Vec<&Value> = events.iter().filter(|e| &e[2] == topic).collect();
+            assert_eq!(mine.len(), 5, "{filter}");
+            for e in mine {
+                let r = record(e);
+                let matched = e[4]["ids"].as_array().unwrap().contains(filtered_id);
+                assert_eq!(matched, expected(r), "filter {filter} on row {r}");
+            }
+        }
+    });
+}
+
+fn delete_is_filtered_on_the_old_row(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        ctx.c
+            .psql("INSERT INTO items (id, name) VALUES (2001, 'keep'), (2002, 'drop'), (2003, 'drop')");
+        let (mut client, _) = subscriber(
+            ctx,
+            "del",
+            json!([{"event": "DELETE", "schema": "public", "table": "items", "filter": "name=eq.drop"}]),
+        )
+        .await;
+        ctx.c
+            .psql("DELETE FROM items WHERE id IN (2001, 2002); DELETE FROM items WHERE id = 2003");
+        let got: Vec<Value> = client
+            .events(2)
+            .await
+            .iter()
+            .map(|e| e[4]["data"]["old_record"].clone())
+            .collect();
+        // filtered on a non-key column of the old row; old_record is the key
+        assert_eq!(got, vec![json!({"id": 2002}), json!({"id": 2003})]);
+    });
+}
+
+fn event_kinds_and_schema_wildcards(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let (mut client, joined) = subscriber(
+            ctx,
+            "kinds",
+            json!([
+                {"event": "UPDATE", "schema": "public", "table": "quiet"},
+                {"event": "DELETE", "schema": "public"},
+                {"event": "INSERT", "schema": "*"}
+            ]),
+        )
+        .await;
+        let (update_id, delete_id, insert_id) = (&joined.ids[0], &joined.ids[1], &joined.ids[2]);
+        ctx.c.psql("INSERT INTO quiet (id, n) VALUES (900001, 1); UPDATE quiet SET n = 2 WHERE id = 900001; DELETE FROM quiet WHERE id = 900001;");
+        let events = client.events(3).await;
+        assert_eq!(events[0][4]["ids"], json!([insert_id]));
+        assert_eq!(events[1][4]["ids"], json!([update_id]));
+        assert_eq!(events[2][4]["ids"], json!([delete_id]));
+        // one frame per change and channel, listing every matching id
+        let (mut both, j2) = subscriber(
+            ctx,
+            "both",
+            json!([{"event": "*", "schema": "public", "table": "quiet"}, {"event": "INSERT", "schema": "public"}]),
+        )
+        .await;
+        ctx.c.psql("INSERT INTO quiet (n) VALUES (3)");
+        let e = both.event().await;
+        let mut ids = e[4]["ids"].as_array().unwrap().clone();
+        ids.sort_by_key(|v| v.as_u64());
+        let mut expected = j2.ids.clone();
+        expected.sort_by_key(|v| v.as_u64());
+        assert_eq!(ids, expected);
+    });
+}
+
+fn bad_bindings_are_refused_and_the_socket_stays(ctx: &Ctx) {
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"event": "*", "schema": "public", "table": "nope"}),
+            "relation \"public.nope\" does not exist",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "unpublished"}),
+            "Please check Realtime is enabled",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "items", "filter": "nope=eq.1"}),
+            "invalid column for filter nope",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "items", "filter": "n=foo.1"}),
+            "Error parsing `filter` params",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "items", "filter": "n=eq.abc"}),
+            "invalid value for filter n",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "items", "filter": "n=in.1,2"}),
+            "must be wrapped by parentheses",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "items", "filter": "n=eq.1,,n=eq.2"}),
+            "empty segments",
+        ),
+        (
+            json!({"event": "*", "schema": "public", "table": "items", "filter": "doc=gt.1"}),
+            "only eq, neq and in",
+        ),
+        (json!({"event": "*"}), "No subscription params provided"),
+    ];
+    ctx.rt.block_on(async {
+        let tok = user();
+        let mut client = Client::connect(ctx.c.ws_port, &tok).await;
+        let good = client
+            .join(
+                "good",
+                json!([{"event": "INSERT", "schema": "public", "table": "quiet"}]),
+                &tok,
+            )
+            .await;
+        assert_eq!(good.system.unwrap()[4]["status"], "ok");
+        let many: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+        let too_many =
+            json!({"event": "*", "schema": "public", "table": "items", "filter": format!("n=in.({})", many.join(","))});
+        for (i, (binding, expected)) in cases.iter().chain([(too_many, "too many values")].iter()).enumerate() {
+            let joined = client.join(&format!("bad{i}"), json!([binding]), &tok).await;
+            let system = joined.system.unwrap();
+            assert_eq!(system[3], "system");
+            assert_eq!(system[4]["extension"], "postgres_changes");
+            assert_eq!(system[4]["status"], "error", "{binding}");
+            let message = system[4]["message"].as_str().unwrap();
+            assert!(message.contains(expected), "{binding}: {message}");
+        }
+        // the socket and its good channel still work
+        client.heartbeat().await;
+        ctx.c.psql("INSERT INTO quiet (n) VALUES (77)");
+        assert_eq!(record(&client.event().await)["n"], 77);
+    });
+}
+
+fn privileges_and_row_level_security_fail_closed(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        // RLS table, ordinary role: refused
+        let tok = user();
+        let mut client = Client::connect(ctx.c.ws_port, &tok).await;
+        let j = client
+            .join(
+                "rls",
+                json!([{"event": "*", "schema": "public", "table": "secret_rows"}]),
+                &tok,
+            )
+            .await;
+        let system = j.system.unwrap();
+        assert_eq!(system[4]["status"], "error");
+        assert!(
+            system[4]["message"].as_str().unwrap().contains("row-level security"),
+            "{system}"
+        );
+        // a role without SELECT: refused
+        let outsider = token("outsider", 3600);
+        let j = client
+            .join(
+                "nosel",
+                json!([{"event": "*", "schema": "public", "table": "items"}]),
+                &outsider,
+            )
+            .await;
+        assert!(j.system.unwrap()[4]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot SELECT"));
+        // schema-wide: the outsider gets nothing from items, even as rows flow
+        let j = client
+            .join("wide", json!([{"event": "INSERT", "schema": "public"}]), &outsider)
+            .await;
+        assert_eq!(j.system.unwrap()[4]["status"], "ok");
+        // a role that bypasses RLS receives the RLS table's rows
+        let admin = token("admin_bypass", 3600);
+        let j = client
+            .join(
+                "bypass",
+                json!([{"event": "INSERT", "schema": "public", "table": "secret_rows"}]),
+                &admin,
+            )
+            .await;
+        assert_eq!(j.system.unwrap()[4]["status"], "ok");
+        ctx.c
+            .psql("INSERT INTO items (name) VALUES ('for insiders'); INSERT INTO secret_rows (owner) VALUES ('x')");
+        let e = client.event().await;
+        assert_eq!(
+            e[2], "realtime:bypass",
+            "only the bypassing channel hears anything: {e}"
+        );
+        // REVOKE stops deliveries (privileges are re-checked)
+        ctx.c.psql("REVOKE SELECT ON secret_rows FROM admin_bypass");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // past the privilege cache's lifetime, a marker row must not come
+            ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('after revoke')");
+            match client.recv_within(Duration::from_millis(1500)).await {
+                None => break,
+                Some(f) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "still delivering after REVOKE: {f}"
+                ),
+            }
+        }
+        ctx.c.psql("GRANT SELECT ON secret_rows TO admin_bypass");
+    });
+}
+
+fn overflow_is_signalled(_ctx: &Ctx) {
+    // A cluster with the smallest ring: one big transaction cannot fit.
+    let c = Cluster::start_with(ClusterConfig {
+        settings: vec!["pg_realtime.queue_size = 64kB".into()],
+        ..ClusterConfig::default()
+    });
+    c.psql(
+        "CREATE EXTENSION pg_realtime; CREATE ROLE authenticated NOLOGIN; \
+         CREATE TABLE t (id bigserial PRIMARY KEY, body text); GRANT SELECT ON t TO authenticated; \
+         CREATE PUBLICATION supabase_realtime FOR TABLE t;",
+    );
+    c.wait_for_websocket(Duration::from_secs(10));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tok = user();
+        let mut client = Client::connect(c.ws_port, &tok).await;
+        let j = client
+            .join("t", json!([{"event": "*", "schema": "public", "table": "t"}]), &tok)
+            .await;
+        assert_eq!(j.system.unwrap()[4]["status"], "ok");
+        c.psql("INSERT INTO t (body) SELECT repeat('x', 200) FROM generate_series(1, 2000)");
+        let system = client.recv().await;
+        assert_eq!(system[3], "system", "{system}");
+        assert_eq!(system[4]["extension"], "postgres_changes");
+        assert_eq!(system[4]["status"], "error");
+        assert!(system[4]["message"].as_str().unwrap().contains("refetch"));
+        // the backend's memory stayed bounded and the next commit flows again
+        c.psql("INSERT INTO t (body) VALUES ('small')");
+        assert_eq!(record(&client.event().await)["body"], "small");
+    });
+    assert!(c.stat("transactions_lost") >= 1);
+}
+
+fn captured(c: &Cluster) -> String {
+    c.psql("SELECT coalesce(string_agg(format('%s:%s%s%s', relation, inserts::int, updates::int, deletes::int), ' ' ORDER BY relation::text), '') FROM realtime.captured_tables")
+}
+
+fn publication_sync_for_each_ddl_form(_ctx: &Ctx) {
+    let c = Cluster::start();
+    // a publication that exists before CREATE EXTENSION
+    c.psql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); CREATE PUBLICATION supabase_realtime FOR TABLE a;");
+    c.psql("CREATE EXTENSION pg_realtime");
+    assert_eq!(captured(&c), "a:111");
+    c.psql("ALTER PUBLICATION supabase_realtime ADD TABLE b");
+    assert_eq!(captured(&c), "a:111 b:111");
+    c.psql("ALTER PUBLICATION supabase_realtime DROP TABLE a");
+    assert_eq!(captured(&c), "b:111");
+    c.psql("ALTER PUBLICATION supabase_realtime SET TABLE a");
+    assert_eq!(captured(&c), "a:111");
+    c.psql("ALTER PUBLICATION supabase_realtime SET (publish = 'insert, delete')");
+    assert_eq!(captured(&c), "a:101");
+    c.psql("DROP TABLE a");
+    assert_eq!(captured(&c), "");
+    c.psql("DROP PUBLICATION supabase_realtime");
+    c.psql("CREATE PUBLICATION supabase_realtime FOR ALL TABLES");
+    assert_eq!(captured(&c), "b:111");
+    c.psql("CREATE TABLE later (id int PRIMARY KEY)");
+    assert_eq!(captured(&c), "b:111 later:111");
+    c.psql("DROP PUBLICATION supabase_realtime");
+    assert_eq!(captured(&c), "");
+    c.psql("CREATE SCHEMA s; CREATE TABLE s.x (id int PRIMARY KEY); CREATE PUBLICATION supabase_realtime FOR TABLES IN SCHEMA s");
+    assert_eq!(captured(&c), "s.x:111");
+    c.psql("CREATE TABLE s.y (id int PRIMARY KEY)");
+    assert_eq!(captured(&c), "s.x:111 s.y:111");
+    // another publication is not ours
+    c.psql("CREATE PUBLICATION other FOR TABLE b");
+    assert_eq!(captured(&c), "s.x:111 s.y:111");
+}
