@@ -340,7 +340,8 @@ fn ten_thousand_row_transaction_complete_and_in_order(ctx: &Ctx) {
 fn every_filter_operator_per_type(ctx: &Ctx) {
     // Each channel has the filtered binding and an unfiltered one, so every
     // row reaches it and the ids show whether the filter matched.
-    let filters: Vec<(&str, fn(&Value) -> bool)> = vec![
+    type Expect = fn(&Value) -> bool;
+    let filters: Vec<(&str, Expect)> = vec![
         ("n=eq.5", |r| r["n"] == 5),
         ("n=neq.5", |r| !r["n"].is_null() && r["n"] != 5),
         ("n=lt.5", |r| r["n"].as_i64().is_some_and(|n| n < 5)),
