@@ -7,7 +7,7 @@ PG_CONFIG ?= /usr/bin/pg_config
 # Where `cargo pgrx test` keeps its cluster: a directory the postgres user owns.
 PGRX_PGDATA ?= /var/tmp/pg_realtime/pgrx-pgdata
 
-.PHONY: deps install install-release run test lint unit pgtest e2e clean
+.PHONY: deps install install-release run test lint unit pgtest e2e bench clean
 
 deps:
 	scripts/install-deps.sh
@@ -45,3 +45,7 @@ e2e: install-release
 clean:
 	cargo clean
 	rm -rf pg_test/js/node_modules
+
+## Capture overhead and latency benchmarks (see bench/README.md).
+bench: install-release
+	bench/run.sh

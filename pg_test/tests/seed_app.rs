@@ -174,9 +174,8 @@ fn ordinary_users_are_refused_on_rls_tables(ctx: &Ctx) {
         let system = j.system.unwrap();
         assert_eq!(system[4]["status"], "error");
         assert!(system[4]["message"].as_str().unwrap().contains("row-level security"), "{system}");
-        // and nothing arrives for it: after the write, the next frame is the
-        // heartbeat reply (the worker handles the commit before the request
-        // that follows it, so an event would come first)
+        // and nothing arrives for it: the channel holds no subscription, so
+        // the next frame after a write is the heartbeat reply
         ctx.c.psql(&format!(
             "INSERT INTO messages (message, sender_id, recipient_id) VALUES ('hidden', '{SUPPLIER}', '{BUYER}')"
         ));

