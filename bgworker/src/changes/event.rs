@@ -66,67 +66,92 @@ pub fn commit_timestamp(micros: i64) -> String {
     format!("{seconds}.{:0<3}Z", &frac[..frac.len().min(3)])
 }
 
-/// Builds the event for one change.
-pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_record_bytes: usize) -> Event {
-    let record = parse_record(change.record.as_deref(), relation);
-    let old = parse_record(change.old.as_deref(), relation);
-    let filter_row = if change.kind == ChangeKind::Delete {
-        old.clone()
-    } else {
-        record.clone()
-    };
-    let mut data = Map::new();
-    data.insert("schema".into(), json!(relation.schema));
-    data.insert("table".into(), json!(relation.table));
-    data.insert("type".into(), json!(change.kind.as_str()));
-    data.insert("commit_timestamp".into(), json!(commit_timestamp(commit_time_us)));
-    if relation.identity.is_empty() && change.kind != ChangeKind::Delete {
-        data.insert("errors".into(), json!([ERROR_NO_PRIMARY_KEY]));
-        return Event {
+/// A change's rows, parsed: enough to match subscriptions. The `data`
+/// frame is only built (by [`Parsed::data`]) if something matched.
+pub struct Parsed {
+    pub kind: ChangeKind,
+    record: Map<String, Value>,
+    old: Map<String, Value>,
+}
+
+impl Parsed {
+    pub fn new(relation: &Relation, change: &Change) -> Parsed {
+        Parsed {
             kind: change.kind,
-            data: Value::Object(data).to_string(),
-            filter_row,
-        };
+            record: parse_record(change.record.as_deref(), relation),
+            old: parse_record(change.old.as_deref(), relation),
+        }
     }
-    let columns: Vec<Value> = relation
-        .columns
-        .iter()
-        .map(|c| json!({"name": c.name, "type": c.typname}))
-        .collect();
-    data.insert("columns".into(), Value::Array(columns));
-    let mut errors = Vec::new();
-    if change.kind != ChangeKind::Delete {
-        data.insert(
-            "record".into(),
-            Value::Object(limit(record, max_record_bytes, &mut errors)),
-        );
-    }
-    if change.kind != ChangeKind::Insert {
-        let identity_full = relation.identity.len() == relation.columns.len();
-        let old_record = if identity_full {
-            old
+
+    /// The row filters look at: the new row, or the whole old row for DELETE.
+    pub fn filter_row(&self) -> &Map<String, Value> {
+        if self.kind == ChangeKind::Delete {
+            &self.old
         } else {
-            let keep: Vec<&str> = relation
-                .identity
-                .iter()
-                .filter_map(|i| relation.columns.get(*i as usize))
-                .map(|c| c.name.as_str())
-                .collect();
-            old.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
-        };
-        data.insert(
-            "old_record".into(),
-            Value::Object(limit(old_record, max_record_bytes, &mut errors)),
-        );
+            &self.record
+        }
     }
-    errors.dedup();
-    data.insert(
-        "errors".into(),
-        if errors.is_empty() { Value::Null } else { json!(errors) },
-    );
+
+    /// The serialized `data` object.
+    pub fn data(self, relation: &Relation, commit_time_us: i64, max_record_bytes: usize) -> String {
+        let Parsed { kind, record, old } = self;
+        let mut data = Map::new();
+        data.insert("schema".into(), json!(relation.schema));
+        data.insert("table".into(), json!(relation.table));
+        data.insert("type".into(), json!(kind.as_str()));
+        data.insert("commit_timestamp".into(), json!(commit_timestamp(commit_time_us)));
+        if relation.identity.is_empty() && kind != ChangeKind::Delete {
+            data.insert("errors".into(), json!([ERROR_NO_PRIMARY_KEY]));
+            return Value::Object(data).to_string();
+        }
+        let columns: Vec<Value> = relation
+            .columns
+            .iter()
+            .map(|c| json!({"name": c.name, "type": c.typname}))
+            .collect();
+        data.insert("columns".into(), Value::Array(columns));
+        let mut errors = Vec::new();
+        if kind != ChangeKind::Delete {
+            data.insert(
+                "record".into(),
+                Value::Object(limit(record, max_record_bytes, &mut errors)),
+            );
+        }
+        if kind != ChangeKind::Insert {
+            let identity_full = relation.identity.len() == relation.columns.len();
+            let old_record = if identity_full {
+                old
+            } else {
+                let keep: Vec<&str> = relation
+                    .identity
+                    .iter()
+                    .filter_map(|i| relation.columns.get(*i as usize))
+                    .map(|c| c.name.as_str())
+                    .collect();
+                old.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
+            };
+            data.insert(
+                "old_record".into(),
+                Value::Object(limit(old_record, max_record_bytes, &mut errors)),
+            );
+        }
+        errors.dedup();
+        data.insert(
+            "errors".into(),
+            if errors.is_empty() { Value::Null } else { json!(errors) },
+        );
+        Value::Object(data).to_string()
+    }
+}
+
+/// Builds the event for one change at once.
+pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_record_bytes: usize) -> Event {
+    let parsed = Parsed::new(relation, change);
+    let filter_row = parsed.filter_row().clone();
+    let data = parsed.data(relation, commit_time_us, max_record_bytes);
     Event {
         kind: change.kind,
-        data: Value::Object(data).to_string(),
+        data,
         filter_row,
     }
 }
