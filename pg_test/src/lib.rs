@@ -222,6 +222,19 @@ impl Cluster {
             .unwrap()
     }
 
+    /// An interactive psql (stdin and stdout piped), for transactions that
+    /// stay open across steps of a test.
+    pub fn psql_session(&self) -> std::process::Child {
+        as_owner(&self.bin.join("psql"))
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// One counter of `realtime.stats()`.
     pub fn stat(&self, name: &str) -> i64 {
         self.psql(&format!("SELECT value FROM realtime.stats() WHERE name = '{name}'"))

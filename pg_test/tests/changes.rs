@@ -25,11 +25,12 @@ CREATE TABLE items (
 CREATE TABLE quiet (id bigserial PRIMARY KEY, n int);
 CREATE TABLE counter (id int PRIMARY KEY, v int NOT NULL);
 INSERT INTO counter VALUES (1, 0);
+CREATE TABLE late_rows (id int PRIMARY KEY, v int NOT NULL);
 CREATE TABLE secret_rows (id bigserial PRIMARY KEY, owner text);
 ALTER TABLE secret_rows ENABLE ROW LEVEL SECURITY;
 CREATE TABLE unpublished (id bigserial PRIMARY KEY);
-GRANT SELECT ON items, quiet, counter, secret_rows, unpublished TO authenticated, admin_bypass;
-CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, secret_rows;
+GRANT SELECT ON items, quiet, counter, late_rows, secret_rows, unpublished TO authenticated, admin_bypass;
+CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, late_rows, secret_rows;
 "#;
 
 fn main() {
@@ -81,6 +82,10 @@ fn main() {
             privileges_and_row_level_security_fail_closed,
         ),
         ("overflow_is_signalled", overflow_is_signalled),
+        (
+            "writes_before_a_join_that_commit_after_it_are_signalled",
+            writes_before_a_join_that_commit_after_it_are_signalled,
+        ),
         ("publication_sync_for_each_ddl_form", publication_sync_for_each_ddl_form),
     ];
     runner::run(Ctx { c, rt }, tests);
@@ -645,6 +650,38 @@ fn overflow_is_signalled(_ctx: &Ctx) {
         assert_eq!(record(&client.event().await)["body"], "small");
     });
     assert!(c.stat("transactions_lost") >= 1);
+}
+
+/// A transaction writes while nobody listens, a subscriber joins, then the
+/// transaction commits: its rows were never captured, so the subscriber
+/// (for whom SUBSCRIBED means live) is told to refetch instead.
+fn writes_before_a_join_that_commit_after_it_are_signalled(ctx: &Ctx) {
+    use std::io::{BufRead, Write};
+    let mut session = ctx.c.psql_session();
+    let mut stdin = session.stdin.take().unwrap();
+    let mut out = std::io::BufReader::new(session.stdout.take().unwrap()).lines();
+    // (late_rows: no other test subscribes to it)
+    writeln!(stdin, "BEGIN; INSERT INTO late_rows VALUES (1, 1); \\echo written").unwrap();
+    assert_eq!(out.next().unwrap().unwrap(), "written");
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "late",
+            json!([{"event": "*", "schema": "public", "table": "late_rows"}]),
+        )
+        .await;
+        writeln!(stdin, "COMMIT; \\echo committed").unwrap();
+        assert_eq!(out.next().unwrap().unwrap(), "committed");
+        let notice = client.recv().await;
+        assert_eq!(notice[3], "system", "{notice}");
+        assert_eq!(notice[4]["status"], "error");
+        assert!(notice[4]["message"].as_str().unwrap().contains("refetch"), "{notice}");
+        // later commits flow normally
+        ctx.c.psql("UPDATE late_rows SET v = 2 WHERE id = 1");
+        assert_eq!(record(&client.event().await)["v"], 2);
+    });
+    drop(stdin);
+    assert!(session.wait().unwrap().success());
 }
 
 fn captured(c: &Cluster) -> String {

@@ -44,6 +44,10 @@ struct TxnBuffer {
     /// relations are kept, to tell their subscribers.
     overflowed: bool,
     touched: BTreeSet<u32>,
+    /// Relations whose rows were skipped because nobody listened then. If
+    /// someone listens by commit time, they subscribed while this
+    /// transaction ran and may expect its rows: they are told to refetch.
+    skipped: Vec<(u32, u32)>,
 }
 
 impl TxnBuffer {
@@ -70,6 +74,20 @@ fn interested(relid: pg_sys::Oid) -> bool {
     if !crate::preloaded() {
         return false;
     }
+    if relation_has_interest(relid) {
+        return true;
+    }
+    ensure_callbacks();
+    let seen = TXN.with(|t| t.borrow().skipped.iter().any(|(r, _)| *r == relid.to_u32()));
+    if !seen {
+        // SAFETY: a syscache look-up by OID, once per relation and transaction.
+        let namespace = unsafe { pg_sys::get_rel_namespace(relid) }.to_u32();
+        TXN.with(|t| t.borrow_mut().skipped.push((relid.to_u32(), namespace)));
+    }
+    false
+}
+
+fn relation_has_interest(relid: pg_sys::Oid) -> bool {
     let interest = crate::shmem::interest();
     if interest.any(&[relid.to_u32()]) {
         return true;
@@ -197,7 +215,21 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             .report(PgLogLevel::ERROR);
         }
         XACT_EVENT_COMMIT => {
-            let txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
+            let mut txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
+            let skipped = std::mem::take(&mut txn.skipped);
+            if !skipped.is_empty() {
+                // Reading shared atomics only: nothing here can fail.
+                let interest = crate::shmem::interest();
+                let missed: Vec<u32> = skipped
+                    .into_iter()
+                    .filter(|(r, nsp)| interest.any(&[*r, *nsp]))
+                    .map(|(r, _)| r)
+                    .collect();
+                if !missed.is_empty() {
+                    crate::shmem::ring().record_loss(missed);
+                    crate::shmem::wake_worker();
+                }
+            }
             if !txn.is_empty() {
                 // Nothing may raise after the commit record: a panic here is
                 // caught and counted as a loss instead.

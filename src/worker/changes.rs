@@ -259,7 +259,8 @@ impl Changes {
     /// Tells every channel subscribed to one of `relids` (or to anything,
     /// with `all`) that changes were lost, so it can refetch.
     fn notify_loss(&self, relids: &[u32], all: bool) {
-        let message = "Some changes could not be delivered (pg_realtime.queue_size was exceeded): refetch to catch up";
+        let message = "Some changes may not have been delivered (the realtime queue overflowed, or they were written \
+                       while this subscription was being set up): refetch to catch up";
         for sink in self.registry.sinks_for(relids, all) {
             let _ = sink.tx.force(Arc::new(system_error(sink, message)));
         }
