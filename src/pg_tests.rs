@@ -30,6 +30,8 @@ fn settings_and_defaults() {
     assert_eq!(setting("pg_realtime.max_channels_per_connection"), "100");
     assert_eq!(setting("pg_realtime.jwt_secret"), "");
     assert_eq!(setting("pg_realtime.jwks"), "");
+    assert_eq!(setting("pg_realtime.queue_size"), "16MB");
+    assert_eq!(setting("pg_realtime.max_record_bytes"), "1MB");
 }
 
 #[pg_test]
@@ -37,7 +39,7 @@ fn settings_contexts() {
     let context = |name: &str| {
         Spi::get_one::<String>(&format!("SELECT context FROM pg_settings WHERE name = '{name}'")).unwrap().unwrap()
     };
-    for name in ["pg_realtime.port", "pg_realtime.listen_addresses", "pg_realtime.database"] {
+    for name in ["pg_realtime.port", "pg_realtime.listen_addresses", "pg_realtime.database", "pg_realtime.queue_size"] {
         assert_eq!(context(name), "postmaster", "{name}");
     }
     for name in [
@@ -46,6 +48,7 @@ fn settings_contexts() {
         "pg_realtime.publication",
         "pg_realtime.max_connections",
         "pg_realtime.max_channels_per_connection",
+        "pg_realtime.max_record_bytes",
     ] {
         assert_eq!(context(name), "sighup", "{name}");
     }
@@ -89,4 +92,24 @@ fn stats_lists_the_counters() {
     for expected in ["connections_open", "channels_joined", "malformed_frames", "oversized_frames", "network_panics"] {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
+}
+
+#[pg_test]
+fn capture_objects_exist() {
+    for object in [
+        "SELECT 'realtime.capture_changes()'::regprocedure::text",
+        "SELECT 'realtime.sync_captured_tables()'::regprocedure::text",
+        "SELECT 'realtime.captured_tables'::regclass::text",
+    ] {
+        assert!(Spi::get_one::<String>(object).unwrap().is_some(), "{object}");
+    }
+    let triggers = Spi::get_one::<i64>("SELECT count(*) FROM pg_event_trigger WHERE evtname = 'pg_realtime_sync'");
+    assert_eq!(triggers, Ok(Some(1)));
+}
+
+#[pg_test]
+fn nobody_listens_to_a_fresh_table() {
+    Spi::run("CREATE TABLE fresh (id int PRIMARY KEY)").unwrap();
+    let interested = Spi::get_one::<bool>("SELECT realtime.interested('fresh'::regclass)");
+    assert_eq!(interested, Ok(Some(false)));
 }

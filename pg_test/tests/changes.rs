@@ -715,7 +715,15 @@ fn publication_sync_for_each_ddl_form(_ctx: &Ctx) {
     assert_eq!(captured(&c), "s.x:111");
     c.psql("CREATE TABLE s.y (id int PRIMARY KEY)");
     assert_eq!(captured(&c), "s.x:111 s.y:111");
-    // another publication is not ours
+    // another publication is not ours...
     c.psql("CREATE PUBLICATION other FOR TABLE b");
     assert_eq!(captured(&c), "s.x:111 s.y:111");
+    // ...until pg_realtime.publication names it: the worker switches on reload
+    c.psql("ALTER SYSTEM SET pg_realtime.publication = 'other'");
+    c.psql("SELECT pg_reload_conf()");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while captured(&c) != "b:111" {
+        assert!(std::time::Instant::now() < deadline, "still capturing {}", captured(&c));
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

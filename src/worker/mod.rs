@@ -214,9 +214,24 @@ impl MainLoop {
     /// SIGHUP: re-read the configuration and hand the server its new
     /// settings; connections stay open.
     fn reload(&mut self) {
+        let publication = crate::gucs::publication();
         // SAFETY: called on the main thread, outside any transaction, as
         // Postgres's own processes do on SIGHUP.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        if crate::gucs::publication() != publication {
+            // Another publication: capture exactly its tables from now on.
+            let synced = BackgroundWorker::transaction(|| {
+                catalog::catching(|| Spi::run("SELECT realtime.sync_captured_tables()"))
+            });
+            match synced {
+                Ok(Ok(())) => log!(
+                    "pg_realtime: now capturing publication \"{}\"",
+                    crate::gucs::publication()
+                ),
+                Ok(Err(e)) => warning!("pg_realtime: could not switch publications: {e}"),
+                Err(e) => warning!("pg_realtime: could not switch publications: {e}"),
+            }
+        }
         let (settings, problem) = crate::gucs::server_settings();
         report_settings(&settings, problem);
         self.ctx.update_settings(settings);
