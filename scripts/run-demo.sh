@@ -64,6 +64,7 @@ mint() { python3 "$ROOT/scripts/jwt.py" --secret "$JWT_SECRET" "$@"; }
 ANON_KEY=$(mint --role anon)
 BUYER_TOKEN=$(mint --role authenticated --sub 11111111-1111-1111-1111-111111111111)
 SUPPLIER_TOKEN=$(mint --role authenticated --sub 22222222-2222-2222-2222-222222222222)
+SERVICE_KEY=$(mint --role service_role)
 
 # The README's snippet with this demo's values, ready to run.
 SNIPPET=${SNIPPET:-$ROOT/pg_test/js/demo-snippet.mjs}
@@ -83,6 +84,10 @@ pg_realtime demo is running.
                    (sub 11111111-1111-1111-1111-111111111111)
   supplier token   $SUPPLIER_TOKEN
                    (sub 22222222-2222-2222-2222-222222222222)
+  service_role key $SERVICE_KEY
+                   (bypasses row-level security: server-side use only; until
+                   per-row checks land, the demo's RLS tables deliver
+                   postgres_changes to this role only)
   psql             psql -h localhost -p $PGPORT -U postgres postgres
 
 Try it with supabase-js under Node 22 (the README's snippet with this key):
