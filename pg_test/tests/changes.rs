@@ -81,6 +81,10 @@ fn main() {
             "privileges_and_row_level_security_fail_closed",
             privileges_and_row_level_security_fail_closed,
         ),
+        (
+            "token_refresh_switches_the_identity",
+            token_refresh_switches_the_identity,
+        ),
         ("overflow_is_signalled", overflow_is_signalled),
         (
             "writes_before_a_join_that_commit_after_it_are_signalled",
@@ -613,6 +617,48 @@ fn privileges_and_row_level_security_fail_closed(ctx: &Ctx) {
             }
         }
         ctx.c.psql("GRANT SELECT ON secret_rows TO admin_bypass");
+    });
+}
+
+fn token_refresh_switches_the_identity(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let admin = token("admin_bypass", 3600);
+        let mut client = Client::connect(ctx.c.ws_port, &admin).await;
+        let j = client
+            .join(
+                "refresh",
+                json!([{"event": "INSERT", "schema": "public", "table": "secret_rows"}]),
+                &admin,
+            )
+            .await;
+        assert_eq!(j.system.unwrap()[4]["status"], "ok");
+        ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('before')");
+        assert_eq!(record(&client.event().await)["owner"], "before");
+        // the same channel now acts as an ordinary user: RLS table, refused
+        client
+            .send(json!(["1", "9", "realtime:refresh", "access_token", {"access_token": user()}]))
+            .await;
+        let system = client.recv().await;
+        assert_eq!(system[3], "system", "{system}");
+        assert_eq!(system[4]["status"], "error");
+        assert!(
+            system[4]["message"].as_str().unwrap().contains("row-level security"),
+            "{system}"
+        );
+        // and nothing more arrives on it (it holds no subscription): the next
+        // frame after a write is the heartbeat reply
+        ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('after')");
+        client.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
+        let next = client.recv().await;
+        assert_eq!(next[2], "phoenix", "{next}");
+        // back to the bypassing identity: subscribed again
+        client
+            .send(json!(["1", "10", "realtime:refresh", "access_token", {"access_token": token("admin_bypass", 7200)}]))
+            .await;
+        let system = client.recv().await;
+        assert_eq!(system[4]["status"], "ok", "{system}");
+        ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('again')");
+        assert_eq!(record(&client.event().await)["owner"], "again");
     });
 }
 

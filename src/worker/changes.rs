@@ -107,6 +107,14 @@ impl Changes {
         match validated {
             Ok((bindings, _bypass_rls, schemas)) => {
                 self.schema_oids.extend(schemas);
+                // Validation has just established that the role may read
+                // these tables: that answer is fresh.
+                let now = Instant::now();
+                for binding in &bindings {
+                    if let Target::Table(relid) = binding.target {
+                        self.allowed.insert((role.clone(), relid), (true, now));
+                    }
+                }
                 let sink = Sink {
                     tx: request.sink,
                     lagged: Cell::new(false),

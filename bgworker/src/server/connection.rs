@@ -438,8 +438,47 @@ impl Connection {
         match self.ctx.settings().verifier.verify(token, jwt::now()) {
             Ok(claims) => {
                 channel.token = token.to_owned();
+                let identity_changed = channel.claims.all != claims.all;
                 channel.claims = claims;
-                Ok(())
+                // (also after a refused subscription: the new identity may
+                // be allowed)
+                if channel.config.postgres_changes.is_empty() || !identity_changed {
+                    return Ok(());
+                }
+                // The subscription acts as the new identity from now on: the
+                // main thread re-validates it (and replaces the old one), as
+                // Supabase re-subscribes on a refresh.
+                let channel = self.channels.get(&frame.topic).expect("present");
+                let ids: Vec<u32> = channel
+                    .config
+                    .postgres_changes
+                    .iter()
+                    .map(|b| {
+                        registry::binding_id(&b.event, b.schema.as_deref(), b.table.as_deref(), b.filter.as_deref())
+                    })
+                    .collect();
+                let (join_ref, subtopic) = (channel.join_ref().to_owned(), channel.subtopic.clone());
+                let result = self.subscribe(&frame.topic, channel, &ids).await;
+                if let Some(channel) = self.channels.get_mut(&frame.topic) {
+                    channel.subscribed = result.is_ok();
+                }
+                if result.is_err() {
+                    // the old subscription must not outlive its identity
+                    if let Some(main) = &self.ctx.main {
+                        main.send(MainRequest::Unsubscribe(ChannelKey {
+                            connection: self.id,
+                            topic: frame.topic.clone(),
+                        }));
+                    }
+                }
+                let (status, message) = match result {
+                    Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
+                    Err(message) => ("error", message),
+                };
+                let system =
+                    json!({"extension": "postgres_changes", "status": status, "message": message, "channel": subtopic});
+                self.send(&Outbound::push(&join_ref, &frame.topic, "system", system))
+                    .await
             }
             Err(e) => self.end_channel(&frame.topic, &e).await,
         }

@@ -491,6 +491,15 @@ async fn postgres_changes_subscribe_through_the_main_thread() {
     assert_eq!(event[3], "postgres_changes");
     assert_eq!(event[4]["ids"], json!([id]));
     assert_eq!(event[4]["data"]["record"], json!({"id": 1}));
+    // a refresh to another identity re-subscribes: a new system message
+    let other = hs256(SECRET, json!({"role": "service_role", "exp": jwt::now() + 60}));
+    send(
+        &mut c,
+        json!(["1", "3", "realtime:a", "access_token", {"access_token": other}]),
+    )
+    .await;
+    assert_eq!(recv(&mut c).await[4]["message"], "Subscribed to PostgreSQL");
+    assert_eq!(recv(&mut c).await[3], "postgres_changes");
     send(&mut c, json!(["1", "2", "realtime:a", "phx_leave", {}])).await;
     assert_eq!(recv(&mut c).await[4]["status"], "ok");
     assert_eq!(unsub_rx.recv_timeout(WAIT).unwrap(), "realtime:a");
