@@ -32,6 +32,13 @@ use std::collections::{BTreeSet, HashMap};
 /// Microseconds between the Unix epoch and Postgres's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
+/// A relation's description and row encoder, cached per backend.
+#[derive(Clone)]
+struct Described {
+    relation: Relation,
+    encoders: std::rc::Rc<Vec<encode::ColumnEncoder>>,
+}
+
 /// What the current transaction captured so far.
 #[derive(Default)]
 struct TxnBuffer {
@@ -62,7 +69,7 @@ thread_local! {
     static CALLBACKS: Cell<bool> = const { Cell::new(false) };
     /// Relation descriptions, kept across transactions until the relcache
     /// says the relation changed.
-    static DESCRIBED: RefCell<HashMap<u32, Relation>> = RefCell::new(HashMap::new());
+    static DESCRIBED: RefCell<HashMap<u32, Described>> = RefCell::new(HashMap::new());
 }
 
 /// Whether anyone subscribes to the relation (or its schema): the capture
@@ -123,17 +130,29 @@ fn capture_changes<'a>(
         return Ok(None);
     };
     ensure_callbacks();
+    let cached = DESCRIBED.with(|cache| cache.borrow().get(&relid.to_u32()).cloned());
+    let described = cached.unwrap_or_else(|| {
+        // Catalog look-ups may process invalidations (and so run
+        // on_relcache): no borrow of the cache is held here.
+        // SAFETY: `rel` is open for the duration of the trigger call.
+        let described = unsafe {
+            Described {
+                relation: encode::describe(rel),
+                encoders: std::rc::Rc::new(encode::encoders((*rel).rd_att)),
+            }
+        };
+        DESCRIBED.with(|cache| cache.borrow_mut().insert(relid.to_u32(), described.clone()));
+        described
+    });
     // SAFETY: the tuples belong to this trigger call and match the
-    // relation's descriptor.
+    // relation's descriptor, which the encoders were made for.
     let (record, old) = unsafe {
         let desc = (*rel).rd_att;
+        let row = |tuple| encode::row_json(tuple, desc, &described.encoders);
         match kind {
-            ChangeKind::Insert => (Some(encode::row_json(data.tg_trigtuple, desc)), None),
-            ChangeKind::Update => (
-                Some(encode::row_json(data.tg_newtuple, desc)),
-                Some(encode::row_json(data.tg_trigtuple, desc)),
-            ),
-            ChangeKind::Delete => (None, Some(encode::row_json(data.tg_trigtuple, desc))),
+            ChangeKind::Insert => (Some(row(data.tg_trigtuple)), None),
+            ChangeKind::Update => (Some(row(data.tg_newtuple)), Some(row(data.tg_trigtuple))),
+            ChangeKind::Delete => (None, Some(row(data.tg_trigtuple))),
         }
     };
     Counters::incr(&crate::shmem::counters().rows_captured);
@@ -149,17 +168,8 @@ fn capture_changes<'a>(
         let relation = match txn.index.get(&relid.to_u32()) {
             Some(i) => *i,
             None => {
-                let cached = DESCRIBED.with(|cache| cache.borrow().get(&relid.to_u32()).cloned());
-                let described = cached.unwrap_or_else(|| {
-                    // Catalog look-ups may process invalidations (and so run
-                    // on_relcache): no borrow of the cache is held here.
-                    // SAFETY: `rel` is open for the duration of the trigger call.
-                    let described = unsafe { encode::describe(rel) };
-                    DESCRIBED.with(|cache| cache.borrow_mut().insert(relid.to_u32(), described.clone()));
-                    described
-                });
                 let i = txn.relations.len() as u16;
-                txn.relations.push(described);
+                txn.relations.push(described.relation.clone());
                 txn.index.insert(relid.to_u32(), i);
                 i
             }

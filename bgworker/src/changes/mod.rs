@@ -3,6 +3,7 @@
 
 pub mod event;
 pub mod filter;
+pub mod json;
 pub mod registry;
 pub mod value;
 pub mod wire;
