@@ -101,35 +101,62 @@ WORKER_PID=$(psql_b -t -A -c "SELECT pid FROM pg_stat_activity WHERE backend_typ
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
 
-tps() {  # variant -> TPS
-  as_pg "$BIN/pgbench" -n -h "$DIR" -p "$PGPORT" -U postgres -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" \
-    -f "$DIR/insert_$1.sql" postgres 2>/dev/null | awk '/^tps = / {print $3}'
+POSTMASTER_PID=$(head -1 "$DIR/data/postmaster.pid")
+# CPU of the server's processes: the backends pgbench used (exited, so
+# counted in the postmaster's reaped-children time) plus the realtime worker.
+server_ticks() {
+  echo $(( $(awk '{print $16 + $17}' "/proc/$POSTMASTER_PID/stat") + $(cpu_ticks "$WORKER_PID") ))
 }
 
-declare -A runs worker_cpu
+# pgbench's backends exit when it does; their CPU reaches the postmaster's
+# reaped-children total once the postmaster has reaped them.
+backends_gone() {
+  for _ in $(seq 200); do
+    pgrep -P "$POSTMASTER_PID" -f "postgres: postgres postgres" >/dev/null || return 0
+    sleep 0.01
+  done
+}
+
+pgbench_run() {  # variant -> "TPS transactions"
+  as_pg "$BIN/pgbench" -n -h "$DIR" -p "$PGPORT" -U postgres -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" \
+    -f "$DIR/insert_$1.sql" postgres 2>/dev/null \
+    | awk '/^tps = / {tps = $3} /number of transactions actually processed/ {split($0, f, ": "); n = f[2]} END {print tps, n}'
+}
+
+declare -A runs worker_cpu server_us
 echo "pgbench: $ROUNDS rounds x ($VARIANTS), ${SECONDS_PER_RUN}s each, $CLIENTS clients, synchronous_commit=off"
 for round in $(seq "$ROUNDS"); do
   for t in $VARIANTS; do
     before=$(cpu_ticks "$WORKER_PID")
-    v=$(tps "$t")
+    server_before=$(server_ticks)
+    read -r v n <<< "$(pgbench_run "$t")"
+    backends_gone
     after=$(cpu_ticks "$WORKER_PID")
+    server_after=$(server_ticks)
     runs[$t]="${runs[$t]:-} $v"
     # the realtime worker's CPU during the run, as a share of one core
     w=$(awk -v d=$((after - before)) -v hz="$TICKS" -v s="$SECONDS_PER_RUN" 'BEGIN {printf "%.0f", 100 * d / hz / s}')
     worker_cpu[$t]="${worker_cpu[$t]:-} $w"
-    printf '  round %s  (%s)  %10.1f tps   worker CPU %3s%% of a core\n' "$round" "$t" "$v" "$w"
+    # server CPU per transaction, in microseconds (steal time and the
+    # client's own CPU are not in it, so it is steadier than TPS here)
+    u=$(awk -v d=$((server_after - server_before)) -v hz="$TICKS" -v n="$n" 'BEGIN {printf "%.1f", 1e6 * d / hz / n}')
+    server_us[$t]="${server_us[$t]:-} $u"
+    printf '  round %s  (%s)  %10.1f tps   server CPU %6s us/txn   worker CPU %3s%% of a core\n' "$round" "$t" "$v" "$u" "$w"
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 a=$(echo "${runs[a]}" | median)
 echo
-echo "median TPS and ratio to (a):"
+ua=$(echo "${server_us[a]}" | median)
+echo "median TPS and ratio to (a); server CPU per transaction and (a)'s divided by it:"
 for t in $VARIANTS; do
   m=$(echo "${runs[$t]}" | median)
+  u=$(echo "${server_us[$t]}" | median)
   label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";;
           d) echo "pg_notify(row_to_json)";; e) echo "capture + full delivery";; esac)
-  printf '  (%s) %-24s %10.1f tps   ratio %.3f\n' "$t" "$label" "$m" "$(awk -v m="$m" -v a="$a" 'BEGIN {print m / a}')"
+  printf '  (%s) %-24s %10.1f tps   ratio %.3f   %6.1f us/txn   CPU ratio %.3f\n' "$t" "$label" "$m" \
+    "$(awk -v m="$m" -v a="$a" 'BEGIN {print m / a}')" "$u" "$(awk -v u="$u" -v a="$ua" 'BEGIN {print a / u}')"
 done
 delivered=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_delivered'")
 dropped=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_dropped'")
