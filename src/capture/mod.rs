@@ -72,26 +72,24 @@ thread_local! {
     static DESCRIBED: RefCell<HashMap<u32, Described>> = RefCell::new(HashMap::new());
 }
 
-/// Whether anyone subscribes to the relation (or its schema): the capture
-/// trigger's WHEN clause, so that rows nobody listens to do not even queue
-/// an AFTER trigger event. Lock-free; the schema is looked up only when some
-/// subscription is schema-wide.
+/// Whether anyone subscribes to the relation (or its schema), as the
+/// capture trigger sees it; for diagnostics and tests.
 #[pg_extern(stable, parallel_safe)]
 fn interested(relid: pg_sys::Oid) -> bool {
-    if !crate::preloaded() {
-        return false;
-    }
-    if relation_has_interest(relid) {
-        return true;
-    }
+    crate::preloaded() && relation_has_interest(relid)
+}
+
+/// Notes that this transaction wrote rows of `relid` while nobody listened:
+/// if someone listens by commit time, they subscribed while it ran and may
+/// expect its rows, so they are told to refetch (see `on_xact`).
+fn note_skipped(relid: u32, namespace: u32) {
     ensure_callbacks();
-    let seen = TXN.with(|t| t.borrow().skipped.iter().any(|(r, _)| *r == relid.to_u32()));
-    if !seen {
-        // SAFETY: a syscache look-up by OID, once per relation and transaction.
-        let namespace = unsafe { pg_sys::get_rel_namespace(relid) }.to_u32();
-        TXN.with(|t| t.borrow_mut().skipped.push((relid.to_u32(), namespace)));
-    }
-    false
+    TXN.with(|t| {
+        let mut t = t.borrow_mut();
+        if !t.skipped.iter().any(|(r, _)| *r == relid) {
+            t.skipped.push((relid, namespace));
+        }
+    });
 }
 
 fn relation_has_interest(relid: pg_sys::Oid) -> bool {
@@ -117,6 +115,7 @@ fn capture_changes<'a>(
     // SAFETY: tg_relation is the open relation the trigger fired on.
     let (relid, namespace) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relnamespace) };
     if !crate::shmem::interest().any(&[relid.to_u32(), namespace.to_u32()]) {
+        note_skipped(relid.to_u32(), namespace.to_u32());
         return Ok(None);
     }
     let event = trigger.event();
