@@ -299,6 +299,28 @@ impl Outbound {
         })
     }
 
+    /// A `system` message on a channel (`realtime-protocol.md` §2.5):
+    /// `extension` is `system` or `postgres_changes`, `status` `ok` or
+    /// `error`. `join_ref` is the channel's, or `None` for fan-out.
+    pub fn system(
+        join_ref: Option<&str>,
+        topic: &str,
+        extension: &str,
+        status: &str,
+        message: &str,
+        subtopic: &str,
+    ) -> Outbound {
+        Outbound::Frame(Frame {
+            join_ref: join_ref.map(str::to_owned),
+            msg_ref: None,
+            topic: topic.to_owned(),
+            event: "system".into(),
+            payload: Payload::Json(
+                json!({"extension": extension, "status": status, "message": message, "channel": subtopic}),
+            ),
+        })
+    }
+
     /// `phx_close` for a channel: `ref = join_ref`, so realtime-js accepts it.
     pub fn close(join_ref: &str, topic: &str) -> Outbound {
         Outbound::Frame(Frame {

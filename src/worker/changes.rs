@@ -14,7 +14,7 @@ use realtime::protocol::Outbound;
 use realtime::server::fanout::{FanoutError, FanoutSender};
 use realtime::server::link::{MainReceiver, MainRequest, Subscribe};
 use realtime::stats::Counters;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -277,15 +277,7 @@ impl Changes {
 
 /// A `system` error on a channel, `extension: postgres_changes`.
 fn system_error(sink: &Sink, message: &str) -> Outbound {
-    let system =
-        json!({"extension": "postgres_changes", "status": "error", "message": message, "channel": sink.subtopic});
-    Outbound::Frame(realtime::protocol::Frame {
-        join_ref: None,
-        msg_ref: None,
-        topic: sink.topic.clone(),
-        event: "system".into(),
-        payload: realtime::protocol::Payload::Json(system),
-    })
+    Outbound::system(None, &sink.topic, "postgres_changes", "error", message, &sink.subtopic)
 }
 
 /// Validates a channel's bindings for `role`; returns them ready for the

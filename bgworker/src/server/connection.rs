@@ -267,12 +267,7 @@ impl Connection {
                     .await;
             }
         };
-        let ids: Vec<u32> = channel
-            .config
-            .postgres_changes
-            .iter()
-            .map(|b| registry::binding_id(&b.event, b.schema.as_deref(), b.table.as_deref(), b.filter.as_deref()))
-            .collect();
+        let ids = binding_ids(&channel.config);
         // postgres_changes: the main thread validates the bindings and starts
         // delivery before we reply, so SUBSCRIBED means live.
         let subscription = if ids.is_empty() {
@@ -316,13 +311,7 @@ impl Connection {
                 .await?;
         }
         if let Some(result) = subscription {
-            let (status, message) = match result {
-                Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
-                Err(message) => ("error", message),
-            };
-            let system =
-                json!({"extension": "postgres_changes", "status": status, "message": message, "channel": subtopic});
-            self.send(&Outbound::push(&join_ref, &frame.topic, "system", system))
+            self.send(&subscription_status(&join_ref, &frame.topic, &subtopic, result))
                 .await?;
         }
         Ok(())
@@ -449,14 +438,7 @@ impl Connection {
                 // main thread re-validates it (and replaces the old one), as
                 // Supabase re-subscribes on a refresh.
                 let channel = self.channels.get(&frame.topic).expect("present");
-                let ids: Vec<u32> = channel
-                    .config
-                    .postgres_changes
-                    .iter()
-                    .map(|b| {
-                        registry::binding_id(&b.event, b.schema.as_deref(), b.table.as_deref(), b.filter.as_deref())
-                    })
-                    .collect();
+                let ids = binding_ids(&channel.config);
                 let (join_ref, subtopic) = (channel.join_ref().to_owned(), channel.subtopic.clone());
                 let result = self.subscribe(&frame.topic, channel, &ids).await;
                 if let Some(channel) = self.channels.get_mut(&frame.topic) {
@@ -471,13 +453,7 @@ impl Connection {
                         }));
                     }
                 }
-                let (status, message) = match result {
-                    Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
-                    Err(message) => ("error", message),
-                };
-                let system =
-                    json!({"extension": "postgres_changes", "status": status, "message": message, "channel": subtopic});
-                self.send(&Outbound::push(&join_ref, &frame.topic, "system", system))
+                self.send(&subscription_status(&join_ref, &frame.topic, &subtopic, result))
                     .await
             }
             Err(e) => self.end_channel(&frame.topic, &e).await,
@@ -511,14 +487,15 @@ impl Connection {
             return Ok(());
         };
         Counters::incr(&self.ctx.counters.tokens_rejected);
-        let system = json!({
-            "extension": "system",
-            "status": "error",
-            "message": error.to_string(),
-            "channel": channel.subtopic,
-        });
-        self.send(&Outbound::push(channel.join_ref(), topic, "system", system))
-            .await?;
+        let system = Outbound::system(
+            Some(channel.join_ref()),
+            topic,
+            "system",
+            "error",
+            &error.to_string(),
+            &channel.subtopic,
+        );
+        self.send(&system).await?;
         self.send(&Outbound::close(channel.join_ref(), topic)).await
     }
 
@@ -591,6 +568,24 @@ impl Drop for Connection {
             self.remove_channel(&topic);
         }
     }
+}
+
+/// The ids the join reply gives a channel's postgres_changes entries.
+fn binding_ids(config: &JoinConfig) -> Vec<u32> {
+    config
+        .postgres_changes
+        .iter()
+        .map(|b| registry::binding_id(&b.event, b.schema.as_deref(), b.table.as_deref(), b.filter.as_deref()))
+        .collect()
+}
+
+/// The `system` message that reports a postgres_changes (re)subscription.
+fn subscription_status(join_ref: &str, topic: &str, subtopic: &str, result: Result<(), String>) -> Outbound {
+    let (status, message) = match result {
+        Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
+        Err(message) => ("error", message),
+    };
+    Outbound::system(Some(join_ref), topic, "postgres_changes", status, &message, subtopic)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
