@@ -85,6 +85,10 @@ fn main() {
             "token_refresh_switches_the_identity",
             token_refresh_switches_the_identity,
         ),
+        (
+            "records_over_max_record_bytes_keep_small_fields",
+            records_over_max_record_bytes_keep_small_fields,
+        ),
         ("overflow_is_signalled", overflow_is_signalled),
         (
             "writes_before_a_join_that_commit_after_it_are_signalled",
@@ -660,6 +664,39 @@ fn token_refresh_switches_the_identity(ctx: &Ctx) {
         ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('again')");
         assert_eq!(record(&client.event().await)["owner"], "again");
     });
+}
+
+fn records_over_max_record_bytes_keep_small_fields(ctx: &Ctx) {
+    ctx.c.psql("ALTER SYSTEM SET pg_realtime.max_record_bytes = '2kB'");
+    ctx.c.psql("SELECT pg_reload_conf()");
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "big",
+            json!([{"event": "INSERT", "schema": "public", "table": "items"}]),
+        )
+        .await;
+        // the worker applies the reload on its own schedule: write until a
+        // record comes back trimmed
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let data = loop {
+            ctx.c.psql(&format!(
+                "INSERT INTO items (name, note) VALUES ('big', '{}')",
+                "y".repeat(5000)
+            ));
+            let e = client.event().await;
+            if e[4]["data"]["errors"] != Value::Null {
+                break e[4]["data"].clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "max_record_bytes never applied");
+        };
+        assert_eq!(data["errors"], json!(["Error 413: Payload Too Large"]));
+        assert_eq!(data["record"]["name"], "big");
+        assert!(data["record"]["id"].is_number());
+        assert!(data["record"].get("note").is_none(), "the long field was kept");
+    });
+    ctx.c.psql("ALTER SYSTEM RESET pg_realtime.max_record_bytes");
+    ctx.c.psql("SELECT pg_reload_conf()");
 }
 
 fn overflow_is_signalled(_ctx: &Ctx) {
