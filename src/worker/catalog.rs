@@ -150,6 +150,7 @@ pub fn catching<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, 
         pg_sys::MemoryContextSwitchTo(saved.0);
         saved
     };
+    // SAFETY: puts back the context and owner saved above, on this thread.
     let restore = move || unsafe {
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;
