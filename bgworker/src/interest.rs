@@ -78,30 +78,48 @@ impl<'a> InterestTable<'a> {
     /// Makes exactly `oids` (plus everything, with `all`) interesting.
     /// Writer only (the realtime worker).
     pub fn set(&self, oids: &HashSet<u32>, all: bool) {
-        let mut overflow = false;
-        for oid in oids.iter().filter(|o| **o != 0) {
-            overflow |= !self.activate(*oid);
-        }
+        // Deactivate first, so that the slots of OIDs no longer wanted can
+        // take new ones; OIDs in both sets stay active throughout.
         for slot in self.slots {
             let value = slot.load(Ordering::Relaxed);
             if value & ACTIVE != 0 && !oids.contains(&(value as u32)) {
                 slot.store(value & !ACTIVE, Ordering::Release);
             }
         }
+        let mut overflow = false;
+        for oid in oids.iter().filter(|o| **o != 0) {
+            overflow |= !self.activate(*oid);
+        }
         self.header.all.store(u32::from(all || overflow), Ordering::Release);
     }
 
+    /// Marks `oid` active: its own slot if it has one, else the first free
+    /// slot of its probe chain (empty, or deactivated: a reader looking for
+    /// the old OID there simply probes on). False if every slot is active.
     fn activate(&self, oid: u32) -> bool {
+        let mut free = None;
         let mut i = self.start(oid);
         for _ in 0..self.slots.len() {
             let slot = self.slots[i].load(Ordering::Relaxed);
-            if slot == 0 || slot as u32 == oid {
+            if slot != 0 && slot as u32 == oid {
                 self.slots[i].store(u64::from(oid) | ACTIVE, Ordering::Release);
                 return true;
             }
+            if slot & ACTIVE == 0 && free.is_none() {
+                free = Some(i);
+            }
+            if slot == 0 {
+                break;
+            }
             i = (i + 1) % self.slots.len();
         }
-        false
+        match free {
+            Some(i) => {
+                self.slots[i].store(u64::from(oid) | ACTIVE, Ordering::Release);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -136,6 +154,20 @@ mod tests {
         assert!(t.any(&[999]));
         t.set(&HashSet::from([1]), false);
         assert!(t.any(&[1]) && !t.any(&[999]));
+    }
+
+    /// Slots of OIDs nobody listens to any more are reused: a long-running
+    /// worker does not fill the table with the OIDs of every table ever
+    /// subscribed to.
+    #[test]
+    fn deactivated_slots_are_reused() {
+        let (h, s) = table(4);
+        let t = InterestTable::new(&h, &s);
+        for oid in 1..1000u32 {
+            t.set(&HashSet::from([oid, oid + 5000]), false);
+            assert!(t.any(&[oid]) && t.any(&[oid + 5000]), "{oid}");
+            assert!(!t.any(&[999_999]), "table overflowed at {oid}");
+        }
     }
 
     #[test]
