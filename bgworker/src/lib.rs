@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod changes;
+pub mod fence;
 pub mod interest;
 pub mod join;
 pub mod jwt;

@@ -265,7 +265,10 @@ fn prepare_transaction_with_captured_changes_fails(ctx: &Ctx) {
 
 fn commit_order_across_concurrent_sessions(ctx: &Ctx) {
     const SESSIONS: usize = 4;
-    const EACH: usize = 50;
+    const EACH: usize = 250;
+    // The race this pins (a transaction seen committed by a later one before
+    // it has published) is narrow: several rounds give it room to show.
+    const ROUNDS: usize = 3;
     ctx.rt.block_on(async {
         let (mut client, _) = subscriber(
             ctx,
@@ -273,27 +276,29 @@ fn commit_order_across_concurrent_sessions(ctx: &Ctx) {
             json!([{"event": "UPDATE", "schema": "public", "table": "counter"}]),
         )
         .await;
-        let start: i64 = ctx.c.psql("SELECT v FROM counter WHERE id = 1").parse().unwrap();
-        // Sessions race to increment one row: the row lock serialises them,
-        // so commit order is the order of the values.
-        let script = "UPDATE counter SET v = v + 1 WHERE id = 1;\n".repeat(EACH);
-        let writers: Vec<_> = (0..SESSIONS)
-            .map(|_| {
-                let (dir, port, script) = (ctx.c.dir.clone(), ctx.c.port, script.clone());
-                std::thread::spawn(move || psql_script(&dir, port, &script))
-            })
-            .collect();
-        for w in writers {
-            w.join().unwrap();
+        for _ in 0..ROUNDS {
+            let start: i64 = ctx.c.psql("SELECT v FROM counter WHERE id = 1").parse().unwrap();
+            // Sessions race to increment one row: the row lock serialises
+            // them, so commit order is the order of the values.
+            let script = "UPDATE counter SET v = v + 1 WHERE id = 1;\n".repeat(EACH);
+            let writers: Vec<_> = (0..SESSIONS)
+                .map(|_| {
+                    let (dir, port, script) = (ctx.c.dir.clone(), ctx.c.port, script.clone());
+                    std::thread::spawn(move || psql_script(&dir, port, &script))
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            let values: Vec<i64> = client
+                .events(SESSIONS * EACH)
+                .await
+                .iter()
+                .map(|e| record(e)["v"].as_i64().unwrap())
+                .collect();
+            let expected: Vec<i64> = (start + 1..=start + (SESSIONS * EACH) as i64).collect();
+            assert_eq!(values, expected);
         }
-        let values: Vec<i64> = client
-            .events(SESSIONS * EACH)
-            .await
-            .iter()
-            .map(|e| record(e)["v"].as_i64().unwrap())
-            .collect();
-        let expected: Vec<i64> = (start + 1..=start + (SESSIONS * EACH) as i64).collect();
-        assert_eq!(values, expected);
     });
 }
 

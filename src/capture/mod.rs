@@ -67,6 +67,9 @@ thread_local! {
     // A backend is single-threaded: this is per-backend state.
     static TXN: RefCell<TxnBuffer> = RefCell::new(TxnBuffer::default());
     static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+    /// This transaction's place in the commit fence, from PRE_COMMIT until
+    /// it has published (or aborted).
+    static FENCE_TICKET: Cell<Option<realtime::fence::Ticket>> = const { Cell::new(None) };
     /// Relation descriptions, kept across transactions until the relcache
     /// says the relation changed.
     static DESCRIBED: RefCell<HashMap<u32, Described>> = RefCell::new(HashMap::new());
@@ -223,6 +226,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             .set_hint("Commit the transaction normally, or remove the table from the realtime publication.")
             .report(PgLogLevel::ERROR);
         }
+        XACT_EVENT_PRE_COMMIT if !TXN.with(|t| t.borrow().is_empty()) => {
+            // Before the commit record: its LSN will be above this position.
+            // SAFETY: reads the WAL insert position; MyProcPid is set.
+            let (bound, hint) = unsafe { (pg_sys::GetXLogInsertRecPtr(), pg_sys::MyProcPid as usize) };
+            FENCE_TICKET.set(Some(crate::shmem::fence().enter(bound, hint)));
+        }
         XACT_EVENT_COMMIT => {
             let mut txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
             let skipped = std::mem::take(&mut txn.skipped);
@@ -247,11 +256,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                     crate::shmem::ring().record_loss(touched);
                     Counters::incr(&crate::shmem::counters().transactions_lost);
                 }
-                crate::shmem::wake_worker();
             }
+            leave_fence();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
             TXN.with(|t| *t.borrow_mut() = TxnBuffer::default());
+            leave_fence();
         }
         _ => {}
     }
@@ -268,6 +278,15 @@ unsafe extern "C-unwind" fn on_subxact(
         // Subtransaction ids grow: ours and our children's are >= my_subid,
         // and no later sibling has started yet.
         TXN.with(|t| t.borrow_mut().changes.retain(|(subid, _)| *subid < my_subid));
+    }
+}
+
+/// Leaves the commit fence if this transaction entered it, and wakes the
+/// worker, which may have held later transactions back for this one.
+fn leave_fence() {
+    if let Some(ticket) = FENCE_TICKET.take() {
+        crate::shmem::fence().leave(ticket);
+        crate::shmem::wake_worker();
     }
 }
 

@@ -60,6 +60,10 @@ pub fn interest() -> InterestTable<'static> {
     CHANGES.interest()
 }
 
+pub fn fence() -> realtime::fence::CommitFence<'static> {
+    CHANGES.fence()
+}
+
 /// Publishes this process's latch as the worker's (worker start-up).
 pub fn set_worker_latch() {
     // SAFETY: MyLatch points at this process's PGPROC latch, in shared memory.

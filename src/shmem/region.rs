@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 use pgrx::PgSharedMemoryInitialization;
+use realtime::fence::CommitFence;
 use realtime::interest::{InterestHeader, InterestTable};
 use realtime::ring::{ChangeRing, RingHeader};
 use std::cell::UnsafeCell;
@@ -13,6 +14,9 @@ use std::sync::atomic::AtomicU64;
 /// Interest slots: relations and schemas with subscribers, with room for
 /// tombstones. Past that, every relation counts as interesting.
 const INTEREST_SLOTS: usize = 16 * 1024;
+/// Transactions that may be between their commit record and publishing at
+/// once; more are counted and make the worker wait for all of them.
+const FENCE_SLOTS: usize = 256;
 
 pub struct ChangesRegion {
     name: &'static CStr,
@@ -30,6 +34,8 @@ fn align8(n: usize) -> usize {
 struct Layout {
     interest_header: usize,
     interest_slots: usize,
+    fence_unslotted: usize,
+    fence_slots: usize,
     ring_words: usize,
     ring_len: usize,
     total: usize,
@@ -40,10 +46,14 @@ fn layout() -> Layout {
     let ring_len = ring_bytes / 8;
     let interest_header = align8(size_of::<RingHeader>());
     let interest_slots = interest_header + align8(size_of::<InterestHeader>());
-    let ring_words = interest_slots + INTEREST_SLOTS * 8;
+    let fence_unslotted = interest_slots + INTEREST_SLOTS * 8;
+    let fence_slots = fence_unslotted + 8;
+    let ring_words = fence_slots + FENCE_SLOTS * 8;
     Layout {
         interest_header,
         interest_slots,
+        fence_unslotted,
+        fence_slots,
         ring_words,
         ring_len,
         total: ring_words + ring_len * 8,
@@ -89,6 +99,19 @@ impl ChangesRegion {
             let header = &*(base.add(l.interest_header) as *const InterestHeader);
             let slots = std::slice::from_raw_parts(base.add(l.interest_slots) as *const AtomicU64, INTEREST_SLOTS);
             InterestTable::new(header, slots)
+        }
+    }
+}
+
+impl ChangesRegion {
+    pub fn fence(&self) -> CommitFence<'static> {
+        let l = layout();
+        let base = self.base();
+        // SAFETY: as in `ring`.
+        unsafe {
+            let unslotted = &*(base.add(l.fence_unslotted) as *const AtomicU64);
+            let slots = std::slice::from_raw_parts(base.add(l.fence_slots) as *const AtomicU64, FENCE_SLOTS);
+            CommitFence::new(slots, unslotted)
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct Changes {
     /// (role, relid) -> may the role receive the table's rows, and when that
     /// was established.
     allowed: HashMap<(String, u32), (bool, Instant)>,
+    /// Transactions drained but not yet deliverable: a transaction with a
+    /// lower commit LSN may still be about to publish.
+    held: Vec<Transaction>,
 }
 
 /// The parameters as Supabase lists them in its messages.
@@ -70,6 +73,7 @@ impl Changes {
             registry: Registry::default(),
             schema_oids: HashMap::new(),
             allowed: HashMap::new(),
+            held: Vec::new(),
         }
     }
 
@@ -147,24 +151,33 @@ impl Changes {
     /// Delivers everything committed so far, in commit-LSN order; returns
     /// how many transactions there were.
     pub fn drain(&mut self) -> usize {
+        // The watermark first: a committer that leaves the fence after this
+        // read has published before leaving, so either it still bounds the
+        // watermark or its record is in the ring for the drain below.
+        let watermark = crate::shmem::fence().watermark();
         let ring = crate::shmem::ring();
-        let mut transactions = Vec::new();
+        let held = &mut self.held;
         ring.drain(|_, bytes| match Transaction::decode(&bytes) {
-            Ok(t) => transactions.push(t),
+            Ok(t) => held.push(t),
             Err(e) => pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}"),
         });
         let losses = ring.take_losses();
         if losses.records > 0 {
             self.notify_loss(&losses.relations, losses.all);
         }
-        if transactions.is_empty() {
+        if self.held.is_empty() {
             return 0;
         }
+        // Deliver in commit-LSN order what is below every commit still in
+        // flight; hold the rest until the stragglers have published (they
+        // wake the worker when they leave the fence).
+        self.held.sort_by_key(|t| t.commit_lsn);
+        let ready = self.held.partition_point(|t| t.commit_lsn < watermark);
+        if ready == 0 {
+            return 0;
+        }
+        let transactions: Vec<Transaction> = self.held.drain(..ready).collect();
         let drained = transactions.len();
-        // The commit callback runs before locks are released, so a later
-        // conflicting writer almost always publishes later; the LSN settles
-        // the rest within what was drained together.
-        transactions.sort_by_key(|t| t.commit_lsn);
         let max_record_bytes = crate::gucs::max_record_bytes();
         // Match first; privileges are checked (through SPI, cached) only for
         // the roles and tables that something actually matched.
