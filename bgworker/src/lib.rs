@@ -3,6 +3,7 @@
 //! the tokio WebSocket server. The extension crate connects it to Postgres.
 #![deny(unsafe_code)]
 
+pub mod batch;
 pub mod changes;
 pub mod fence;
 pub mod interest;

@@ -24,10 +24,11 @@ extension_sql_file!(
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use realtime::changes::wire::{Change, ChangeKind, Relation, Transaction};
+use realtime::changes::wire::{Change, ChangeKind, Header, Relation};
 use realtime::stats::Counters;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Microseconds between the Unix epoch and Postgres's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -35,22 +36,27 @@ const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// A relation's description and row encoder, cached per backend.
 #[derive(Clone)]
 struct Described {
-    relation: Relation,
-    encoders: std::rc::Rc<Vec<encode::ColumnEncoder>>,
+    relation: Rc<Relation>,
+    encoders: Rc<Vec<encode::ColumnEncoder>>,
 }
 
 /// What the current transaction captured so far.
 #[derive(Default)]
 struct TxnBuffer {
-    relations: Vec<Relation>,
-    index: HashMap<u32, u16>,
-    /// Each change with the subtransaction that made it.
-    changes: Vec<(pg_sys::SubTransactionId, Change)>,
+    /// The relations the changes refer to (by position), shared with the
+    /// description cache.
+    relations: Vec<Rc<Relation>>,
+    /// The changes, in statement order, and the subtransaction that made
+    /// each one.
+    changes: Vec<Change>,
+    subxacts: Vec<pg_sys::SubTransactionId>,
     bytes: usize,
     /// More than fits in the ring: the changes were dropped, only the
     /// relations are kept, to tell their subscribers.
     overflowed: bool,
-    touched: BTreeSet<u32>,
+    /// Every relation written, also after an overflow (few per
+    /// transaction: a vector beats a set).
+    touched: Vec<u32>,
     /// Relations whose rows were skipped because nobody listened then. If
     /// someone listens by commit time, they subscribed while this
     /// transaction ran and may expect its rows: they are told to refetch.
@@ -139,8 +145,8 @@ fn capture_changes<'a>(
         // SAFETY: `rel` is open for the duration of the trigger call.
         let described = unsafe {
             Described {
-                relation: encode::describe(rel),
-                encoders: std::rc::Rc::new(encode::encoders((*rel).rd_att)),
+                relation: Rc::new(encode::describe(rel)),
+                encoders: Rc::new(encode::encoders((*rel).rd_att)),
             }
         };
         DESCRIBED.with(|cache| cache.borrow_mut().insert(relid.to_u32(), described.clone()));
@@ -163,17 +169,17 @@ fn capture_changes<'a>(
     let limit = crate::shmem::ring().max_payload();
     TXN.with(|txn| {
         let mut txn = txn.borrow_mut();
-        txn.touched.insert(relid.to_u32());
+        if !txn.touched.contains(&relid.to_u32()) {
+            txn.touched.push(relid.to_u32());
+        }
         if txn.overflowed {
             return;
         }
-        let relation = match txn.index.get(&relid.to_u32()) {
-            Some(i) => *i,
+        let relation = match txn.relations.iter().position(|r| Rc::ptr_eq(r, &described.relation)) {
+            Some(i) => i as u16,
             None => {
-                let i = txn.relations.len() as u16;
-                txn.relations.push(described.relation.clone());
-                txn.index.insert(relid.to_u32(), i);
-                i
+                txn.relations.push(Rc::clone(&described.relation));
+                (txn.relations.len() - 1) as u16
             }
         };
         txn.bytes += 32 + record.as_ref().map_or(0, String::len) + old.as_ref().map_or(0, String::len);
@@ -182,17 +188,16 @@ fn capture_changes<'a>(
             // unbounded backend memory) and report the loss at commit.
             txn.overflowed = true;
             txn.changes = Vec::new();
+            txn.subxacts = Vec::new();
             return;
         }
-        txn.changes.push((
-            subxact,
-            Change {
-                relation,
-                kind,
-                record,
-                old,
-            },
-        ));
+        txn.changes.push(Change {
+            relation,
+            kind,
+            record,
+            old,
+        });
+        txn.subxacts.push(subxact);
     });
     Ok(None)
 }
@@ -251,7 +256,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             if !txn.is_empty() {
                 // Nothing may raise after the commit record: a panic here is
                 // caught and counted as a loss instead.
-                let touched: Vec<u32> = txn.touched.iter().copied().collect();
+                let touched = txn.touched.clone();
                 if std::panic::catch_unwind(move || publish(txn)).is_err() {
                     crate::shmem::ring().record_loss(touched);
                     Counters::incr(&crate::shmem::counters().transactions_lost);
@@ -277,7 +282,13 @@ unsafe extern "C-unwind" fn on_subxact(
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         // Subtransaction ids grow: ours and our children's are >= my_subid,
         // and no later sibling has started yet.
-        TXN.with(|t| t.borrow_mut().changes.retain(|(subid, _)| *subid < my_subid));
+        TXN.with(|t| {
+            let mut t = t.borrow_mut();
+            let t = &mut *t;
+            let mut keep = t.subxacts.iter().map(|subid| *subid < my_subid);
+            t.changes.retain(|_| keep.next().unwrap_or(false));
+            t.subxacts.retain(|subid| *subid < my_subid);
+        });
     }
 }
 
@@ -317,27 +328,25 @@ fn publish(txn: TxnBuffer) {
     };
     let counters = crate::shmem::counters();
     let ring = crate::shmem::ring();
-    let touched: Vec<u32> = txn.touched.iter().copied().collect();
     if xid == pg_sys::TransactionId::INVALID {
         return;
     }
-    let record = Transaction {
-        xid: xid.into_inner(),
-        commit_lsn: lsn,
-        commit_time_us: stop + PG_EPOCH_OFFSET_US,
-        changes: txn.changes.into_iter().map(|(_, c)| c).collect(),
-        relations: txn.relations,
-        overflowed: txn.overflowed,
-    };
-    if record.changes.is_empty() && !record.overflowed {
+    if txn.changes.is_empty() && !txn.overflowed {
         // every change was in rolled-back savepoints
         return;
     }
-    match ring.publish(&record.encode()) {
-        Ok(_) if !record.overflowed => Counters::incr(&counters.transactions_published),
+    let header = Header {
+        xid: xid.into_inner(),
+        commit_lsn: lsn,
+        commit_time_us: stop + PG_EPOCH_OFFSET_US,
+        overflowed: txn.overflowed,
+    };
+    let record = realtime::changes::wire::encode_parts(&header, &txn.relations, &txn.changes);
+    match ring.publish(&record) {
+        Ok(_) if !txn.overflowed => Counters::incr(&counters.transactions_published),
         Ok(_) => Counters::incr(&counters.transactions_lost),
         Err(_) => {
-            ring.record_loss(touched);
+            ring.record_loss(txn.touched);
             Counters::incr(&counters.transactions_lost);
         }
     }

@@ -23,9 +23,6 @@ use tokio::sync::watch;
 const RESTART_AFTER: Duration = Duration::from_secs(5);
 /// Network threads for the WebSocket server.
 const NETWORK_THREADS: usize = 2;
-/// How long the main loop naps after delivering, to take the next commits
-/// in one batch (see `MainLoop::wait`).
-const BATCH_WINDOW: Duration = Duration::from_micros(250);
 /// After SIGTERM, how long clients get to receive their close frames.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
 
@@ -200,13 +197,16 @@ impl MainLoop {
             self.reload();
         }
         self.changes.handle_requests();
-        if self.changes.drain() > 0 {
-            // Under a stream of commits, nap briefly before waiting again:
-            // commits arriving meanwhile find the latch already set (no
-            // signal to send) and are taken together on the next pass. Adds
-            // at most BATCH_WINDOW to delivery latency.
+        let delivered = self.changes.drain();
+        if delivered > 0 {
+            // Under a stream of commits, nap before waiting again: commits
+            // arriving meanwhile find the latch already set (no signal to
+            // send) and are taken together on the next pass. The nap grows
+            // with the batch (realtime::batch): 250 µs after a lone commit,
+            // at most 2 ms under a stream.
+            let nap = realtime::batch::nap_after(delivered);
             // SAFETY: a plain sleep on the main thread; signals cut it short.
-            unsafe { pg_sys::pg_usleep(BATCH_WINDOW.as_micros() as std::ffi::c_long) };
+            unsafe { pg_sys::pg_usleep(nap.as_micros() as std::ffi::c_long) };
         }
         true
     }

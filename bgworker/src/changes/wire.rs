@@ -79,31 +79,13 @@ pub struct WireError(usize);
 
 impl Transaction {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.changes.iter().map(Change::size_hint).sum::<usize>());
-        out.push(u8::from(self.overflowed));
-        out.extend_from_slice(&self.xid.to_le_bytes());
-        out.extend_from_slice(&self.commit_lsn.to_le_bytes());
-        out.extend_from_slice(&self.commit_time_us.to_le_bytes());
-        out.extend_from_slice(&(self.relations.len() as u32).to_le_bytes());
-        for rel in &self.relations {
-            out.extend_from_slice(&rel.relid.to_le_bytes());
-            put_str(&mut out, &rel.schema);
-            put_str(&mut out, &rel.table);
-            out.extend_from_slice(&(rel.columns.len() as u32).to_le_bytes());
-            for col in &rel.columns {
-                put_str(&mut out, &col.name);
-                put_str(&mut out, &col.typname);
-            }
-            out.extend_from_slice(&(rel.identity.len() as u32).to_le_bytes());
-            for i in &rel.identity {
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-        }
-        out.extend_from_slice(&(self.changes.len() as u32).to_le_bytes());
-        for change in &self.changes {
-            change.encode_into(&mut out);
-        }
-        out
+        let header = Header {
+            xid: self.xid,
+            commit_lsn: self.commit_lsn,
+            commit_time_us: self.commit_time_us,
+            overflowed: self.overflowed,
+        };
+        encode_parts(&header, &self.relations, &self.changes)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Transaction, WireError> {
@@ -165,6 +147,61 @@ impl Transaction {
             changes,
             overflowed,
         })
+    }
+}
+
+/// A transaction record's fixed fields, for [`encode_parts`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Header {
+    pub xid: u32,
+    pub commit_lsn: u64,
+    pub commit_time_us: i64,
+    pub overflowed: bool,
+}
+
+/// Encodes a transaction from borrowed parts (what [`Transaction::decode`]
+/// reads), so that a committing backend copies neither its cached relation
+/// descriptions nor its buffered rows into a [`Transaction`] first.
+pub fn encode_parts<R: std::borrow::Borrow<Relation>>(header: &Header, relations: &[R], changes: &[Change]) -> Vec<u8> {
+    let rel_bytes: usize = relations.iter().map(|r| r.borrow().size_hint()).sum();
+    let mut out = Vec::with_capacity(32 + rel_bytes + changes.iter().map(Change::size_hint).sum::<usize>());
+    out.push(u8::from(header.overflowed));
+    out.extend_from_slice(&header.xid.to_le_bytes());
+    out.extend_from_slice(&header.commit_lsn.to_le_bytes());
+    out.extend_from_slice(&header.commit_time_us.to_le_bytes());
+    out.extend_from_slice(&(relations.len() as u32).to_le_bytes());
+    for rel in relations {
+        let rel = rel.borrow();
+        out.extend_from_slice(&rel.relid.to_le_bytes());
+        put_str(&mut out, &rel.schema);
+        put_str(&mut out, &rel.table);
+        out.extend_from_slice(&(rel.columns.len() as u32).to_le_bytes());
+        for col in &rel.columns {
+            put_str(&mut out, &col.name);
+            put_str(&mut out, &col.typname);
+        }
+        out.extend_from_slice(&(rel.identity.len() as u32).to_le_bytes());
+        for i in &rel.identity {
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
+    for change in changes {
+        change.encode_into(&mut out);
+    }
+    out
+}
+
+impl Relation {
+    fn size_hint(&self) -> usize {
+        16 + self.schema.len()
+            + self.table.len()
+            + self
+                .columns
+                .iter()
+                .map(|c| 8 + c.name.len() + c.typname.len())
+                .sum::<usize>()
+            + 2 * self.identity.len()
     }
 }
 
