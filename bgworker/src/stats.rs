@@ -58,11 +58,20 @@ counters! {
     events_dropped,
     /// Gauge: channels with a postgres_changes subscription.
     subscriptions,
+    /// Row-level security check queries run (one per identity and table
+    /// per batch of commits).
+    rls_checks,
+    /// Rows judged by those queries.
+    rls_rows_checked,
 }
 
 impl Counters {
     pub fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn decr(counter: &AtomicU64) {

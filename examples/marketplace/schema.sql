@@ -129,17 +129,27 @@ create policy messages_update on public.messages for update
 create policy notifications_own on public.notifications for all
   using (user_id = auth.uid());
 
--- Orders: the buyer, the assigned suppliers, and admins.
+-- Orders: the buyer, the assigned suppliers, and admins. Each of the two
+-- tables' policies asks about the other through a SECURITY DEFINER helper:
+-- policies that query each other directly recurse (Postgres raises
+-- "infinite recursion detected in policy"), which the seed app's schema
+-- does for any user who reads production stages or order updates.
+create or replace function public.buys_order(order_id uuid) returns boolean
+language sql stable security definer set search_path = public as $$
+  select exists (select 1 from public.orders o where o.id = order_id and o.buyer_id = auth.uid())
+$$;
+
+create or replace function public.supplies_order(order_id uuid) returns boolean
+language sql stable security definer set search_path = public as $$
+  select exists (select 1 from public.supplier_orders so where so.order_id = supplies_order.order_id
+                 and so.supplier_id = auth.uid())
+$$;
+
 create policy orders_view on public.orders for select
-  using (buyer_id = auth.uid()
-         or public.is_admin()
-         or exists (select 1 from public.supplier_orders so
-                    where so.order_id = orders.id and so.supplier_id = auth.uid()));
+  using (buyer_id = auth.uid() or public.is_admin() or public.supplies_order(id));
 
 create policy supplier_orders_view on public.supplier_orders for select
-  using (supplier_id = auth.uid()
-         or public.is_admin()
-         or exists (select 1 from public.orders o where o.id = supplier_orders.order_id and o.buyer_id = auth.uid()));
+  using (supplier_id = auth.uid() or public.is_admin() or public.buys_order(order_id));
 
 -- Production stages and supplier messages follow their supplier order.
 create policy production_stages_view on public.production_stages for select

@@ -226,12 +226,10 @@ pub unsafe fn describe(rel: pg_sys::Relation) -> Relation {
             });
             attnums.push(att.attnum as i32);
         }
-        let identity: Vec<u16> = if form.relreplident == pg_sys::REPLICA_IDENTITY_FULL as std::ffi::c_char {
-            (0..columns.len() as u16).collect()
-        } else {
-            let keys =
-                pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY);
-            let mut identity = Vec::new();
+        // Positions (among the kept columns) of an index-attribute bitmap.
+        let positions = |kind: pg_sys::IndexAttrBitmapKind::Type| {
+            let keys = pg_sys::RelationGetIndexAttrBitmap(rel, kind);
+            let mut out = Vec::new();
             let mut member = -1;
             loop {
                 member = pg_sys::bms_next_member(keys, member);
@@ -240,11 +238,17 @@ pub unsafe fn describe(rel: pg_sys::Relation) -> Relation {
                 }
                 let attnum = member + pg_sys::FirstLowInvalidHeapAttributeNumber;
                 if let Some(pos) = attnums.iter().position(|a| *a == attnum) {
-                    identity.push(pos as u16);
+                    out.push(pos as u16);
                 }
             }
-            identity
+            out
         };
+        let identity: Vec<u16> = if form.relreplident == pg_sys::REPLICA_IDENTITY_FULL as std::ffi::c_char {
+            (0..columns.len() as u16).collect()
+        } else {
+            positions(pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY)
+        };
+        let primary_key = positions(pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY);
         let schema_ptr = pg_sys::get_namespace_name(form.relnamespace);
         let schema = if schema_ptr.is_null() {
             String::new()
@@ -257,6 +261,7 @@ pub unsafe fn describe(rel: pg_sys::Relation) -> Relation {
             table: pgrx::name_data_to_str(&form.relname).to_owned(),
             columns,
             identity,
+            primary_key,
         }
     }
 }

@@ -11,7 +11,6 @@ use pgrx::PgTryBuilder;
 /// A table as the catalog has it now.
 pub struct Table {
     pub relid: u32,
-    pub rls: bool,
 }
 
 pub type SpiResult<T> = Result<T, pgrx::spi::Error>;
@@ -35,7 +34,7 @@ fn text_rows(query: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> SpiResult
 /// The table `schema.name`, if it exists.
 pub fn table(schema: &str, name: &str) -> SpiResult<Option<Table>> {
     let rows = text_rows(
-        "SELECT c.oid::text, c.relrowsecurity::text FROM pg_catalog.pg_class c \
+        "SELECT c.oid::text FROM pg_catalog.pg_class c \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
         vec![schema.into(), name.into()],
@@ -43,7 +42,6 @@ pub fn table(schema: &str, name: &str) -> SpiResult<Option<Table>> {
     Ok(rows.into_iter().next().and_then(|r| {
         Some(Table {
             relid: r[0].as_deref()?.parse().ok()?,
-            rls: r[1].as_deref() == Some("true"),
         })
     }))
 }
@@ -59,38 +57,129 @@ pub fn published(publication: &str, schema: Option<&str>, table: Option<&str>) -
     Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
 }
 
-/// A role: whether it exists, and whether it bypasses row-level security.
-pub struct Role {
-    pub bypass_rls: bool,
-}
-
-pub fn role(name: &str) -> SpiResult<Option<Role>> {
+/// Whether the role exists.
+pub fn role_exists(name: &str) -> SpiResult<bool> {
     let rows = text_rows(
-        "SELECT (rolsuper OR rolbypassrls)::text FROM pg_catalog.pg_roles WHERE rolname = $1",
+        "SELECT 1::text FROM pg_catalog.pg_roles WHERE rolname = $1",
         vec![name.into()],
     )?;
-    Ok(rows.into_iter().next().map(|r| Role {
-        bypass_rls: r[0].as_deref() == Some("true"),
-    }))
+    Ok(!rows.is_empty())
 }
 
-/// Whether `role` may SELECT from the table (any column privilege is not
-/// enough: the whole row is delivered until column filtering lands).
+/// Whether `role` may SELECT any column of the table (what subscribing
+/// needs; deliveries then show only the columns it may SELECT).
 pub fn can_select(role: &str, relid: u32) -> SpiResult<bool> {
     let rows = text_rows(
-        "SELECT pg_catalog.has_table_privilege($1, $2::oid, 'SELECT')::text",
+        "SELECT pg_catalog.has_any_column_privilege($1, $2::oid, 'SELECT')::text",
         vec![role.into(), relid.to_string().into()],
     )?;
     Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
 }
 
-/// Whether row-level security is enabled on the table now.
-pub fn rls_enabled(relid: u32) -> SpiResult<bool> {
+/// Whether `role` may SELECT the column `name` of the table.
+pub fn can_select_column(role: &str, relid: u32, name: &str) -> SpiResult<bool> {
     let rows = text_rows(
-        "SELECT relrowsecurity::text FROM pg_catalog.pg_class WHERE oid = $1::oid",
-        vec![relid.to_string().into()],
+        "SELECT pg_catalog.has_column_privilege($1, $2::oid, $3, 'SELECT')::text",
+        vec![role.into(), relid.to_string().into(), name.into()],
     )?;
     Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
+}
+
+/// What a role may read of a table now.
+pub struct Access {
+    /// Each column and whether the role may SELECT it.
+    pub columns: Vec<(String, bool)>,
+    /// The table's policies for the role's SELECT, when row-level security
+    /// applies to it (not for the owner without FORCE, superusers or
+    /// BYPASSRLS roles, as Postgres decides).
+    pub policies: Option<Vec<realtime::changes::rls::Policy>>,
+}
+
+/// What `role` may read of the table; None if the role or table is gone.
+/// Expressions are printed for the transaction's `search_path`, which
+/// the caller sets empty (see `clear_search_path`), so they name every
+/// object with its schema.
+pub fn access(role: &str, relid: u32) -> SpiResult<Option<Access>> {
+    let args = || vec![role.into(), relid.to_string().into()];
+    let applies = text_rows(
+        "SELECT (c.relrowsecurity AND NOT r.rolsuper AND NOT r.rolbypassrls \
+                 AND NOT (pg_catalog.pg_has_role(r.oid, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity))::text \
+         FROM pg_catalog.pg_class c, pg_catalog.pg_roles r WHERE r.rolname = $1 AND c.oid = $2::oid",
+        args(),
+    )?;
+    let Some(applies) = applies.first().map(|r| r[0].as_deref() == Some("true")) else {
+        return Ok(None);
+    };
+    let columns = text_rows(
+        "SELECT a.attname::text, pg_catalog.has_column_privilege($1, a.attrelid, a.attnum, 'SELECT')::text \
+         FROM pg_catalog.pg_attribute a WHERE a.attrelid = $2::oid AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+        args(),
+    )?
+    .into_iter()
+    .filter_map(|r| Some((r[0].clone()?, r[1].as_deref() == Some("true"))))
+    .collect();
+    let policies = if applies {
+        // Policies for SELECT (or ALL) whose roles include PUBLIC or one
+        // the role has the privileges of; a policy without USING adds no
+        // rows, as in Postgres.
+        let rows = text_rows(
+            "SELECT p.polpermissive::text, pg_catalog.pg_get_expr(p.polqual, p.polrelid) \
+             FROM pg_catalog.pg_policy p WHERE p.polrelid = $2::oid AND p.polcmd IN ('r', '*') \
+             AND p.polqual IS NOT NULL \
+             AND EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) pr \
+                         WHERE pr = 0 OR pg_catalog.pg_has_role($1, pr, 'USAGE'))",
+            args(),
+        )?;
+        Some(
+            rows.into_iter()
+                .filter_map(|r| {
+                    Some(realtime::changes::rls::Policy {
+                        permissive: r[0].as_deref() == Some("true"),
+                        using: r[1].clone()?,
+                    })
+                })
+                .collect(),
+        )
+    } else {
+        None
+    };
+    Ok(Some(Access { columns, policies }))
+}
+
+/// Makes the transaction's `search_path` empty: expressions are printed
+/// with, and later run under, fully qualified names.
+pub fn clear_search_path() -> SpiResult<()> {
+    Spi::run("SELECT pg_catalog.set_config('search_path', '', true)")
+}
+
+/// Runs `query` (a row check from `realtime::changes::rls`) over `rows` as
+/// `role` with the JWT claims set as PostgREST sets them; returns the
+/// 1-based positions of the rows the role may see.
+pub fn visible_rows(role: &str, claims: &str, sub: Option<&str>, query: &str, rows: &str) -> SpiResult<Vec<i32>> {
+    Spi::connect(|client| {
+        client.select(
+            "SELECT pg_catalog.set_config('role', $1, true), \
+                    pg_catalog.set_config('request.jwt.claims', $2, true), \
+                    pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
+                    pg_catalog.set_config('request.jwt.claim.role', $1, true)",
+            None,
+            &[role.into(), claims.into(), sub.unwrap_or("").into()],
+        )?;
+        let table = client.select(query, None, &[rows.into()])?;
+        let mut out = Vec::new();
+        for row in table {
+            if let Some(n) = row.get::<i32>(1)? {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Back to the worker's own identity after row checks.
+pub fn reset_role() -> SpiResult<()> {
+    Spi::run("SELECT pg_catalog.set_config('role', 'none', true)")
 }
 
 /// A column: its `typname` and its full type (with modifiers) for casts.

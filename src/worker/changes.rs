@@ -4,11 +4,12 @@
 
 use super::catalog;
 use pgrx::bgworkers::BackgroundWorker;
-use realtime::changes::event;
+use realtime::changes::event::{self, Visible};
 use realtime::changes::filter::{self, Condition};
 use realtime::changes::registry::{ChannelKey, EventFilter, Registry, Subscription, Target};
+use realtime::changes::rls;
 use realtime::changes::value::Kind;
-use realtime::changes::wire::Transaction;
+use realtime::changes::wire::{ChangeKind, Transaction};
 use realtime::join::PostgresChangesBinding;
 use realtime::protocol::Outbound;
 use realtime::server::fanout::{FanoutError, FanoutSender};
@@ -16,13 +17,14 @@ use realtime::server::link::{MainReceiver, MainRequest, Subscribe};
 use realtime::stats::Counters;
 use serde_json::Value;
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a privilege answer is trusted before it is asked again, so a
-/// REVOKE stops deliveries within this time.
-const PRIVILEGE_TTL: Duration = Duration::from_secs(1);
+/// How long privileges and policies read from the catalog are trusted
+/// before they are read again, so a REVOKE or a new policy takes effect
+/// within this time.
+const ACCESS_TTL: Duration = Duration::from_secs(1);
 
 /// Where a channel's events go, and who it acts as.
 pub struct Sink {
@@ -33,6 +35,45 @@ pub struct Sink {
     topic: String,
     subtopic: String,
     role: String,
+    /// The token's claims as JSON (`request.jwt.claims`) and `sub`.
+    claims: Arc<str>,
+    sub: Option<String>,
+}
+
+/// Who a row-level security check runs as: role, claims, and the table.
+type Identity = (String, Arc<str>, u32);
+
+/// A change that matched at least one subscription in this batch.
+struct Row {
+    txn: usize,
+    change: usize,
+    parsed: event::Parsed,
+}
+
+/// What a role may read of a table, as last read from the catalog.
+struct Grants {
+    /// Each column and whether the role may SELECT it.
+    columns: Vec<(String, bool)>,
+    /// With row-level security applying to the role: the check query.
+    check: Option<String>,
+}
+
+impl Grants {
+    fn visible(&self, relation: &realtime::changes::wire::Relation) -> Option<Visible> {
+        if self.columns.iter().all(|(_, ok)| *ok) {
+            return Some(Visible::All);
+        }
+        if !self.columns.iter().any(|(_, ok)| *ok) {
+            return None;
+        }
+        Some(Visible::Only(
+            relation
+                .columns
+                .iter()
+                .map(|c| self.columns.iter().any(|(name, ok)| *ok && *name == c.name))
+                .collect(),
+        ))
+    }
 }
 
 pub struct Changes {
@@ -40,9 +81,9 @@ pub struct Changes {
     registry: Registry<Sink>,
     /// Schema name to OID, for the interest table.
     schema_oids: HashMap<String, u32>,
-    /// (role, relid) -> may the role receive the table's rows, and when that
-    /// was established.
-    allowed: HashMap<(String, u32), (bool, Instant)>,
+    /// (role, relid) -> what the role may read of the table (None: nothing),
+    /// and when that was read.
+    access: HashMap<(String, u32), (Option<Arc<Grants>>, Instant)>,
     /// Transactions drained but not yet deliverable: a transaction with a
     /// lower commit LSN may still be about to publish.
     held: Vec<Transaction>,
@@ -72,7 +113,7 @@ impl Changes {
             requests,
             registry: Registry::default(),
             schema_oids: HashMap::new(),
-            allowed: HashMap::new(),
+            access: HashMap::new(),
             held: Vec::new(),
         }
     }
@@ -96,7 +137,7 @@ impl Changes {
         let role = request.claims.role.clone();
         let validated = BackgroundWorker::transaction(|| {
             let r = validate(&request.bindings, &role);
-            r.map(|(bindings, bypass)| {
+            r.map(|bindings| {
                 let schemas: Vec<(String, u32)> = bindings
                     .iter()
                     .filter_map(|b| match &b.target {
@@ -105,26 +146,21 @@ impl Changes {
                     })
                     .filter_map(|s| catalog::schema_oid(&s).ok().flatten().map(|oid| (s, oid)))
                     .collect();
-                (bindings, bypass, schemas)
+                (bindings, schemas)
             })
         });
         match validated {
-            Ok((bindings, _bypass_rls, schemas)) => {
+            Ok((bindings, schemas)) => {
                 self.schema_oids.extend(schemas);
-                // Validation has just established that the role may read
-                // these tables: that answer is fresh.
-                let now = Instant::now();
-                for binding in &bindings {
-                    if let Target::Table(relid) = binding.target {
-                        self.allowed.insert((role.clone(), relid), (true, now));
-                    }
-                }
+                let claims: Arc<str> = Arc::from(serde_json::Value::Object(request.claims.all.clone()).to_string());
                 let sink = Sink {
                     tx: request.sink,
                     lagged: Cell::new(false),
                     topic: request.key.topic.clone(),
                     subtopic: request.subtopic,
                     role,
+                    claims,
+                    sub: request.claims.sub.clone(),
                 };
                 if self.registry.get(&request.key).is_none() {
                     Counters::incr(&crate::shmem::counters().subscriptions);
@@ -179,52 +215,102 @@ impl Changes {
         let transactions: Vec<Transaction> = self.held.drain(..ready).collect();
         let drained = transactions.len();
         let max_record_bytes = crate::gucs::max_record_bytes();
-        // Match first; privileges are checked (through SPI, cached) only for
-        // the roles and tables that something actually matched.
-        let mut deliveries: Vec<(ChannelKey, Vec<u32>, Arc<str>, u32)> = Vec::new();
-        for txn in &transactions {
+        // 1. Match every change against the subscriptions.
+        let mut rows: Vec<Row> = Vec::new();
+        let mut pending: Vec<(ChannelKey, Vec<u32>, usize)> = Vec::new();
+        for (t, txn) in transactions.iter().enumerate() {
             if txn.overflowed {
                 let relids: Vec<u32> = txn.relations.iter().map(|r| r.relid).collect();
                 self.notify_loss(&relids, false);
                 continue;
             }
-            for change in &txn.changes {
+            for (c, change) in txn.changes.iter().enumerate() {
                 let relation = &txn.relations[change.relation as usize];
                 let parsed = event::Parsed::new(relation, change);
                 let matches = self.registry.matches(relation, change.kind, parsed.filter_row());
                 if matches.is_empty() {
                     continue;
                 }
-                let data: Arc<str> = Arc::from(parsed.data(relation, txn.commit_time_us, max_record_bytes));
+                rows.push(Row {
+                    txn: t,
+                    change: c,
+                    parsed,
+                });
                 for m in matches {
-                    deliveries.push((m.channel.clone(), m.ids, data.clone(), relation.relid));
+                    pending.push((m.channel.clone(), m.ids, rows.len() - 1));
                 }
             }
         }
-        if deliveries.is_empty() {
+        if pending.is_empty() {
             return drained;
         }
-        let stale: HashSet<(String, u32)> = deliveries
+        let relation_of = |r: &Row| {
+            let txn = &transactions[r.txn];
+            &txn.relations[txn.changes[r.change].relation as usize]
+        };
+        // 2. What each (role, table) may read: privileges and policies, read
+        //    through SPI only for the pairs something matched, and cached.
+        let stale: HashSet<(String, u32)> = pending
             .iter()
-            .filter_map(|(key, _, _, relid)| {
+            .filter_map(|(key, _, row)| {
                 let role = &self.registry.get(key)?.sink.role;
-                let fresh = self
-                    .allowed
-                    .get(&(role.clone(), *relid))
-                    .is_some_and(|(_, at)| at.elapsed() < PRIVILEGE_TTL);
-                (!fresh).then(|| (role.clone(), *relid))
+                let pair = (role.clone(), relation_of(&rows[*row]).relid);
+                let fresh = self.access.get(&pair).is_some_and(|(_, at)| at.elapsed() < ACCESS_TTL);
+                (!fresh).then_some(pair)
             })
             .collect();
         if !stale.is_empty() {
-            self.check_privileges(stale.into_iter().collect());
+            self.read_access(stale.into_iter().collect(), &transactions);
         }
+        // 3. Row-level security: one check per (identity, table), over all
+        //    of its rows in this batch.
+        let mut groups: HashMap<Identity, (Option<String>, BTreeSet<usize>)> = HashMap::new();
+        for (key, _, row) in &pending {
+            let Some(sub) = self.registry.get(key) else { continue };
+            let relid = relation_of(&rows[*row]).relid;
+            if let Some((Some(grants), _)) = self.access.get(&(sub.sink.role.clone(), relid)) {
+                if grants.check.is_some() {
+                    groups
+                        .entry((sub.sink.role.clone(), sub.sink.claims.clone(), relid))
+                        .or_insert_with(|| (sub.sink.sub.clone(), BTreeSet::new()))
+                        .1
+                        .insert(*row);
+                }
+            }
+        }
+        let visible = if groups.is_empty() {
+            HashMap::new()
+        } else {
+            self.check_rows(groups, &rows, &transactions)
+        };
+        // 4. Deliver, building each change's frame once per column set.
+        let mut frames: HashMap<(usize, Visible), Arc<str>> = HashMap::new();
         let counters = crate::shmem::counters();
-        for (key, ids, data, relid) in deliveries {
+        for (key, ids, row) in pending {
             let Some(sub) = self.registry.get(&key) else { continue };
             let sink = &sub.sink;
-            if !self.may_receive(sink, relid) {
+            let r = &rows[row];
+            let relation = relation_of(r);
+            let Some((Some(grants), _)) = self.access.get(&(sink.role.clone(), relation.relid)) else {
+                continue;
+            };
+            if grants.check.is_some()
+                && !visible
+                    .get(&(sink.role.clone(), sink.claims.clone(), relation.relid))
+                    .is_some_and(|seen| seen.contains(&row))
+            {
                 continue;
             }
+            let Some(columns) = grants.visible(relation) else {
+                continue;
+            };
+            let commit_time_us = transactions[r.txn].commit_time_us;
+            let data = frames
+                .entry((row, columns))
+                .or_insert_with_key(|(_, columns)| {
+                    Arc::from(r.parsed.data(relation, commit_time_us, max_record_bytes, columns))
+                })
+                .clone();
             let out = Outbound::PostgresChanges {
                 topic: sink.topic.clone(),
                 ids,
@@ -251,30 +337,102 @@ impl Changes {
         drained
     }
 
-    fn may_receive(&self, sink: &Sink, relid: u32) -> bool {
-        matches!(self.allowed.get(&(sink.role.clone(), relid)), Some((true, _)))
-    }
-
-    /// Until row-level security is enforced per row, fail closed: a role
-    /// receives a table's rows only if it may SELECT them and row-level
-    /// security does not apply to it.
-    fn check_privileges(&mut self, pairs: Vec<(String, u32)>) {
+    /// Reads privileges and policies for each (role, table) pair.
+    fn read_access(&mut self, pairs: Vec<(String, u32)>, transactions: &[Transaction]) {
+        let names: HashMap<u32, (String, String)> = transactions
+            .iter()
+            .flat_map(|t| t.relations.iter())
+            .map(|r| (r.relid, (r.schema.clone(), r.table.clone())))
+            .collect();
         let answers = BackgroundWorker::transaction(|| {
+            if let Err(e) = catalog::clear_search_path() {
+                pgrx::warning!("pg_realtime: could not prepare the privilege checks: {e}");
+                return Vec::new();
+            }
             pairs
                 .into_iter()
                 .map(|(role, relid)| {
-                    let ok = catalog::role(&role).ok().flatten().is_some_and(|r| {
-                        catalog::can_select(&role, relid).unwrap_or(false)
-                            && (r.bypass_rls || !catalog::rls_enabled(relid).unwrap_or(true))
-                    });
-                    ((role, relid), ok)
+                    let grants = match catalog::access(&role, relid) {
+                        Ok(Some(access)) => Some(Arc::new(Grants {
+                            columns: access.columns,
+                            check: access.policies.map(|policies| {
+                                let (schema, table) = names.get(&relid).cloned().unwrap_or_default();
+                                rls::check_query(&schema, &table, &rls::predicate(&policies))
+                            }),
+                        })),
+                        Ok(None) => None,
+                        Err(e) => {
+                            pgrx::warning!("pg_realtime: could not read what role \"{role}\" may see: {e}");
+                            None
+                        }
+                    };
+                    ((role, relid), grants)
                 })
                 .collect::<Vec<_>>()
         });
         let now = Instant::now();
-        for (key, ok) in answers {
-            self.allowed.insert(key, (ok, now));
+        for (key, grants) in answers {
+            self.access.insert(key, (grants, now));
         }
+    }
+
+    /// Runs the row-level security checks; returns, per identity and table,
+    /// the rows (indexes into `rows`) it may see. A check that fails (a
+    /// policy raising an error) shows nothing, as the SELECT would.
+    fn check_rows(
+        &self,
+        groups: HashMap<Identity, (Option<String>, BTreeSet<usize>)>,
+        rows: &[Row],
+        transactions: &[Transaction],
+    ) -> HashMap<Identity, HashSet<usize>> {
+        // The queries and their rows first: the transaction below must not
+        // borrow `self` (it holds no Postgres state, but cells).
+        let mut jobs = Vec::with_capacity(groups.len());
+        for ((role, claims, relid), (sub, members)) in groups {
+            let Some((Some(grants), _)) = self.access.get(&(role.clone(), relid)) else {
+                continue;
+            };
+            let Some(query) = grants.check.clone() else { continue };
+            let members: Vec<usize> = members.into_iter().collect();
+            let images = rls::rows_array(members.iter().map(|&i| {
+                let change = &transactions[rows[i].txn].changes[rows[i].change];
+                // the row as of the commit: the old one for DELETE
+                let image = match change.kind {
+                    ChangeKind::Delete => change.old.as_deref(),
+                    _ => change.record.as_deref(),
+                };
+                image.unwrap_or("{}")
+            }));
+            jobs.push(((role, claims, relid), sub, members, query, images));
+        }
+        let counters = crate::shmem::counters();
+        BackgroundWorker::transaction(move || {
+            let mut out = HashMap::new();
+            if let Err(e) = catalog::clear_search_path() {
+                pgrx::warning!("pg_realtime: could not prepare the row-level security checks: {e}");
+                return out;
+            }
+            for ((role, claims, relid), sub, members, query, images) in jobs {
+                let (r, c) = (role.clone(), claims.clone());
+                let seen = catalog::catching(move || catalog::visible_rows(&r, &c, sub.as_deref(), &query, &images))
+                    .and_then(|answer| answer.map_err(|e| e.to_string()));
+                let seen: HashSet<usize> = match seen {
+                    Ok(positions) => positions
+                        .into_iter()
+                        .filter_map(|p| members.get(usize::try_from(p).ok()?.checked_sub(1)?).copied())
+                        .collect(),
+                    Err(e) => {
+                        pgrx::warning!("pg_realtime: row-level security check failed for role \"{role}\": {e}");
+                        HashSet::new()
+                    }
+                };
+                Counters::incr(&counters.rls_checks);
+                Counters::add(&counters.rls_rows_checked, members.len() as u64);
+                out.insert((role, claims, relid), seen);
+            }
+            let _ = catalog::reset_role();
+            out
+        })
     }
 
     /// Tells every channel subscribed to one of `relids` (or to anything,
@@ -294,16 +452,14 @@ fn system_error(sink: &Sink, message: &str) -> Outbound {
 }
 
 /// Validates a channel's bindings for `role`; returns them ready for the
-/// registry and whether the role bypasses row-level security, or the
-/// message of the `system` error.
+/// registry, or the message of the `system` error.
 fn validate(
     bindings: &[(u32, PostgresChangesBinding)],
     role: &str,
-) -> Result<(Vec<realtime::changes::registry::Binding>, bool), String> {
+) -> Result<Vec<realtime::changes::registry::Binding>, String> {
     let publication = crate::gucs::publication();
     let spi = |e: pgrx::spi::Error| format!("Realtime was unable to check the subscription: {e}");
-    let role_info = catalog::role(role).map_err(spi)?;
-    let Some(role_info) = role_info else {
+    if !catalog::role_exists(role).map_err(spi)? {
         return Err(format!("Unauthorized: role \"{role}\" of the token does not exist"));
     };
     let mut out = Vec::with_capacity(bindings.len());
@@ -349,18 +505,21 @@ fn validate(
                         &format!("permission denied: role \"{role}\" cannot SELECT from \"{schema}.{table}\""),
                     ));
                 }
-                if found.rls && !role_info.bypass_rls {
-                    return Err(refused(
-                        b,
-                        &format!(
-                            "row-level security is enabled on \"{schema}.{table}\": this version of pg_realtime delivers its changes only to roles that bypass row-level security"
-                        ),
-                    ));
-                }
                 for condition in parsed {
                     let Some(column) = catalog::column(found.relid, &condition.column).map_err(spi)? else {
                         return Err(refused(b, &format!("invalid column for filter {}", condition.column)));
                     };
+                    // A filter on a column the role may not read would tell
+                    // it that column's values.
+                    if !catalog::can_select_column(role, found.relid, &condition.column).map_err(spi)? {
+                        return Err(refused(
+                            b,
+                            &format!(
+                                "permission denied: role \"{role}\" cannot SELECT column {} of \"{schema}.{table}\"",
+                                condition.column
+                            ),
+                        ));
+                    }
                     let kind = Kind::of_type(&column.typname);
                     if condition.op.is_ordering() && !kind.is_ordered() {
                         return Err(refused(
@@ -396,7 +555,7 @@ fn validate(
             conditions,
         });
     }
-    Ok((out, role_info.bypass_rls))
+    Ok(out)
 }
 
 fn not_enabled(b: &PostgresChangesBinding) -> String {

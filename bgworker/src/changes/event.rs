@@ -12,6 +12,25 @@ const SMALL_VALUE_BYTES: usize = 64;
 
 pub const ERROR_TOO_LARGE: &str = "Error 413: Payload Too Large";
 pub const ERROR_NO_PRIMARY_KEY: &str = "Error 400: Bad Request, no primary key";
+pub const ERROR_UNAUTHORIZED: &str = "Error 401: Unauthorized";
+
+/// Which of a relation's columns a subscriber's role may SELECT.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Visible {
+    /// Every column (table-level SELECT).
+    All,
+    /// Only these, by position in [`Relation::columns`].
+    Only(Vec<bool>),
+}
+
+impl Visible {
+    fn column(&self, i: usize) -> bool {
+        match self {
+            Visible::All => true,
+            Visible::Only(cols) => cols.get(i).copied().unwrap_or(false),
+        }
+    }
+}
 
 /// A change ready for delivery, built in one step (tests).
 #[cfg(test)]
@@ -93,9 +112,11 @@ impl Parsed {
         }
     }
 
-    /// The serialized `data` object.
-    pub fn data(self, relation: &Relation, commit_time_us: i64, max_record_bytes: usize) -> String {
-        let Parsed { kind, record, old } = self;
+    /// The serialized `data` object, with only the columns in `visible`.
+    /// A role that may not read the whole primary key gets the
+    /// `Error 401: Unauthorized` form, without values.
+    pub fn data(&self, relation: &Relation, commit_time_us: i64, max_record_bytes: usize, visible: &Visible) -> String {
+        let kind = self.kind;
         let mut data = Map::new();
         data.insert("schema".into(), json!(relation.schema));
         data.insert("table".into(), json!(relation.table));
@@ -105,32 +126,38 @@ impl Parsed {
             data.insert("errors".into(), json!([ERROR_NO_PRIMARY_KEY]));
             return Value::Object(data).to_string();
         }
+        if !relation.key_columns().all(|i| visible.column(i)) {
+            data.insert("errors".into(), json!([ERROR_UNAUTHORIZED]));
+            return Value::Object(data).to_string();
+        }
+        let shown = |row: &Map<String, Value>, keep: &dyn Fn(usize) -> bool| -> Map<String, Value> {
+            relation
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| visible.column(*i) && keep(*i))
+                .filter_map(|(_, c)| row.get(&c.name).map(|v| (c.name.clone(), v.clone())))
+                .collect()
+        };
         let columns: Vec<Value> = relation
             .columns
             .iter()
-            .map(|c| json!({"name": c.name, "type": c.typname}))
+            .enumerate()
+            .filter(|(i, _)| visible.column(*i))
+            .map(|(_, c)| json!({"name": c.name, "type": c.typname}))
             .collect();
         data.insert("columns".into(), Value::Array(columns));
         let mut errors = Vec::new();
         if kind != ChangeKind::Delete {
+            let record = shown(&self.record, &|_| true);
             data.insert(
                 "record".into(),
                 Value::Object(limit(record, max_record_bytes, &mut errors)),
             );
         }
         if kind != ChangeKind::Insert {
-            let identity_full = relation.identity.len() == relation.columns.len();
-            let old_record = if identity_full {
-                old
-            } else {
-                let keep: Vec<&str> = relation
-                    .identity
-                    .iter()
-                    .filter_map(|i| relation.columns.get(*i as usize))
-                    .map(|c| c.name.as_str())
-                    .collect();
-                old.into_iter().filter(|(k, _)| keep.contains(&k.as_str())).collect()
-            };
+            let identity = |i: usize| relation.identity.contains(&(i as u16));
+            let old_record = shown(&self.old, &identity);
             data.insert(
                 "old_record".into(),
                 Value::Object(limit(old_record, max_record_bytes, &mut errors)),
@@ -151,7 +178,7 @@ impl Parsed {
 pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_record_bytes: usize) -> Event {
     let parsed = Parsed::new(relation, change);
     let filter_row = parsed.filter_row().clone();
-    let data = parsed.data(relation, commit_time_us, max_record_bytes);
+    let data = parsed.data(relation, commit_time_us, max_record_bytes, &Visible::All);
     Event {
         kind: change.kind,
         data,
@@ -200,6 +227,7 @@ mod tests {
                     typname: "bytea".into(),
                 },
             ],
+            primary_key: if identity.is_empty() { vec![] } else { vec![0] },
             identity,
         }
     }
@@ -301,6 +329,37 @@ mod tests {
         ));
         assert_eq!(d["errors"], json!([ERROR_NO_PRIMARY_KEY]));
         assert!(d.get("record").is_none());
+    }
+
+    #[test]
+    fn only_visible_columns_are_shown() {
+        let old = r#"{"id":7,"title":"old","at":null,"blob":"\\x00"}"#;
+        let relation = relation(vec![0, 1, 2, 3]);
+        let change = change(ChangeKind::Update, Some(ROW), Some(old));
+        let parsed = Parsed::new(&relation, &change);
+        let visible = Visible::Only(vec![true, true, false, false]);
+        let d: Value = serde_json::from_str(&parsed.data(&relation, 0, 1 << 20, &visible)).unwrap();
+        assert_eq!(d["record"], json!({"id": 7, "title": "new"}));
+        assert_eq!(d["old_record"], json!({"id": 7, "title": "old"}));
+        assert_eq!(
+            d["columns"],
+            json!([{"name": "id", "type": "int8"}, {"name": "title", "type": "text"}])
+        );
+        // filters still see the whole row
+        assert_eq!(parsed.filter_row()["at"], json!("2025-03-04T10:11:12.345+00:00"));
+    }
+
+    #[test]
+    fn a_hidden_primary_key_is_unauthorized() {
+        let relation = relation(vec![0]);
+        let change = change(ChangeKind::Insert, Some(ROW), None);
+        let parsed = Parsed::new(&relation, &change);
+        let visible = Visible::Only(vec![false, true, true, true]);
+        let d: Value = serde_json::from_str(&parsed.data(&relation, 0, 1 << 20, &visible)).unwrap();
+        assert_eq!(d["errors"], json!([ERROR_UNAUTHORIZED]));
+        assert!(d.get("record").is_none());
+        assert!(d.get("columns").is_none());
+        assert_eq!(d["table"], "t");
     }
 
     #[test]

@@ -5,5 +5,6 @@ pub mod event;
 pub mod filter;
 pub mod json;
 pub mod registry;
+pub mod rls;
 pub mod value;
 pub mod wire;

@@ -317,6 +317,7 @@ mod tests {
                 typname: "uuid".into(),
             }],
             identity: vec![0],
+            primary_key: vec![0],
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Relation {
     /// Positions (in `columns`) of the replica identity: the primary key by
     /// default; every column with `REPLICA IDENTITY FULL`.
     pub identity: Vec<u16>,
+    /// Positions of the primary key, if there is one.
+    pub primary_key: Vec<u16>,
 }
 
 /// One row change. Records are JSON objects as text (typed values).
@@ -106,16 +108,15 @@ impl Transaction {
                     typname: r.string()?,
                 });
             }
-            let mut identity = Vec::new();
-            for _ in 0..r.u32()? {
-                identity.push(r.u16()?);
-            }
+            let identity = r.positions()?;
+            let primary_key = r.positions()?;
             relations.push(Relation {
                 relid,
                 schema,
                 table,
                 columns,
                 identity,
+                primary_key,
             });
         }
         let mut changes = Vec::new();
@@ -180,9 +181,11 @@ pub fn encode_parts<R: std::borrow::Borrow<Relation>>(header: &Header, relations
             put_str(&mut out, &col.name);
             put_str(&mut out, &col.typname);
         }
-        out.extend_from_slice(&(rel.identity.len() as u32).to_le_bytes());
-        for i in &rel.identity {
-            out.extend_from_slice(&i.to_le_bytes());
+        for key in [&rel.identity, &rel.primary_key] {
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            for i in key {
+                out.extend_from_slice(&i.to_le_bytes());
+            }
         }
     }
     out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
@@ -193,6 +196,17 @@ pub fn encode_parts<R: std::borrow::Borrow<Relation>>(header: &Header, relations
 }
 
 impl Relation {
+    /// The columns that identify a row to a client: the primary key, else
+    /// the replica identity.
+    pub fn key_columns(&self) -> impl Iterator<Item = usize> + '_ {
+        let key = if self.primary_key.is_empty() {
+            &self.identity
+        } else {
+            &self.primary_key
+        };
+        key.iter().map(|i| *i as usize)
+    }
+
     fn size_hint(&self) -> usize {
         16 + self.schema.len()
             + self.table.len()
@@ -201,7 +215,7 @@ impl Relation {
                 .iter()
                 .map(|c| 8 + c.name.len() + c.typname.len())
                 .sum::<usize>()
-            + 2 * self.identity.len()
+            + 2 * (self.identity.len() + self.primary_key.len())
     }
 }
 
@@ -263,6 +277,15 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
 
+    fn positions(&mut self) -> Result<Vec<u16>, WireError> {
+        let n = self.u32()?;
+        let mut out = Vec::with_capacity(n.min(1600) as usize);
+        for _ in 0..n {
+            out.push(self.u16()?);
+        }
+        Ok(out)
+    }
+
     fn string(&mut self) -> Result<String, WireError> {
         let len = self.u32()? as usize;
         let at = self.pos;
@@ -305,6 +328,7 @@ mod tests {
                     },
                 ],
                 identity: vec![0],
+                primary_key: vec![0],
             }],
             changes: vec![
                 Change {
