@@ -26,11 +26,22 @@ CREATE TABLE quiet (id bigserial PRIMARY KEY, n int);
 CREATE TABLE counter (id int PRIMARY KEY, v int NOT NULL);
 INSERT INTO counter VALUES (1, 0);
 CREATE TABLE late_rows (id int PRIMARY KEY, v int NOT NULL);
-CREATE TABLE secret_rows (id bigserial PRIMARY KEY, owner text);
+CREATE TABLE secret_rows (id bigserial PRIMARY KEY, owner text, team text);
 ALTER TABLE secret_rows ENABLE ROW LEVEL SECURITY;
+ALTER TABLE secret_rows REPLICA IDENTITY FULL;
+-- yours (the sub claim), or your team's (a custom claim), never 'hidden'
+CREATE POLICY own ON secret_rows FOR SELECT USING (owner = current_setting('request.jwt.claim.sub', true));
+CREATE POLICY team ON secret_rows FOR SELECT
+  USING (team = current_setting('request.jwt.claims', true)::jsonb ->> 'team');
+CREATE POLICY not_hidden ON secret_rows AS RESTRICTIVE FOR SELECT USING (owner <> 'hidden');
+-- column privileges: no SELECT on `secret`; and a table whose key is hidden
+CREATE TABLE partial (id bigserial PRIMARY KEY, shown text, secret text);
+CREATE TABLE keyless_view (id bigserial PRIMARY KEY, shown text);
 CREATE TABLE unpublished (id bigserial PRIMARY KEY);
 GRANT SELECT ON items, quiet, counter, late_rows, secret_rows, unpublished TO authenticated, admin_bypass;
-CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, late_rows, secret_rows;
+GRANT SELECT (id, shown) ON partial TO authenticated;
+GRANT SELECT (shown) ON keyless_view TO authenticated;
+CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, late_rows, secret_rows, partial, keyless_view;
 "#;
 
 fn main() {
@@ -78,9 +89,11 @@ fn main() {
             bad_bindings_are_refused_and_the_socket_stays,
         ),
         (
-            "privileges_and_row_level_security_fail_closed",
-            privileges_and_row_level_security_fail_closed,
+            "row_level_security_decides_each_delivery",
+            row_level_security_decides_each_delivery,
         ),
+        ("column_privileges_hide_columns", column_privileges_hide_columns),
+        ("bad_channel_tokens_get_nothing", bad_channel_tokens_get_nothing),
         (
             "token_refresh_switches_the_identity",
             token_refresh_switches_the_identity,
@@ -558,74 +571,214 @@ fn bad_bindings_are_refused_and_the_socket_stays(ctx: &Ctx) {
     });
 }
 
-fn privileges_and_row_level_security_fail_closed(ctx: &Ctx) {
+/// A user of the `secret_rows` policies: `sub`, and optionally a team claim.
+fn member(sub: &str, team: Option<&str>) -> String {
+    let mut claims = json!({"role": "authenticated", "sub": sub, "exp": now() + 3600});
+    if let Some(team) = team {
+        claims["team"] = json!(team);
+    }
+    token_with(SECRET, claims)
+}
+
+/// "<type> <owner>" of each event, until (and without) the first row of
+/// team "fence".
+async fn owners_until_fence(client: &mut Client) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        let e = client.event().await;
+        let data = &e[4]["data"];
+        let row = if data["type"] == "DELETE" {
+            &data["old_record"]
+        } else {
+            &data["record"]
+        };
+        if row["team"] == "fence" {
+            return out;
+        }
+        out.push(format!(
+            "{} {}",
+            data["type"].as_str().unwrap(),
+            row["owner"].as_str().unwrap_or("?")
+        ));
+    }
+}
+
+fn row_level_security_decides_each_delivery(ctx: &Ctx) {
     ctx.rt.block_on(async {
-        // RLS table, ordinary role: refused
+        let alice = member("alice", Some("red"));
+        let bob = member("bob", None);
+        let admin = token("admin_bypass", 3600);
+        let binding = json!([{"event": "*", "schema": "public", "table": "secret_rows"}]);
+        let mut clients = Vec::new();
+        for (name, tok) in [("alice", &alice), ("bob", &bob), ("admin", &admin)] {
+            let mut client = Client::connect(ctx.c.ws_port, tok).await;
+            let j = client.join(name, binding.clone(), tok).await;
+            assert_eq!(j.system.unwrap()[4]["status"], "ok", "{name}");
+            clients.push(client);
+        }
+        let checks = ctx.c.stat("rls_checks");
+        ctx.c.psql(
+            "INSERT INTO secret_rows (owner, team) VALUES ('alice', 'blue'), ('carol', 'red'), ('bob', NULL), ('hidden', 'red');
+             UPDATE secret_rows SET team = 'red' WHERE owner = 'bob';
+             DELETE FROM secret_rows WHERE owner = 'carol';
+             DELETE FROM secret_rows WHERE owner = 'bob';
+             INSERT INTO secret_rows (owner, team) VALUES ('alice', 'fence'), ('bob', 'fence');",
+        );
+        // alice: her own row, her team's rows, never the restricted one;
+        // the DELETEs are judged on the deleted rows
+        assert_eq!(
+            owners_until_fence(&mut clients[0]).await,
+            ["INSERT alice", "INSERT carol", "UPDATE bob", "DELETE carol", "DELETE bob"]
+        );
+        // bob: his own row only (he has no team claim)
+        assert_eq!(
+            owners_until_fence(&mut clients[1]).await,
+            ["INSERT bob", "UPDATE bob", "DELETE bob"]
+        );
+        // BYPASSRLS: everything, 'hidden' included
+        assert_eq!(
+            owners_until_fence(&mut clients[2]).await,
+            [
+                "INSERT alice",
+                "INSERT carol",
+                "INSERT bob",
+                "INSERT hidden",
+                "UPDATE bob",
+                "DELETE carol",
+                "DELETE bob"
+            ]
+        );
+        // the admin's second fence row
+        assert_eq!(record(&clients[2].event().await)["owner"], "bob");
+        // one check query per identity and batch, never one per row: two
+        // identities here (the admin needs none), a few batches at most
+        let ran = ctx.c.stat("rls_checks") - checks;
+        assert!((2..=2 * 6).contains(&ran), "{ran} checks");
+
+        // a role without SELECT: refused
+        let outsider = token("outsider", 3600);
+        let j = clients[0]
+            .join("nosel", json!([{"event": "*", "schema": "public", "table": "items"}]), &outsider)
+            .await;
+        assert!(j.system.unwrap()[4]["message"].as_str().unwrap().contains("cannot SELECT"));
+
+        // REVOKE stops deliveries (privileges are re-read within a second)
+        let mut client = clients.pop().unwrap();
+        ctx.c.psql("REVOKE SELECT ON secret_rows FROM admin_bypass");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('after revoke')");
+            match client.recv_within(Duration::from_millis(1500)).await {
+                None => break,
+                Some(f) => assert!(std::time::Instant::now() < deadline, "still delivering after REVOKE: {f}"),
+            }
+        }
+        ctx.c.psql("GRANT SELECT ON secret_rows TO admin_bypass");
+    });
+}
+
+fn column_privileges_hide_columns(ctx: &Ctx) {
+    ctx.rt.block_on(async {
         let tok = user();
         let mut client = Client::connect(ctx.c.ws_port, &tok).await;
+        // a filter on a column the role may not read would reveal it
         let j = client
             .join(
-                "rls",
-                json!([{"event": "*", "schema": "public", "table": "secret_rows"}]),
+                "peek",
+                json!([{"event": "*", "schema": "public", "table": "partial", "filter": "secret=eq.x"}]),
                 &tok,
             )
             .await;
-        let system = j.system.unwrap();
-        assert_eq!(system[4]["status"], "error");
-        assert!(
-            system[4]["message"].as_str().unwrap().contains("row-level security"),
-            "{system}"
-        );
-        // a role without SELECT: refused
-        let outsider = token("outsider", 3600);
+        let message = j.system.unwrap()[4]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("cannot SELECT column secret"), "{message}");
         let j = client
             .join(
-                "nosel",
-                json!([{"event": "*", "schema": "public", "table": "items"}]),
-                &outsider,
-            )
-            .await;
-        assert!(j.system.unwrap()[4]["message"]
-            .as_str()
-            .unwrap()
-            .contains("cannot SELECT"));
-        // schema-wide: the outsider gets nothing from items, even as rows flow
-        let j = client
-            .join("wide", json!([{"event": "INSERT", "schema": "public"}]), &outsider)
-            .await;
-        assert_eq!(j.system.unwrap()[4]["status"], "ok");
-        // a role that bypasses RLS receives the RLS table's rows
-        let admin = token("admin_bypass", 3600);
-        let j = client
-            .join(
-                "bypass",
-                json!([{"event": "INSERT", "schema": "public", "table": "secret_rows"}]),
-                &admin,
+                "partial",
+                json!([
+                    {"event": "*", "schema": "public", "table": "partial"},
+                    {"event": "*", "schema": "public", "table": "keyless_view"}
+                ]),
+                &tok,
             )
             .await;
         assert_eq!(j.system.unwrap()[4]["status"], "ok");
         ctx.c
-            .psql("INSERT INTO items (name) VALUES ('for insiders'); INSERT INTO secret_rows (owner) VALUES ('x')");
-        let e = client.event().await;
-        assert_eq!(
-            e[2], "realtime:bypass",
-            "only the bypassing channel hears anything: {e}"
-        );
-        // REVOKE stops deliveries (privileges are re-checked)
-        ctx.c.psql("REVOKE SELECT ON secret_rows FROM admin_bypass");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            // past the privilege cache's lifetime, a marker row must not come
-            ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('after revoke')");
-            match client.recv_within(Duration::from_millis(1500)).await {
-                None => break,
-                Some(f) => assert!(
-                    std::time::Instant::now() < deadline,
-                    "still delivering after REVOKE: {f}"
-                ),
-            }
+            .psql("INSERT INTO partial (shown, secret) VALUES ('hello', 'psst')");
+        let data = client.event().await[4]["data"].clone();
+        assert_eq!(data["record"], json!({"id": 1, "shown": "hello"}), "{data}");
+        let columns: Vec<&str> = data["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["id", "shown"]);
+        assert!(!data.to_string().contains("psst"));
+        // the key itself is hidden: the Unauthorized form, no values
+        ctx.c
+            .psql("INSERT INTO keyless_view (shown) VALUES ('visible but unkeyed')");
+        let data = client.event().await[4]["data"].clone();
+        assert_eq!(data["errors"], json!(["Error 401: Unauthorized"]), "{data}");
+        assert!(data.get("record").is_none(), "{data}");
+        assert!(!data.to_string().contains("unkeyed"));
+    });
+}
+
+fn bad_channel_tokens_get_nothing(ctx: &Ctx) {
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let unsigned = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(json!({"role": "admin_bypass", "exp": now() + 600}))
+    );
+    let cases = [
+        (
+            token_with(
+                "not-the-secret-not-the-secret-not-the-secret",
+                json!({"role": "admin_bypass", "exp": now() + 600}),
+            ),
+            "signature",
+        ),
+        (unsigned, "JWT"),
+        (token("admin_bypass", -60), "Token has expired"),
+        (
+            token_with(SECRET, json!({"exp": now() + 600})),
+            "Fields `role` and `exp` are required",
+        ),
+        (
+            token_with(SECRET, json!({"role": "admin_bypass"})),
+            "Fields `role` and `exp` are required",
+        ),
+        (token("no_such_role", 600), "no_such_role"),
+    ];
+    ctx.rt.block_on(async {
+        let tok = user();
+        let mut client = Client::connect(ctx.c.ws_port, &tok).await;
+        for (i, (bad, expected)) in cases.iter().enumerate() {
+            let topic = format!("bad{i}");
+            let j = client
+                .join(
+                    &topic,
+                    json!([{"event": "*", "schema": "public", "table": "secret_rows"}]),
+                    bad,
+                )
+                .await;
+            let said = match j.system {
+                Some(system) if j.reply[4]["status"] == "ok" => {
+                    assert_eq!(system[4]["status"], "error", "{system}");
+                    system[4]["message"].to_string()
+                }
+                _ => j.reply[4]["response"].to_string(),
+            };
+            assert!(said.contains(expected), "case {i}: {said}");
         }
-        ctx.c.psql("GRANT SELECT ON secret_rows TO admin_bypass");
+        // none of them receives a row: the next frame is the heartbeat reply
+        ctx.c
+            .psql("INSERT INTO secret_rows (owner, team) VALUES ('anyone', 'red')");
+        client.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
+        let next = client.recv().await;
+        assert_eq!(next[2], "phoenix", "unexpected frame: {next}");
     });
 }
 
@@ -643,31 +796,28 @@ fn token_refresh_switches_the_identity(ctx: &Ctx) {
         assert_eq!(j.system.unwrap()[4]["status"], "ok");
         ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('before')");
         assert_eq!(record(&client.event().await)["owner"], "before");
-        // the same channel now acts as an ordinary user: RLS table, refused
+        // the same channel now acts as bob: re-subscribed, and his policies
+        // decide from the next commit on
         client
-            .send(json!(["1", "9", "realtime:refresh", "access_token", {"access_token": user()}]))
+            .send(json!(["1", "9", "realtime:refresh", "access_token", {"access_token": member("bob", None)}]))
             .await;
         let system = client.recv().await;
         assert_eq!(system[3], "system", "{system}");
-        assert_eq!(system[4]["status"], "error");
-        assert!(
-            system[4]["message"].as_str().unwrap().contains("row-level security"),
-            "{system}"
-        );
-        // and nothing more arrives on it (it holds no subscription): the next
-        // frame after a write is the heartbeat reply
-        ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('after')");
-        client.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
-        let next = client.recv().await;
-        assert_eq!(next[2], "phoenix", "{next}");
-        // back to the bypassing identity: subscribed again
+        assert_eq!(system[4]["status"], "ok", "{system}");
+        ctx.c
+            .psql("INSERT INTO secret_rows (owner) VALUES ('not bob'), ('bob')");
+        assert_eq!(record(&client.event().await)["owner"], "bob");
+        // and then as alice of team red
         client
-            .send(json!(["1", "10", "realtime:refresh", "access_token", {"access_token": token("admin_bypass", 7200)}]))
+            .send(
+                json!(["1", "10", "realtime:refresh", "access_token", {"access_token": member("alice", Some("red"))}]),
+            )
             .await;
         let system = client.recv().await;
         assert_eq!(system[4]["status"], "ok", "{system}");
-        ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('again')");
-        assert_eq!(record(&client.event().await)["owner"], "again");
+        ctx.c
+            .psql("INSERT INTO secret_rows (owner, team) VALUES ('bob', NULL), ('dave', 'red')");
+        assert_eq!(record(&client.event().await)["owner"], "dave");
     });
 }
 
