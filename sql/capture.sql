@@ -83,3 +83,8 @@ COMMENT ON VIEW realtime.captured_tables IS
   'Tables whose committed changes pg_realtime captures, and for which actions.';
 
 SELECT realtime.sync_captured_tables();
+
+-- Schema realtime is usable by every role (private channels' policies call
+-- realtime.topic()); the capture machinery is for superusers only.
+REVOKE EXECUTE ON FUNCTION realtime.sync_captured_tables() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.wanted_captures() FROM PUBLIC;

@@ -178,3 +178,21 @@ alter publication supabase_realtime add table
 
 alter table public.production_stages replica identity full;
 alter table public.messages          replica identity full;
+
+-- Private channels: one per order, topic 'order:<order id>', for the order's
+-- buyer, its suppliers and admins (broadcast and presence alike). pg_realtime
+-- asks these policies on realtime.messages when a private channel joins
+-- (SELECT: may it read), on its first broadcast (INSERT: may it write), and
+-- again after each token refresh.
+create or replace function public.order_topic_member() returns boolean
+language sql stable as $$
+  select case when realtime.topic() ~ '^order:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+              then (select public.buys_order(o) or public.supplies_order(o) or public.is_admin()
+                    from (select substr(realtime.topic(), 7)::uuid as o) t)
+              else false end
+$$;
+
+create policy order_channel_read on realtime.messages for select to authenticated
+  using (extension in ('broadcast', 'presence') and public.order_topic_member());
+create policy order_channel_write on realtime.messages for insert to authenticated
+  with check (extension in ('broadcast', 'presence') and public.order_topic_member());

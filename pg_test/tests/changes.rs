@@ -94,6 +94,7 @@ fn main() {
         ),
         ("column_privileges_hide_columns", column_privileges_hide_columns),
         ("bad_channel_tokens_get_nothing", bad_channel_tokens_get_nothing),
+        ("expiry_closes_the_channel", expiry_closes_the_channel),
         (
             "token_refresh_switches_the_identity",
             token_refresh_switches_the_identity,
@@ -776,6 +777,45 @@ fn bad_channel_tokens_get_nothing(ctx: &Ctx) {
         // none of them receives a row: the next frame is the heartbeat reply
         ctx.c
             .psql("INSERT INTO secret_rows (owner, team) VALUES ('anyone', 'red')");
+        client.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
+        let next = client.recv().await;
+        assert_eq!(next[2], "phoenix", "unexpected frame: {next}");
+    });
+}
+
+fn expiry_closes_the_channel(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        // alice, with a token that expires in two seconds
+        let short = token_with(
+            SECRET,
+            json!({"role": "authenticated", "sub": "alice", "exp": now() + 2}),
+        );
+        let tok = user();
+        let mut client = Client::connect(ctx.c.ws_port, &tok).await;
+        let j = client
+            .join(
+                "short",
+                json!([{"event": "*", "schema": "public", "table": "secret_rows"}]),
+                &short,
+            )
+            .await;
+        assert_eq!(j.system.unwrap()[4]["status"], "ok");
+        ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('alice')");
+        assert_eq!(record(&client.event().await)["owner"], "alice");
+        // at expiry: the system error, then phx_close
+        let system = client
+            .recv_within(Duration::from_secs(10))
+            .await
+            .expect("no expiry message");
+        assert_eq!(system[3], "system", "{system}");
+        assert!(
+            system[4]["message"].as_str().unwrap().starts_with("Token has expired"),
+            "{system}"
+        );
+        let close = client.recv().await;
+        assert_eq!(close[3], "phx_close", "{close}");
+        // and nothing more for it
+        ctx.c.psql("INSERT INTO secret_rows (owner) VALUES ('alice')");
         client.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
         let next = client.recv().await;
         assert_eq!(next[2], "phoenix", "unexpected frame: {next}");

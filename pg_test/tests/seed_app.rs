@@ -49,6 +49,7 @@ fn main() {
             "each_user_receives_only_rows_its_policies_allow",
             each_user_receives_only_rows_its_policies_allow,
         ),
+        ("private_order_channel_members_only", private_order_channel_members_only),
     ];
     runner::run(Ctx { c }, tests);
 }
@@ -273,5 +274,69 @@ fn each_user_receives_only_rows_its_policies_allow(ctx: &Ctx) {
             "production_stages DELETE s-other",
         ],
         "{lines:#?}"
+    );
+}
+
+fn private_order_channel_members_only(ctx: &Ctx) {
+    use std::io::Write;
+    // an order of the buyer, made by the supplier
+    ctx.c.psql(&format!(
+        "INSERT INTO orders (id, buyer_id, title) VALUES ('aaaaaaaa-0000-0000-0000-000000000003', '{BUYER}', 'bowls');
+         INSERT INTO supplier_orders (id, order_id, supplier_id)
+           VALUES ('bbbbbbbb-0000-0000-0000-000000000003', 'aaaaaaaa-0000-0000-0000-000000000003', '{SUPPLIER}');"
+    ));
+    let topic = "order:aaaaaaaa-0000-0000-0000-000000000003";
+    let supplier_later = token_with(
+        SECRET,
+        serde_json::json!({"role": "authenticated", "sub": SUPPLIER, "exp": now() + 900}),
+    );
+    let mut child = std::process::Command::new(node())
+        .arg(js_dir().join("private.mjs"))
+        .current_dir(js_dir())
+        .env("SUPABASE_URL", ctx.c.http_url())
+        .env("TOPIC", topic)
+        .env("BUYER_KEY", user_token(BUYER))
+        .env("SUPPLIER_KEY", user_token(SUPPLIER))
+        .env("SUPPLIER_KEY2", supplier_later)
+        .env("OUTSIDER_KEY", user_token(OTHER_BUYER))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.next().and_then(Result::ok);
+    if ready.as_deref() != Some("READY") {
+        let out = child.wait_with_output().unwrap();
+        panic!("private.mjs: {ready:?} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // the supplier is taken off the order: it is no longer a member
+    ctx.c
+        .psql("DELETE FROM supplier_orders WHERE id = 'bbbbbbbb-0000-0000-0000-000000000003'");
+    writeln!(child.stdin.as_mut().unwrap(), "GO").unwrap();
+    let last = lines.map_while(Result::ok).last().unwrap_or_default();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "private.mjs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(result["status"]["buyer"], "SUBSCRIBED", "{result}");
+    assert_eq!(result["status"]["supplier"], "SUBSCRIBED", "{result}");
+    assert_eq!(result["status"]["outsider"], "CHANNEL_ERROR", "{result}");
+    assert!(
+        result["outsider_seen"].to_string().contains(&format!(
+            "Unauthorized: You do not have permissions to read from this Channel topic: {topic}"
+        )),
+        "{result}"
+    );
+    assert_eq!(result["ack"], "ok", "{result}");
+    assert_eq!(result["buyer_got"]["text"], "kiln fired", "{result}");
+    assert!(
+        result["after_refresh"]["system"].to_string().contains(&format!(
+            "You no longer have permission to read from this Channel topic: {topic}"
+        )),
+        "{result}"
     );
 }

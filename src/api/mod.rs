@@ -31,6 +31,9 @@ fn stats() -> TableIterator<'static, (name!(name, String), name!(value, i64))> {
     TableIterator::new(rows)
 }
 
+// realtime.messages and realtime.topic(), for private channels.
+extension_sql_file!("../../sql/messages.sql", name = "messages_sql");
+
 // The install script warns when the extension cannot run as installed.
 extension_sql!(
     r#"

@@ -156,16 +156,9 @@ pub fn clear_search_path() -> SpiResult<()> {
 /// Runs `query` (a row check from `realtime::changes::rls`) over `rows` as
 /// `role` with the JWT claims set as PostgREST sets them; returns the
 /// 1-based positions of the rows the role may see.
-pub fn visible_rows(role: &str, claims: &str, sub: Option<&str>, query: &str, rows: &str) -> SpiResult<Vec<i32>> {
-    Spi::connect(|client| {
-        client.select(
-            "SELECT pg_catalog.set_config('role', $1, true), \
-                    pg_catalog.set_config('request.jwt.claims', $2, true), \
-                    pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
-                    pg_catalog.set_config('request.jwt.claim.role', $1, true)",
-            None,
-            &[role.into(), claims.into(), sub.unwrap_or("").into()],
-        )?;
+pub fn visible_rows(identity: &Identity<'_>, query: &str, rows: &str) -> SpiResult<Vec<i32>> {
+    Spi::connect_mut(|client| {
+        act_as(client, identity)?;
         let table = client.select(query, None, &[rows.into()])?;
         let mut out = Vec::new();
         for row in table {
@@ -230,6 +223,16 @@ pub fn cast_to_json(value: &str, sql_type: &str) -> Result<String, String> {
 /// Runs `f` in a subtransaction; a Postgres error in it becomes `Err` with
 /// its message and leaves the surrounding transaction usable.
 pub fn catching<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    subtransaction(f, true)
+}
+
+/// Like [`catching`], but whatever `f` did is rolled back even when it
+/// succeeds: for probes that write only to ask.
+pub fn rolled_back<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    subtransaction(f, false)
+}
+
+fn subtransaction<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> Result<T, String> {
     // SAFETY: the main thread, inside a transaction; the memory context and
     // resource owner are restored whichever way the subtransaction ends, as
     // PL/pgSQL does around an exception block.
@@ -247,7 +250,13 @@ pub fn catching<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, 
     PgTryBuilder::new(move || {
         let value = f();
         // SAFETY: ends the subtransaction begun above.
-        unsafe { pg_sys::ReleaseCurrentSubTransaction() };
+        unsafe {
+            if keep {
+                pg_sys::ReleaseCurrentSubTransaction();
+            } else {
+                pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            }
+        }
         restore();
         Ok(value)
     })
@@ -261,4 +270,105 @@ pub fn catching<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, 
         })
     })
     .execute()
+}
+
+/// Acts as the identity for the rest of the (sub)transaction: its role,
+/// its JWT claims as PostgREST sets them, and `realtime.topic`.
+fn act_as(client: &mut pgrx::spi::SpiClient<'_>, identity: &Identity<'_>) -> SpiResult<()> {
+    client.select(
+        "SELECT pg_catalog.set_config('role', $1, true), \
+                pg_catalog.set_config('request.jwt.claims', $2, true), \
+                pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
+                pg_catalog.set_config('request.jwt.claim.role', $1, true), \
+                pg_catalog.set_config('realtime.topic', $4, true)",
+        None,
+        &[
+            identity.role.into(),
+            identity.claims.into(),
+            identity.sub.unwrap_or("").into(),
+            identity.topic.unwrap_or("").into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Who a check runs as.
+pub struct Identity<'a> {
+    pub role: &'a str,
+    /// The claims as JSON.
+    pub claims: &'a str,
+    pub sub: Option<&'a str>,
+    /// For private channels: the topic `realtime.topic()` returns.
+    pub topic: Option<&'a str>,
+}
+
+/// Which of `broadcast` and `presence` the identity may read on its topic:
+/// probe rows are inserted (as the worker), then selected back as the
+/// identity, under the policies on `realtime.messages`. Run it inside
+/// [`rolled_back`]. An error while acting as the identity (no privilege on
+/// the table, a policy that raises) is a denial.
+pub fn readable_extensions(identity: &Identity<'_>) -> SpiResult<(bool, bool)> {
+    let topic = identity.topic.unwrap_or("");
+    Spi::connect_mut(|client| {
+        let inserted = client.update(
+            "INSERT INTO realtime.messages (topic, extension, private) \
+             VALUES ($1, 'broadcast', true), ($1, 'presence', true) RETURNING id::text",
+            None,
+            &[topic.into()],
+        )?;
+        let mut ids = Vec::new();
+        for row in inserted {
+            if let Some(id) = row.get::<String>(1)? {
+                ids.push(id);
+            }
+        }
+        let ids = format!("{{{}}}", ids.join(","));
+        act_as(client, identity)?;
+        let seen = catching(|| {
+            // read-write, so that the probes inserted above are visible
+            Spi::connect_mut(|c| {
+                let table = c.update(
+                    "SELECT extension FROM realtime.messages WHERE id = ANY($1::uuid[])",
+                    None,
+                    &[ids.as_str().into()],
+                )?;
+                let mut found = Vec::new();
+                for row in table {
+                    if let Some(e) = row.get::<String>(1)? {
+                        found.push(e);
+                    }
+                }
+                SpiResult::Ok(found)
+            })
+        });
+        let seen = match seen {
+            Ok(Ok(found)) => found,
+            _ => Vec::new(),
+        };
+        Ok((
+            seen.iter().any(|e| e == "broadcast"),
+            seen.iter().any(|e| e == "presence"),
+        ))
+    })
+}
+
+/// Whether the identity may write `extension` messages on its topic: an
+/// INSERT into `realtime.messages` as the identity. Run it inside
+/// [`rolled_back`]; any error is a denial.
+pub fn writable(identity: &Identity<'_>, extension: &str) -> SpiResult<bool> {
+    let topic = identity.topic.unwrap_or("");
+    Spi::connect_mut(|client| {
+        act_as(client, identity)?;
+        let inserted = catching(|| {
+            Spi::connect_mut(|c| {
+                c.update(
+                    "INSERT INTO realtime.messages (topic, extension, private) VALUES ($1, $2, true)",
+                    None,
+                    &[topic.into(), extension.into()],
+                )
+                .map(|_| ())
+            })
+        });
+        Ok(matches!(inserted, Ok(Ok(()))))
+    })
 }

@@ -123,6 +123,7 @@ impl Changes {
         while let Ok(request) = self.requests.try_recv() {
             match request {
                 MainRequest::Subscribe(s) => self.subscribe(s),
+                MainRequest::Authorize(request) => super::private::authorize(request),
                 MainRequest::Unsubscribe(key) => {
                     if self.registry.unsubscribe(&key).is_some() {
                         Counters::decr(&crate::shmem::counters().subscriptions);
@@ -414,8 +415,16 @@ impl Changes {
             }
             for ((role, claims, relid), sub, members, query, images) in jobs {
                 let (r, c) = (role.clone(), claims.clone());
-                let seen = catalog::catching(move || catalog::visible_rows(&r, &c, sub.as_deref(), &query, &images))
-                    .and_then(|answer| answer.map_err(|e| e.to_string()));
+                let seen = catalog::catching(move || {
+                    let identity = catalog::Identity {
+                        role: &r,
+                        claims: &c,
+                        sub: sub.as_deref(),
+                        topic: None,
+                    };
+                    catalog::visible_rows(&identity, &query, &images)
+                })
+                .and_then(|answer| answer.map_err(|e| e.to_string()));
                 let seen: HashSet<usize> = match seen {
                     Ok(positions) => positions
                         .into_iter()

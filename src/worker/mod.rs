@@ -8,6 +8,7 @@
 mod catalog;
 mod changes;
 mod listen;
+mod private;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;

@@ -4,7 +4,7 @@
 use super::fanout::{fanout, FanoutReceiver, FanoutSender};
 use super::handshake::{self, Accepted};
 use super::hub::Member;
-use super::link::{MainRequest, Subscribe};
+use super::link::{Authorize, MainRequest, Permissions, Question, Subscribe};
 use super::Context;
 use crate::changes::registry::{self, ChannelKey};
 use crate::join::{parse_join, JoinConfig};
@@ -83,6 +83,33 @@ struct Channel {
     config: JoinConfig,
     /// Whether the main thread holds a `postgres_changes` subscription for it.
     subscribed: bool,
+    /// A private channel's permissions, as its identity's policies on
+    /// `realtime.messages` gave them.
+    private: Option<Private>,
+    /// Its key in the broadcast hub, while it receives broadcasts.
+    hub_key: Option<String>,
+}
+
+/// What a private channel's identity may do; read at join and after each
+/// token refresh, write on first use and then kept until the token changes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Private {
+    read: Permissions,
+    broadcast_write: Option<bool>,
+}
+
+/// The hub key of a topic: private and public channels of the same name
+/// never hear each other.
+fn hub_key(topic: &str, private: bool) -> String {
+    if private {
+        format!("private\u{0}{topic}")
+    } else {
+        topic.to_owned()
+    }
+}
+
+fn no_read_permission(subtopic: &str) -> String {
+    format!("Unauthorized: You do not have permissions to read from this Channel topic: {subtopic}")
 }
 
 impl Channel {
@@ -267,6 +294,25 @@ impl Connection {
                     .await;
             }
         };
+        if channel.config.private {
+            let refused = match self.authorize(&channel, Question::Read).await {
+                Ok(read) if read.broadcast || read.presence => {
+                    channel.private = Some(Private {
+                        read,
+                        broadcast_write: None,
+                    });
+                    None
+                }
+                Ok(_) => Some(no_read_permission(&subtopic)),
+                Err(message) => Some(message),
+            };
+            if let Some(reason) = refused {
+                Counters::incr(&self.ctx.counters.joins_refused);
+                return self
+                    .send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
+                    .await;
+            }
+        }
         let ids = binding_ids(&channel.config);
         // postgres_changes: the main thread validates the bindings and starts
         // delivery before we reply, so SUBSCRIBED means live.
@@ -288,13 +334,17 @@ impl Connection {
             })
             .collect();
         let presence = channel.config.presence.enabled;
-        self.ctx.hub.join(
-            &frame.topic,
-            Member {
-                connection: self.id,
-                tx: self.fanout_tx.clone(),
-            },
-        );
+        if channel.private.is_none_or(|p| p.read.broadcast) {
+            let key = hub_key(&frame.topic, channel.private.is_some());
+            self.ctx.hub.join(
+                &key,
+                Member {
+                    connection: self.id,
+                    tx: self.fanout_tx.clone(),
+                },
+            );
+            channel.hub_key = Some(key);
+        }
         Counters::incr(&self.ctx.counters.channels_joined);
         let join_ref = channel.join_ref().to_owned();
         self.channels.insert(frame.topic.clone(), channel);
@@ -352,6 +402,29 @@ impl Connection {
         }
     }
 
+    /// Asks the main thread what the channel's identity may do on its
+    /// private topic; `Err` is a message for the client.
+    async fn authorize(&self, channel: &Channel, question: Question) -> Result<Permissions, String> {
+        let Some(main) = &self.ctx.main else {
+            return Err("Realtime was unable to connect to the project database".into());
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = MainRequest::Authorize(Authorize {
+            subtopic: channel.subtopic.clone(),
+            claims: channel.claims.clone(),
+            question,
+            reply,
+        });
+        if !main.send(request) {
+            return Err("Realtime was unable to connect to the project database".into());
+        }
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("Realtime was unable to connect to the project database".into()),
+            Err(_) => Err("Query was cancelled, please try again".into()),
+        }
+    }
+
     /// Decides a join; `Err` is the reply's `reason`.
     fn admit(&self, frame: &Frame, subtopic: &str) -> Result<Channel, String> {
         if subtopic.is_empty() {
@@ -374,9 +447,6 @@ impl Connection {
             .verifier
             .verify(&token, jwt::now())
             .map_err(|e| e.join_reason())?;
-        if request.config.private {
-            return Err("Unauthorized: private channels are not supported by this version of pg_realtime".into());
-        }
         Ok(Channel {
             join_ref: frame.join_ref.clone(),
             subtopic: subtopic.to_owned(),
@@ -384,6 +454,8 @@ impl Connection {
             claims,
             config: request.config,
             subscribed: false,
+            private: None,
+            hub_key: None,
         })
     }
 
@@ -397,7 +469,9 @@ impl Connection {
 
     fn remove_channel(&mut self, topic: &str) -> Option<Channel> {
         let channel = self.channels.remove(topic)?;
-        self.ctx.hub.leave(topic, self.id);
+        if let Some(key) = &channel.hub_key {
+            self.ctx.hub.leave(key, self.id);
+        }
         if channel.subscribed {
             if let Some(main) = &self.ctx.main {
                 main.send(MainRequest::Unsubscribe(ChannelKey {
@@ -429,6 +503,10 @@ impl Connection {
                 channel.token = token.to_owned();
                 let identity_changed = channel.claims.all != claims.all;
                 channel.claims = claims;
+                if identity_changed && channel.private.is_some() && !self.reauthorize(&frame.topic).await? {
+                    return Ok(());
+                }
+                let channel = self.channels.get_mut(&frame.topic).expect("present");
                 // (also after a refused subscription: the new identity may
                 // be allowed)
                 if channel.config.postgres_changes.is_empty() || !identity_changed {
@@ -481,8 +559,59 @@ impl Connection {
         Ok(())
     }
 
+    /// A private channel's identity changed: reads its permissions again.
+    /// Returns false if the channel ended (read permission lost, or the
+    /// database could not answer).
+    async fn reauthorize(&mut self, topic: &str) -> Result<bool, WsError> {
+        let channel = self.channels.get(topic).expect("checked by the caller");
+        let had = channel.private.unwrap_or_default().read;
+        let subtopic = channel.subtopic.clone();
+        let answer = self.authorize(channel, Question::Read).await;
+        let read = match answer {
+            Ok(read) if read.broadcast || read.presence => read,
+            Ok(_) => {
+                let message = if had.broadcast || had.presence {
+                    format!("You no longer have permission to read from this Channel topic: {subtopic}")
+                } else {
+                    format!("You do not have permissions to read from this Channel topic: {subtopic}")
+                };
+                self.end_channel_with(topic, &message).await?;
+                return Ok(false);
+            }
+            Err(message) => {
+                self.end_channel_with(topic, &message).await?;
+                return Ok(false);
+            }
+        };
+        let (id, tx) = (self.id, self.fanout_tx.clone());
+        let hub = &self.ctx.hub;
+        let channel = self.channels.get_mut(topic).expect("present");
+        channel.private = Some(Private {
+            read,
+            broadcast_write: None,
+        });
+        // broadcasts follow the broadcast read permission
+        match (&channel.hub_key, read.broadcast) {
+            (Some(key), false) => {
+                hub.leave(key, id);
+                channel.hub_key = None;
+            }
+            (None, true) => {
+                let key = hub_key(topic, true);
+                hub.join(&key, Member { connection: id, tx });
+                channel.hub_key = Some(key);
+            }
+            _ => {}
+        }
+        Ok(true)
+    }
+
     /// The fatal-channel pattern: a `system` error, then `phx_close`.
     async fn end_channel(&mut self, topic: &str, error: &AuthError) -> Result<(), WsError> {
+        self.end_channel_with(topic, &error.to_string()).await
+    }
+
+    async fn end_channel_with(&mut self, topic: &str, message: &str) -> Result<(), WsError> {
         let Some(channel) = self.remove_channel(topic) else {
             return Ok(());
         };
@@ -492,7 +621,7 @@ impl Connection {
             topic,
             "system",
             "error",
-            &error.to_string(),
+            message,
             &channel.subtopic,
         );
         self.send(&system).await?;
@@ -532,6 +661,41 @@ impl Connection {
             return self.unmatched(&frame).await;
         };
         let (ack, include_self) = (channel.config.broadcast.ack, channel.config.broadcast.self_);
+        let hub_topic = hub_key(&b.topic, channel.private.is_some());
+        if let Some(private) = channel.private {
+            let allowed = match private.broadcast_write {
+                Some(known) => known,
+                None => {
+                    let answer = self.authorize(channel, Question::Write("broadcast")).await;
+                    let allowed = answer.is_ok_and(|p| p.broadcast);
+                    if let Some(Private { broadcast_write, .. }) =
+                        self.channels.get_mut(&b.topic).and_then(|c| c.private.as_mut())
+                    {
+                        *broadcast_write = Some(allowed);
+                    }
+                    allowed
+                }
+            };
+            if !allowed {
+                tracing::debug!(topic = %b.topic, "broadcast without write permission dropped");
+                if ack {
+                    let frame = Frame {
+                        join_ref: b.join_ref,
+                        msg_ref: b.msg_ref,
+                        topic: b.topic.clone(),
+                        event: "broadcast".into(),
+                        payload: Payload::Json(Value::Null),
+                    };
+                    let reason = format!(
+                        "Unauthorized: You do not have permissions to write to this Channel topic: {}",
+                        b.topic.strip_prefix(TOPIC_PREFIX).unwrap_or(&b.topic)
+                    );
+                    self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
+                        .await?;
+                }
+                return Ok(());
+            }
+        }
         let out = Outbound::Broadcast {
             topic: b.topic.clone(),
             event: b.event,
@@ -541,7 +705,7 @@ impl Connection {
         if include_self {
             self.send(&out).await?;
         }
-        let missed = self.ctx.hub.send(&b.topic, Some(self.id), out);
+        let missed = self.ctx.hub.send(&hub_topic, Some(self.id), out);
         if missed > 0 {
             tracing::debug!(topic = %b.topic, missed, "broadcast skipped members with full queues");
         }

@@ -41,6 +41,37 @@ pub enum MainRequest {
     Subscribe(Subscribe),
     /// The channel left or its connection closed.
     Unsubscribe(ChannelKey),
+    /// A private channel's permissions, from the policies on
+    /// `realtime.messages` (`realtime-protocol.md` §6.4).
+    Authorize(Authorize),
+}
+
+/// What a private channel asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Question {
+    /// May the identity read the topic's broadcasts and presence (at join,
+    /// and again after a token refresh)?
+    Read,
+    /// May it send a broadcast (`broadcast`) or track presence
+    /// (`presence`)? Asked lazily, on the first one.
+    Write(&'static str),
+}
+
+/// The answer: which extensions the identity may read (for `Read`), or
+/// whether it may write (for `Write`, in `broadcast`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Permissions {
+    pub broadcast: bool,
+    pub presence: bool,
+}
+
+pub struct Authorize {
+    /// The topic without `realtime:`, which `realtime.topic()` returns.
+    pub subtopic: String,
+    pub claims: Claims,
+    pub question: Question,
+    /// `Err` is a message for the client (the database could not answer).
+    pub reply: oneshot::Sender<Result<Permissions, String>>,
 }
 
 /// A channel's `postgres_changes` subscription.
