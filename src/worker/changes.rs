@@ -50,6 +50,9 @@ struct Row {
     parsed: event::Parsed,
 }
 
+/// What a role may read of a table (None: nothing), and when that was read.
+type ReadAt = (Option<Arc<Grants>>, Instant);
+
 /// What a role may read of a table, as last read from the catalog.
 struct Grants {
     /// Each column and whether the role may SELECT it.
@@ -83,7 +86,7 @@ pub struct Changes {
     schema_oids: HashMap<String, u32>,
     /// (role, relid) -> what the role may read of the table (None: nothing),
     /// and when that was read.
-    access: HashMap<(String, u32), (Option<Arc<Grants>>, Instant)>,
+    access: HashMap<(String, u32), ReadAt>,
     /// Transactions drained but not yet deliverable: a transaction with a
     /// lower commit LSN may still be about to publish.
     held: Vec<Transaction>,
