@@ -20,6 +20,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
   WHERE p.pubname = coalesce(nullif(current_setting('pg_realtime.publication', true), ''), 'supabase_realtime')
     AND c.relkind IN ('r', 'p')
+    AND n.nspname <> 'realtime'  -- the extension's own tables (realtime.messages)
     AND (p.pubinsert OR p.pubupdate OR p.pubdelete)
 $$;
 
