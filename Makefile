@@ -7,7 +7,7 @@ PG_CONFIG ?= /usr/bin/pg_config
 # Where `cargo pgrx test` keeps its cluster: a directory the postgres user owns.
 PGRX_PGDATA ?= /var/tmp/pg_realtime/pgrx-pgdata
 
-.PHONY: deps install install-release run test lint unit pgtest e2e bench clean
+.PHONY: deps install install-release run test lint unit pgtest e2e bench bench-rls clean
 
 deps:
 	scripts/install-deps.sh
@@ -49,3 +49,7 @@ clean:
 ## Capture overhead and latency benchmarks (see bench/README.md).
 bench: install-release
 	bench/run.sh
+
+## RLS-checked delivery throughput against no RLS (see bench/README.md).
+bench-rls: install-release
+	cargo bench -p pg_realtime_e2e --bench rls

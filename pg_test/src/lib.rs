@@ -450,6 +450,24 @@ pub mod client {
             out
         }
 
+        /// Waits for `n` postgres_changes frames without parsing them (for
+        /// benchmarks); false if the socket went quiet for `WAIT` first.
+        pub async fn count_events(&mut self, n: usize) -> bool {
+            let mut seen = 0;
+            while seen < n {
+                match tokio::time::timeout(WAIT, self.ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        if t.contains("\"postgres_changes\"") {
+                            seen += 1;
+                        }
+                    }
+                    Ok(Some(Ok(_))) => continue,
+                    _ => return false,
+                }
+            }
+            true
+        }
+
         pub async fn heartbeat(&mut self) {
             self.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
             loop {
