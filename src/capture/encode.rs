@@ -55,7 +55,8 @@ pub fn encoders(desc: pg_sys::TupleDesc) -> Vec<ColumnEncoder> {
     // valid type OIDs.
     unsafe {
         let natts = (*desc).natts as usize;
-        let attrs = (*desc).attrs.as_slice(natts);
+        // (PgTupleDesc reads the attributes the way each major lays them out)
+        let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
         let mut out = Vec::with_capacity(natts);
         for (index, att) in attrs.iter().enumerate().filter(|(_, a)| !a.attisdropped) {
             let base = pg_sys::getBaseType(att.atttypid);
@@ -215,7 +216,7 @@ pub unsafe fn describe(rel: pg_sys::Relation) -> Relation {
         let form = &*(*rel).rd_rel;
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
-        let attrs = (*desc).attrs.as_slice(natts);
+        let attrs = pgrx::PgTupleDesc::from_pg_unchecked(desc);
         let mut columns = Vec::with_capacity(natts);
         // attnum of each kept column, for the identity positions
         let mut attnums = Vec::with_capacity(natts);
