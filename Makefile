@@ -28,8 +28,13 @@ install-release: deps
 run: install-release
 	scripts/run-demo.sh
 
-## Every test suite, as CI runs it.
-test: deps lint unit pgtest e2e
+## Every suite on every supported major, as CI runs it (PG=NN: one major).
+test: deps lint unit majors
+
+## The suites that need PostgreSQL, per major (scripts/test-majors.sh
+## fetches, caches and registers the majors first).
+majors:
+	scripts/test-majors.sh "$(PGTEST_MAJORS)" "$(E2E_MAJORS)"
 
 lint:
 	cargo fmt --all --check

@@ -112,6 +112,10 @@ fn main() {
         ("bad_channel_tokens_get_nothing", bad_channel_tokens_get_nothing),
         ("expiry_closes_the_channel", expiry_closes_the_channel),
         (
+            "partitioned_tables_are_reported_under_their_name",
+            partitioned_tables_are_reported_under_their_name,
+        ),
+        (
             "token_refresh_switches_the_identity",
             token_refresh_switches_the_identity,
         ),
@@ -897,6 +901,57 @@ fn expiry_closes_the_channel(ctx: &Ctx) {
         client.send(json!([null, "hb", "phoenix", "heartbeat", {}])).await;
         let next = client.recv().await;
         assert_eq!(next[2], "phoenix", "unexpected frame: {next}");
+    });
+}
+
+/// A partitioned table in the publication: rows of every partition (also
+/// one attached with another column order, and one created later) arrive
+/// under the partitioned table's name, filtered, in the table's column order.
+fn partitioned_tables_are_reported_under_their_name(ctx: &Ctx) {
+    ctx.c.psql(
+        "CREATE TABLE readings (id int, region text, v int, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE readings_eu PARTITION OF readings FOR VALUES IN ('eu');
+         CREATE TABLE readings_us (v int, region text, id int, PRIMARY KEY (id, region));
+         ALTER TABLE readings ATTACH PARTITION readings_us FOR VALUES IN ('us');
+         GRANT SELECT ON readings TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE readings;",
+    );
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "readings",
+            json!([{"event": "*", "schema": "public", "table": "readings", "filter": "region=neq.eu"}]),
+        )
+        .await;
+        ctx.c.psql(
+            "INSERT INTO readings VALUES (1, 'eu', 10), (2, 'us', 20);
+             INSERT INTO readings_us (id, region, v) VALUES (3, 'us', 30);
+             CREATE TABLE readings_asia PARTITION OF readings FOR VALUES IN ('asia');
+             INSERT INTO readings VALUES (4, 'asia', 40);
+             UPDATE readings SET v = 21 WHERE id = 2;",
+        );
+        let events = client.events(4).await;
+        let seen: Vec<String> = events
+            .iter()
+            .map(|e| {
+                let d = &e[4]["data"];
+                assert_eq!(d["table"], "readings", "{d}");
+                format!(
+                    "{} {} {}",
+                    d["type"].as_str().unwrap(),
+                    d["record"]["id"],
+                    d["record"]["v"]
+                )
+            })
+            .collect();
+        assert_eq!(seen, ["INSERT 2 20", "INSERT 3 30", "INSERT 4 40", "UPDATE 2 21"]);
+        let columns: Vec<&str> = events[1][4]["data"]["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["id", "region", "v"]);
     });
 }
 

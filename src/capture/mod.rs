@@ -79,6 +79,55 @@ thread_local! {
     /// Relation descriptions, kept across transactions until the relcache
     /// says the relation changed.
     static DESCRIBED: RefCell<HashMap<u32, Described>> = RefCell::new(HashMap::new());
+    /// A partition's root partitioned table and the root's schema, by
+    /// partition OID, until the relcache says the partition changed
+    /// (ATTACH and DETACH PARTITION do).
+    static ROOTS: RefCell<HashMap<u32, (pg_sys::Oid, pg_sys::Oid)>> = RefCell::new(HashMap::new());
+}
+
+// Not in pgrx's bindings (catalog/partition.h); this signature is the one of
+// PostgreSQL 14 and later. Called through `parent_of` only.
+unsafe extern "C-unwind" {
+    fn get_partition_parent(relid: pg_sys::Oid, even_if_detached: bool) -> pg_sys::Oid;
+}
+
+/// The parent of a partition.
+///
+/// # Safety
+/// Main thread of a backend; `relid` is an attached partition.
+unsafe fn parent_of(relid: pg_sys::Oid) -> pg_sys::Oid {
+    // SAFETY: per the contract; the guard turns an ERROR raised inside into
+    // a Rust panic, as for pgrx's own bindings.
+    unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| get_partition_parent(relid, false)) }
+}
+
+/// The relation a row of `rel` is reported as, and its schema: `rel`
+/// itself, or for a partition the root of its partition tree (what
+/// `publish_via_partition_root` publishes), so that subscribers name the
+/// partitioned table and see every partition's rows under its name.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn reported_as(rel: pg_sys::Relation) -> (pg_sys::Oid, pg_sys::Oid) {
+    // SAFETY: per the contract.
+    let (relid, form) = unsafe { ((*rel).rd_id, &*(*rel).rd_rel) };
+    if !form.relispartition {
+        return (relid, form.relnamespace);
+    }
+    if let Some(root) = ROOTS.with(|roots| roots.borrow().get(&relid.to_u32()).copied()) {
+        return root;
+    }
+    // SAFETY: catalog look-ups by OID; each relation walked up from is a
+    // partition, so it has a parent (attached: we hold a lock on it).
+    let root = unsafe {
+        let mut root = parent_of(relid);
+        while pg_sys::get_rel_relispartition(root) {
+            root = parent_of(root);
+        }
+        (root, pg_sys::get_rel_namespace(root))
+    };
+    ROOTS.with(|roots| roots.borrow_mut().insert(relid.to_u32(), root));
+    root
 }
 
 /// Whether anyone subscribes to the relation (or its schema), as the
@@ -122,7 +171,9 @@ fn capture_changes<'a>(
     let data = trigger.trigger_data();
     let rel = data.tg_relation;
     // SAFETY: tg_relation is the open relation the trigger fired on.
-    let (relid, namespace) = unsafe { ((*rel).rd_id, (*(*rel).rd_rel).relnamespace) };
+    let (relid, namespace) = unsafe { reported_as(rel) };
+    // SAFETY: as above.
+    let own_relid = unsafe { (*rel).rd_id };
     if !crate::shmem::interest().any(&[relid.to_u32(), namespace.to_u32()]) {
         note_skipped(relid.to_u32(), namespace.to_u32());
         return Ok(None);
@@ -138,18 +189,30 @@ fn capture_changes<'a>(
         return Ok(None);
     };
     ensure_callbacks();
-    let cached = DESCRIBED.with(|cache| cache.borrow().get(&relid.to_u32()).cloned());
+    // Cached by the relation that fired (its encoders read its tuples);
+    // described as the relation it is reported as.
+    let cached = DESCRIBED.with(|cache| cache.borrow().get(&own_relid.to_u32()).cloned());
     let described = cached.unwrap_or_else(|| {
         // Catalog look-ups may process invalidations (and so run
         // on_relcache): no borrow of the cache is held here.
-        // SAFETY: `rel` is open for the duration of the trigger call.
+        // SAFETY: `rel` is open for the duration of the trigger call; a
+        // partition's root is opened (without a lock of its own: the
+        // partition's lock keeps it from being dropped) just to describe it.
         let described = unsafe {
+            let relation = if relid == own_relid {
+                encode::describe(rel)
+            } else {
+                let root = pg_sys::RelationIdGetRelation(relid);
+                let relation = encode::describe(root);
+                pg_sys::RelationClose(root);
+                relation
+            };
             Described {
-                relation: Rc::new(encode::describe(rel)),
+                relation: Rc::new(relation),
                 encoders: Rc::new(encode::encoders((*rel).rd_att)),
             }
         };
-        DESCRIBED.with(|cache| cache.borrow_mut().insert(relid.to_u32(), described.clone()));
+        DESCRIBED.with(|cache| cache.borrow_mut().insert(own_relid.to_u32(), described.clone()));
         described
     });
     // SAFETY: the tuples belong to this trigger call and match the
@@ -311,6 +374,14 @@ unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid)
             cache.clear();
         } else {
             cache.remove(&relid.to_u32());
+        }
+    });
+    ROOTS.with(|roots| {
+        let mut roots = roots.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            roots.clear();
+        } else {
+            roots.remove(&relid.to_u32());
         }
     });
 }

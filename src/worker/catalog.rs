@@ -47,11 +47,16 @@ pub fn table(schema: &str, name: &str) -> SpiResult<Option<Table>> {
 }
 
 /// Whether the publication has the table (or, without a table, any table of
-/// the schema; with neither, any table).
+/// the schema; with neither, any table). A partitioned table counts when
+/// its partitions are published: their rows are reported under its name.
 pub fn published(publication: &str, schema: Option<&str>, table: Option<&str>) -> SpiResult<bool> {
     let rows = text_rows(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables \
-         WHERE pubname = $1 AND ($2::text IS NULL OR schemaname = $2) AND ($3::text IS NULL OR tablename = $3))::text",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt \
+           JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
+           JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+           JOIN pg_catalog.pg_class r ON r.oid = coalesce(pg_catalog.pg_partition_root(c.oid), c.oid) \
+           JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace \
+         WHERE pt.pubname = $1 AND ($2::text IS NULL OR rn.nspname = $2) AND ($3::text IS NULL OR r.relname = $3))::text",
         vec![publication.into(), schema.into(), table.into()],
     )?;
     Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
