@@ -728,3 +728,142 @@ async fn broadcast_between_sockets() {
     }
     server.stop().await;
 }
+
+/// The next frame, which must be binary.
+async fn recv_binary(c: &mut Client) -> Vec<u8> {
+    match tokio::time::timeout(WAIT, c.next()).await.expect("a frame in time") {
+        Some(Ok(Message::Binary(b))) => b.to_vec(),
+        other => panic!("expected a binary frame, got {other:?}"),
+    }
+}
+
+/// A stand-in for the main thread's answers about private channels: what
+/// each `sub` may read and write, changeable by the test.
+type Rules = Arc<std::sync::Mutex<std::collections::HashMap<String, (link::Permissions, bool)>>>;
+
+fn policy_main(rx: link::MainReceiver, rules: Rules) {
+    std::thread::spawn(move || {
+        while let Ok(request) = rx.recv() {
+            if let link::MainRequest::Authorize(a) = request {
+                let sub = a.claims.sub.clone().unwrap_or_default();
+                let (read, write) = rules.lock().unwrap().get(&sub).copied().unwrap_or_default();
+                let answer = match a.question {
+                    link::Question::Read => read,
+                    link::Question::Write(_) => link::Permissions {
+                        broadcast: write,
+                        presence: write,
+                    },
+                };
+                let _ = a.reply.send(Ok(answer));
+            }
+        }
+    });
+}
+
+fn user(sub: &str, valid_for: i64) -> String {
+    hs256(
+        SECRET,
+        json!({"role": "authenticated", "exp": jwt::now() + valid_for, "sub": sub}),
+    )
+}
+
+#[tokio::test]
+async fn private_channels_follow_their_permissions() {
+    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (link, rx) = link::main_link(waker);
+    let rules: Rules = Arc::default();
+    let both = link::Permissions {
+        broadcast: true,
+        presence: true,
+    };
+    rules.lock().unwrap().insert("member".into(), (both, true));
+    rules.lock().unwrap().insert("reader".into(), (both, false));
+    policy_main(rx, rules.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ctx = Context::new(
+        settings(SECRET, 10, 10),
+        Options::default(),
+        Box::leak(Box::default()),
+        Some(link),
+    );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(run(vec![listener], ctx.clone(), shutdown_rx));
+    let server = TestServer {
+        addr,
+        ctx,
+        shutdown,
+        task: Some(task),
+    };
+    let private = json!({"config": {"private": true, "broadcast": {"ack": true}}});
+    let mut member = server.connect_with(&user("member", 60), Some("2.0.0")).await;
+    let mut reader = server.connect_with(&user("reader", 60), Some("2.0.0")).await;
+    let mut public = server.connect().await;
+    assert_eq!(
+        join(&mut member, "1", "realtime:room", private.clone()).await[4]["status"],
+        "ok"
+    );
+    assert_eq!(
+        join(&mut reader, "1", "realtime:room", private.clone()).await[4]["status"],
+        "ok"
+    );
+    // the same topic, public: another channel altogether
+    assert_eq!(
+        join(
+            &mut public,
+            "1",
+            "realtime:room",
+            json!({"config": {"broadcast": {"ack": true}}})
+        )
+        .await[4]["status"],
+        "ok"
+    );
+    // an outsider may not join
+    let mut outsider = server.connect_with(&user("outsider", 60), Some("2.0.0")).await;
+    let refused = join(&mut outsider, "1", "realtime:room", private.clone()).await;
+    assert_eq!(refused[4]["status"], "error");
+    assert_eq!(
+        refused[4]["response"]["reason"],
+        "Unauthorized: You do not have permissions to read from this Channel topic: room"
+    );
+
+    let note = |r: &str, text: &str| json!(["1", r, "realtime:room", "broadcast", {"type": "broadcast", "event": "note", "payload": {"text": text}}]);
+    // a public broadcast never reaches the private channel, and the
+    // reader may not write: its broadcast is refused and goes nowhere
+    send(&mut public, note("2", "public")).await;
+    assert_eq!(recv(&mut public).await[4]["status"], "ok");
+    send(&mut reader, note("2", "from the reader")).await;
+    let denied = recv(&mut reader).await;
+    assert_eq!(denied[4]["status"], "error", "{denied}");
+    assert_eq!(
+        denied[4]["response"]["reason"],
+        "Unauthorized: You do not have permissions to write to this Channel topic: room"
+    );
+    // the member may write: the reader hears it (a binary kind-4 frame),
+    // and it is the first broadcast anyone on the private channel hears
+    send(&mut member, note("2", "from the member")).await;
+    assert_eq!(recv(&mut member).await[4]["status"], "ok");
+    let heard = recv_binary(&mut reader).await;
+    let heard = String::from_utf8_lossy(&heard);
+    assert!(heard.contains("realtime:room") && heard.contains("from the member"), "{heard}");
+
+    // the reader loses its membership: the next token refresh ends the channel
+    rules.lock().unwrap().remove("reader");
+    send(
+        &mut reader,
+        json!(["1", "3", "realtime:room", "access_token", {"access_token": user("reader", 120)}]),
+    )
+    .await;
+    let system = recv(&mut reader).await;
+    assert_eq!(system[3], "system", "{system}");
+    assert_eq!(
+        system[4]["message"],
+        "You no longer have permission to read from this Channel topic: room"
+    );
+    assert_eq!(recv(&mut reader).await[3], "phx_close");
+    // and it hears nothing more: the next frame is the heartbeat reply
+    send(&mut member, note("3", "after")).await;
+    assert_eq!(recv(&mut member).await[4]["status"], "ok");
+    heartbeat_ok(&mut reader, "9").await;
+    server.stop().await;
+}
