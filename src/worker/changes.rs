@@ -9,7 +9,7 @@ use realtime::changes::filter::{self, Condition};
 use realtime::changes::registry::{ChannelKey, EventFilter, Registry, Subscription, Target};
 use realtime::changes::rls;
 use realtime::changes::value::Kind;
-use realtime::changes::wire::{ChangeKind, Transaction};
+use realtime::changes::wire::{ChangeKind, RelationCache, Transaction};
 use realtime::join::PostgresChangesBinding;
 use realtime::protocol::Outbound;
 use realtime::server::fanout::{FanoutError, FanoutSender};
@@ -90,6 +90,8 @@ pub struct Changes {
     /// Transactions drained but not yet deliverable: a transaction with a
     /// lower commit LSN may still be about to publish.
     held: Vec<Transaction>,
+    /// Relation descriptions decoded before, reused while unchanged.
+    relation_cache: RelationCache,
 }
 
 /// The parameters as Supabase lists them in its messages.
@@ -118,6 +120,7 @@ impl Changes {
             schema_oids: HashMap::new(),
             access: HashMap::new(),
             held: Vec::new(),
+            relation_cache: RelationCache::default(),
         }
     }
 
@@ -196,8 +199,8 @@ impl Changes {
         // watermark or its record is in the ring for the drain below.
         let watermark = crate::shmem::fence().watermark();
         let ring = crate::shmem::ring();
-        let held = &mut self.held;
-        ring.drain(|_, bytes| match Transaction::decode(&bytes) {
+        let (held, cache) = (&mut self.held, &mut self.relation_cache);
+        ring.drain(|_, bytes| match Transaction::decode_cached(&bytes, cache) {
             Ok(t) => held.push(t),
             Err(e) => pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}"),
         });
@@ -230,7 +233,7 @@ impl Changes {
             }
             for (c, change) in txn.changes.iter().enumerate() {
                 let relation = &txn.relations[change.relation as usize];
-                let parsed = event::Parsed::new(relation, change);
+                let parsed = event::Parsed::new(change);
                 let matches = self.registry.matches(relation, change.kind, parsed.filter_row());
                 if matches.is_empty() {
                     continue;

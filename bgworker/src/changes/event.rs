@@ -43,31 +43,34 @@ pub struct Event {
     pub filter_row: Map<String, Value>,
 }
 
-/// Parses a record as captured, normalising what the writer's session could
-/// have rendered differently: `timestamptz` to UTC, `bytea` to bare hex.
-pub fn parse_record(text: Option<&str>, relation: &Relation) -> Map<String, Value> {
-    let mut map = match text.map(serde_json::from_str::<Value>) {
+/// Parses a record as captured. Filters compare timestamps as instants and
+/// need nothing more; what goes out to clients is normalised by
+/// [`normalised`].
+pub fn parse_record(text: Option<&str>) -> Map<String, Value> {
+    match text.map(serde_json::from_str::<Value>) {
         Some(Ok(Value::Object(map))) => map,
         _ => Map::new(),
-    };
-    for column in &relation.columns {
-        let Some(value) = map.get_mut(&column.name) else {
-            continue;
-        };
-        match column.typname.as_str() {
-            "timestamptz" => normalise(value, &|s| timestamptz_to_utc(s)),
-            "_timestamptz" => {
-                if let Value::Array(items) = value {
-                    for item in items {
-                        normalise(item, &|s| timestamptz_to_utc(s));
-                    }
+    }
+}
+
+/// A captured value as clients get it, normalising what the writer's
+/// session could have rendered differently: `timestamptz` to UTC, `bytea`
+/// to bare hex.
+fn normalised(typname: &str, value: &Value) -> Value {
+    let mut value = value.clone();
+    match typname {
+        "timestamptz" => normalise(&mut value, &|s| timestamptz_to_utc(s)),
+        "_timestamptz" => {
+            if let Value::Array(items) = &mut value {
+                for item in items {
+                    normalise(item, &|s| timestamptz_to_utc(s));
                 }
             }
-            "bytea" => normalise(value, &|s| s.strip_prefix("\\x").unwrap_or(s).to_owned()),
-            _ => {}
         }
+        "bytea" => normalise(&mut value, &|s| s.strip_prefix("\\x").unwrap_or(s).to_owned()),
+        _ => {}
     }
-    map
+    value
 }
 
 fn normalise(value: &mut Value, f: &dyn Fn(&str) -> String) {
@@ -95,11 +98,11 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    pub fn new(relation: &Relation, change: &Change) -> Parsed {
+    pub fn new(change: &Change) -> Parsed {
         Parsed {
             kind: change.kind,
-            record: parse_record(change.record.as_deref(), relation),
-            old: parse_record(change.old.as_deref(), relation),
+            record: parse_record(change.record.as_deref()),
+            old: parse_record(change.old.as_deref()),
         }
     }
 
@@ -136,7 +139,7 @@ impl Parsed {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| visible.column(*i) && keep(*i))
-                .filter_map(|(_, c)| row.get(&c.name).map(|v| (c.name.clone(), v.clone())))
+                .filter_map(|(_, c)| row.get(&c.name).map(|v| (c.name.clone(), normalised(&c.typname, v))))
                 .collect()
         };
         let columns: Vec<Value> = relation
@@ -176,7 +179,7 @@ impl Parsed {
 /// [`Parsed`], which builds `data` only when something matched).
 #[cfg(test)]
 pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_record_bytes: usize) -> Event {
-    let parsed = Parsed::new(relation, change);
+    let parsed = Parsed::new(change);
     let filter_row = parsed.filter_row().clone();
     let data = parsed.data(relation, commit_time_us, max_record_bytes, &Visible::All);
     Event {
@@ -336,7 +339,7 @@ mod tests {
         let old = r#"{"id":7,"title":"old","at":null,"blob":"\\x00"}"#;
         let relation = relation(vec![0, 1, 2, 3]);
         let change = change(ChangeKind::Update, Some(ROW), Some(old));
-        let parsed = Parsed::new(&relation, &change);
+        let parsed = Parsed::new(&change);
         let visible = Visible::Only(vec![true, true, false, false]);
         let d: Value = serde_json::from_str(&parsed.data(&relation, 0, 1 << 20, &visible)).unwrap();
         assert_eq!(d["record"], json!({"id": 7, "title": "new"}));
@@ -345,15 +348,15 @@ mod tests {
             d["columns"],
             json!([{"name": "id", "type": "int8"}, {"name": "title", "type": "text"}])
         );
-        // filters still see the whole row
-        assert_eq!(parsed.filter_row()["at"], json!("2025-03-04T10:11:12.345+00:00"));
+        // filters still see the whole row, as captured
+        assert_eq!(parsed.filter_row()["at"], json!("2025-03-04T11:11:12.345+01:00"));
     }
 
     #[test]
     fn a_hidden_primary_key_is_unauthorized() {
         let relation = relation(vec![0]);
         let change = change(ChangeKind::Insert, Some(ROW), None);
-        let parsed = Parsed::new(&relation, &change);
+        let parsed = Parsed::new(&change);
         let visible = Visible::Only(vec![false, true, true, true]);
         let d: Value = serde_json::from_str(&parsed.data(&relation, 0, 1 << 20, &visible)).unwrap();
         assert_eq!(d["errors"], json!([ERROR_UNAUTHORIZED]));

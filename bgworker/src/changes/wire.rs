@@ -4,6 +4,8 @@
 //! types, replica identity), so the worker needs no catalog lookup to encode
 //! an event, even if the table was altered or dropped since.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use thiserror::Error;
 
 /// Kinds of row change.
@@ -67,7 +69,8 @@ pub struct Transaction {
     pub commit_lsn: u64,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
-    pub relations: Vec<Relation>,
+    /// Shared: the worker keeps decoded descriptions (see [`RelationCache`]).
+    pub relations: Vec<Arc<Relation>>,
     pub changes: Vec<Change>,
     /// The transaction's changes could not all be kept (larger than the
     /// per-transaction limit): `changes` is empty, `relations` lists what it
@@ -91,6 +94,13 @@ impl Transaction {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Transaction, WireError> {
+        Self::decode_cached(bytes, &mut RelationCache::default())
+    }
+
+    /// Decodes, reusing the descriptions in `cache` whose bytes are
+    /// unchanged (most transactions touch tables seen before: their
+    /// descriptions then cost a comparison, not a dozen allocations).
+    pub fn decode_cached(bytes: &[u8], cache: &mut RelationCache) -> Result<Transaction, WireError> {
         let mut r = Reader { bytes, pos: 0 };
         let overflowed = r.u8()? != 0;
         let xid = r.u32()?;
@@ -98,26 +108,18 @@ impl Transaction {
         let commit_time_us = r.u64()? as i64;
         let mut relations = Vec::new();
         for _ in 0..r.u32()? {
-            let relid = r.u32()?;
-            let schema = r.string()?;
-            let table = r.string()?;
-            let mut columns = Vec::new();
-            for _ in 0..r.u32()? {
-                columns.push(Column {
-                    name: r.string()?,
-                    typname: r.string()?,
-                });
+            let start = r.pos;
+            r.skip_relation()?;
+            let raw = &bytes[start..r.pos];
+            let relid = u32::from_le_bytes(raw[..4].try_into().unwrap());
+            match cache.0.get(&relid) {
+                Some((known, relation)) if known.as_slice() == raw => relations.push(relation.clone()),
+                _ => {
+                    let relation = Arc::new(Reader { bytes: raw, pos: 0 }.relation()?);
+                    cache.0.insert(relid, (raw.to_vec(), relation.clone()));
+                    relations.push(relation);
+                }
             }
-            let identity = r.positions()?;
-            let primary_key = r.positions()?;
-            relations.push(Relation {
-                relid,
-                schema,
-                table,
-                columns,
-                identity,
-                primary_key,
-            });
         }
         let mut changes = Vec::new();
         for _ in 0..r.u32()? {
@@ -249,6 +251,10 @@ fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
+/// Decoded relation descriptions by OID, with the bytes they came from.
+#[derive(Default)]
+pub struct RelationCache(HashMap<u32, (Vec<u8>, Arc<Relation>)>);
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -275,6 +281,49 @@ impl Reader<'_> {
 
     fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    fn relation(&mut self) -> Result<Relation, WireError> {
+        let relid = self.u32()?;
+        let schema = self.string()?;
+        let table = self.string()?;
+        let mut columns = Vec::new();
+        for _ in 0..self.u32()? {
+            columns.push(Column {
+                name: self.string()?,
+                typname: self.string()?,
+            });
+        }
+        let identity = self.positions()?;
+        let primary_key = self.positions()?;
+        Ok(Relation {
+            relid,
+            schema,
+            table,
+            columns,
+            identity,
+            primary_key,
+        })
+    }
+
+    /// Moves past a relation description without decoding it.
+    fn skip_relation(&mut self) -> Result<(), WireError> {
+        self.u32()?;
+        for _ in 0..2 {
+            let len = self.u32()? as usize;
+            self.take(len)?;
+        }
+        for _ in 0..self.u32()? {
+            for _ in 0..2 {
+                let len = self.u32()? as usize;
+                self.take(len)?;
+            }
+        }
+        for _ in 0..2 {
+            let n = self.u32()? as usize;
+            self.take(n.checked_mul(2).ok_or(WireError(self.pos))?)?;
+        }
+        Ok(())
     }
 
     fn positions(&mut self) -> Result<Vec<u16>, WireError> {
@@ -313,7 +362,7 @@ mod tests {
             xid: 742,
             commit_lsn: 0x1_6B37_4D48,
             commit_time_us: 1_741_083_072_345_000,
-            relations: vec![Relation {
+            relations: vec![Arc::new(Relation {
                 relid: 16384,
                 schema: "public".into(),
                 table: "messages".into(),
@@ -329,7 +378,7 @@ mod tests {
                 ],
                 identity: vec![0],
                 primary_key: vec![0],
-            }],
+            })],
             changes: vec![
                 Change {
                     relation: 0,
@@ -364,6 +413,21 @@ mod tests {
             ..sample()
         };
         assert_eq!(Transaction::decode(&overflow.encode()), Ok(overflow));
+    }
+
+    #[test]
+    fn the_cache_shares_unchanged_descriptions_only() {
+        let mut cache = RelationCache::default();
+        let first = Transaction::decode_cached(&sample().encode(), &mut cache).unwrap();
+        let again = Transaction::decode_cached(&sample().encode(), &mut cache).unwrap();
+        assert!(Arc::ptr_eq(&first.relations[0], &again.relations[0]));
+        // the table changed (a column renamed): decoded anew
+        let mut altered = sample();
+        Arc::make_mut(&mut altered.relations[0]).columns[1].name = "text".into();
+        let changed = Transaction::decode_cached(&altered.encode(), &mut cache).unwrap();
+        assert_eq!(changed.relations[0].columns[1].name, "text");
+        assert!(!Arc::ptr_eq(&first.relations[0], &changed.relations[0]));
+        assert_eq!(changed, altered);
     }
 
     #[test]

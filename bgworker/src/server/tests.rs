@@ -845,7 +845,10 @@ async fn private_channels_follow_their_permissions() {
     assert_eq!(recv(&mut member).await[4]["status"], "ok");
     let heard = recv_binary(&mut reader).await;
     let heard = String::from_utf8_lossy(&heard);
-    assert!(heard.contains("realtime:room") && heard.contains("from the member"), "{heard}");
+    assert!(
+        heard.contains("realtime:room") && heard.contains("from the member"),
+        "{heard}"
+    );
 
     // the reader loses its membership: the next token refresh ends the channel
     rules.lock().unwrap().remove("reader");
