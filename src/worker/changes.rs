@@ -34,14 +34,16 @@ pub struct Sink {
     lagged: Cell<bool>,
     topic: String,
     subtopic: String,
-    role: String,
+    /// Shared, like `claims`: the delivery loop keys look-ups on both, and
+    /// cloning them must not allocate.
+    role: Arc<str>,
     /// The token's claims as JSON (`request.jwt.claims`) and `sub`.
     claims: Arc<str>,
     sub: Option<String>,
 }
 
 /// Who a row-level security check runs as: role, claims, and the table.
-type Identity = (String, Arc<str>, u32);
+type Identity = (Arc<str>, Arc<str>, u32);
 
 /// A change that matched at least one subscription in this batch.
 struct Row {
@@ -86,7 +88,7 @@ pub struct Changes {
     schema_oids: HashMap<String, u32>,
     /// (role, relid) -> what the role may read of the table (None: nothing),
     /// and when that was read.
-    access: HashMap<(String, u32), ReadAt>,
+    access: HashMap<(Arc<str>, u32), ReadAt>,
     /// Transactions drained but not yet deliverable: a transaction with a
     /// lower commit LSN may still be about to publish.
     held: Vec<Transaction>,
@@ -165,7 +167,7 @@ impl Changes {
                     lagged: Cell::new(false),
                     topic: request.key.topic.clone(),
                     subtopic: request.subtopic,
-                    role,
+                    role: Arc::from(role),
                     claims,
                     sub: request.claims.sub.clone(),
                 };
@@ -257,7 +259,7 @@ impl Changes {
         };
         // 2. What each (role, table) may read: privileges and policies, read
         //    through SPI only for the pairs something matched, and cached.
-        let stale: HashSet<(String, u32)> = pending
+        let stale: HashSet<(Arc<str>, u32)> = pending
             .iter()
             .filter_map(|(key, _, row)| {
                 let role = &self.registry.get(key)?.sink.role;
@@ -345,7 +347,7 @@ impl Changes {
     }
 
     /// Reads privileges and policies for each (role, table) pair.
-    fn read_access(&mut self, pairs: Vec<(String, u32)>, transactions: &[Transaction]) {
+    fn read_access(&mut self, pairs: Vec<(Arc<str>, u32)>, transactions: &[Transaction]) {
         let names: HashMap<u32, (String, String)> = transactions
             .iter()
             .flat_map(|t| t.relations.iter())
