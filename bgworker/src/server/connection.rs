@@ -4,7 +4,7 @@
 use super::fanout::{fanout, FanoutReceiver, FanoutSender};
 use super::handshake::{self, Accepted};
 use super::hub::Member;
-use super::link::{Authorize, MainRequest, Permissions, Question, Subscribe};
+use super::link::{Authorize, MainLink, MainRequest, Permissions, Question, Subscribe};
 use super::Context;
 use crate::changes::registry::{self, ChannelKey};
 use crate::join::{parse_join, JoinConfig};
@@ -96,6 +96,27 @@ struct Channel {
 struct Private {
     read: Permissions,
     broadcast_write: Option<bool>,
+}
+
+/// What the client hears when the main thread cannot answer.
+const NO_DATABASE: &str = "Realtime was unable to connect to the project database";
+
+/// Sends `request` to the main thread and waits (at most SUBSCRIBE_TIMEOUT)
+/// for its answer on `answer`; `Err` is a message for the client.
+async fn ask_main<T>(
+    main: &MainLink,
+    request: MainRequest,
+    answer: oneshot::Receiver<Result<T, String>>,
+    timed_out: impl FnOnce() -> String,
+) -> Result<T, String> {
+    if !main.send(request) {
+        return Err(NO_DATABASE.into());
+    }
+    match tokio::time::timeout(SUBSCRIBE_TIMEOUT, answer).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(NO_DATABASE.into()),
+        Err(_) => Err(timed_out()),
+    }
 }
 
 /// The hub key of a topic: private and public channels of the same name
@@ -389,24 +410,20 @@ impl Connection {
             sink: self.fanout_tx.clone(),
             reply,
         });
-        if !main.send(request) {
-            return Err("Realtime was unable to connect to the project database".into());
-        }
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("Realtime was unable to connect to the project database".into()),
-            Err(_) => Err(format!(
+        ask_main(main, request, answer, || {
+            format!(
                 "Timed out after {}ms waiting for the postgres_changes subscription",
                 SUBSCRIBE_TIMEOUT.as_millis()
-            )),
-        }
+            )
+        })
+        .await
     }
 
     /// Asks the main thread what the channel's identity may do on its
     /// private topic; `Err` is a message for the client.
     async fn authorize(&self, channel: &Channel, question: Question) -> Result<Permissions, String> {
         let Some(main) = &self.ctx.main else {
-            return Err("Realtime was unable to connect to the project database".into());
+            return Err(NO_DATABASE.into());
         };
         let (reply, answer) = oneshot::channel();
         let request = MainRequest::Authorize(Authorize {
@@ -415,14 +432,7 @@ impl Connection {
             question,
             reply,
         });
-        if !main.send(request) {
-            return Err("Realtime was unable to connect to the project database".into());
-        }
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("Realtime was unable to connect to the project database".into()),
-            Err(_) => Err("Query was cancelled, please try again".into()),
-        }
+        ask_main(main, request, answer, || "Query was cancelled, please try again".into()).await
     }
 
     /// Decides a join; `Err` is the reply's `reason`.
