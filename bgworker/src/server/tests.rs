@@ -40,10 +40,15 @@ impl TestServer {
     }
 
     async fn with(settings: Settings, options: Options) -> TestServer {
+        Self::with_main(settings, options, None).await
+    }
+
+    /// A server whose main-thread requests go to `main`.
+    async fn with_main(settings: Settings, options: Options, main: Option<link::MainLink>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let counters: &'static Counters = Box::leak(Box::default());
-        let ctx = Context::new(settings, options, counters, None);
+        let ctx = Context::new(settings, options, counters, main);
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(run(vec![listener], ctx.clone(), rx));
         TestServer {
@@ -458,22 +463,7 @@ async fn postgres_changes_subscribe_through_the_main_thread() {
     let (link, rx) = link::main_link(waker);
     let (unsub_tx, unsub_rx) = std::sync::mpsc::channel();
     fake_main(rx, unsub_tx);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let ctx = Context::new(
-        settings(SECRET, 10, 10),
-        Options::default(),
-        Box::leak(Box::default()),
-        Some(link),
-    );
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(run(vec![listener], ctx.clone(), shutdown_rx));
-    let server = TestServer {
-        addr,
-        ctx,
-        shutdown,
-        task: Some(task),
-    };
+    let server = TestServer::with_main(settings(SECRET, 10, 10), Options::default(), Some(link)).await;
 
     let mut c = server.connect().await;
     let binding = json!({"event": "INSERT", "schema": "public", "table": "t"});
@@ -779,22 +769,7 @@ async fn private_channels_follow_their_permissions() {
     rules.lock().unwrap().insert("member".into(), (both, true));
     rules.lock().unwrap().insert("reader".into(), (both, false));
     policy_main(rx, rules.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let ctx = Context::new(
-        settings(SECRET, 10, 10),
-        Options::default(),
-        Box::leak(Box::default()),
-        Some(link),
-    );
-    let (shutdown, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(run(vec![listener], ctx.clone(), shutdown_rx));
-    let server = TestServer {
-        addr,
-        ctx,
-        shutdown,
-        task: Some(task),
-    };
+    let server = TestServer::with_main(settings(SECRET, 10, 10), Options::default(), Some(link)).await;
     let private = json!({"config": {"private": true, "broadcast": {"ack": true}}});
     let mut member = server.connect_with(&user("member", 60), Some("2.0.0")).await;
     let mut reader = server.connect_with(&user("reader", 60), Some("2.0.0")).await;
