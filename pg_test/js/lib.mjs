@@ -33,6 +33,16 @@ export function waitForStatus(channel, wanted, ms, seen = []) {
   })
 }
 
+/** Subscribes every channel; fails the scenario unless all reach SUBSCRIBED. */
+export async function subscribeAll(channels) {
+  await Promise.all(channels.map((ch) => new Promise((resolve, reject) => {
+    ch.subscribe((status, err) => {
+      if (status === 'SUBSCRIBED') resolve()
+      else if (status !== 'CLOSED') reject(new Error(`${ch.topic}: ${status} ${err?.message ?? ''}`))
+    })
+  }))).catch((e) => fail(e.message))
+}
+
 export function fail(message) {
   console.error(message)
   process.exit(1)

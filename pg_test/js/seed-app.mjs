@@ -5,7 +5,7 @@
 // SUBSCRIBED, then one line per event received:
 //   EVENT <channel> <payload JSON>
 // and exits once EXPECTED events have arrived.
-import { client, env, fail } from './lib.mjs'
+import { client, env, fail, subscribeAll } from './lib.mjs'
 
 const expected = Number(env('EXPECTED'))
 const buyer = env('BUYER_ID')
@@ -34,11 +34,6 @@ const channels = [
 ]
 
 const timer = setTimeout(() => fail(`only ${received} of ${expected} events within 20 s`), 20000)
-await Promise.all(channels.map((ch) => new Promise((resolve, reject) => {
-  ch.subscribe((status, err) => {
-    if (status === 'SUBSCRIBED') resolve()
-    else if (status !== 'CLOSED') reject(new Error(`${ch.topic}: ${status} ${err?.message ?? ''}`))
-  })
-}))).catch((e) => fail(e.message))
+await subscribeAll(channels)
 console.log('READY')
 timer.refresh()

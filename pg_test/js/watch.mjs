@@ -6,7 +6,7 @@
 // per event. A user is done when a notification titled "fence" reaches it
 // (the scenario writes one per user last: events arrive in commit order, so
 // nothing for that user can still be on its way); once all are, exits.
-import { client, env, fail } from './lib.mjs'
+import { client, env, fail, subscribeAll } from './lib.mjs'
 
 const users = JSON.parse(env('USERS'))
 const tables = env('TABLES').split(',')
@@ -31,11 +31,6 @@ for (const [name, key] of Object.entries(users)) {
   }
   channels.push(channel)
 }
-await Promise.all(channels.map((ch) => new Promise((resolve, reject) => {
-  ch.subscribe((status, err) => {
-    if (status === 'SUBSCRIBED') resolve()
-    else if (status !== 'CLOSED') reject(new Error(`${ch.topic}: ${status} ${err?.message ?? ''}`))
-  })
-}))).catch((e) => fail(e.message))
+await subscribeAll(channels)
 console.log('READY')
 timer.refresh()
