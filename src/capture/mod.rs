@@ -364,26 +364,20 @@ fn leave_fence() {
     }
 }
 
-/// A relation changed (or, with InvalidOid, any may have): forget its
-/// description.
+/// A relation changed (or, with InvalidOid, any may have): forget what
+/// this backend cached about it.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    DESCRIBED.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if relid == pg_sys::InvalidOid {
-            cache.clear();
-        } else {
-            cache.remove(&relid.to_u32());
-        }
-    });
-    ROOTS.with(|roots| {
-        let mut roots = roots.borrow_mut();
-        if relid == pg_sys::InvalidOid {
-            roots.clear();
-        } else {
-            roots.remove(&relid.to_u32());
-        }
-    });
+    DESCRIBED.with(|cache| forget(&mut cache.borrow_mut(), relid));
+    ROOTS.with(|roots| forget(&mut roots.borrow_mut(), relid));
+}
+
+fn forget<V>(cache: &mut HashMap<u32, V>, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid {
+        cache.clear();
+    } else {
+        cache.remove(&relid.to_u32());
+    }
 }
 
 /// Writes a committed transaction into the ring (at XACT_EVENT_COMMIT).
