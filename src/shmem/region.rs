@@ -78,41 +78,42 @@ impl ChangesRegion {
         base
     }
 
+    /// `len` atomic words at byte `offset` of the region.
+    fn words(&self, offset: usize, len: usize) -> &'static [AtomicU64] {
+        // SAFETY: the region was sized by `layout()`, whose offsets and
+        // lengths the callers pass, and zeroed, which is a valid state for
+        // these all-atomic types; it lives as long as the process and is
+        // 8-aligned (ShmemInitStruct MAXALIGNs; every offset is a multiple
+        // of 8).
+        unsafe { std::slice::from_raw_parts(self.base().add(offset) as *const AtomicU64, len) }
+    }
+
+    /// The `T` at byte `offset` of the region.
+    fn at<T>(&self, offset: usize) -> &'static T {
+        // SAFETY: as in `words`; every `T` placed by `layout()` is made of
+        // atomics only.
+        unsafe { &*(self.base().add(offset) as *const T) }
+    }
+
     pub fn ring(&self) -> ChangeRing<'static> {
         let l = layout();
-        let base = self.base();
-        // SAFETY: the region was sized by `layout()` and zeroed, which is a
-        // valid state for these all-atomic types; it lives as long as the
-        // process and is 8-aligned (ShmemInitStruct MAXALIGNs).
-        unsafe {
-            let header = &*(base as *const RingHeader);
-            let words = std::slice::from_raw_parts(base.add(l.ring_words) as *const AtomicU64, l.ring_len);
-            ChangeRing::new(header, words)
-        }
+        ChangeRing::new(self.at::<RingHeader>(0), self.words(l.ring_words, l.ring_len))
     }
 
     pub fn interest(&self) -> InterestTable<'static> {
         let l = layout();
-        let base = self.base();
-        // SAFETY: as in `ring`.
-        unsafe {
-            let header = &*(base.add(l.interest_header) as *const InterestHeader);
-            let slots = std::slice::from_raw_parts(base.add(l.interest_slots) as *const AtomicU64, INTEREST_SLOTS);
-            InterestTable::new(header, slots)
-        }
+        InterestTable::new(
+            self.at::<InterestHeader>(l.interest_header),
+            self.words(l.interest_slots, INTEREST_SLOTS),
+        )
     }
-}
 
-impl ChangesRegion {
     pub fn fence(&self) -> CommitFence<'static> {
         let l = layout();
-        let base = self.base();
-        // SAFETY: as in `ring`.
-        unsafe {
-            let unslotted = &*(base.add(l.fence_unslotted) as *const AtomicU64);
-            let slots = std::slice::from_raw_parts(base.add(l.fence_slots) as *const AtomicU64, FENCE_SLOTS);
-            CommitFence::new(slots, unslotted)
-        }
+        CommitFence::new(
+            self.words(l.fence_slots, FENCE_SLOTS),
+            self.at::<AtomicU64>(l.fence_unslotted),
+        )
     }
 }
 
