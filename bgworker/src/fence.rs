@@ -4,14 +4,21 @@
 //! and after it has left the proc array. In that gap a later transaction can
 //! see its rows as committed, commit, and publish first. To deliver in commit
 //! order anyway, a transaction with captured changes registers here before
-//! its commit record is written (with the WAL insert position then, a lower
-//! bound of its commit LSN) and leaves after publishing. The worker delivers
-//! only transactions whose commit LSN is below every registered bound, and
-//! holds the rest until the stragglers have published.
+//! its commit record is written (with a lower bound of its commit LSN: the
+//! end of its last WAL record) and leaves after publishing. The worker reads
+//! the WAL insert position, then the fence ([`CommitFence::deliverable`]),
+//! then the ring, and delivers only what committed below both: a
+//! transaction it saw registered bounds the watermark; one that registered
+//! after the position was read writes its commit record beyond it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Registration slots beside a counter of registrations that found no slot.
+/// Words per slot: one registration per 64-byte cache line, so that two
+/// backends committing at once do not share one.
+pub const SLOT_WORDS: usize = 8;
+
+/// Registration slots (every [`SLOT_WORDS`]th word) beside a counter of
+/// registrations that found no slot.
 pub struct CommitFence<'a> {
     slots: &'a [AtomicU64],
     unslotted: &'a AtomicU64,
@@ -26,17 +33,27 @@ pub enum Ticket {
 }
 
 impl<'a> CommitFence<'a> {
+    /// `slots` holds `slots.len() / SLOT_WORDS` registrations.
     pub fn new(slots: &'a [AtomicU64], unslotted: &'a AtomicU64) -> CommitFence<'a> {
         CommitFence { slots, unslotted }
+    }
+
+    fn slot(&self, i: usize) -> &AtomicU64 {
+        &self.slots[i * SLOT_WORDS]
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len() / SLOT_WORDS
     }
 
     /// Registers a transaction about to commit; `lower_bound` is a WAL
     /// position its commit record will come after (never 0).
     pub fn enter(&self, lower_bound: u64, hint: usize) -> Ticket {
         let bound = lower_bound.max(1);
-        for k in 0..self.slots.len() {
-            let i = (hint + k) % self.slots.len();
-            if self.slots[i]
+        for k in 0..self.len() {
+            let i = (hint + k) % self.len();
+            if self
+                .slot(i)
                 .compare_exchange(0, bound, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
@@ -50,23 +67,29 @@ impl<'a> CommitFence<'a> {
     /// The transaction has published (or aborted).
     pub fn leave(&self, ticket: Ticket) {
         match ticket {
-            Ticket::Slot(i) => self.slots[i].store(0, Ordering::Release),
+            Ticket::Slot(i) => self.slot(i).store(0, Ordering::Release),
             Ticket::Unslotted => {
                 self.unslotted.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }
 
-    /// Commit LSNs below this may be delivered: the smallest registered bound
+    /// Commit LSNs (commit record ends) below this may be delivered, given
+    /// `insert_position`, the WAL insert position read *before* this call:
+    /// at most that position, and below every registered bound.
+    pub fn deliverable(&self, insert_position: u64) -> u64 {
+        self.watermark().min(insert_position.saturating_add(1))
+    }
+
+    /// The smallest registered bound
     /// (`u64::MAX` when nobody is committing, 0 while an unslotted
     /// registration is pending).
     pub fn watermark(&self) -> u64 {
         if self.unslotted.load(Ordering::Acquire) > 0 {
             return 0;
         }
-        self.slots
-            .iter()
-            .map(|s| s.load(Ordering::Acquire))
+        (0..self.len())
+            .map(|i| self.slot(i).load(Ordering::Acquire))
             .filter(|b| *b != 0)
             .min()
             .unwrap_or(u64::MAX)
@@ -79,7 +102,7 @@ mod tests {
 
     #[test]
     fn watermark_follows_registrations() {
-        let slots: Vec<AtomicU64> = (0..2).map(|_| AtomicU64::new(0)).collect();
+        let slots: Vec<AtomicU64> = (0..2 * SLOT_WORDS).map(|_| AtomicU64::new(0)).collect();
         let unslotted = AtomicU64::new(0);
         let fence = CommitFence::new(&slots, &unslotted);
         assert_eq!(fence.watermark(), u64::MAX);
@@ -97,5 +120,24 @@ mod tests {
         assert_eq!(fence.watermark(), u64::MAX);
         assert_eq!(fence.enter(0, 0), Ticket::Slot(0));
         assert_eq!(fence.watermark(), 1, "a bound is never 0");
+    }
+
+    #[test]
+    fn deliverable_stops_at_the_insert_position_read_before() {
+        let slots: Vec<AtomicU64> = (0..4 * SLOT_WORDS).map(|_| AtomicU64::new(0)).collect();
+        let unslotted = AtomicU64::new(0);
+        let fence = CommitFence::new(&slots, &unslotted);
+        // Nobody committing: everything up to the position read, the last
+        // commit record's end included (it may end exactly there).
+        assert_eq!(fence.deliverable(1000), 1001);
+        // A registration below the position holds everything from its bound.
+        let t = fence.enter(800, 1);
+        assert_eq!(fence.deliverable(1000), 800);
+        fence.leave(t);
+        // One above it (it registered after the position was read): the
+        // position still limits what is delivered now.
+        let t = fence.enter(1200, 1);
+        assert_eq!(fence.deliverable(1000), 1001);
+        fence.leave(t);
     }
 }

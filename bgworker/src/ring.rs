@@ -23,12 +23,17 @@ pub const LOST_RELATIONS: usize = 64;
 #[derive(Debug)]
 #[repr(C)]
 pub struct RingHeader {
+    // What writers change on every record, then what the reader changes,
+    // on separate cache lines: a committing backend and the worker then
+    // do not take each other's line away on every write.
     lock: AtomicU64,
     /// Next word to reserve (monotonic; position = head % capacity).
     head: AtomicU64,
+    next_seq: AtomicU64,
+    _writers: [u64; 5],
     /// First word not yet consumed (monotonic).
     tail: AtomicU64,
-    next_seq: AtomicU64,
+    _reader: [u64; 7],
     /// Records refused because the ring was full or they were too large.
     lost_records: AtomicU64,
     /// Relation ids of lost records (0 = empty slot), for telling the
@@ -42,8 +47,10 @@ impl Default for RingHeader {
         RingHeader {
             lock: AtomicU64::new(0),
             head: AtomicU64::new(0),
-            tail: AtomicU64::new(0),
             next_seq: AtomicU64::new(0),
+            _writers: [0; 5],
+            tail: AtomicU64::new(0),
+            _reader: [0; 7],
             lost_records: AtomicU64::new(0),
             lost_relations: std::array::from_fn(|_| AtomicU32::new(0)),
             lost_all: AtomicU32::new(0),
@@ -92,8 +99,21 @@ impl<'a> ChangeRing<'a> {
         (self.words.len() - RECORD_HEADER_WORDS as usize) * 8
     }
 
+    fn index(&self, pos: u64) -> usize {
+        (pos % self.words.len() as u64) as usize
+    }
+
     fn word(&self, pos: u64) -> &AtomicU64 {
-        &self.words[(pos % self.words.len() as u64) as usize]
+        &self.words[self.index(pos)]
+    }
+
+    /// The index after `at`, wrapping (a comparison, not a division).
+    fn next_index(&self, at: usize) -> usize {
+        if at + 1 == self.words.len() {
+            0
+        } else {
+            at + 1
+        }
     }
 
     fn lock(&self) {
@@ -134,11 +154,16 @@ impl<'a> ChangeRing<'a> {
 
         self.word(head + 1).store(seq, Ordering::Relaxed);
         self.word(head + 2).store(payload.len() as u64, Ordering::Relaxed);
-        for (i, chunk) in payload.chunks(8).enumerate() {
-            let mut buf = [0u8; 8];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            self.word(head + RECORD_HEADER_WORDS + i as u64)
-                .store(u64::from_le_bytes(buf), Ordering::Relaxed);
+        let mut at = self.index(head + RECORD_HEADER_WORDS);
+        let mut chunks = payload.chunks_exact(8);
+        for chunk in chunks.by_ref() {
+            self.words[at].store(u64::from_le_bytes(chunk.try_into().unwrap()), Ordering::Relaxed);
+            at = self.next_index(at);
+        }
+        if !chunks.remainder().is_empty() {
+            let mut last = [0u8; 8];
+            last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+            self.words[at].store(u64::from_le_bytes(last), Ordering::Relaxed);
         }
         self.word(head).store(need | READY, Ordering::Release);
         Ok(seq)
@@ -198,22 +223,24 @@ impl<'a> ChangeRing<'a> {
             let seq = self.word(tail + 1).load(Ordering::Relaxed);
             let len = self.word(tail + 2).load(Ordering::Relaxed) as usize;
             let mut payload = Vec::with_capacity(len.div_ceil(8) * 8);
-            for i in 0..len.div_ceil(8) as u64 {
-                payload.extend_from_slice(
-                    &self
-                        .word(tail + RECORD_HEADER_WORDS + i)
-                        .load(Ordering::Relaxed)
-                        .to_le_bytes(),
-                );
+            let mut at = self.index(tail + RECORD_HEADER_WORDS);
+            for _ in 0..len.div_ceil(8) {
+                payload.extend_from_slice(&self.words[at].load(Ordering::Relaxed).to_le_bytes());
+                at = self.next_index(at);
             }
             payload.truncate(len);
             // Clear the state word so a stale READY is never read again.
             self.word(tail).store(0, Ordering::Relaxed);
             tail += need;
-            self.header.tail.store(tail, Ordering::Release);
-            f(seq, payload);
             count += 1;
+            // Space goes back to writers now and then, not per record: the
+            // tail's cache line stays with the reader meanwhile.
+            if count % 64 == 0 {
+                self.header.tail.store(tail, Ordering::Release);
+            }
+            f(seq, payload);
         }
+        self.header.tail.store(tail, Ordering::Release);
         count
     }
 

@@ -4,7 +4,7 @@
 //! description of its relation for the worker.
 
 use pgrx::prelude::*;
-use realtime::changes::json::escape_into;
+use realtime::changes::json::{escape_into, push_int};
 use realtime::changes::wire::{Column, Relation};
 use std::ffi::CStr;
 
@@ -115,9 +115,32 @@ pub unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, column
     // the trigger call's memory context and copied out at once.
     unsafe {
         let natts = (*desc).natts as usize;
-        let mut values = vec![pg_sys::Datum::from(0usize); natts];
-        let mut nulls = vec![true; natts];
+        // The deformed tuple goes into buffers kept from row to row.
+        let (mut values, mut nulls) = DEFORMED.take();
+        values.clear();
+        values.resize(natts, pg_sys::Datum::from(0usize));
+        nulls.clear();
+        nulls.resize(natts, true);
         pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let out = write_row(&values, &nulls, columns);
+        DEFORMED.set((values, nulls));
+        out
+    }
+}
+
+thread_local! {
+    static DEFORMED: std::cell::Cell<(Vec<pg_sys::Datum>, Vec<bool>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// The JSON object of a deformed row.
+///
+/// # Safety
+/// As for [`row_json`]: `values` and `nulls` are a tuple of the descriptor
+/// `columns` were made for.
+unsafe fn write_row(values: &[pg_sys::Datum], nulls: &[bool], columns: &[ColumnEncoder]) -> String {
+    // SAFETY: per the contract.
+    unsafe {
         let mut out = String::with_capacity(64 + 24 * columns.len());
         out.push('{');
         for (i, column) in columns.iter().enumerate() {
@@ -131,9 +154,9 @@ pub unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, column
             }
             let datum = values[column.index];
             match column.category {
-                Category::Int2 => out.push_str(&(datum.value() as i16).to_string()),
-                Category::Int4 => out.push_str(&(datum.value() as i32).to_string()),
-                Category::Int8 => out.push_str(&(datum.value() as i64).to_string()),
+                Category::Int2 => push_int(&mut out, i64::from(datum.value() as i16)),
+                Category::Int4 => push_int(&mut out, i64::from(datum.value() as i32)),
+                Category::Int8 => push_int(&mut out, datum.value() as i64),
                 Category::Bool => out.push_str(if datum.value() != 0 { "true" } else { "false" }),
                 Category::Number => {
                     let text = output_text(column.output, datum);

@@ -61,6 +61,9 @@ struct TxnBuffer {
     /// someone listens by commit time, they subscribed while this
     /// transaction ran and may expect its rows: they are told to refetch.
     skipped: Vec<(u32, u32)>,
+    /// Rows encoded, added to the shared counter once per transaction
+    /// rather than per row (it is a cache line every backend writes).
+    encoded: u64,
 }
 
 impl TxnBuffer {
@@ -226,12 +229,12 @@ fn capture_changes<'a>(
             ChangeKind::Delete => (None, Some(row(data.tg_trigtuple))),
         }
     };
-    Counters::incr(&crate::shmem::counters().rows_captured);
     // SAFETY: plain read of the current subtransaction id.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let limit = crate::shmem::ring().max_payload();
     TXN.with(|txn| {
         let mut txn = txn.borrow_mut();
+        txn.encoded += 1;
         if !txn.touched.contains(&relid.to_u32()) {
             txn.touched.push(relid.to_u32());
         }
@@ -284,7 +287,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_PREPARE if !TXN.with(|t| t.borrow().is_empty()) => {
-            TXN.with(|t| *t.borrow_mut() = TxnBuffer::default());
+            take_buffer();
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "cannot PREPARE a transaction that changed tables captured by pg_realtime",
@@ -295,13 +298,17 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             .report(PgLogLevel::ERROR);
         }
         XACT_EVENT_PRE_COMMIT if !TXN.with(|t| t.borrow().is_empty()) => {
-            // Before the commit record: its LSN will be above this position.
-            // SAFETY: reads the WAL insert position; MyProcPid is set.
-            let (bound, hint) = unsafe { (pg_sys::GetXLogInsertRecPtr(), pg_sys::MyProcPid as usize) };
+            // Before the commit record, whose LSN will be above the end of
+            // this transaction's last WAL record: a backend-local variable,
+            // read without the WAL insertion lock the insert position needs.
+            // (A captured change implies a WAL record; were it 0, the fence
+            // would hold every later commit until this one leaves.)
+            // SAFETY: plain reads of this backend's globals.
+            let (bound, hint) = unsafe { (pg_sys::XactLastRecEnd, pg_sys::MyProcPid as usize) };
             FENCE_TICKET.set(Some(crate::shmem::fence().enter(bound, hint)));
         }
         XACT_EVENT_COMMIT => {
-            let mut txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
+            let mut txn = take_buffer();
             let skipped = std::mem::take(&mut txn.skipped);
             if !skipped.is_empty() {
                 // Reading shared atomics only: nothing here can fail.
@@ -328,7 +335,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             leave_fence();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
-            TXN.with(|t| *t.borrow_mut() = TxnBuffer::default());
+            take_buffer();
             leave_fence();
         }
         _ => {}
@@ -353,6 +360,16 @@ unsafe extern "C-unwind" fn on_subxact(
             t.subxacts.retain(|subid| *subid < my_subid);
         });
     }
+}
+
+/// Ends the transaction's buffer: hands it over, leaving an empty one, and
+/// counts the rows it encoded.
+fn take_buffer() -> TxnBuffer {
+    let txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
+    if txn.encoded > 0 {
+        Counters::add(&crate::shmem::counters().rows_captured, txn.encoded);
+    }
+    txn
 }
 
 /// Leaves the commit fence if this transaction entered it, and wakes the

@@ -4,7 +4,7 @@
 
 use pgrx::prelude::*;
 use pgrx::PgSharedMemoryInitialization;
-use realtime::fence::CommitFence;
+use realtime::fence::{CommitFence, SLOT_WORDS};
 use realtime::interest::{InterestHeader, InterestTable};
 use realtime::ring::{ChangeRing, RingHeader};
 use std::cell::UnsafeCell;
@@ -31,6 +31,12 @@ fn align8(n: usize) -> usize {
     n.div_ceil(8) * 8
 }
 
+/// Rounds up to a cache line (Postgres starts each shared memory
+/// allocation on one), for what several processes write.
+fn align64(n: usize) -> usize {
+    n.div_ceil(64) * 64
+}
+
 struct Layout {
     interest_header: usize,
     interest_slots: usize,
@@ -44,11 +50,11 @@ struct Layout {
 fn layout() -> Layout {
     let ring_bytes = crate::gucs::queue_size_bytes();
     let ring_len = ring_bytes / 8;
-    let interest_header = align8(size_of::<RingHeader>());
+    let interest_header = align64(size_of::<RingHeader>());
     let interest_slots = interest_header + align8(size_of::<InterestHeader>());
     let fence_unslotted = interest_slots + INTEREST_SLOTS * 8;
-    let fence_slots = fence_unslotted + 8;
-    let ring_words = fence_slots + FENCE_SLOTS * 8;
+    let fence_slots = align64(fence_unslotted + 8);
+    let ring_words = align64(fence_slots + FENCE_SLOTS * SLOT_WORDS * 8);
     Layout {
         interest_header,
         interest_slots,
@@ -111,7 +117,7 @@ impl ChangesRegion {
     pub fn fence(&self) -> CommitFence<'static> {
         let l = layout();
         CommitFence::new(
-            self.words(l.fence_slots, FENCE_SLOTS),
+            self.words(l.fence_slots, FENCE_SLOTS * SLOT_WORDS),
             self.at::<AtomicU64>(l.fence_unslotted),
         )
     }

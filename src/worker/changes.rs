@@ -4,6 +4,7 @@
 
 use super::catalog;
 use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys;
 use realtime::changes::event::{self, Visible};
 use realtime::changes::filter::{self, Condition};
 use realtime::changes::registry::{ChannelKey, EventFilter, Registry, Subscription, Target};
@@ -196,10 +197,14 @@ impl Changes {
     /// Delivers everything committed so far, in commit-LSN order; returns
     /// how many transactions there were.
     pub fn drain(&mut self) -> usize {
-        // The watermark first: a committer that leaves the fence after this
-        // read has published before leaving, so either it still bounds the
-        // watermark or its record is in the ring for the drain below.
-        let watermark = crate::shmem::fence().watermark();
+        // The WAL insert position, then the fence, then the ring. A
+        // committer that registered after the position was read commits
+        // beyond it; one registered before the fence is read bounds the
+        // watermark, and if it leaves after that read, it has published
+        // first, so its record is in the ring for the drain below.
+        // SAFETY: reads the WAL insert position (under its spinlock).
+        let position = unsafe { pg_sys::GetXLogInsertRecPtr() };
+        let watermark = crate::shmem::fence().deliverable(position);
         let ring = crate::shmem::ring();
         let (held, cache) = (&mut self.held, &mut self.relation_cache);
         ring.drain(|_, bytes| match Transaction::decode_cached(&bytes, cache) {
@@ -227,6 +232,9 @@ impl Changes {
         // 1. Match every change against the subscriptions.
         let mut rows: Vec<Row> = Vec::new();
         let mut pending: Vec<(ChannelKey, Vec<u32>, usize)> = Vec::new();
+        // The columns each relation's subscriptions filter on (None: no
+        // subscription covers it): rows are parsed that far and no further.
+        let mut filtered: HashMap<u32, Option<Vec<String>>> = HashMap::new();
         for (t, txn) in transactions.iter().enumerate() {
             if txn.overflowed {
                 let relids: Vec<u32> = txn.relations.iter().map(|r| r.relid).collect();
@@ -235,7 +243,11 @@ impl Changes {
             }
             for (c, change) in txn.changes.iter().enumerate() {
                 let relation = &txn.relations[change.relation as usize];
-                let parsed = event::Parsed::new(change);
+                let columns = filtered
+                    .entry(relation.relid)
+                    .or_insert_with(|| self.registry.filtered_columns(relation));
+                let Some(columns) = columns else { continue };
+                let parsed = event::Parsed::with_columns(change, columns);
                 let matches = self.registry.matches(relation, change.kind, parsed.filter_row());
                 if matches.is_empty() {
                     continue;
@@ -317,7 +329,11 @@ impl Changes {
             let data = frames
                 .entry((row, columns))
                 .or_insert_with_key(|(_, columns)| {
-                    Arc::from(r.parsed.data(relation, commit_time_us, max_record_bytes, columns))
+                    let change = &transactions[r.txn].changes[r.change];
+                    Arc::from(
+                        r.parsed
+                            .data(change, relation, commit_time_us, max_record_bytes, columns),
+                    )
                 })
                 .clone();
             let out = Outbound::PostgresChanges {

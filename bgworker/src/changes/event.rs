@@ -5,7 +5,10 @@
 
 use super::value::timestamptz_to_utc;
 use super::wire::{Change, ChangeKind, Relation};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 
 /// Values at most this long survive in an over-sized record.
 const SMALL_VALUE_BYTES: usize = 64;
@@ -89,36 +92,67 @@ pub fn commit_timestamp(micros: i64) -> String {
     format!("{seconds}.{:0<3}Z", &frac[..frac.len().min(3)])
 }
 
-/// A change's rows, parsed: enough to match subscriptions. The `data`
-/// frame is only built (by [`Parsed::data`]) if something matched.
+/// A change's row as far as matching needs it: the columns subscriptions
+/// filter on, from the new row, or from the old row for DELETE. The
+/// `data` frame, which needs the whole rows, is only built (by
+/// [`Parsed::data`]) if something matched.
 pub struct Parsed {
     pub kind: ChangeKind,
-    record: Map<String, Value>,
-    old: Map<String, Value>,
+    filter: Map<String, Value>,
+}
+
+/// The row filters look at, as captured: the new row, or the whole old row
+/// for DELETE.
+fn filter_text(change: &Change) -> Option<&str> {
+    if change.kind == ChangeKind::Delete {
+        change.old.as_deref()
+    } else {
+        change.record.as_deref()
+    }
 }
 
 impl Parsed {
+    /// With every column.
     pub fn new(change: &Change) -> Parsed {
         Parsed {
             kind: change.kind,
-            record: parse_record(change.record.as_deref()),
-            old: parse_record(change.old.as_deref()),
+            filter: parse_record(filter_text(change)),
         }
     }
 
-    /// The row filters look at: the new row, or the whole old row for DELETE.
-    pub fn filter_row(&self) -> &Map<String, Value> {
-        if self.kind == ChangeKind::Delete {
-            &self.old
-        } else {
-            &self.record
+    /// With only `columns` (what the subscriptions on the table filter
+    /// on): the rest of the row is skipped over, not built.
+    pub fn with_columns(change: &Change, columns: &[String]) -> Parsed {
+        let filter = match filter_text(change) {
+            Some(text) if !columns.is_empty() => {
+                let mut json = serde_json::Deserializer::from_str(text);
+                Pick(columns).deserialize(&mut json).unwrap_or_default()
+            }
+            _ => Map::new(),
+        };
+        Parsed {
+            kind: change.kind,
+            filter,
         }
+    }
+
+    /// The row filters look at: the new row, or the whole old row for
+    /// DELETE (as far as it was parsed).
+    pub fn filter_row(&self) -> &Map<String, Value> {
+        &self.filter
     }
 
     /// The serialized `data` object, with only the columns in `visible`.
     /// A role that may not read the whole primary key gets the
     /// `Error 401: Unauthorized` form, without values.
-    pub fn data(&self, relation: &Relation, commit_time_us: i64, max_record_bytes: usize, visible: &Visible) -> String {
+    pub fn data(
+        &self,
+        change: &Change,
+        relation: &Relation,
+        commit_time_us: i64,
+        max_record_bytes: usize,
+        visible: &Visible,
+    ) -> String {
         let kind = self.kind;
         let mut data = Map::new();
         data.insert("schema".into(), json!(relation.schema));
@@ -152,7 +186,7 @@ impl Parsed {
         data.insert("columns".into(), Value::Array(columns));
         let mut errors = Vec::new();
         if kind != ChangeKind::Delete {
-            let record = shown(&self.record, &|_| true);
+            let record = shown(&parse_record(change.record.as_deref()), &|_| true);
             data.insert(
                 "record".into(),
                 Value::Object(limit(record, max_record_bytes, &mut errors)),
@@ -160,7 +194,7 @@ impl Parsed {
         }
         if kind != ChangeKind::Insert {
             let identity = |i: usize| relation.identity.contains(&(i as u16));
-            let old_record = shown(&self.old, &identity);
+            let old_record = shown(&parse_record(change.old.as_deref()), &identity);
             data.insert(
                 "old_record".into(),
                 Value::Object(limit(old_record, max_record_bytes, &mut errors)),
@@ -181,11 +215,71 @@ impl Parsed {
 pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_record_bytes: usize) -> Event {
     let parsed = Parsed::new(change);
     let filter_row = parsed.filter_row().clone();
-    let data = parsed.data(relation, commit_time_us, max_record_bytes, &Visible::All);
+    let data = parsed.data(change, relation, commit_time_us, max_record_bytes, &Visible::All);
     Event {
         kind: change.kind,
         data,
         filter_row,
+    }
+}
+
+/// Deserializes a JSON object keeping only the given keys; the other
+/// values are skipped without being built.
+struct Pick<'c>(&'c [String]);
+
+impl<'de> DeserializeSeed<'de> for Pick<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Pick<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a row as a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(Key(key)) = map.next_key()? {
+            match self.0.iter().find(|c| **c == *key) {
+                Some(column) => {
+                    out.insert(column.clone(), map.next_value()?);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An object key, borrowed from the text unless it had escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a column name")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
     }
 }
 
@@ -341,7 +435,7 @@ mod tests {
         let change = change(ChangeKind::Update, Some(ROW), Some(old));
         let parsed = Parsed::new(&change);
         let visible = Visible::Only(vec![true, true, false, false]);
-        let d: Value = serde_json::from_str(&parsed.data(&relation, 0, 1 << 20, &visible)).unwrap();
+        let d: Value = serde_json::from_str(&parsed.data(&change, &relation, 0, 1 << 20, &visible)).unwrap();
         assert_eq!(d["record"], json!({"id": 7, "title": "new"}));
         assert_eq!(d["old_record"], json!({"id": 7, "title": "old"}));
         assert_eq!(
@@ -353,12 +447,42 @@ mod tests {
     }
 
     #[test]
+    fn matching_parses_only_the_filtered_columns() {
+        let row = r#"{"id":7,"na\"me":"x","tags":[1,{"a":"}"}],"doc":{"k":[true,null]},"n":-1.50}"#;
+        let insert = change(ChangeKind::Insert, Some(row), None);
+        let wanted = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let parsed = Parsed::with_columns(&insert, &wanted(&["n", "na\"me", "absent"]));
+        assert_eq!(
+            Value::Object(parsed.filter_row().clone()),
+            serde_json::from_str::<Value>(r#"{"n":-1.50,"na\"me":"x"}"#).unwrap(),
+            "escaped keys found, nested values skipped, absent columns absent"
+        );
+        assert!(Parsed::with_columns(&insert, &[]).filter_row().is_empty());
+        // DELETE: the old row
+        let delete = change(ChangeKind::Delete, None, Some(r#"{"id":9,"n":2}"#));
+        assert_eq!(
+            Parsed::with_columns(&delete, &wanted(&["id"])).filter_row()["id"],
+            json!(9)
+        );
+        // the frame still shows the whole row
+        let d: Value = serde_json::from_str(&Parsed::with_columns(&insert, &wanted(&["n"])).data(
+            &insert,
+            &relation(vec![0]),
+            0,
+            1 << 20,
+            &Visible::All,
+        ))
+        .unwrap();
+        assert_eq!(d["record"]["id"], json!(7));
+    }
+
+    #[test]
     fn a_hidden_primary_key_is_unauthorized() {
         let relation = relation(vec![0]);
         let change = change(ChangeKind::Insert, Some(ROW), None);
         let parsed = Parsed::new(&change);
         let visible = Visible::Only(vec![false, true, true, true]);
-        let d: Value = serde_json::from_str(&parsed.data(&relation, 0, 1 << 20, &visible)).unwrap();
+        let d: Value = serde_json::from_str(&parsed.data(&change, &relation, 0, 1 << 20, &visible)).unwrap();
         assert_eq!(d["errors"], json!([ERROR_UNAUTHORIZED]));
         assert!(d.get("record").is_none());
         assert!(d.get("columns").is_none());

@@ -90,6 +90,9 @@ struct TargetIndex {
     by_value: HashMap<String, HashMap<String, Vec<(ChannelKey, usize)>>>,
     /// The columns `by_value` is keyed on, with their kinds.
     columns: HashMap<String, Kind>,
+    /// Every column a condition here looks at, with how many do: all a
+    /// change's row needs to be parsed for to be matched.
+    filtered: HashMap<String, usize>,
 }
 
 /// A channel's subscription: its bindings and where its events go.
@@ -128,6 +131,9 @@ impl<S> Registry<S> {
         self.unsubscribe(&key);
         for (i, binding) in subscription.bindings.iter().enumerate() {
             let index = self.targets.entry(binding.target.clone()).or_default();
+            for c in &binding.conditions {
+                *index.filtered.entry(c.column.clone()).or_default() += 1;
+            }
             let eq = binding
                 .conditions
                 .iter()
@@ -152,6 +158,19 @@ impl<S> Registry<S> {
     /// Removes a channel's subscription; returns it.
     pub fn unsubscribe(&mut self, key: &ChannelKey) -> Option<Subscription<S>> {
         let subscription = self.channels.remove(key)?;
+        for binding in &subscription.bindings {
+            let Some(index) = self.targets.get_mut(&binding.target) else {
+                continue;
+            };
+            for c in &binding.conditions {
+                if let Some(n) = index.filtered.get_mut(&c.column) {
+                    *n -= 1;
+                    if *n == 0 {
+                        index.filtered.remove(&c.column);
+                    }
+                }
+            }
+        }
         let targets: HashSet<&Target> = subscription.bindings.iter().map(|b| &b.target).collect();
         for target in targets {
             if let Some(index) = self.targets.get_mut(target) {
@@ -233,6 +252,28 @@ impl<S> Registry<S> {
             }
         }
         (tables, schemas, all)
+    }
+
+    /// The columns that the conditions of bindings on `relation` (on it,
+    /// its schema or everything) look at: all of a row that matching
+    /// needs. None when no binding covers the relation at all.
+    pub fn filtered_columns(&self, relation: &Relation) -> Option<Vec<String>> {
+        let mut found = false;
+        let mut columns: Vec<String> = Vec::new();
+        let table = self.targets.get(&Target::Table(relation.relid));
+        let others = [Target::Schema(relation.schema.clone()), Target::All];
+        for index in table
+            .into_iter()
+            .chain(others.iter().filter_map(|t| self.targets.get(t)))
+        {
+            found = true;
+            for column in index.filtered.keys() {
+                if !columns.contains(column) {
+                    columns.push(column.clone());
+                }
+            }
+        }
+        found.then_some(columns)
     }
 
     /// Channels whose bindings a change satisfies, each with the matching
@@ -437,6 +478,65 @@ mod tests {
         assert!(r.is_empty());
         assert!(r.targets.is_empty());
         assert_eq!(r.interest(), (vec![], vec![], false));
+    }
+
+    #[test]
+    fn filtered_columns_follow_subscriptions() {
+        let mut r: Registry<()> = Registry::default();
+        assert_eq!(
+            r.filtered_columns(&relation()),
+            None,
+            "nobody listens: nothing to parse"
+        );
+        let on = |conditions| Binding {
+            id: 1,
+            target: Target::Table(100),
+            events: EventFilter::All,
+            conditions,
+        };
+        let gt = Condition {
+            op: Op::Gt,
+            ..eq("n", Kind::Number, json!(3))
+        };
+        r.subscribe(
+            key(1),
+            Subscription {
+                bindings: vec![on(vec![])],
+                sink: (),
+            },
+        );
+        assert_eq!(r.filtered_columns(&relation()), Some(vec![]), "listened to, unfiltered");
+        r.subscribe(
+            key(2),
+            Subscription {
+                bindings: vec![on(vec![eq("recipient_id", Kind::Uuid, json!("a")), gt.clone()])],
+                sink: (),
+            },
+        );
+        r.subscribe(
+            key(3),
+            Subscription {
+                bindings: vec![on(vec![gt])],
+                sink: (),
+            },
+        );
+        let mut columns = r.filtered_columns(&relation()).unwrap();
+        columns.sort();
+        assert_eq!(columns, vec!["n", "recipient_id"]);
+        r.unsubscribe(&key(2));
+        assert_eq!(
+            r.filtered_columns(&relation()),
+            Some(vec!["n".to_string()]),
+            "n is still used by 3"
+        );
+        r.unsubscribe(&key(3));
+        assert_eq!(r.filtered_columns(&relation()), Some(vec![]));
+        let other = Relation {
+            relid: 5,
+            schema: "private".into(),
+            ..relation()
+        };
+        assert_eq!(r.filtered_columns(&other), None);
     }
 
     #[test]
