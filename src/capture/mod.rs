@@ -11,7 +11,7 @@
 //! - Aborts drop the buffer; a rolled-back savepoint drops its own changes;
 //!   PREPARE TRANSACTION with captured changes is refused before it happens.
 
-mod encode;
+pub(crate) mod encode;
 
 // The publication sync (triggers on exactly the published tables), its event
 // triggers and the `realtime.captured_tables` view.
@@ -24,33 +24,37 @@ extension_sql_file!(
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use realtime::changes::wire::{Change, ChangeKind, Header, Relation};
+use realtime::changes::wire::{self, ChangeKind, Header};
 use realtime::stats::Counters;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 /// Microseconds between the Unix epoch and Postgres's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
-/// A relation's description and row encoder, cached per backend.
+/// A relation's description (encoded as records carry it, once) and row
+/// encoder, cached per backend.
 #[derive(Clone)]
 struct Described {
-    relation: Rc<Relation>,
+    relation: Rc<[u8]>,
     encoders: Rc<Vec<encode::ColumnEncoder>>,
 }
 
-/// What the current transaction captured so far.
+/// What the current transaction captured so far. Kept from transaction to
+/// transaction (cleared, not freed), so a commit allocates nothing.
 #[derive(Default)]
 struct TxnBuffer {
-    /// The relations the changes refer to (by position), shared with the
-    /// description cache.
-    relations: Vec<Rc<Relation>>,
-    /// The changes, in statement order, and the subtransaction that made
-    /// each one.
-    changes: Vec<Change>,
-    subxacts: Vec<pg_sys::SubTransactionId>,
-    bytes: usize,
+    /// The relations the changes refer to (by position): encoded
+    /// descriptions, shared with the description cache.
+    relations: Vec<Rc<[u8]>>,
+    /// The changes, in statement order, encoded as the record carries them
+    /// (`wire::begin_change`, `wire::put_row`), back to back.
+    rows: Vec<u8>,
+    /// Where each change starts in `rows`, and the subtransaction that
+    /// made it.
+    marks: Vec<(usize, pg_sys::SubTransactionId)>,
     /// More than fits in the ring: the changes were dropped, only the
     /// relations are kept, to tell their subscribers.
     overflowed: bool,
@@ -68,24 +72,68 @@ struct TxnBuffer {
 
 impl TxnBuffer {
     fn is_empty(&self) -> bool {
-        self.changes.is_empty() && !self.overflowed
+        self.marks.is_empty() && !self.overflowed
+    }
+
+    /// Forgets the transaction, keeping the allocations (up to a limit: a
+    /// huge transaction does not pin its memory for the backend's life).
+    fn clear(&mut self) {
+        const KEEP_BYTES: usize = 64 * 1024;
+        self.relations.clear();
+        self.rows.clear();
+        self.marks.clear();
+        if self.rows.capacity() > KEEP_BYTES {
+            self.rows = Vec::new();
+            self.marks = Vec::new();
+        }
+        self.overflowed = false;
+        self.touched.clear();
+        self.skipped.clear();
+        self.encoded = 0;
     }
 }
+
+/// Hashes an OID for the per-backend caches with one multiplication: the
+/// default SipHash costs more than the rest of a look-up, and OIDs are not
+/// chosen by an adversary.
+#[derive(Default)]
+struct OidHasher(u64);
+
+impl std::hash::Hasher for OidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type OidMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<OidHasher>>;
 
 thread_local! {
     // A backend is single-threaded: this is per-backend state.
     static TXN: RefCell<TxnBuffer> = RefCell::new(TxnBuffer::default());
     static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+    /// A committed transaction's record, built here before it is copied
+    /// into the ring (kept, like the buffer).
+    static RECORD: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// This transaction's place in the commit fence, from PRE_COMMIT until
     /// it has published (or aborted).
     static FENCE_TICKET: Cell<Option<realtime::fence::Ticket>> = const { Cell::new(None) };
     /// Relation descriptions, kept across transactions until the relcache
     /// says the relation changed.
-    static DESCRIBED: RefCell<HashMap<u32, Described>> = RefCell::new(HashMap::new());
+    static DESCRIBED: RefCell<OidMap<Described>> = RefCell::new(OidMap::default());
     /// A partition's root partitioned table and the root's schema, by
     /// partition OID, until the relcache says the partition changed
     /// (ATTACH and DETACH PARTITION do).
-    static ROOTS: RefCell<HashMap<u32, (pg_sys::Oid, pg_sys::Oid)>> = RefCell::new(HashMap::new());
+    static ROOTS: RefCell<OidMap<(pg_sys::Oid, pg_sys::Oid)>> = RefCell::new(OidMap::default());
 }
 
 // Not in pgrx's bindings (catalog/partition.h); this signature is the one of
@@ -211,29 +259,18 @@ fn capture_changes<'a>(
                 relation
             };
             Described {
-                relation: Rc::new(relation),
+                relation: Rc::from(relation.encode()),
                 encoders: Rc::new(encode::encoders((*rel).rd_att)),
             }
         };
         DESCRIBED.with(|cache| cache.borrow_mut().insert(own_relid.to_u32(), described.clone()));
         described
     });
-    // SAFETY: the tuples belong to this trigger call and match the
-    // relation's descriptor, which the encoders were made for.
-    let (record, old) = unsafe {
-        let desc = (*rel).rd_att;
-        let row = |tuple| encode::row_json(tuple, desc, &described.encoders);
-        match kind {
-            ChangeKind::Insert => (Some(row(data.tg_trigtuple)), None),
-            ChangeKind::Update => (Some(row(data.tg_newtuple)), Some(row(data.tg_trigtuple))),
-            ChangeKind::Delete => (None, Some(row(data.tg_trigtuple))),
-        }
-    };
-    // SAFETY: plain read of the current subtransaction id.
-    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let subxact = crate::unguarded::current_subtransaction();
     let limit = crate::shmem::ring().max_payload();
     TXN.with(|txn| {
         let mut txn = txn.borrow_mut();
+        let txn = &mut *txn;
         txn.encoded += 1;
         if !txn.touched.contains(&relid.to_u32()) {
             txn.touched.push(relid.to_u32());
@@ -248,22 +285,40 @@ fn capture_changes<'a>(
                 (txn.relations.len() - 1) as u16
             }
         };
-        txn.bytes += 32 + record.as_ref().map_or(0, String::len) + old.as_ref().map_or(0, String::len);
-        if txn.bytes > limit {
+        // The mark first: if encoding raises an ERROR that a savepoint
+        // catches, its rollback cuts the partial change off from here.
+        txn.marks.push((txn.rows.len(), subxact));
+        let rows = &mut txn.rows;
+        wire::begin_change(rows, relation, kind);
+        // SAFETY: the tuples belong to this trigger call and match the
+        // relation's descriptor, which the encoders were made for.
+        unsafe {
+            let desc = (*rel).rd_att;
+            let row = |rows: &mut Vec<u8>, tuple| {
+                wire::put_row(rows, |out| encode::row_json(out, tuple, desc, &described.encoders))
+            };
+            match kind {
+                ChangeKind::Insert => {
+                    row(rows, data.tg_trigtuple);
+                    wire::put_no_row(rows);
+                }
+                ChangeKind::Update => {
+                    row(rows, data.tg_newtuple);
+                    row(rows, data.tg_trigtuple);
+                }
+                ChangeKind::Delete => {
+                    wire::put_no_row(rows);
+                    row(rows, data.tg_trigtuple);
+                }
+            }
+        }
+        if rows.len() > limit {
             // Larger than the ring could ever hold: stop buffering (no
             // unbounded backend memory) and report the loss at commit.
             txn.overflowed = true;
-            txn.changes = Vec::new();
-            txn.subxacts = Vec::new();
-            return;
+            txn.rows = Vec::new();
+            txn.marks = Vec::new();
         }
-        txn.changes.push(Change {
-            relation,
-            kind,
-            record,
-            old,
-        });
-        txn.subxacts.push(subxact);
     });
     Ok(None)
 }
@@ -287,7 +342,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_PREPARE if !TXN.with(|t| t.borrow().is_empty()) => {
-            take_buffer();
+            TXN.with(|t| finish(&mut t.borrow_mut()));
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "cannot PREPARE a transaction that changed tables captured by pg_realtime",
@@ -308,34 +363,37 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             FENCE_TICKET.set(Some(crate::shmem::fence().enter(bound, hint)));
         }
         XACT_EVENT_COMMIT => {
-            let mut txn = take_buffer();
-            let skipped = std::mem::take(&mut txn.skipped);
-            if !skipped.is_empty() {
-                // Reading shared atomics only: nothing here can fail.
-                let interest = crate::shmem::interest();
-                let missed: Vec<u32> = skipped
-                    .into_iter()
-                    .filter(|(r, nsp)| interest.any(&[*r, *nsp]))
-                    .map(|(r, _)| r)
-                    .collect();
-                if !missed.is_empty() {
-                    crate::shmem::ring().record_loss(missed);
-                    crate::shmem::wake_worker();
+            TXN.with(|t| {
+                let mut txn = t.borrow_mut();
+                if !txn.skipped.is_empty() {
+                    // Reading shared atomics only: nothing here can fail.
+                    let interest = crate::shmem::interest();
+                    let missed: Vec<u32> = txn
+                        .skipped
+                        .iter()
+                        .filter(|(r, nsp)| interest.any(&[*r, *nsp]))
+                        .map(|(r, _)| *r)
+                        .collect();
+                    if !missed.is_empty() {
+                        crate::shmem::ring().record_loss(missed);
+                        crate::shmem::wake_worker();
+                    }
                 }
-            }
-            if !txn.is_empty() {
-                // Nothing may raise after the commit record: a panic here is
-                // caught and counted as a loss instead.
-                let touched = txn.touched.clone();
-                if std::panic::catch_unwind(move || publish(txn)).is_err() {
-                    crate::shmem::ring().record_loss(touched);
-                    Counters::incr(&crate::shmem::counters().transactions_lost);
+                if !txn.is_empty() {
+                    // Nothing may raise after the commit record: a panic here
+                    // is caught and counted as a loss instead.
+                    let published = std::panic::catch_unwind(AssertUnwindSafe(|| publish(&txn)));
+                    if published.is_err() {
+                        crate::shmem::ring().record_loss(txn.touched.iter().copied());
+                        Counters::incr(&crate::shmem::counters().transactions_lost);
+                    }
                 }
-            }
+                finish(&mut txn);
+            });
             leave_fence();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
-            take_buffer();
+            TXN.with(|t| finish(&mut t.borrow_mut()));
             leave_fence();
         }
         _ => {}
@@ -351,25 +409,26 @@ unsafe extern "C-unwind" fn on_subxact(
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
         // Subtransaction ids grow: ours and our children's are >= my_subid,
-        // and no later sibling has started yet.
+        // and no later sibling has started yet, so every change from the
+        // first one tagged >= my_subid on is ours or our children's.
         TXN.with(|t| {
             let mut t = t.borrow_mut();
-            let t = &mut *t;
-            let mut keep = t.subxacts.iter().map(|subid| *subid < my_subid);
-            t.changes.retain(|_| keep.next().unwrap_or(false));
-            t.subxacts.retain(|subid| *subid < my_subid);
+            if let Some(i) = t.marks.iter().position(|(_, subid)| *subid >= my_subid) {
+                let start = t.marks[i].0;
+                t.rows.truncate(start);
+                t.marks.truncate(i);
+            }
         });
     }
 }
 
-/// Ends the transaction's buffer: hands it over, leaving an empty one, and
-/// counts the rows it encoded.
-fn take_buffer() -> TxnBuffer {
-    let txn = TXN.with(|t| std::mem::take(&mut *t.borrow_mut()));
+/// Ends the transaction's buffer: counts the rows it encoded and empties
+/// it for the next transaction.
+fn finish(txn: &mut TxnBuffer) {
     if txn.encoded > 0 {
         Counters::add(&crate::shmem::counters().rows_captured, txn.encoded);
     }
-    txn
+    txn.clear();
 }
 
 /// Leaves the commit fence if this transaction entered it, and wakes the
@@ -389,7 +448,7 @@ unsafe extern "C-unwind" fn on_relcache(_arg: pg_sys::Datum, relid: pg_sys::Oid)
     ROOTS.with(|roots| forget(&mut roots.borrow_mut(), relid));
 }
 
-fn forget<V>(cache: &mut HashMap<u32, V>, relid: pg_sys::Oid) {
+fn forget<V>(cache: &mut OidMap<V>, relid: pg_sys::Oid) {
     if relid == pg_sys::InvalidOid {
         cache.clear();
     } else {
@@ -398,22 +457,17 @@ fn forget<V>(cache: &mut HashMap<u32, V>, relid: pg_sys::Oid) {
 }
 
 /// Writes a committed transaction into the ring (at XACT_EVENT_COMMIT).
-fn publish(txn: TxnBuffer) {
-    // SAFETY: plain reads of this backend's transaction state, still valid
-    // during the commit callbacks.
-    let (xid, lsn, stop) = unsafe {
-        (
-            pg_sys::GetTopTransactionIdIfAny(),
-            pg_sys::XactLastCommitEnd,
-            pg_sys::GetCurrentTransactionStopTimestamp(),
-        )
-    };
+fn publish(txn: &TxnBuffer) {
+    let xid = crate::unguarded::top_transaction_id();
+    let stop = crate::unguarded::transaction_stop_timestamp();
+    // SAFETY: a plain read of this backend's global, set by the commit.
+    let lsn = unsafe { pg_sys::XactLastCommitEnd };
     let counters = crate::shmem::counters();
     let ring = crate::shmem::ring();
     if xid == pg_sys::TransactionId::INVALID {
         return;
     }
-    if txn.changes.is_empty() && !txn.overflowed {
+    if txn.is_empty() {
         // every change was in rolled-back savepoints
         return;
     }
@@ -423,13 +477,19 @@ fn publish(txn: TxnBuffer) {
         commit_time_us: stop + PG_EPOCH_OFFSET_US,
         overflowed: txn.overflowed,
     };
-    let record = realtime::changes::wire::encode_parts(&header, &txn.relations, &txn.changes);
-    match ring.publish(&record) {
-        Ok(_) if !txn.overflowed => Counters::incr(&counters.transactions_published),
-        Ok(_) => Counters::incr(&counters.transactions_lost),
-        Err(_) => {
-            ring.record_loss(txn.touched);
-            Counters::incr(&counters.transactions_lost);
+    RECORD.with(|record| {
+        let mut record = record.borrow_mut();
+        wire::encode_record(&mut record, &header, &txn.relations, txn.marks.len(), &txn.rows);
+        match ring.publish(&record) {
+            Ok(_) if !txn.overflowed => Counters::incr(&counters.transactions_published),
+            Ok(_) => Counters::incr(&counters.transactions_lost),
+            Err(_) => {
+                ring.record_loss(txn.touched.iter().copied());
+                Counters::incr(&counters.transactions_lost);
+            }
         }
-    }
+        if record.capacity() > 64 * 1024 {
+            *record = Vec::new();
+        }
+    });
 }

@@ -78,6 +78,6 @@ pub fn wake_worker() {
         // SAFETY: the pointer is a PGPROC latch in shared memory, valid for
         // the life of the cluster; SetLatch on a latch whose owner has
         // exited is harmless.
-        unsafe { pg_sys::SetLatch(latch) };
+        unsafe { crate::unguarded::set_latch(latch) };
     }
 }

@@ -124,10 +124,7 @@ impl Parsed {
     /// on): the rest of the row is skipped over, not built.
     pub fn with_columns(change: &Change, columns: &[String]) -> Parsed {
         let filter = match filter_text(change) {
-            Some(text) if !columns.is_empty() => {
-                let mut json = serde_json::Deserializer::from_str(text);
-                Pick(columns).deserialize(&mut json).unwrap_or_default()
-            }
+            Some(text) if !columns.is_empty() => pick(text, columns),
             _ => Map::new(),
         };
         Parsed {
@@ -221,6 +218,22 @@ pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_reco
         data,
         filter_row,
     }
+}
+
+/// The values of `columns` in a row: located by a scan that steps over the
+/// rest ([`super::json::pick_raw`]), then parsed; rows the scan does not
+/// take (a key with an escape) go through [`Pick`].
+fn pick(text: &str, columns: &[String]) -> Map<String, Value> {
+    let parsed: Option<Map<String, Value>> = super::json::pick_raw(text, columns).and_then(|found| {
+        found
+            .into_iter()
+            .map(|(k, raw)| Some((columns[k].clone(), serde_json::from_str::<Value>(raw).ok()?)))
+            .collect()
+    });
+    parsed.unwrap_or_else(|| {
+        let mut json = serde_json::Deserializer::from_str(text);
+        Pick(columns).deserialize(&mut json).unwrap_or_default()
+    })
 }
 
 /// Deserializes a JSON object keeping only the given keys; the other

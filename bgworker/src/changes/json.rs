@@ -1,46 +1,57 @@
-//! JSON text helpers for the row encoder.
+//! JSON text helpers for the row encoder, which writes rows as UTF-8 bytes
+//! straight into a transaction's buffer.
 
 /// Appends `bytes` (UTF-8; invalid sequences replaced) as a JSON string.
-pub fn escape_into(out: &mut String, bytes: &[u8]) {
+pub fn escape_into(out: &mut Vec<u8>, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(text) => escape_str(out, text),
         Err(_) => escape_str(out, &String::from_utf8_lossy(bytes)),
     }
 }
 
-/// Appends `text` as a JSON string: runs of characters that need no
-/// escaping are copied whole.
-fn escape_str(out: &mut String, text: &str) {
-    out.reserve(text.len() + 2);
-    out.push('"');
+/// Appends `text` as a JSON string: as it is when nothing in it needs
+/// escaping (the usual case, checked in one pass that does not stop
+/// early, which the compiler vectorises), else run by run.
+fn escape_str(out: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let plain = !bytes
+        .iter()
+        .fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if plain {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut run = 0;
-    for (i, b) in text.bytes().enumerate() {
-        let escaped = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
             _ => continue,
         };
-        out.push_str(&text[run..i]);
+        out.extend_from_slice(&bytes[run..i]);
         if escaped.is_empty() {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push_str("\\u00");
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 15)] as char);
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 15)]);
         } else {
-            out.push_str(escaped);
+            out.extend_from_slice(escaped);
         }
         run = i + 1;
     }
-    out.push_str(&text[run..]);
-    out.push('"');
+    out.extend_from_slice(&bytes[run..]);
+    out.push(b'"');
 }
 
 /// Appends an integer in decimal, without going through `fmt`.
-pub fn push_int(out: &mut String, n: i64) {
+pub fn push_int(out: &mut Vec<u8>, n: i64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut rest = n.unsigned_abs();
@@ -53,11 +64,198 @@ pub fn push_int(out: &mut String, n: i64) {
         }
     }
     if n < 0 {
-        out.push('-');
+        out.push(b'-');
     }
-    for d in &digits[at..] {
-        out.push(*d as char);
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The raw JSON text of the values of `keys` in `text`, a JSON object as
+/// the row encoder writes it: one pass that steps over the other values
+/// without decoding them. Each hit is the index of its key in `keys` and
+/// the value's text. None when `text` is not such an object (or a key has
+/// an escape in it): the caller parses it in full instead.
+pub fn pick_raw<'t>(text: &'t str, keys: &[String]) -> Option<Vec<(usize, &'t str)>> {
+    let b = text.as_bytes();
+    let mut found = Vec::new();
+    let mut i = skip_ws(b, 0);
+    if *b.get(i)? != b'{' {
+        return None;
     }
+    i = skip_ws(b, i + 1);
+    if *b.get(i)? == b'}' {
+        return (skip_ws(b, i + 1) == b.len()).then_some(found);
+    }
+    loop {
+        if *b.get(i)? != b'"' {
+            return None;
+        }
+        let start = i + 1;
+        let end = start + b[start..].iter().position(|&c| c == b'"' || c == b'\\')?;
+        if b[end] != b'"' {
+            return None;
+        }
+        let key = &text[start..end];
+        i = skip_ws(b, end + 1);
+        if *b.get(i)? != b':' {
+            return None;
+        }
+        let value_start = skip_ws(b, i + 1);
+        let value_end = skip_value(b, value_start)?;
+        if let Some(k) = keys.iter().position(|k| k == key) {
+            found.push((k, &text[value_start..value_end]));
+        }
+        i = skip_ws(b, value_end);
+        match *b.get(i)? {
+            b',' => i = skip_ws(b, i + 1),
+            b'}' => return (skip_ws(b, i + 1) == b.len()).then_some(found),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && b[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    i
+}
+
+/// Where the string starting at `b[i]` (a quote) ends, past its closing quote.
+fn skip_string(b: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        i += b[i..].iter().position(|&c| c == b'"' || c == b'\\')?;
+        if b[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2;
+    }
+}
+
+/// Where the value starting at `b[i]` ends: a string, an object or array
+/// (brackets counted, strings in them stepped over), or a number or
+/// literal.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => skip_string(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match *b.get(j)? {
+                    b'"' => {
+                        j = skip_string(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let len = b[i..]
+                .iter()
+                .position(|&c| matches!(c, b',' | b'}' | b']') || c.is_ascii_whitespace())
+                .unwrap_or(b.len() - i);
+            (len > 0).then_some(i + len)
+        }
+    }
+}
+
+/// A date/time column's type, for [`push_datetime`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateTimeKind {
+    /// `date`: days since 2000-01-01.
+    Date,
+    /// `timestamp`: microseconds since 2000-01-01 00:00.
+    Timestamp,
+    /// `timestamptz`: microseconds since 2000-01-01 00:00 UTC, written in UTC.
+    TimestampTzUtc,
+}
+
+const USECS_PER_DAY: i64 = 86_400_000_000;
+/// Days from 1970-01-01 to 2000-01-01, Postgres's epoch.
+const PG_EPOCH_DAYS: i64 = 10_957;
+
+/// Appends a date or timestamp as a JSON string, exactly as Postgres's
+/// JSON functions write it (`2025-03-04`, `2025-03-04T10:11:12.345`,
+/// `2025-03-04T10:11:12.345+00:00`: ISO 8601, fractional seconds without
+/// trailing zeros), for the years 1 to 9999. Outside them (infinities,
+/// BC dates, five-digit years) it writes nothing and returns false: the
+/// caller has Postgres write those.
+pub fn push_datetime(out: &mut Vec<u8>, kind: DateTimeKind, value: i64) -> bool {
+    let (days, micros) = match kind {
+        DateTimeKind::Date => (value, None),
+        _ => (value.div_euclid(USECS_PER_DAY), Some(value.rem_euclid(USECS_PER_DAY))),
+    };
+    let Some((year, month, day)) = days.checked_add(PG_EPOCH_DAYS).and_then(civil_from_days) else {
+        return false;
+    };
+    if !(1..=9999).contains(&year) {
+        return false;
+    }
+    out.push(b'"');
+    push_digits(out, year as u64, 4);
+    out.push(b'-');
+    push_digits(out, month, 2);
+    out.push(b'-');
+    push_digits(out, day, 2);
+    if let Some(micros) = micros {
+        let (seconds, fraction) = ((micros / 1_000_000) as u64, (micros % 1_000_000) as u64);
+        out.push(b'T');
+        push_digits(out, seconds / 3600, 2);
+        out.push(b':');
+        push_digits(out, seconds / 60 % 60, 2);
+        out.push(b':');
+        push_digits(out, seconds % 60, 2);
+        if fraction != 0 {
+            out.push(b'.');
+            let (mut fraction, mut width) = (fraction, 6);
+            while fraction % 10 == 0 {
+                fraction /= 10;
+                width -= 1;
+            }
+            push_digits(out, fraction, width);
+        }
+        if kind == DateTimeKind::TimestampTzUtc {
+            out.extend_from_slice(b"+00:00");
+        }
+    }
+    out.push(b'"');
+    true
+}
+
+/// `n` in decimal, zero-padded to `width` digits (n < 10^width).
+fn push_digits(out: &mut Vec<u8>, n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut rest = n;
+    for d in digits[..width].iter_mut().rev() {
+        *d = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&digits[..width]);
+}
+
+/// The proleptic Gregorian (year, month, day) of a day counted from
+/// 1970-01-01 (H. Hinnant's `civil_from_days`); None if it overflows.
+fn civil_from_days(days: i64) -> Option<(i64, u64, u64)> {
+    let z = days.checked_add(719_468)?;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    let year = era.checked_mul(400)?.checked_add(yoe)? + i64::from(month <= 2);
+    Some((year, month, day))
 }
 
 #[cfg(test)]
@@ -74,21 +272,96 @@ mod tests {
             "é ☃ 😀",
             "",
         ] {
-            let mut out = String::new();
+            let mut out = Vec::new();
             escape_into(&mut out, s.as_bytes());
-            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s, "{out}");
+            assert_eq!(serde_json::from_slice::<String>(&out).unwrap(), s, "{out:?}");
         }
-        let mut out = String::new();
+        let mut out = Vec::new();
         escape_into(&mut out, &[0x66, 0xff, 0x6f]);
-        assert_eq!(serde_json::from_str::<String>(&out).unwrap(), "f\u{fffd}o");
+        assert_eq!(serde_json::from_slice::<String>(&out).unwrap(), "f\u{fffd}o");
+    }
+
+    #[test]
+    fn picking_values_out_of_rows() {
+        let keys: Vec<String> = ["n", "doc", "s", "absent"].iter().map(|k| k.to_string()).collect();
+        let row = r#"{"id":7,"s":"a \"quoted\" }, [value]","doc":{"k":[1,"]}",{"x":null}]},"t":[[1],[2]],"n":-1.50e3,"b":true}"#;
+        let found = pick_raw(row, &keys).unwrap();
+        assert_eq!(
+            found,
+            vec![
+                (2, r#""a \"quoted\" }, [value]""#),
+                (1, r#"{"k":[1,"]}",{"x":null}]}"#),
+                (0, "-1.50e3")
+            ]
+        );
+        // every value found is what a full parse finds
+        let full: serde_json::Map<String, serde_json::Value> = serde_json::from_str(row).unwrap();
+        for (k, raw) in &found {
+            assert_eq!(serde_json::from_str::<serde_json::Value>(raw).unwrap(), full[&keys[*k]]);
+        }
+        // spaces are fine; empty objects too
+        assert_eq!(
+            pick_raw(" { \"n\" : 1 , \"s\":null } ", &keys).unwrap(),
+            vec![(0, "1"), (2, "null")]
+        );
+        assert_eq!(pick_raw("{}", &keys).unwrap(), vec![]);
+        // anything else: None, and the caller parses in full
+        for odd in [
+            r#"{"n\u0041":1}"#,
+            "[1]",
+            r#"{"n":1"#,
+            r#"{"n":}"#,
+            r#"{"n":"x}"#,
+            r#"{"n":1} x"#,
+            "",
+            r#"{"n":[1}"#,
+        ] {
+            assert_eq!(pick_raw(odd, &keys), None, "{odd}");
+        }
+    }
+
+    fn datetime(kind: DateTimeKind, value: i64) -> Option<String> {
+        let mut out = Vec::new();
+        push_datetime(&mut out, kind, value).then(|| String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn datetimes_as_postgres_writes_them_in_json() {
+        use DateTimeKind::*;
+        const DAY: i64 = USECS_PER_DAY;
+        // 2025-03-04 10:11:12.345 is 9194 days and 36,672.345 s after 2000-01-01
+        let t = 9194 * DAY + 36_672_345_000;
+        assert_eq!(datetime(Date, 9194).unwrap(), "\"2025-03-04\"");
+        assert_eq!(datetime(Timestamp, t).unwrap(), "\"2025-03-04T10:11:12.345\"");
+        assert_eq!(
+            datetime(TimestampTzUtc, t).unwrap(),
+            "\"2025-03-04T10:11:12.345+00:00\""
+        );
+        assert_eq!(datetime(Timestamp, 0).unwrap(), "\"2000-01-01T00:00:00\"");
+        assert_eq!(datetime(Timestamp, 1).unwrap(), "\"2000-01-01T00:00:00.000001\"");
+        assert_eq!(datetime(Timestamp, -1).unwrap(), "\"1999-12-31T23:59:59.999999\"");
+        assert_eq!(
+            datetime(Timestamp, 59 * DAY + 120_000_000).unwrap(),
+            "\"2000-02-29T00:02:00\""
+        );
+        assert_eq!(datetime(Date, -10_957).unwrap(), "\"1970-01-01\"");
+        assert_eq!(datetime(Date, -730_119).unwrap(), "\"0001-01-01\"");
+        assert_eq!(datetime(Date, 2_921_939).unwrap(), "\"9999-12-31\"");
+        // left to Postgres: BC, five-digit years, infinities
+        assert_eq!(datetime(Date, -730_120), None);
+        assert_eq!(datetime(Date, 2_921_940), None);
+        assert_eq!(datetime(Date, i64::from(i32::MIN)), None);
+        assert_eq!(datetime(Date, i64::from(i32::MAX)), None);
+        assert_eq!(datetime(TimestampTzUtc, i64::MIN), None);
+        assert_eq!(datetime(TimestampTzUtc, i64::MAX), None);
     }
 
     #[test]
     fn integers_print_as_rust_does() {
         for n in [0, 7, -7, 10, 1_234_567, i64::MAX, i64::MIN, i64::from(i32::MIN), -100] {
-            let mut out = String::from("x");
+            let mut out = b"x".to_vec();
             push_int(&mut out, n);
-            assert_eq!(out, format!("x{n}"));
+            assert_eq!(out, format!("x{n}").into_bytes());
         }
     }
 }

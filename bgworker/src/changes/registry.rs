@@ -106,6 +106,9 @@ pub struct Subscription<S> {
 pub struct Registry<S> {
     channels: BTreeMap<ChannelKey, Subscription<S>>,
     targets: HashMap<Target, TargetIndex>,
+    /// Whether any target is a schema (else a change's schema is not
+    /// looked up).
+    schema_targets: bool,
 }
 
 impl<S> Default for Registry<S> {
@@ -113,6 +116,7 @@ impl<S> Default for Registry<S> {
         Registry {
             channels: BTreeMap::new(),
             targets: HashMap::new(),
+            schema_targets: false,
         }
     }
 }
@@ -153,6 +157,27 @@ impl<S> Registry<S> {
             }
         }
         self.channels.insert(key, subscription);
+        self.note_schema_targets();
+    }
+
+    fn note_schema_targets(&mut self) {
+        self.schema_targets = self.targets.keys().any(|t| matches!(t, Target::Schema(_)));
+    }
+
+    /// The indexes a change of `relation` is matched against: its table's,
+    /// its schema's, everything's.
+    fn indexes_for<'r>(&'r self, relation: &Relation) -> impl Iterator<Item = &'r TargetIndex> + 'r {
+        let schema = self
+            .schema_targets
+            .then(|| self.targets.get(&Target::Schema(relation.schema.clone())))
+            .flatten();
+        [
+            self.targets.get(&Target::Table(relation.relid)),
+            schema,
+            self.targets.get(&Target::All),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// Removes a channel's subscription; returns it.
@@ -187,6 +212,7 @@ impl<S> Registry<S> {
                 }
             }
         }
+        self.note_schema_targets();
         Some(subscription)
     }
 
@@ -260,12 +286,7 @@ impl<S> Registry<S> {
     pub fn filtered_columns(&self, relation: &Relation) -> Option<Vec<String>> {
         let mut found = false;
         let mut columns: Vec<String> = Vec::new();
-        let table = self.targets.get(&Target::Table(relation.relid));
-        let others = [Target::Schema(relation.schema.clone()), Target::All];
-        for index in table
-            .into_iter()
-            .chain(others.iter().filter_map(|t| self.targets.get(t)))
-        {
+        for index in self.indexes_for(relation) {
             found = true;
             for column in index.filtered.keys() {
                 if !columns.contains(column) {
@@ -281,15 +302,7 @@ impl<S> Registry<S> {
     /// row for DELETE.
     pub fn matches<'a>(&'a self, relation: &Relation, kind: ChangeKind, row: &Map<String, Value>) -> Vec<Match<'a, S>> {
         let mut hits: BTreeMap<&ChannelKey, Vec<u32>> = BTreeMap::new();
-        let targets = [
-            Target::Table(relation.relid),
-            Target::Schema(relation.schema.clone()),
-            Target::All,
-        ];
-        for target in &targets {
-            let Some(index) = self.targets.get(target) else {
-                continue;
-            };
+        for index in self.indexes_for(relation) {
             let mut candidates: Vec<&(ChannelKey, usize)> = index.scan.iter().collect();
             for (column, kind_of) in &index.columns {
                 let Some(value) = row.get(column).filter(|v| !v.is_null()) else {

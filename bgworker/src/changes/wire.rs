@@ -90,7 +90,14 @@ impl Transaction {
             commit_time_us: self.commit_time_us,
             overflowed: self.overflowed,
         };
-        encode_parts(&header, &self.relations, &self.changes)
+        let relations: Vec<Vec<u8>> = self.relations.iter().map(|r| r.encode()).collect();
+        let mut changes = Vec::new();
+        for change in &self.changes {
+            change.encode_into(&mut changes);
+        }
+        let mut out = Vec::new();
+        encode_record(&mut out, &header, &relations, self.changes.len(), &changes);
+        out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Transaction, WireError> {
@@ -153,7 +160,7 @@ impl Transaction {
     }
 }
 
-/// A transaction record's fixed fields, for [`encode_parts`].
+/// A transaction record's fixed fields, for [`encode_record`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Header {
     pub xid: u32,
@@ -162,39 +169,58 @@ pub struct Header {
     pub overflowed: bool,
 }
 
-/// Encodes a transaction from borrowed parts (what [`Transaction::decode`]
-/// reads), so that a committing backend copies neither its cached relation
-/// descriptions nor its buffered rows into a [`Transaction`] first.
-pub fn encode_parts<R: std::borrow::Borrow<Relation>>(header: &Header, relations: &[R], changes: &[Change]) -> Vec<u8> {
-    let rel_bytes: usize = relations.iter().map(|r| r.borrow().size_hint()).sum();
-    let mut out = Vec::with_capacity(32 + rel_bytes + changes.iter().map(Change::size_hint).sum::<usize>());
+/// Writes a transaction record into `out` (cleared first) from its parts,
+/// as a committing backend keeps them: relation descriptions encoded once
+/// ([`Relation::encode`]) and `count` changes already encoded back to back
+/// in `changes` ([`Change::encode_into`], or [`begin_change`] with
+/// [`put_row`] / [`put_no_row`]). [`Transaction::decode`] reads it.
+pub fn encode_record<R: AsRef<[u8]>>(
+    out: &mut Vec<u8>,
+    header: &Header,
+    relations: &[R],
+    count: usize,
+    changes: &[u8],
+) {
+    out.clear();
+    let rel_bytes: usize = relations.iter().map(|r| r.as_ref().len()).sum();
+    out.reserve(29 + rel_bytes + 4 + changes.len());
     out.push(u8::from(header.overflowed));
     out.extend_from_slice(&header.xid.to_le_bytes());
     out.extend_from_slice(&header.commit_lsn.to_le_bytes());
     out.extend_from_slice(&header.commit_time_us.to_le_bytes());
     out.extend_from_slice(&(relations.len() as u32).to_le_bytes());
     for rel in relations {
-        let rel = rel.borrow();
-        out.extend_from_slice(&rel.relid.to_le_bytes());
-        put_str(&mut out, &rel.schema);
-        put_str(&mut out, &rel.table);
-        out.extend_from_slice(&(rel.columns.len() as u32).to_le_bytes());
-        for col in &rel.columns {
-            put_str(&mut out, &col.name);
-            put_str(&mut out, &col.typname);
-        }
-        for key in [&rel.identity, &rel.primary_key] {
-            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-            for i in key {
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-        }
+        out.extend_from_slice(rel.as_ref());
     }
-    out.extend_from_slice(&(changes.len() as u32).to_le_bytes());
-    for change in changes {
-        change.encode_into(&mut out);
-    }
-    out
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    out.extend_from_slice(changes);
+}
+
+/// Starts a change in `out`: its relation (index into the record's
+/// relations) and kind. Its new row and its old row follow, each written
+/// with [`put_row`] or [`put_no_row`].
+pub fn begin_change(out: &mut Vec<u8>, relation: u16, kind: ChangeKind) {
+    out.extend_from_slice(&relation.to_le_bytes());
+    out.push(match kind {
+        ChangeKind::Insert => 0,
+        ChangeKind::Update => 1,
+        ChangeKind::Delete => 2,
+    });
+}
+
+/// Writes a row, as `write` appends its JSON text to `out`, behind its
+/// length.
+pub fn put_row(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    write(out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Writes "no row" (the old row of an INSERT, the new row of a DELETE).
+pub fn put_no_row(out: &mut Vec<u8>) {
+    out.extend_from_slice(&u32::MAX.to_le_bytes());
 }
 
 impl Relation {
@@ -209,46 +235,43 @@ impl Relation {
         key.iter().map(|i| *i as usize)
     }
 
-    fn size_hint(&self) -> usize {
-        16 + self.schema.len()
-            + self.table.len()
-            + self
-                .columns
-                .iter()
-                .map(|c| 8 + c.name.len() + c.typname.len())
-                .sum::<usize>()
-            + 2 * (self.identity.len() + self.primary_key.len())
+    /// The description as records carry it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&self.relid.to_le_bytes());
+        put_str(&mut out, &self.schema);
+        put_str(&mut out, &self.table);
+        out.extend_from_slice(&(self.columns.len() as u32).to_le_bytes());
+        for col in &self.columns {
+            put_str(&mut out, &col.name);
+            put_str(&mut out, &col.typname);
+        }
+        for key in [&self.identity, &self.primary_key] {
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            for i in key {
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+        }
+        out
     }
 }
 
 impl Change {
-    fn size_hint(&self) -> usize {
-        16 + self.record.as_ref().map_or(0, String::len) + self.old.as_ref().map_or(0, String::len)
-    }
-
     /// Appends this change's encoding (what [`Transaction::decode`] reads).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.relation.to_le_bytes());
-        out.push(match self.kind {
-            ChangeKind::Insert => 0,
-            ChangeKind::Update => 1,
-            ChangeKind::Delete => 2,
-        });
-        put_opt_str(out, self.record.as_deref());
-        put_opt_str(out, self.old.as_deref());
+        begin_change(out, self.relation, self.kind);
+        for row in [&self.record, &self.old] {
+            match row {
+                Some(text) => put_row(out, |out| out.extend_from_slice(text.as_bytes())),
+                None => put_no_row(out),
+            }
+        }
     }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
-}
-
-fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
-        Some(s) => put_str(out, s),
-    }
 }
 
 /// Decoded relation descriptions by OID, with the bytes they came from.
@@ -413,6 +436,34 @@ mod tests {
             ..sample()
         };
         assert_eq!(Transaction::decode(&overflow.encode()), Ok(overflow));
+    }
+
+    #[test]
+    fn records_built_from_parts_decode_alike() {
+        // As a committing backend builds one: descriptions encoded once,
+        // rows written into one buffer as they come.
+        let t = sample();
+        let relations: Vec<Vec<u8>> = t.relations.iter().map(|r| r.encode()).collect();
+        let mut changes = Vec::new();
+        for c in &t.changes {
+            begin_change(&mut changes, c.relation, c.kind);
+            for row in [&c.record, &c.old] {
+                match row {
+                    Some(text) => put_row(&mut changes, |out| out.extend_from_slice(text.as_bytes())),
+                    None => put_no_row(&mut changes),
+                }
+            }
+        }
+        let header = Header {
+            xid: t.xid,
+            commit_lsn: t.commit_lsn,
+            commit_time_us: t.commit_time_us,
+            overflowed: false,
+        };
+        let mut out = vec![9; 3]; // a reused buffer: cleared first
+        encode_record(&mut out, &header, &relations, t.changes.len(), &changes);
+        assert_eq!(out, t.encode());
+        assert_eq!(Transaction::decode(&out), Ok(t));
     }
 
     #[test]
