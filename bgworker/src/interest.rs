@@ -35,7 +35,18 @@ impl<'a> InterestTable<'a> {
     }
 
     fn start(&self, oid: u32) -> usize {
-        (oid.wrapping_mul(0x9E37_79B1) as usize) % self.slots.len()
+        self.wrap(oid.wrapping_mul(0x9E37_79B1) as usize)
+    }
+
+    /// `i` modulo the slot count: a mask for the power-of-two sizes the
+    /// extension uses (this runs for every captured row), else a division.
+    fn wrap(&self, i: usize) -> usize {
+        let len = self.slots.len();
+        if len.is_power_of_two() {
+            i & (len - 1)
+        } else {
+            i % len
+        }
     }
 
     /// Whether any of `oids` (a relation's OID, its schema's OID) has a
@@ -57,7 +68,7 @@ impl<'a> InterestTable<'a> {
             if slot as u32 == oid {
                 return slot & ACTIVE != 0;
             }
-            i = (i + 1) % self.slots.len();
+            i = self.wrap(i + 1);
         }
         false
     }
@@ -111,7 +122,7 @@ impl<'a> InterestTable<'a> {
             if slot == 0 {
                 break;
             }
-            i = (i + 1) % self.slots.len();
+            i = self.wrap(i + 1);
         }
         match free {
             Some(i) => {

@@ -365,19 +365,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_COMMIT => {
             TXN.with(|t| {
                 let mut txn = t.borrow_mut();
-                if !txn.skipped.is_empty() {
-                    // Reading shared atomics only: nothing here can fail.
-                    let interest = crate::shmem::interest();
-                    let missed: Vec<u32> = txn
-                        .skipped
-                        .iter()
-                        .filter(|(r, nsp)| interest.any(&[*r, *nsp]))
-                        .map(|(r, _)| *r)
-                        .collect();
-                    if !missed.is_empty() {
-                        crate::shmem::ring().record_loss(missed);
-                        crate::shmem::wake_worker();
-                    }
+                // Reading shared atomics only: nothing here can fail.
+                let interest = crate::shmem::interest();
+                let missed = |(r, nsp): &&(u32, u32)| interest.any(&[*r, *nsp]);
+                if txn.skipped.iter().any(|s| missed(&s)) {
+                    crate::shmem::ring().record_loss(txn.skipped.iter().filter(missed).map(|(r, _)| *r));
+                    crate::shmem::wake_worker();
                 }
                 if !txn.is_empty() {
                     // Nothing may raise after the commit record: a panic here

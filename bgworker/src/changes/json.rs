@@ -101,46 +101,50 @@ pub fn push_datetime(out: &mut Vec<u8>, kind: DateTimeKind, value: i64) -> bool 
     if !(1..=9999).contains(&year) {
         return false;
     }
-    out.push(b'"');
-    push_digits(out, year as u64, 4);
-    out.push(b'-');
-    push_digits(out, month, 2);
-    out.push(b'-');
-    push_digits(out, day, 2);
+    // Written into a buffer on the stack, then appended in one copy.
+    let mut buf = [0u8; 40];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        buf[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
+    };
+    put(b"\"");
+    put(&digits::<4>(year as u64));
+    put(b"-");
+    put(&digits::<2>(month));
+    put(b"-");
+    put(&digits::<2>(day));
     if let Some(micros) = micros {
         let (seconds, fraction) = ((micros / 1_000_000) as u64, (micros % 1_000_000) as u64);
-        out.push(b'T');
-        push_digits(out, seconds / 3600, 2);
-        out.push(b':');
-        push_digits(out, seconds / 60 % 60, 2);
-        out.push(b':');
-        push_digits(out, seconds % 60, 2);
+        put(b"T");
+        put(&digits::<2>(seconds / 3600));
+        put(b":");
+        put(&digits::<2>(seconds / 60 % 60));
+        put(b":");
+        put(&digits::<2>(seconds % 60));
         if fraction != 0 {
-            out.push(b'.');
-            let (mut fraction, mut width) = (fraction, 6);
-            while fraction % 10 == 0 {
-                fraction /= 10;
-                width -= 1;
-            }
-            push_digits(out, fraction, width);
+            let six = digits::<6>(fraction);
+            let width = 6 - six.iter().rev().take_while(|d| **d == b'0').count();
+            put(b".");
+            put(&six[..width]);
         }
         if kind == DateTimeKind::TimestampTzUtc {
-            out.extend_from_slice(b"+00:00");
+            put(b"+00:00");
         }
     }
-    out.push(b'"');
+    put(b"\"");
+    out.extend_from_slice(&buf[..len]);
     true
 }
 
-/// `n` in decimal, zero-padded to `width` digits (n < 10^width).
-fn push_digits(out: &mut Vec<u8>, n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut rest = n;
-    for d in digits[..width].iter_mut().rev() {
-        *d = b'0' + (rest % 10) as u8;
-        rest /= 10;
+/// `n` in decimal, zero-padded to `W` digits (n < 10^W).
+fn digits<const W: usize>(mut n: u64) -> [u8; W] {
+    let mut out = [b'0'; W];
+    for d in out.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
     }
-    out.extend_from_slice(&digits[..width]);
+    out
 }
 
 /// The proleptic Gregorian (year, month, day) of a day counted from
