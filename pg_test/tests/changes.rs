@@ -255,7 +255,8 @@ fn rollback_and_savepoint_rollback_are_never_delivered(ctx: &Ctx) {
         ctx.c.psql(
             "BEGIN; INSERT INTO quiet (n) VALUES (-2); SAVEPOINT a; INSERT INTO quiet (n) VALUES (-3); \
              SAVEPOINT b; INSERT INTO quiet (n) VALUES (-4); ROLLBACK TO a; INSERT INTO quiet (n) VALUES (-5); \
-             SAVEPOINT c; INSERT INTO quiet (n) VALUES (-6); RELEASE c; COMMIT;",
+             SAVEPOINT c; INSERT INTO quiet (n) VALUES (-6); RELEASE c; INSERT INTO quiet (n) VALUES (-10); \
+             SAVEPOINT d; INSERT INTO quiet (n) VALUES (-9); ROLLBACK TO d; COMMIT;",
         );
         // an error aborts the transaction and everything it captured
         let failed = ctx
@@ -263,9 +264,10 @@ fn rollback_and_savepoint_rollback_are_never_delivered(ctx: &Ctx) {
             .psql_output("BEGIN; INSERT INTO quiet (n) VALUES (-7); SELECT 1/0; COMMIT;");
         assert!(!failed.status.success());
         ctx.c.psql("INSERT INTO quiet (n) VALUES (-8)");
-        let got: Vec<Value> = client.events(4).await.iter().map(|e| record(e)["n"].clone()).collect();
-        // -1 rolled back, -3/-4 in a rolled-back savepoint, -7 aborted
-        assert_eq!(got, vec![json!(-2), json!(-5), json!(-6), json!(-8)]);
+        let got: Vec<Value> = client.events(5).await.iter().map(|e| record(e)["n"].clone()).collect();
+        // -1 rolled back, -3/-4 and -9 in rolled-back savepoints (-9's after
+        // a released one), -7 aborted
+        assert_eq!(got, vec![json!(-2), json!(-5), json!(-6), json!(-10), json!(-8)]);
     });
 }
 

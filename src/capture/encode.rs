@@ -1,7 +1,7 @@
-//! Encoding a captured row: the whole tuple through `row_to_json`, called as
-//! a C function (typed JSON: numbers, booleans, nested json, arrays, ISO
-//! timestamps; TOASTed values detoasted by the output functions), and a
-//! description of its relation for the worker.
+//! Encoding a captured row as JSON, column by column with an encoder chosen
+//! once per relation (typed values as `row_to_json` writes them: numbers,
+//! booleans, nested json, arrays, ISO timestamps; TOASTed values
+//! detoasted), and a description of its relation for the worker.
 
 use pgrx::prelude::*;
 use realtime::changes::json::{escape_into, push_datetime, push_int, DateTimeKind};

@@ -3,8 +3,9 @@
 //!
 //! - The trigger returns at once when nobody subscribes to the table (or its
 //!   schema): one lock-free look-up in the interest table.
-//! - Otherwise the row is encoded (`row_to_json`, called directly: no SQL, no
-//!   SPI) and buffered in backend memory, tagged with its subtransaction.
+//! - Otherwise the row is encoded as JSON by the relation's cached encoder
+//!   (no SQL, no SPI) straight into the transaction's buffer, in the ring
+//!   record's format, marked with its subtransaction.
 //! - At `XACT_EVENT_COMMIT` the transaction goes into the change ring as one
 //!   record, carrying its commit LSN and time, and the worker's latch is set.
 //!   Nothing there may fail: a full ring is a counted, reported loss.
