@@ -13,7 +13,7 @@ PG ?=
 PGTEST_MAJORS := $(if $(PG),$(PG),14 15 16 17 18)
 E2E_MAJORS := $(if $(PG),$(PG),14 15 18)
 
-.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-rls clean
+.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls clean
 
 deps:
 	scripts/install-deps.sh
@@ -61,6 +61,10 @@ clean:
 ## Capture overhead and latency benchmarks (see bench/README.md).
 bench: install-release
 	bench/run.sh
+
+## The capture overhead in instructions, under callgrind (needs valgrind).
+bench-instructions: install-release
+	bench/instructions.sh
 
 ## RLS-checked delivery throughput against no RLS (see bench/README.md).
 bench-rls: install-release
