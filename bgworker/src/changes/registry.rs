@@ -66,14 +66,12 @@ pub struct Binding {
 /// key exactly when [`super::value::compare`] finds them equal.
 pub fn index_key(kind: Kind, value: &Value) -> Option<String> {
     match kind {
-        Kind::Number => {
-            let text = match value {
-                Value::Number(n) => n.to_string(),
-                Value::String(s) => s.clone(),
-                _ => return None,
-            };
-            super::value::decimal_key(&text)
-        }
+        Kind::Number => match value {
+            // (arbitrary_precision: the number's own text, not a copy)
+            Value::Number(n) => super::value::decimal_key(n.as_str()),
+            Value::String(s) => super::value::decimal_key(s),
+            _ => None,
+        },
         Kind::Uuid => value.as_str().map(str::to_ascii_lowercase),
         Kind::Text | Kind::Date => value.as_str().map(str::to_owned),
         Kind::Bool => value.as_bool().map(|b| b.to_string()),

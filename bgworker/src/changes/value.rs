@@ -174,6 +174,26 @@ impl PartialOrd for Decimal {
 /// A canonical text for a number: equal exactly when the numbers are equal
 /// (`10`, `10.0` and `1e1` share one key).
 pub fn decimal_key(text: &str) -> Option<String> {
+    // Plain integers, the usual filter value, without building a Decimal:
+    // the same key, digits without leading or trailing zeros and the
+    // position of the decimal point.
+    let (negative, magnitude) = text.strip_prefix('-').map_or((false, text), |m| (true, m));
+    if !magnitude.is_empty() && magnitude.bytes().all(|b| b.is_ascii_digit()) {
+        let significant = magnitude.trim_start_matches('0');
+        if significant.is_empty() {
+            return Some("0".into());
+        }
+        let exp = significant.len();
+        let digits = significant.trim_end_matches('0');
+        let mut key = String::with_capacity(digits.len() + 8);
+        if negative {
+            key.push('-');
+        }
+        key.push_str(digits);
+        key.push('e');
+        key.push_str(&exp.to_string());
+        return Some(key);
+    }
     Some(match Decimal::parse(text)? {
         Decimal::NaN => "NaN".into(),
         Decimal::Infinity => "Infinity".into(),
@@ -299,6 +319,29 @@ mod tests {
 
     fn num(a: &str, b: &str) -> Ordering {
         Decimal::parse(a).unwrap().cmp(&Decimal::parse(b).unwrap())
+    }
+
+    #[test]
+    fn integer_keys_match_the_general_form() {
+        // "N.0" goes through the full decimal parse; "N" through the
+        // integer shortcut: the keys must agree.
+        for n in [
+            "0",
+            "-0",
+            "000",
+            "7",
+            "0042",
+            "-100",
+            "10",
+            "120034000",
+            "-9223372036854775808",
+            "123456789012345678901234567890",
+        ] {
+            assert_eq!(decimal_key(n), decimal_key(&format!("{n}.0")), "{n}");
+        }
+        assert_eq!(decimal_key("-100").unwrap(), "-1e3");
+        assert_eq!(decimal_key("1e1"), decimal_key("10"));
+        assert_eq!(decimal_key("-"), None);
     }
 
     #[test]

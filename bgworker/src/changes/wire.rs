@@ -128,8 +128,11 @@ impl Transaction {
                 }
             }
         }
-        let mut changes = Vec::new();
-        for _ in 0..r.u32()? {
+        let count = r.u32()?;
+        // Sized up front, but never beyond what the bytes left could hold
+        // (11 bytes per change at least), whatever a damaged count says.
+        let mut changes = Vec::with_capacity((count as usize).min((bytes.len() - r.pos) / 11));
+        for _ in 0..count {
             let relation = r.u16()?;
             if relation as usize >= relations.len() {
                 return Err(WireError(r.pos));
