@@ -50,7 +50,6 @@ type Identity = (Arc<str>, Arc<str>, u32);
 struct Row {
     txn: usize,
     change: usize,
-    parsed: event::Parsed,
 }
 
 /// What a role may read of a table (None: nothing), and when that was read.
@@ -252,11 +251,7 @@ impl Changes {
                 if matches.is_empty() {
                     continue;
                 }
-                rows.push(Row {
-                    txn: t,
-                    change: c,
-                    parsed,
-                });
+                rows.push(Row { txn: t, change: c });
                 for m in matches {
                     pending.push((m.channel.clone(), m.ids, rows.len() - 1));
                 }
@@ -330,10 +325,7 @@ impl Changes {
                 .entry((row, columns))
                 .or_insert_with_key(|(_, columns)| {
                     let change = &transactions[r.txn].changes[r.change];
-                    Arc::from(
-                        r.parsed
-                            .data(change, relation, commit_time_us, max_record_bytes, columns),
-                    )
+                    Arc::from(event::data(change, relation, commit_time_us, max_record_bytes, columns))
                 })
                 .clone();
             let out = Outbound::PostgresChanges {

@@ -105,7 +105,7 @@ pub struct Registry<S> {
     channels: BTreeMap<ChannelKey, Subscription<S>>,
     targets: HashMap<Target, TargetIndex>,
     /// Whether any target is a schema (else a change's schema is not
-    /// looked up).
+    /// looked up): set on subscribe, re-read when a schema target goes.
     schema_targets: bool,
 }
 
@@ -132,6 +132,7 @@ impl<S> Registry<S> {
     pub fn subscribe(&mut self, key: ChannelKey, subscription: Subscription<S>) {
         self.unsubscribe(&key);
         for (i, binding) in subscription.bindings.iter().enumerate() {
+            self.schema_targets |= matches!(binding.target, Target::Schema(_));
             let index = self.targets.entry(binding.target.clone()).or_default();
             for c in &binding.conditions {
                 *index.filtered.entry(c.column.clone()).or_default() += 1;
@@ -155,11 +156,6 @@ impl<S> Registry<S> {
             }
         }
         self.channels.insert(key, subscription);
-        self.note_schema_targets();
-    }
-
-    fn note_schema_targets(&mut self) {
-        self.schema_targets = self.targets.keys().any(|t| matches!(t, Target::Schema(_)));
     }
 
     /// The indexes a change of `relation` is matched against: its table's,
@@ -207,10 +203,12 @@ impl<S> Registry<S> {
                 });
                 if index.scan.is_empty() && index.by_value.is_empty() {
                     self.targets.remove(target);
+                    if matches!(target, Target::Schema(_)) {
+                        self.schema_targets = self.targets.keys().any(|t| matches!(t, Target::Schema(_)));
+                    }
                 }
             }
         }
-        self.note_schema_targets();
         Some(subscription)
     }
 
