@@ -69,6 +69,9 @@ struct TxnBuffer {
     /// Rows encoded, added to the shared counter once per transaction
     /// rather than per row (it is a cache line every backend writes).
     encoded: u64,
+    /// Where the committed transaction's record is put together before it
+    /// is copied into the ring.
+    record: Vec<u8>,
 }
 
 impl TxnBuffer {
@@ -86,6 +89,9 @@ impl TxnBuffer {
         if self.rows.capacity() > KEEP_BYTES {
             self.rows = Vec::new();
             self.marks = Vec::new();
+        }
+        if self.record.capacity() > KEEP_BYTES {
+            self.record = Vec::new();
         }
         self.overflowed = false;
         self.touched.clear();
@@ -122,9 +128,6 @@ thread_local! {
     // A backend is single-threaded: this is per-backend state.
     static TXN: RefCell<TxnBuffer> = RefCell::new(TxnBuffer::default());
     static CALLBACKS: Cell<bool> = const { Cell::new(false) };
-    /// A committed transaction's record, built here before it is copied
-    /// into the ring (kept, like the buffer).
-    static RECORD: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// This transaction's place in the commit fence, from PRE_COMMIT until
     /// it has published (or aborted).
     static FENCE_TICKET: Cell<Option<realtime::fence::Ticket>> = const { Cell::new(None) };
@@ -376,7 +379,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                 if !txn.is_empty() {
                     // Nothing may raise after the commit record: a panic here
                     // is caught and counted as a loss instead.
-                    let published = std::panic::catch_unwind(AssertUnwindSafe(|| publish(&txn)));
+                    let published = std::panic::catch_unwind(AssertUnwindSafe(|| publish(&mut txn)));
                     if published.is_err() {
                         crate::shmem::ring().record_loss(txn.touched.iter().copied());
                         Counters::incr(&crate::shmem::counters().transactions_lost);
@@ -450,8 +453,9 @@ fn forget<V>(cache: &mut OidMap<V>, relid: pg_sys::Oid) {
     }
 }
 
-/// Writes a committed transaction into the ring (at XACT_EVENT_COMMIT).
-fn publish(txn: &TxnBuffer) {
+/// Writes a committed transaction, not empty, into the ring (at
+/// XACT_EVENT_COMMIT).
+fn publish(txn: &mut TxnBuffer) {
     let xid = crate::unguarded::top_transaction_id();
     let stop = crate::unguarded::transaction_stop_timestamp();
     // SAFETY: a plain read of this backend's global, set by the commit.
@@ -461,29 +465,19 @@ fn publish(txn: &TxnBuffer) {
     if xid == pg_sys::TransactionId::INVALID {
         return;
     }
-    if txn.is_empty() {
-        // every change was in rolled-back savepoints
-        return;
-    }
     let header = Header {
         xid: xid.into_inner(),
         commit_lsn: lsn,
         commit_time_us: stop + PG_EPOCH_OFFSET_US,
         overflowed: txn.overflowed,
     };
-    RECORD.with(|record| {
-        let mut record = record.borrow_mut();
-        wire::encode_record(&mut record, &header, &txn.relations, txn.marks.len(), &txn.rows);
-        match ring.publish(&record) {
-            Ok(_) if !txn.overflowed => Counters::incr(&counters.transactions_published),
-            Ok(_) => Counters::incr(&counters.transactions_lost),
-            Err(_) => {
-                ring.record_loss(txn.touched.iter().copied());
-                Counters::incr(&counters.transactions_lost);
-            }
+    wire::encode_record(&mut txn.record, &header, &txn.relations, txn.marks.len(), &txn.rows);
+    match ring.publish(&txn.record) {
+        Ok(_) if !txn.overflowed => Counters::incr(&counters.transactions_published),
+        Ok(_) => Counters::incr(&counters.transactions_lost),
+        Err(_) => {
+            ring.record_loss(txn.touched.iter().copied());
+            Counters::incr(&counters.transactions_lost);
         }
-        if record.capacity() > 64 * 1024 {
-            *record = Vec::new();
-        }
-    });
+    }
 }
