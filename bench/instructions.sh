@@ -17,12 +17,6 @@
 # of what it costs when commits come in batches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-PG_CONFIG=${PG_CONFIG:-/usr/bin/pg_config}
-BIN=$("$PG_CONFIG" --bindir)
-DIR=${BENCH_DIR:-/var/tmp/pg_realtime_bench}
-PGPORT=${BENCH_PGPORT:-5488}
-WS_PORT=${BENCH_WS_PORT:-4088}
 N=${N:-1000}
 VARIANTS=${VARIANTS:-a b c}
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)"; exit 1; }

@@ -24,19 +24,13 @@
 # supabase-js subscriber that subtracts the stamp from its own clock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-PG_CONFIG=${PG_CONFIG:-/usr/bin/pg_config}
-BIN=$("$PG_CONFIG" --bindir)
-DIR=${BENCH_DIR:-/var/tmp/pg_realtime_bench}
-PGPORT=${BENCH_PGPORT:-5488}
-WS_PORT=${BENCH_WS_PORT:-4088}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-4}
 ROUNDS=${ROUNDS:-9}
 VARIANTS=${VARIANTS:-a b c d e}
 CLIENTS=${CLIENTS:-2}
 # BENCH_CONF: more postgresql.conf lines, for experiments; LATENCY=0 skips
 # the latency run.
-# The cluster, schema and subscribers both benchmarks use.
+# The cluster, its schema and subscribers (shared with bench/instructions.sh).
 . bench/cluster.sh
 init_cluster
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w start >/dev/null
