@@ -95,9 +95,9 @@ pub fn push_datetime(out: &mut Vec<u8>, kind: DateTimeKind, value: i64) -> bool 
         DateTimeKind::Date => (value, None),
         _ => (value.div_euclid(USECS_PER_DAY), Some(value.rem_euclid(USECS_PER_DAY))),
     };
-    let Some((year, month, day)) = days.checked_add(PG_EPOCH_DAYS).and_then(civil_from_days) else {
-        return false;
-    };
+    // (days stays within +-2^31 + 10,957 for dates and +-1.1e8 for
+    // timestamps: no overflow in the conversion)
+    let (year, month, day) = super::value::civil_from_days(days + PG_EPOCH_DAYS);
     if !(1..=9999).contains(&year) {
         return false;
     }
@@ -111,9 +111,9 @@ pub fn push_datetime(out: &mut Vec<u8>, kind: DateTimeKind, value: i64) -> bool 
     put(b"\"");
     put(&digits::<4>(year as u64));
     put(b"-");
-    put(&digits::<2>(month));
+    put(&digits::<2>(month as u64));
     put(b"-");
-    put(&digits::<2>(day));
+    put(&digits::<2>(day as u64));
     if let Some(micros) = micros {
         let (seconds, fraction) = ((micros / 1_000_000) as u64, (micros % 1_000_000) as u64);
         put(b"T");
@@ -145,21 +145,6 @@ fn digits<const W: usize>(mut n: u64) -> [u8; W] {
         n /= 10;
     }
     out
-}
-
-/// The proleptic Gregorian (year, month, day) of a day counted from
-/// 1970-01-01 (H. Hinnant's `civil_from_days`); None if it overflows.
-fn civil_from_days(days: i64) -> Option<(i64, u64, u64)> {
-    let z = days.checked_add(719_468)?;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u64;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
-    let year = era.checked_mul(400)?.checked_add(yoe)? + i64::from(month <= 2);
-    Some((year, month, day))
 }
 
 #[cfg(test)]
