@@ -7,9 +7,10 @@
 //! its commit record is written (with a lower bound of its commit LSN: the
 //! end of its last WAL record) and leaves after publishing. The worker reads
 //! the WAL insert position, then the fence ([`CommitFence::deliverable`]),
-//! then the ring, and delivers only what committed below both: a
-//! transaction it saw registered bounds the watermark; one that registered
-//! after the position was read writes its commit record beyond it.
+//! then the ring, and delivers only what committed at or below that
+//! position and below every registered bound: a transaction it saw
+//! registered bounds the watermark; one that registered after the position
+//! was read writes its commit record beyond it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
