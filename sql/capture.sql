@@ -30,11 +30,13 @@ DECLARE
   capture oid := 'realtime.capture_changes()'::regprocedure;
   r record;
 BEGIN
-  -- Remove triggers no longer wanted, or wanted for other actions.
+  -- Remove triggers no longer wanted, or wanted for other actions (not
+  -- the clones of a partitioned table's trigger on its partitions: they
+  -- come and go with it).
   FOR r IN
     SELECT t.tgrelid, t.tgname FROM pg_trigger t
     LEFT JOIN realtime.wanted_captures() w ON w.relid = t.tgrelid
-    WHERE t.tgfoid = capture AND (w.relid IS NULL OR w.tgtype <> t.tgtype)
+    WHERE t.tgfoid = capture AND t.tgparentid = 0 AND (w.relid IS NULL OR w.tgtype <> t.tgtype)
   LOOP
     EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.tgrelid::regclass);
   END LOOP;
@@ -74,14 +76,43 @@ SELECT n.nspname AS schema,
        c.oid::regclass AS relation,
        (t.tgtype & 4) <> 0 AS inserts,
        (t.tgtype & 16) <> 0 AS updates,
-       (t.tgtype & 8) <> 0 AS deletes
+       (t.tgtype & 8) <> 0 AS deletes,
+       t.tgenabled <> 'D' AS active
 FROM pg_trigger t
 JOIN pg_class c ON c.oid = t.tgrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE t.tgfoid = 'realtime.capture_changes()'::regprocedure;
 
 COMMENT ON VIEW realtime.captured_tables IS
-  'Tables whose committed changes pg_realtime captures, and for which actions.';
+  'Tables whose committed changes pg_realtime captures, and for which actions; active is false while the trigger is switched off because nobody has subscribed for pg_realtime.capture_idle_timeout.';
+
+-- Switches the capture trigger of a table (and of its partitions) on or
+-- off, for the realtime worker. The table's lock is taken only if no
+-- transaction holds a conflicting one (wait_ms = 0), or within wait_ms:
+-- false when it was not available. Holding it, no transaction that wrote
+-- the table under the old setting is still running.
+CREATE FUNCTION realtime.switch_capture(relid oid, fire boolean, wait_ms int DEFAULT 0) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = relid) THEN
+    RETURN true;  -- dropped meanwhile: nothing to switch
+  END IF;
+  IF wait_ms > 0 THEN
+    PERFORM set_config('lock_timeout', wait_ms::text, true);
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', relid::regclass);
+  ELSE
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE NOWAIT', relid::regclass);
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = relid AND tgname = 'pg_realtime_capture'
+             AND tgfoid = 'realtime.capture_changes()'::regprocedure) THEN
+    EXECUTE format('ALTER TABLE %s %s TRIGGER pg_realtime_capture', relid::regclass,
+                   CASE WHEN fire THEN 'ENABLE' ELSE 'DISABLE' END);
+  END IF;
+  RETURN true;
+EXCEPTION WHEN lock_not_available THEN
+  RETURN false;
+END
+$$;
 
 SELECT realtime.sync_captured_tables();
 
@@ -89,3 +120,4 @@ SELECT realtime.sync_captured_tables();
 -- realtime.topic()); the capture machinery is for superusers only.
 REVOKE EXECUTE ON FUNCTION realtime.sync_captured_tables() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.wanted_captures() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.switch_capture(oid, boolean, int) FROM PUBLIC;

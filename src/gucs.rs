@@ -16,6 +16,7 @@ pub static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static MAX_RECORD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+pub static CAPTURE_IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 /// Registers the settings. Postmaster-context settings may only be created
 /// while preloading (Postgres refuses them later), and mean nothing without
@@ -104,6 +105,16 @@ pub fn define(preloading: bool) {
         GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_int_guc(
+        c"pg_realtime.capture_idle_timeout",
+        c"How long a captured table nobody subscribes to keeps its capture trigger on.",
+        c"Then the realtime worker switches the trigger off, so writes to the table cost nothing, and on again before it answers a join that needs it. 0 keeps triggers on.",
+        &CAPTURE_IDLE_TIMEOUT_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"pg_realtime.max_channels_per_connection",
         c"Channels one WebSocket connection may join.",
         c"",
@@ -134,6 +145,12 @@ pub fn queue_size_bytes() -> usize {
 
 pub fn max_record_bytes() -> usize {
     MAX_RECORD_BYTES.get() as usize
+}
+
+/// `pg_realtime.capture_idle_timeout`; None: triggers stay on.
+pub fn capture_idle_timeout() -> Option<std::time::Duration> {
+    let seconds = CAPTURE_IDLE_TIMEOUT_S.get();
+    (seconds > 0).then(|| std::time::Duration::from_secs(seconds as u64))
 }
 
 pub fn publication() -> String {

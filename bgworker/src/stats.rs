@@ -63,6 +63,13 @@ counters! {
     rls_checks,
     /// Rows judged by those queries.
     rls_rows_checked,
+    /// Capture triggers switched on for a join (see `changes::switch`).
+    captures_enabled,
+    /// Capture triggers switched off after `pg_realtime.capture_idle_timeout`.
+    captures_disabled,
+    /// Attempts to switch a capture trigger on that found the table locked
+    /// by a writer (retried until the join gives up).
+    capture_lock_retries,
 }
 
 impl Counters {

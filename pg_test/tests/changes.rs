@@ -58,7 +58,12 @@ CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, late_rows,
 
 fn main() {
     let c = Cluster::start_with(ClusterConfig {
-        settings: vec!["max_prepared_transactions = 5".into()],
+        // Triggers stay on here, whatever the suite's length: switching them
+        // off has its own test and cluster.
+        settings: vec![
+            "max_prepared_transactions = 5".into(),
+            "pg_realtime.capture_idle_timeout = 0".into(),
+        ],
         ..ClusterConfig::default()
     });
     c.psql(SETUP);
@@ -129,6 +134,10 @@ fn main() {
             writes_before_a_join_that_commit_after_it_are_signalled,
         ),
         ("publication_sync_for_each_ddl_form", publication_sync_for_each_ddl_form),
+        (
+            "idle_tables_have_capture_switched_off_until_a_join",
+            idle_tables_have_capture_switched_off_until_a_join,
+        ),
     ];
     runner::run(Ctx { c, rt }, tests);
 }
@@ -1144,4 +1153,142 @@ fn publication_sync_for_each_ddl_form(_ctx: &Ctx) {
         assert!(std::time::Instant::now() < deadline, "still capturing {}", captured(&c));
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Polls `check` until it holds (the worker acts on its own clock).
+fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A table nobody subscribes to has its capture triggers switched off after
+/// pg_realtime.capture_idle_timeout, partitions included, so its writes fire
+/// no trigger at all; a join switches them on before it is answered. A
+/// writer still running when the join comes keeps it waiting until it has
+/// finished (it wrote without the trigger); one that outlasts the join's
+/// limit gets the join refused, and the socket stays.
+fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
+    let c = Cluster::start_with(ClusterConfig {
+        settings: vec!["pg_realtime.capture_idle_timeout = '1s'".into()],
+        ..ClusterConfig::default()
+    });
+    c.psql(
+        "CREATE EXTENSION pg_realtime; CREATE ROLE authenticated NOLOGIN;
+         CREATE TABLE plain (id int PRIMARY KEY, v int);
+         CREATE TABLE tree (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE tree_eu PARTITION OF tree FOR VALUES IN ('eu');
+         CREATE TABLE tree_us PARTITION OF tree FOR VALUES IN ('us');
+         GRANT SELECT ON plain, tree TO authenticated;
+         CREATE PUBLICATION supabase_realtime FOR TABLE plain, tree WITH (publish_via_partition_root = true);",
+    );
+    c.wait_for_websocket(Duration::from_secs(10));
+    let active = |c: &Cluster| {
+        c.psql("SELECT string_agg(format('%s:%s', relation, active::int), ' ' ORDER BY relation::text) FROM realtime.captured_tables")
+    };
+    assert_eq!(active(&c), "plain:1 tree:1 tree_eu:1 tree_us:1");
+    eventually("triggers off", Duration::from_secs(10), || {
+        active(&c) == "plain:0 tree:0 tree_eu:0 tree_us:0"
+    });
+    assert_eq!(c.stat("captures_disabled"), 2);
+    // the waiting join runs on a thread of its own while this one polls
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tok = user();
+    rt.block_on(async {
+        // a join switches the table's trigger on before its answer
+        let mut plain = Client::connect(c.ws_port, &tok).await;
+        let joined = plain
+            .join(
+                "plain",
+                json!([{"event": "*", "schema": "public", "table": "plain"}]),
+                &tok,
+            )
+            .await;
+        assert_eq!(joined.system.unwrap()[4]["status"], "ok");
+        assert_eq!(active(&c), "plain:1 tree:0 tree_eu:0 tree_us:0");
+        c.psql("INSERT INTO plain VALUES (1, 1)");
+        assert_eq!(record(&plain.event().await)["v"], 1);
+
+        // a transaction that wrote the tree without the trigger, still open
+        use std::io::{BufRead, Write};
+        let mut session = c.psql_session();
+        let mut stdin = session.stdin.take().unwrap();
+        let mut out = std::io::BufReader::new(session.stdout.take().unwrap()).lines();
+        writeln!(stdin, "BEGIN; INSERT INTO tree VALUES (1, 'eu'); \\echo written").unwrap();
+        assert_eq!(out.next().unwrap().unwrap(), "written");
+        let retries = c.stat("capture_lock_retries");
+        let ws_port = c.ws_port;
+        let tok2 = tok.clone();
+        let join = tokio::spawn(async move {
+            let mut client = Client::connect(ws_port, &tok2).await;
+            let joined = client
+                .join(
+                    "tree",
+                    json!([{"event": "INSERT", "schema": "public", "table": "tree"}]),
+                    &tok2,
+                )
+                .await;
+            (client, joined)
+        });
+        // the join is waiting for the writer: it keeps finding the lock held
+        eventually("the join tried the lock", Duration::from_secs(5), || {
+            c.stat("capture_lock_retries") >= retries + 3
+        });
+        assert!(
+            !join.is_finished(),
+            "answered while a writer without the trigger was running"
+        );
+        writeln!(stdin, "COMMIT; \\echo committed").unwrap();
+        assert_eq!(out.next().unwrap().unwrap(), "committed");
+        let (mut tree, joined) = join.await.unwrap();
+        assert_eq!(joined.system.unwrap()[4]["status"], "ok");
+        assert_eq!(active(&c), "plain:1 tree:1 tree_eu:1 tree_us:1");
+        c.psql("INSERT INTO tree VALUES (2, 'us')");
+        let event = tree.event().await;
+        assert_eq!(event[4]["data"]["table"], "tree");
+        assert_eq!(record(&event)["id"], 2);
+
+        // nobody left: off again after the timeout
+        drop(tree);
+        drop(plain);
+        eventually("triggers off again", Duration::from_secs(10), || {
+            active(&c) == "plain:0 tree:0 tree_eu:0 tree_us:0"
+        });
+
+        // a writer that outlasts the join's limit: refused, the socket stays
+        writeln!(stdin, "BEGIN; INSERT INTO plain VALUES (2, 2); \\echo written").unwrap();
+        assert_eq!(out.next().unwrap().unwrap(), "written");
+        let mut client = Client::connect(c.ws_port, &tok).await;
+        let joined = client
+            .join(
+                "plain",
+                json!([{"event": "*", "schema": "public", "table": "plain"}]),
+                &tok,
+            )
+            .await;
+        let system = joined.system.unwrap();
+        assert_eq!(system[4]["status"], "error", "{system}");
+        let message = system[4]["message"].as_str().unwrap();
+        assert!(message.contains("public.plain could not be switched on"), "{message}");
+        writeln!(stdin, "COMMIT; \\echo committed").unwrap();
+        assert_eq!(out.next().unwrap().unwrap(), "committed");
+        let joined = client
+            .join(
+                "plain2",
+                json!([{"event": "*", "schema": "public", "table": "plain"}]),
+                &tok,
+            )
+            .await;
+        assert_eq!(joined.system.unwrap()[4]["status"], "ok");
+        c.psql("UPDATE plain SET v = 3 WHERE id = 2");
+        assert_eq!(record(&client.event().await)["v"], 3);
+        drop(stdin);
+        assert!(session.wait().unwrap().success());
+    });
 }

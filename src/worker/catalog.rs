@@ -377,3 +377,44 @@ pub fn writable(identity: &Identity<'_>, extension: &str) -> SpiResult<bool> {
         Ok(matches!(inserted, Ok(Ok(()))))
     })
 }
+
+/// Every captured table (a partitioned table standing for its tree, with
+/// the triggers cloned to its partitions) and whether its capture triggers
+/// fire.
+pub fn captured() -> SpiResult<Vec<realtime::changes::switch::Captured>> {
+    let rows = text_rows(
+        "SELECT c.oid::text, c.relnamespace::text, pg_catalog.format('%I.%I', n.nspname, c.relname), \
+                pg_catalog.bool_and(p.tgenabled <> 'D')::text, pg_catalog.bool_or(p.tgenabled <> 'D')::text \
+         FROM pg_catalog.pg_trigger t \
+         JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_catalog.pg_trigger p ON p.tgfoid = t.tgfoid AND (p.tgrelid = c.oid \
+           OR p.tgrelid IN (SELECT relid FROM pg_catalog.pg_partition_tree(c.oid))) \
+         WHERE t.tgfoid = 'realtime.capture_changes()'::pg_catalog.regprocedure AND t.tgparentid = 0 \
+         GROUP BY c.oid, c.relnamespace, n.nspname, c.relname",
+        vec![],
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(realtime::changes::switch::Captured {
+                relid: r[0].as_deref()?.parse().ok()?,
+                namespace: r[1].as_deref()?.parse().ok()?,
+                name: r[2].clone()?,
+                all_on: r[3].as_deref() == Some("true"),
+                any_on: r[4].as_deref() == Some("true"),
+            })
+        })
+        .collect())
+}
+
+/// Switches a table's capture triggers on or off (`realtime.switch_capture`):
+/// false when a transaction holding a conflicting lock on it is still
+/// running (after `wait_ms`, or at once with 0).
+pub fn switch_capture(relid: u32, on: bool, wait_ms: i32) -> SpiResult<bool> {
+    let rows = text_rows(
+        "SELECT realtime.switch_capture($1::pg_catalog.oid, $2, $3)::text",
+        vec![relid.to_string().into(), on.into(), wait_ms.into()],
+    )?;
+    Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
+}

@@ -9,6 +9,7 @@ use realtime::changes::event::{self, Visible};
 use realtime::changes::filter::{self, Condition};
 use realtime::changes::registry::{ChannelKey, EventFilter, Registry, Subscription, Target};
 use realtime::changes::rls;
+use realtime::changes::switch::Switches;
 use realtime::changes::value::Kind;
 use realtime::changes::wire::{ChangeKind, RelationCache, Transaction};
 use realtime::join::PostgresChangesBinding;
@@ -26,6 +27,16 @@ use std::time::{Duration, Instant};
 /// before they are read again, so a REVOKE or a new policy takes effect
 /// within this time.
 const ACCESS_TTL: Duration = Duration::from_secs(1);
+/// How often the captured tables are checked against the idle timeout.
+const SETTLE_EVERY: Duration = Duration::from_secs(1);
+/// While a join waits for a table's lock, how often it is tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(10);
+/// How long a join tries for the lock only when no writer holds it (never
+/// making writers wait); after that each try waits up to `LOCK_WAIT_MS`.
+const NOWAIT_FOR: Duration = Duration::from_secs(1);
+const LOCK_WAIT_MS: i32 = 100;
+/// When a waiting join is given up on.
+const JOIN_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 /// Where a channel's events go, and who it acts as.
 pub struct Sink {
@@ -41,6 +52,13 @@ pub struct Sink {
     /// The token's claims as JSON (`request.jwt.claims`) and `sub`.
     claims: Arc<str>,
     sub: Option<String>,
+}
+
+/// A join waiting for capture triggers to be switched on.
+struct Waiting {
+    key: ChannelKey,
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    since: Instant,
 }
 
 /// Who a row-level security check runs as: role, claims, and the table.
@@ -94,6 +112,14 @@ pub struct Changes {
     held: Vec<Transaction>,
     /// Relation descriptions decoded before, reused while unchanged.
     relation_cache: RelationCache,
+    /// Joins validated but not answered yet: some table they cover has its
+    /// capture trigger off and a writer holds the lock needed to switch it
+    /// on. Their interest is published; `settle` answers them.
+    waiting: Registry<Sink>,
+    replies: Vec<Waiting>,
+    switches: Switches,
+    /// When `settle` last ran.
+    settled: Instant,
 }
 
 /// The parameters as Supabase lists them in its messages.
@@ -123,7 +149,115 @@ impl Changes {
             access: HashMap::new(),
             held: Vec::new(),
             relation_cache: RelationCache::default(),
+            waiting: Registry::default(),
+            replies: Vec::new(),
+            switches: Switches::default(),
+            settled: Instant::now(),
         }
+    }
+
+    /// How long the main loop may sleep before `settle` is due (None: until
+    /// woken).
+    pub fn settle_in(&self) -> Option<Duration> {
+        let every = if !self.replies.is_empty() {
+            RETRY_EVERY
+        } else if crate::gucs::capture_idle_timeout().is_some() {
+            SETTLE_EVERY
+        } else {
+            return None;
+        };
+        Some(every.saturating_sub(self.settled.elapsed()))
+    }
+
+    /// Runs `settle` if it is due.
+    pub fn settle_if_due(&mut self) {
+        if self.settle_in() == Some(Duration::ZERO) {
+            self.settle();
+        }
+    }
+
+    /// Brings the capture triggers in line with the subscriptions (see
+    /// `realtime::changes::switch`): on for every table a subscription or a
+    /// waiting join covers, off for tables unwanted for
+    /// `pg_realtime.capture_idle_timeout`. Then answers the waiting joins:
+    /// all of them once every wanted trigger is on, else an error to those
+    /// that have waited `JOIN_WAIT_LIMIT`.
+    fn settle(&mut self) {
+        let now = Instant::now();
+        self.settled = now;
+        // SAFETY: reads shared state; on a standby no trigger fires at all.
+        let mut busy: Vec<String> = Vec::new();
+        if !unsafe { pg_sys::RecoveryInProgress() } {
+            let captured = match BackgroundWorker::transaction(|| catalog::catching(catalog::captured)) {
+                Ok(Ok(captured)) => captured,
+                Ok(Err(e)) => {
+                    pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
+                    Vec::new()
+                }
+                Err(e) => {
+                    pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
+                    Vec::new()
+                }
+            };
+            let interest = crate::shmem::interest();
+            let plan = self
+                .switches
+                .plan(now, &captured, crate::gucs::capture_idle_timeout(), |t| {
+                    interest.any(&[t.relid, t.namespace])
+                });
+            let patient = self.replies.iter().any(|w| now.duration_since(w.since) >= NOWAIT_FOR);
+            let counters = crate::shmem::counters();
+            for i in plan.enable {
+                let table = &captured[i];
+                match switch(table.relid, true, if patient { LOCK_WAIT_MS } else { 0 }) {
+                    Ok(true) => Counters::incr(&counters.captures_enabled),
+                    Ok(false) => {
+                        Counters::incr(&counters.capture_lock_retries);
+                        busy.push(table.name.clone());
+                    }
+                    Err(e) => pgrx::warning!("pg_realtime: could not switch on capture of {}: {e}", table.name),
+                }
+            }
+            for i in plan.disable {
+                let table = &captured[i];
+                match switch(table.relid, false, 0) {
+                    Ok(true) => Counters::incr(&counters.captures_disabled),
+                    Ok(false) => {} // a writer is busy with it: next time
+                    Err(e) => pgrx::warning!("pg_realtime: could not switch off capture of {}: {e}", table.name),
+                }
+            }
+        }
+        if self.replies.is_empty() {
+            return;
+        }
+        if busy.is_empty() {
+            for waiting in std::mem::take(&mut self.replies) {
+                if let Some(subscription) = self.waiting.unsubscribe(&waiting.key) {
+                    if self.registry.get(&waiting.key).is_none() {
+                        Counters::incr(&crate::shmem::counters().subscriptions);
+                    }
+                    self.registry.subscribe(waiting.key, subscription);
+                }
+                let _ = waiting.reply.send(Ok(()));
+            }
+            return;
+        }
+        let (late, patient): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.replies)
+            .into_iter()
+            .partition(|w| now.duration_since(w.since) >= JOIN_WAIT_LIMIT);
+        self.replies = patient;
+        if late.is_empty() {
+            return;
+        }
+        for waiting in late {
+            self.waiting.unsubscribe(&waiting.key);
+            let _ = waiting.reply.send(Err(format!(
+                "Unable to subscribe to changes: capture of {} could not be switched on within {} s, because a transaction that writes it has held its lock all that time. Retry when it has finished.",
+                busy.join(", "),
+                JOIN_WAIT_LIMIT.as_secs()
+            )));
+        }
+        self.publish_interest();
     }
 
     /// Handles every queued request from the network threads.
@@ -135,6 +269,10 @@ impl Changes {
                 MainRequest::Unsubscribe(key) => {
                     if self.registry.unsubscribe(&key).is_some() {
                         Counters::decr(&crate::shmem::counters().subscriptions);
+                        self.publish_interest();
+                    }
+                    if self.waiting.unsubscribe(&key).is_some() {
+                        self.replies.retain(|w| w.key != key);
                         self.publish_interest();
                     }
                 }
@@ -171,14 +309,18 @@ impl Changes {
                     claims,
                     sub: request.claims.sub.clone(),
                 };
-                if self.registry.get(&request.key).is_none() {
-                    Counters::incr(&crate::shmem::counters().subscriptions);
-                }
-                self.registry.subscribe(request.key, Subscription { bindings, sink });
-                // Interest first, then the reply: once the client hears
-                // back, every later commit on these tables is captured.
+                // Interest first, then the triggers, then the reply: once
+                // the client hears back, every later commit on these tables
+                // is captured.
+                self.waiting
+                    .subscribe(request.key.clone(), Subscription { bindings, sink });
+                self.replies.push(Waiting {
+                    key: request.key,
+                    reply: request.reply,
+                    since: Instant::now(),
+                });
                 self.publish_interest();
-                let _ = request.reply.send(Ok(()));
+                self.settle();
             }
             Err(message) => {
                 let _ = request.reply.send(Err(message));
@@ -186,8 +328,13 @@ impl Changes {
         }
     }
 
+    /// Publishes what the subscriptions and the waiting joins cover.
     fn publish_interest(&self) {
-        let (tables, schemas, all) = self.registry.interest();
+        let (mut tables, mut schemas, mut all) = self.registry.interest();
+        let (waiting_tables, waiting_schemas, waiting_all) = self.waiting.interest();
+        tables.extend(waiting_tables);
+        schemas.extend(waiting_schemas);
+        all |= waiting_all;
         let mut oids: HashSet<u32> = tables.into_iter().collect();
         oids.extend(schemas.iter().filter_map(|s| self.schema_oids.get(s)));
         crate::shmem::interest().set_with_schemas(&oids, all, !schemas.is_empty());
@@ -596,5 +743,15 @@ fn normalise(kind: Kind, value: Value) -> Value {
     match (kind, value) {
         (Kind::Timestamptz, Value::String(s)) => Value::String(realtime::changes::value::timestamptz_to_utc(&s)),
         (_, v) => v,
+    }
+}
+
+/// Switches a table's capture triggers in a transaction of its own, so the
+/// worker never holds one table's lock while waiting for another's.
+fn switch(relid: u32, on: bool, wait_ms: i32) -> Result<bool, String> {
+    match BackgroundWorker::transaction(|| catalog::catching(|| catalog::switch_capture(relid, on, wait_ms))) {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e),
     }
 }

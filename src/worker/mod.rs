@@ -170,12 +170,17 @@ impl MainLoop {
     /// false once SIGTERM has arrived.
     fn wait(&mut self) -> bool {
         let mut occurred = [pg_sys::WaitEvent::default(); 3];
+        // Wake up by itself only when switching capture triggers is due.
+        let timeout_ms = self
+            .changes
+            .settle_in()
+            .map_or(-1, |d| d.as_micros().div_ceil(1000) as std::ffi::c_long);
         // SAFETY: the set was built on this thread for this process's latch
         // and the wake-up socket, both alive as long as `self`.
         let n = unsafe {
             let n = pg_sys::WaitEventSetWait(
                 self.events.0,
-                -1,
+                timeout_ms,
                 occurred.as_mut_ptr(),
                 occurred.len() as i32,
                 pg_sys::PG_WAIT_EXTENSION,
@@ -198,6 +203,7 @@ impl MainLoop {
             self.reload();
         }
         self.changes.handle_requests();
+        self.changes.settle_if_due();
         let delivered = self.changes.drain();
         if delivered > 0 {
             // Under a stream of commits, nap before waiting again: commits

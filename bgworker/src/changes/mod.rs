@@ -6,5 +6,6 @@ pub mod filter;
 pub mod json;
 pub mod registry;
 pub mod rls;
+pub mod switch;
 pub mod value;
 pub mod wire;

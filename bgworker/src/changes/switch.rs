@@ -1,0 +1,168 @@
+//! Which capture triggers should fire.
+//!
+//! A capture trigger that returns at once still costs every write
+//! Postgres's AFTER-trigger machinery: queueing the event, fetching the row
+//! again, calling the function (about 4% of a one-row INSERT, measured with
+//! `bench/instructions.sh`). So the worker disables the trigger of a table
+//! nobody has subscribed to for `pg_realtime.capture_idle_timeout`, and
+//! enables it again before it answers a join that needs it. This module
+//! decides; the worker's main thread runs the DDL, which waits for no one:
+//! it takes the table's lock only when no transaction holds a conflicting
+//! one, so a table switched on has no writer left that wrote without the
+//! trigger.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// A captured table (a partitioned one stands for its whole tree), as the
+/// catalog has it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    pub relid: u32,
+    pub namespace: u32,
+    /// Its qualified name, for messages.
+    pub name: String,
+    /// Every capture trigger of the tree fires.
+    pub all_on: bool,
+    /// Some capture trigger of the tree fires.
+    pub any_on: bool,
+}
+
+/// What to switch now, as indexes into the captured tables given.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub enable: Vec<usize>,
+    pub disable: Vec<usize>,
+}
+
+/// How long each unwanted table has had its trigger on.
+#[derive(Debug, Default)]
+pub struct Switches {
+    idle_since: HashMap<u32, Instant>,
+}
+
+impl Switches {
+    /// Tables someone subscribes to (`wanted`) get their triggers on; the
+    /// others go off once unwanted for `idle_timeout` (never with None).
+    /// A table seen for the first time counts as unwanted from `now`: after
+    /// a worker restart, every trigger gets the full timeout.
+    pub fn plan(
+        &mut self,
+        now: Instant,
+        captured: &[Captured],
+        idle_timeout: Option<Duration>,
+        wanted: impl Fn(&Captured) -> bool,
+    ) -> Plan {
+        let mut plan = Plan::default();
+        for (i, table) in captured.iter().enumerate() {
+            if wanted(table) {
+                self.idle_since.remove(&table.relid);
+                if !table.all_on {
+                    plan.enable.push(i);
+                }
+            } else if table.any_on {
+                let since = *self.idle_since.entry(table.relid).or_insert(now);
+                if idle_timeout.is_some_and(|t| now.duration_since(since) >= t) {
+                    plan.disable.push(i);
+                }
+            } else {
+                self.idle_since.remove(&table.relid);
+            }
+        }
+        // Tables no longer captured are forgotten.
+        self.idle_since
+            .retain(|relid, _| captured.iter().any(|t| t.relid == *relid));
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(relid: u32, on: bool) -> Captured {
+        Captured {
+            relid,
+            namespace: 2200,
+            name: format!("public.t{relid}"),
+            all_on: on,
+            any_on: on,
+        }
+    }
+
+    #[test]
+    fn wanted_tables_are_switched_on_and_unwanted_ones_off_after_the_timeout() {
+        let mut switches = Switches::default();
+        let t0 = Instant::now();
+        let timeout = Some(Duration::from_secs(60));
+        let captured = [table(1, true), table(2, false), table(3, true)];
+        let wanted = |t: &Captured| t.relid == 2;
+        assert_eq!(
+            switches.plan(t0, &captured, timeout, wanted),
+            Plan {
+                enable: vec![1],
+                disable: vec![]
+            }
+        );
+        // 1 and 3 have been on and unwanted since t0.
+        let plan = switches.plan(t0 + Duration::from_secs(59), &captured, timeout, wanted);
+        assert!(plan.disable.is_empty());
+        let plan = switches.plan(t0 + Duration::from_secs(60), &captured, timeout, wanted);
+        assert_eq!(plan.disable, vec![0, 2]);
+    }
+
+    #[test]
+    fn a_subscriber_in_between_restarts_the_idle_time() {
+        let mut switches = Switches::default();
+        let t0 = Instant::now();
+        let timeout = Some(Duration::from_secs(60));
+        let captured = [table(1, true)];
+        switches.plan(t0, &captured, timeout, |_| false);
+        switches.plan(t0 + Duration::from_secs(30), &captured, timeout, |_| true);
+        let plan = switches.plan(t0 + Duration::from_secs(61), &captured, timeout, |_| false);
+        assert!(plan.disable.is_empty(), "idle since 61 s, not since 0 s");
+        let plan = switches.plan(t0 + Duration::from_secs(121), &captured, timeout, |_| false);
+        assert_eq!(plan.disable, vec![0]);
+    }
+
+    #[test]
+    fn no_timeout_never_switches_off() {
+        let mut switches = Switches::default();
+        let t0 = Instant::now();
+        let captured = [table(1, true)];
+        switches.plan(t0, &captured, None, |_| false);
+        let plan = switches.plan(t0 + Duration::from_secs(86_400), &captured, None, |_| false);
+        assert_eq!(plan, Plan::default());
+    }
+
+    #[test]
+    fn a_partly_enabled_tree_is_completed_or_switched_off_whole() {
+        let mut switches = Switches::default();
+        let t0 = Instant::now();
+        let partly = Captured {
+            all_on: false,
+            any_on: true,
+            ..table(7, false)
+        };
+        let plan = switches.plan(t0, std::slice::from_ref(&partly), Some(Duration::ZERO), |_| true);
+        assert_eq!(plan.enable, vec![0]);
+        let plan = switches.plan(t0, std::slice::from_ref(&partly), Some(Duration::ZERO), |_| false);
+        assert_eq!(plan.disable, vec![0]);
+    }
+
+    #[test]
+    fn tables_no_longer_captured_are_forgotten() {
+        let mut switches = Switches::default();
+        let t0 = Instant::now();
+        switches.plan(t0, &[table(1, true)], Some(Duration::from_secs(60)), |_| false);
+        switches.plan(t0, &[], Some(Duration::from_secs(60)), |_| false);
+        // captured again later: idle from then on, not from t0
+        let plan = switches.plan(
+            t0 + Duration::from_secs(100),
+            &[table(1, true)],
+            Some(Duration::from_secs(60)),
+            |_| false,
+        );
+        assert!(plan.disable.is_empty());
+    }
+}
