@@ -42,6 +42,9 @@ max_wal_size = 20GB
 pg_realtime.port = $WS_PORT
 pg_realtime.listen_addresses = '127.0.0.1'
 pg_realtime.jwt_secret = '$SECRET'
+# (b)'s table has nobody subscribed: its capture trigger is switched off
+# after this long (1 min by default); wait_for_idle_capture waits for it.
+pg_realtime.capture_idle_timeout = '2s'
 ${BENCH_CONF:-}
 CONF
 }
@@ -77,3 +80,15 @@ start_subscriber() {  # table expected [filter] -> SUB_PID, waits for READY
   echo "subscriber for $1 did not get ready:"; cat "$out"; exit 1
 }
 
+
+# Waits until bench_b's capture trigger is switched off, the steady state of
+# a published table nobody subscribes to (unless BENCH_CONF keeps triggers
+# on with pg_realtime.capture_idle_timeout = 0).
+wait_for_idle_capture() {
+  [ "$(psql_b -t -A -c "SHOW pg_realtime.capture_idle_timeout")" = 0 ] && return 0
+  for _ in $(seq 600); do
+    [ "$(psql_b -t -A -c "SELECT active FROM realtime.captured_tables WHERE relation = 'bench_b'::regclass")" = f ] && return 0
+    sleep 0.1
+  done
+  echo "bench_b's capture trigger was not switched off"; exit 1
+}

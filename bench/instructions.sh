@@ -33,6 +33,7 @@ start_counted() {
   for _ in $(seq 600); do "$BIN/pg_isready" -q -h "$DIR" -p "$PGPORT" && break; sleep 0.5; done
   create_schema
   start_subscriber bench_c 0 n=eq.-1
+  wait_for_idle_capture
 }
 
 # Runs `count` INSERTs into bench_<variant> on one connection; prints the

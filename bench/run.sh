@@ -40,6 +40,7 @@ start_subscriber bench_c 0 n=eq.-1
 C_PID=$SUB_PID
 start_subscriber bench_e 0
 E_PID=$SUB_PID
+wait_for_idle_capture
 
 for t in $VARIANTS; do
   echo "INSERT INTO bench_$t (n, body, ts) VALUES (:client_id, 'a short message body of some forty bytes', now());" > "$DIR/insert_$t.sql"

@@ -52,6 +52,7 @@ BEGIN
     EXECUTE format('CREATE TRIGGER pg_realtime_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION realtime.capture_changes()',
                    r.events, r.relid::regclass);
   END LOOP;
+  PERFORM realtime.captures_changed();
 END
 $$;
 
@@ -121,3 +122,4 @@ SELECT realtime.sync_captured_tables();
 REVOKE EXECUTE ON FUNCTION realtime.sync_captured_tables() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.wanted_captures() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.switch_capture(oid, boolean, int) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.captures_changed() FROM PUBLIC;

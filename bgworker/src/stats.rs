@@ -67,6 +67,9 @@ counters! {
     captures_enabled,
     /// Capture triggers switched off after `pg_realtime.capture_idle_timeout`.
     captures_disabled,
+    /// Times the publication sync ran (`realtime.sync_captured_tables()`,
+    /// on DDL that can change the captured tables).
+    capture_syncs,
     /// Attempts to switch a capture trigger on that found the table locked
     /// by a writer (retried until the join gives up).
     capture_lock_retries,

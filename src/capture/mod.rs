@@ -19,7 +19,7 @@ pub(crate) mod encode;
 extension_sql_file!(
     "../../sql/capture.sql",
     name = "capture_sql",
-    requires = [capture_changes],
+    requires = [capture_changes, captures_changed],
     finalize
 );
 
@@ -183,6 +183,17 @@ unsafe fn reported_as(rel: pg_sys::Relation) -> (pg_sys::Oid, pg_sys::Oid) {
     };
     ROOTS.with(|roots| roots.borrow_mut().insert(relid.to_u32(), root));
     root
+}
+
+/// Tells the worker that the set of captured tables may have changed (the
+/// publication sync ran), so it looks at their triggers again soon rather
+/// than at its next periodic look.
+#[pg_extern(volatile)]
+fn captures_changed() {
+    if crate::preloaded() {
+        realtime::stats::Counters::incr(&crate::shmem::counters().capture_syncs);
+        crate::shmem::wake_worker();
+    }
 }
 
 /// Whether anyone subscribes to the relation (or its schema), as the

@@ -27,8 +27,12 @@ use std::time::{Duration, Instant};
 /// before they are read again, so a REVOKE or a new policy takes effect
 /// within this time.
 const ACCESS_TTL: Duration = Duration::from_secs(1);
-/// How often the captured tables are checked against the idle timeout.
-const SETTLE_EVERY: Duration = Duration::from_secs(1);
+/// How often the captured tables are read again, to find tables newly
+/// published (their triggers start on). Subscribing, unsubscribing and a
+/// table's idle time running out are acted on at once.
+const SETTLE_EVERY: Duration = Duration::from_secs(10);
+/// The least time between two settles, but for waiting joins.
+const SETTLE_AGAIN: Duration = Duration::from_secs(1);
 /// While a join waits for a table's lock, how often it is tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(10);
 /// How long a join tries for the lock only when no writer holds it (never
@@ -120,6 +124,14 @@ pub struct Changes {
     switches: Switches,
     /// When `settle` last ran.
     settled: Instant,
+    /// A subscription ended (its tables' idle time starts), or the
+    /// publication sync ran: settle now.
+    unsettled: bool,
+    /// The publication sync ran: settle again then, in case its
+    /// transaction had not committed at the first look.
+    look_again: Option<Instant>,
+    /// `capture_syncs` when last looked at.
+    syncs_seen: u64,
 }
 
 /// The parameters as Supabase lists them in its messages.
@@ -153,24 +165,43 @@ impl Changes {
             replies: Vec::new(),
             switches: Switches::default(),
             settled: Instant::now(),
+            unsettled: true,
+            look_again: None,
+            syncs_seen: 0,
         }
     }
 
     /// How long the main loop may sleep before `settle` is due (None: until
     /// woken).
     pub fn settle_in(&self) -> Option<Duration> {
-        let every = if !self.replies.is_empty() {
-            RETRY_EVERY
-        } else if crate::gucs::capture_idle_timeout().is_some() {
-            SETTLE_EVERY
-        } else {
-            return None;
-        };
-        Some(every.saturating_sub(self.settled.elapsed()))
+        if !self.replies.is_empty() {
+            return Some(RETRY_EVERY.saturating_sub(self.settled.elapsed()));
+        }
+        let timeout = crate::gucs::capture_idle_timeout()?;
+        if self.unsettled {
+            return Some(Duration::ZERO);
+        }
+        let mut due = self.settled + SETTLE_EVERY;
+        if let Some(again) = self.look_again {
+            due = due.min(again);
+        }
+        if let Some(off) = self.switches.next_due(Some(timeout)) {
+            // (a table a writer kept busy is tried again a second later)
+            due = due.min(off.max(self.settled + SETTLE_AGAIN));
+        }
+        Some(due.saturating_duration_since(Instant::now()))
     }
 
     /// Runs `settle` if it is due.
     pub fn settle_if_due(&mut self) {
+        let syncs = crate::shmem::counters()
+            .capture_syncs
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if syncs != self.syncs_seen {
+            self.syncs_seen = syncs;
+            self.unsettled = true;
+            self.look_again = Some(Instant::now() + SETTLE_AGAIN);
+        }
         if self.settle_in() == Some(Duration::ZERO) {
             self.settle();
         }
@@ -185,6 +216,10 @@ impl Changes {
     fn settle(&mut self) {
         let now = Instant::now();
         self.settled = now;
+        self.unsettled = false;
+        if self.look_again.is_some_and(|again| again <= now) {
+            self.look_again = None;
+        }
         // SAFETY: reads shared state; on a standby no trigger fires at all.
         let mut busy: Vec<String> = Vec::new();
         if !unsafe { pg_sys::RecoveryInProgress() } {
@@ -270,6 +305,7 @@ impl Changes {
                     if self.registry.unsubscribe(&key).is_some() {
                         Counters::decr(&crate::shmem::counters().subscriptions);
                         self.publish_interest();
+                        self.unsettled = true;
                     }
                     if self.waiting.unsubscribe(&key).is_some() {
                         self.replies.retain(|w| w.key != key);
