@@ -416,7 +416,8 @@ impl Changes {
         let mut pending: Vec<(ChannelKey, Vec<u32>, usize)> = Vec::new();
         // The columns each relation's subscriptions filter on (None: no
         // subscription covers it): rows are parsed that far and no further.
-        let mut filtered: HashMap<u32, Option<Vec<String>>> = HashMap::new();
+        // (A batch touches few relations: a vector beats a map.)
+        let mut filtered: Vec<(u32, Option<Vec<String>>)> = Vec::new();
         for (t, txn) in transactions.iter().enumerate() {
             if txn.overflowed {
                 let relids: Vec<u32> = txn.relations.iter().map(|r| r.relid).collect();
@@ -425,10 +426,14 @@ impl Changes {
             }
             for (c, change) in txn.changes.iter().enumerate() {
                 let relation = &txn.relations[change.relation as usize];
-                let columns = filtered
-                    .entry(relation.relid)
-                    .or_insert_with(|| self.registry.filtered_columns(relation));
-                let Some(columns) = columns else { continue };
+                let at = match filtered.iter().position(|(relid, _)| *relid == relation.relid) {
+                    Some(at) => at,
+                    None => {
+                        filtered.push((relation.relid, self.registry.filtered_columns(relation)));
+                        filtered.len() - 1
+                    }
+                };
+                let Some(columns) = &filtered[at].1 else { continue };
                 let parsed = event::Parsed::with_columns(change, columns);
                 let matches = self.registry.matches(relation, change.kind, parsed.filter_row());
                 if matches.is_empty() {
