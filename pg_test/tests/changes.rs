@@ -934,6 +934,14 @@ fn partitioned_tables_are_reported_under_their_name(ctx: &Ctx) {
             json!([{"event": "*", "schema": "public", "table": "readings", "filter": "region=neq.eu"}]),
         )
         .await;
+        // a filter on a column that readings_us holds elsewhere: its value
+        // is found in readings_us's own order
+        let (mut v30, _) = subscriber(
+            ctx,
+            "readings_v30",
+            json!([{"event": "INSERT", "schema": "public", "table": "readings", "filter": "v=eq.30"}]),
+        )
+        .await;
         ctx.c.psql(
             "INSERT INTO readings VALUES (1, 'eu', 10), (2, 'us', 20);
              INSERT INTO readings_us (id, region, v) VALUES (3, 'us', 30);
@@ -963,6 +971,9 @@ fn partitioned_tables_are_reported_under_their_name(ctx: &Ctx) {
             .map(|c| c["name"].as_str().unwrap())
             .collect();
         assert_eq!(columns, ["id", "region", "v"]);
+        assert_eq!(record(&v30.event().await)["id"], 3);
+        ctx.c.psql("INSERT INTO readings VALUES (5, 'eu', 30)");
+        assert_eq!(record(&v30.event().await)["id"], 5, "only rows with v = 30");
     });
 }
 

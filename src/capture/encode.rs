@@ -41,7 +41,8 @@ enum Category {
 pub struct ColumnEncoder {
     /// Position in the tuple descriptor.
     index: usize,
-    /// `"name":`, escaped once.
+    /// The column's name, and `"name":` escaped once.
+    pub name: String,
     key: Vec<u8>,
     category: Category,
     /// The type (for DateTime) and its output function.
@@ -93,6 +94,7 @@ pub fn encoders(desc: pg_sys::TupleDesc) -> Vec<ColumnEncoder> {
             key.push(b':');
             out.push(ColumnEncoder {
                 index,
+                name: att.name().to_owned(),
                 key,
                 category,
                 typid: base,
@@ -105,13 +107,15 @@ pub fn encoders(desc: pg_sys::TupleDesc) -> Vec<ColumnEncoder> {
 
 /// Appends the row to `out` as a JSON object: typed values as
 /// `row_to_json` would write them (but timestamptz in UTC, bytea as bare
-/// hex), TOASTed values detoasted.
+/// hex), TOASTed values detoasted. `at` gets where each column's value
+/// starts in the object, in the order of `columns`.
 ///
 /// # Safety
 /// `tuple` is a valid heap tuple of the relation described by `desc`, and
 /// `columns` were made by [`encoders`] for that descriptor.
 pub unsafe fn row_json(
     out: &mut Vec<u8>,
+    at: &mut Vec<u32>,
     tuple: pg_sys::HeapTuple,
     desc: pg_sys::TupleDesc,
     columns: &[ColumnEncoder],
@@ -127,7 +131,7 @@ pub unsafe fn row_json(
         nulls.clear();
         nulls.resize(natts, true);
         crate::unguarded::deform_tuple(tuple, desc, &mut values, &mut nulls);
-        write_row(out, &values, &nulls, columns);
+        write_row(out, at, &values, &nulls, columns);
         DEFORMED.set((values, nulls));
     }
 }
@@ -142,16 +146,25 @@ thread_local! {
 /// # Safety
 /// As for [`row_json`]: `values` and `nulls` are a tuple of the descriptor
 /// `columns` were made for.
-unsafe fn write_row(out: &mut Vec<u8>, values: &[pg_sys::Datum], nulls: &[bool], columns: &[ColumnEncoder]) {
+unsafe fn write_row(
+    out: &mut Vec<u8>,
+    at: &mut Vec<u32>,
+    values: &[pg_sys::Datum],
+    nulls: &[bool],
+    columns: &[ColumnEncoder],
+) {
     // SAFETY: per the contract.
     unsafe {
         out.reserve(64 + 24 * columns.len());
+        at.clear();
+        let start = out.len();
         out.push(b'{');
         for (i, column) in columns.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
             out.extend_from_slice(&column.key);
+            at.push((out.len() - start) as u32);
             if nulls[column.index] {
                 out.extend_from_slice(b"null");
                 continue;

@@ -41,6 +41,35 @@ const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 struct Described {
     relation: Rc<[u8]>,
     encoders: Rc<Vec<encode::ColumnEncoder>>,
+    order: Order,
+}
+
+/// How the encoders' columns map onto the reported relation's, for the
+/// value offsets each row carries (`wire::put_offsets`).
+#[derive(Clone)]
+enum Order {
+    /// The same columns in the same order.
+    Same,
+    /// A partition whose columns are in another order than its root's: for
+    /// each of the root's columns, the encoder that writes it.
+    Permuted(Rc<[usize]>),
+    /// Some reported column has no encoder: rows carry no offsets.
+    Unknown,
+}
+
+impl Order {
+    fn of(relation: &realtime::changes::wire::Relation, encoders: &[encode::ColumnEncoder]) -> Order {
+        let positions: Option<Vec<usize>> = relation
+            .columns
+            .iter()
+            .map(|c| encoders.iter().position(|e| e.name == c.name))
+            .collect();
+        match positions {
+            Some(p) if p.len() == encoders.len() && p.iter().enumerate().all(|(i, j)| i == *j) => Order::Same,
+            Some(p) => Order::Permuted(p.into()),
+            None => Order::Unknown,
+        }
+    }
 }
 
 /// What the current transaction captured so far. Kept from transaction to
@@ -72,6 +101,8 @@ struct TxnBuffer {
     /// Where the committed transaction's record is put together before it
     /// is copied into the ring.
     record: Vec<u8>,
+    /// Where each value of the row being written starts (scratch).
+    at: Vec<u32>,
 }
 
 impl TxnBuffer {
@@ -273,9 +304,11 @@ fn capture_changes<'a>(
                 pg_sys::RelationClose(root);
                 relation
             };
+            let encoders = encode::encoders((*rel).rd_att);
             Described {
                 relation: Rc::from(relation.encode()),
-                encoders: Rc::new(encode::encoders((*rel).rd_att)),
+                order: Order::of(&relation, &encoders),
+                encoders: Rc::new(encoders),
             }
         };
         DESCRIBED.with(|cache| cache.borrow_mut().insert(own_relid.to_u32(), described.clone()));
@@ -303,14 +336,19 @@ fn capture_changes<'a>(
         // The mark first: if encoding raises an ERROR that a savepoint
         // catches, its rollback cuts the partial change off from here.
         txn.marks.push((txn.rows.len(), subxact));
-        let rows = &mut txn.rows;
+        let (rows, at) = (&mut txn.rows, &mut txn.at);
         wire::begin_change(rows, relation, kind);
         // SAFETY: the tuples belong to this trigger call and match the
         // relation's descriptor, which the encoders were made for.
         unsafe {
             let desc = (*rel).rd_att;
-            let row = |rows: &mut Vec<u8>, tuple| {
-                wire::put_row(rows, |out| encode::row_json(out, tuple, desc, &described.encoders))
+            let mut row = |rows: &mut Vec<u8>, tuple| {
+                wire::put_row(rows, |out| encode::row_json(out, at, tuple, desc, &described.encoders));
+                match &described.order {
+                    Order::Same => wire::put_offsets(rows, at.iter().copied()),
+                    Order::Permuted(p) => wire::put_offsets(rows, p.iter().map(|j| at[*j])),
+                    Order::Unknown => wire::put_offsets(rows, std::iter::empty()),
+                }
             };
             match kind {
                 ChangeKind::Insert => {

@@ -417,7 +417,7 @@ impl Changes {
         // The columns each relation's subscriptions filter on (None: no
         // subscription covers it): rows are parsed that far and no further.
         // (A batch touches few relations: a vector beats a map.)
-        let mut filtered: Vec<(u32, Option<Vec<String>>)> = Vec::new();
+        let mut filtered: Vec<(u32, Option<event::Wanted>)> = Vec::new();
         for (t, txn) in transactions.iter().enumerate() {
             if txn.overflowed {
                 let relids: Vec<u32> = txn.relations.iter().map(|r| r.relid).collect();
@@ -429,7 +429,11 @@ impl Changes {
                 let at = match filtered.iter().position(|(relid, _)| *relid == relation.relid) {
                     Some(at) => at,
                     None => {
-                        filtered.push((relation.relid, self.registry.filtered_columns(relation)));
+                        let wanted = self
+                            .registry
+                            .filtered_columns(relation)
+                            .map(|names| event::Wanted::new(names, relation));
+                        filtered.push((relation.relid, wanted));
                         filtered.len() - 1
                     }
                 };

@@ -119,11 +119,12 @@ impl Parsed {
         }
     }
 
-    /// With only `columns` (what the subscriptions on the table filter
-    /// on): the rest of the row is skipped over, not built.
-    pub fn with_columns(change: &Change, columns: &[String]) -> Parsed {
+    /// With only the columns `wanted` (what the subscriptions on the
+    /// table filter on): read where the change says each value starts, or,
+    /// without that, found by skipping over the rest of the row.
+    pub fn with_columns(change: &Change, wanted: &Wanted) -> Parsed {
         let filter = match filter_text(change) {
-            Some(text) if !columns.is_empty() => pick(text, columns),
+            Some(text) if !wanted.names.is_empty() => wanted.read(text, &change.filter_at),
             _ => Map::new(),
         };
         Parsed { filter }
@@ -210,6 +211,53 @@ pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_reco
         data: data(change, relation, commit_time_us, max_record_bytes, &Visible::All),
         filter_row: Parsed::new(change).filter_row().clone(),
     }
+}
+
+/// The columns matching needs from a relation's rows: their names and,
+/// when each is a column of the relation, their positions in it.
+pub struct Wanted {
+    names: Vec<String>,
+    positions: Option<Vec<usize>>,
+    /// The relation's column count.
+    width: usize,
+}
+
+impl Wanted {
+    pub fn new(names: Vec<String>, relation: &Relation) -> Wanted {
+        let positions = names
+            .iter()
+            .map(|name| relation.columns.iter().position(|c| c.name == *name))
+            .collect();
+        Wanted {
+            names,
+            positions,
+            width: relation.columns.len(),
+        }
+    }
+
+    /// The wanted values of a row, read at the offsets `at` gives (one per
+    /// column of the relation), or found by scanning when there are none or
+    /// they do not fit the text.
+    fn read(&self, text: &str, at: &[u32]) -> Map<String, Value> {
+        if let Some(positions) = self.positions.as_ref().filter(|_| at.len() == self.width) {
+            let mut out = Map::new();
+            for (name, position) in self.names.iter().zip(positions) {
+                match value_at(text, at[*position]) {
+                    Some(value) => out.insert(name.clone(), value),
+                    None => return pick(text, &self.names),
+                };
+            }
+            return out;
+        }
+        pick(text, &self.names)
+    }
+}
+
+/// The JSON value that starts at byte `offset` of `text` (what follows it
+/// is not read).
+fn value_at(text: &str, offset: u32) -> Option<Value> {
+    let rest = text.get(offset as usize..)?;
+    Value::deserialize(&mut serde_json::Deserializer::from_str(rest)).ok()
 }
 
 /// The values of `columns` in a row, the rest skipped over.
@@ -330,6 +378,7 @@ mod tests {
             kind,
             record: record.map(Into::into),
             old: old.map(Into::into),
+            filter_at: Vec::new(),
         }
     }
 
@@ -445,14 +494,15 @@ mod tests {
     fn matching_parses_only_the_filtered_columns() {
         let row = r#"{"id":7,"na\"me":"x","tags":[1,{"a":"}"}],"doc":{"k":[true,null]},"n":-1.50}"#;
         let insert = change(ChangeKind::Insert, Some(row), None);
-        let wanted = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        // (none of these is a column of the relation: found by scanning)
+        let wanted = |names: &[&str]| Wanted::new(names.iter().map(|n| n.to_string()).collect(), &relation(vec![0]));
         let parsed = Parsed::with_columns(&insert, &wanted(&["n", "na\"me", "absent"]));
         assert_eq!(
             Value::Object(parsed.filter_row().clone()),
             serde_json::from_str::<Value>(r#"{"n":-1.50,"na\"me":"x"}"#).unwrap(),
             "escaped keys found, nested values skipped, absent columns absent"
         );
-        assert!(Parsed::with_columns(&insert, &[]).filter_row().is_empty());
+        assert!(Parsed::with_columns(&insert, &wanted(&[])).filter_row().is_empty());
         // DELETE: the old row
         let delete = change(ChangeKind::Delete, None, Some(r#"{"id":9,"n":2}"#));
         assert_eq!(
@@ -463,6 +513,42 @@ mod tests {
         let d: Value =
             serde_json::from_str(&super::data(&insert, &relation(vec![0]), 0, 1 << 20, &Visible::All)).unwrap();
         assert_eq!(d["record"]["id"], json!(7));
+    }
+
+    #[test]
+    fn values_are_read_where_the_offsets_say() {
+        let relation = relation(vec![0]);
+        let wanted = Wanted::new(vec!["blob".into(), "id".into()], &relation);
+        // ROW's values start at 6, 16, 27 and 66
+        let mut insert = change(ChangeKind::Insert, Some(ROW), None);
+        insert.filter_at = vec![6, 16, 27, 66];
+        assert_eq!(
+            Value::Object(Parsed::with_columns(&insert, &wanted).filter_row().clone()),
+            json!({"blob": "\\xdeadbeef", "id": 7})
+        );
+        // offsets that point elsewhere are believed (they come from the
+        // capture trigger): here "title"'s value is read as "id"'s
+        insert.filter_at = vec![16, 16, 27, 66];
+        assert_eq!(Parsed::with_columns(&insert, &wanted).filter_row()["id"], json!("new"));
+        // too few offsets, or one outside the text: the row is scanned
+        for bad in [vec![6, 16, 27], vec![6, 16, 27, 9999]] {
+            insert.filter_at = bad;
+            assert_eq!(
+                Value::Object(Parsed::with_columns(&insert, &wanted).filter_row().clone()),
+                json!({"blob": "\\xdeadbeef", "id": 7})
+            );
+        }
+        // DELETE: the old row's offsets
+        let mut delete = change(
+            ChangeKind::Delete,
+            None,
+            Some(r#"{"id":9,"title":"x","at":null,"blob":null}"#),
+        );
+        delete.filter_at = vec![6, 16, 25, 37];
+        assert_eq!(
+            Value::Object(Parsed::with_columns(&delete, &wanted).filter_row().clone()),
+            json!({"blob": null, "id": 9})
+        );
     }
 
     #[test]

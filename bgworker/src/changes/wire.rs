@@ -59,6 +59,11 @@ pub struct Change {
     /// The whole old row (UPDATE, DELETE); the worker trims it to the
     /// replica identity for `old_record`, but filters and checks use all of it.
     pub old: Option<String>,
+    /// Where each column's value starts in the row filters look at (the new
+    /// row, or the old row for DELETE), in the relation's column order:
+    /// matching reads the values it needs without scanning the row. Empty
+    /// when the writer could not tell.
+    pub filter_at: Vec<u32>,
 }
 
 /// A committed transaction.
@@ -144,12 +149,15 @@ impl Transaction {
                 _ => return Err(WireError(r.pos)),
             };
             let record = r.opt_string()?;
+            let record_at = if record.is_some() { r.offsets()? } else { Vec::new() };
             let old = r.opt_string()?;
+            let old_at = if old.is_some() { r.offsets()? } else { Vec::new() };
             changes.push(Change {
                 relation,
                 kind,
                 record,
                 old,
+                filter_at: if kind == ChangeKind::Delete { old_at } else { record_at },
             });
         }
         Ok(Transaction {
@@ -221,6 +229,16 @@ pub fn put_row(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
+/// Writes where each column's value starts in the row just written with
+/// [`put_row`] (byte offsets into its JSON text, in the relation's column
+/// order; none when unknown).
+pub fn put_offsets(out: &mut Vec<u8>, offsets: impl ExactSizeIterator<Item = u32>) {
+    out.extend_from_slice(&(offsets.len() as u16).to_le_bytes());
+    for offset in offsets {
+        out.extend_from_slice(&offset.to_le_bytes());
+    }
+}
+
 /// Writes "no row" (the old row of an INSERT, the new row of a DELETE).
 pub fn put_no_row(out: &mut Vec<u8>) {
     out.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -263,9 +281,14 @@ impl Change {
     /// Appends this change's encoding (what [`Transaction::decode`] reads).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         begin_change(out, self.relation, self.kind);
-        for row in [&self.record, &self.old] {
+        let filter_is_old = self.kind == ChangeKind::Delete;
+        for (row, is_old) in [(&self.record, false), (&self.old, true)] {
             match row {
-                Some(text) => put_row(out, |out| out.extend_from_slice(text.as_bytes())),
+                Some(text) => {
+                    put_row(out, |out| out.extend_from_slice(text.as_bytes()));
+                    let offsets: &[u32] = if is_old == filter_is_old { &self.filter_at } else { &[] };
+                    put_offsets(out, offsets.iter().copied());
+                }
                 None => put_no_row(out),
             }
         }
@@ -367,6 +390,15 @@ impl Reader<'_> {
         String::from_utf8(self.take(len)?.to_vec()).map_err(|_| WireError(at))
     }
 
+    fn offsets(&mut self) -> Result<Vec<u32>, WireError> {
+        let n = self.u16()?;
+        let mut out = Vec::with_capacity(usize::from(n).min(self.bytes.len().saturating_sub(self.pos) / 4));
+        for _ in 0..n {
+            out.push(self.u32()?);
+        }
+        Ok(out)
+    }
+
     fn opt_string(&mut self) -> Result<Option<String>, WireError> {
         let len = self.u32()?;
         if len == u32::MAX {
@@ -411,18 +443,21 @@ mod tests {
                     kind: ChangeKind::Insert,
                     record: Some(r#"{"id":"a","body":"hé"}"#.into()),
                     old: None,
+                    filter_at: vec![6, 17],
                 },
                 Change {
                     relation: 0,
                     kind: ChangeKind::Update,
                     record: Some(r#"{"id":"a","body":"x"}"#.into()),
                     old: Some(r#"{"id":"a","body":"hé"}"#.into()),
+                    filter_at: vec![6, 17],
                 },
                 Change {
                     relation: 0,
                     kind: ChangeKind::Delete,
                     record: None,
                     old: Some("{}".into()),
+                    filter_at: vec![],
                 },
             ],
             overflowed: false,
@@ -450,9 +485,14 @@ mod tests {
         let mut changes = Vec::new();
         for c in &t.changes {
             begin_change(&mut changes, c.relation, c.kind);
-            for row in [&c.record, &c.old] {
+            for (row, is_old) in [(&c.record, false), (&c.old, true)] {
                 match row {
-                    Some(text) => put_row(&mut changes, |out| out.extend_from_slice(text.as_bytes())),
+                    Some(text) => {
+                        put_row(&mut changes, |out| out.extend_from_slice(text.as_bytes()));
+                        let filter_row = is_old == (c.kind == ChangeKind::Delete);
+                        let offsets = if filter_row { c.filter_at.clone() } else { vec![] };
+                        put_offsets(&mut changes, offsets.into_iter());
+                    }
                     None => put_no_row(&mut changes),
                 }
             }
@@ -493,7 +533,9 @@ mod tests {
         let mut bad_kind = sample();
         bad_kind.changes.truncate(1);
         let mut bytes = bad_kind.encode();
-        let kind_at = bytes.len() - (4 + bad_kind.changes[0].record.as_ref().unwrap().len()) - 4 - 1;
+        let first = &bad_kind.changes[0];
+        let kind_at =
+            bytes.len() - 4 - (2 + 4 * first.filter_at.len()) - (4 + first.record.as_ref().unwrap().len()) - 1;
         bytes[kind_at] = 9;
         assert!(Transaction::decode(&bytes).is_err());
     }
