@@ -16,19 +16,28 @@ pub struct Table {
 pub type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
 fn text_rows(query: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> SpiResult<Vec<Vec<Option<String>>>> {
-    Spi::connect(|client| {
-        let table = client.select(query, None, &args)?;
-        let columns = table.columns()?;
-        let mut rows = Vec::new();
-        for row in table {
-            let mut values = Vec::with_capacity(columns);
-            for i in 1..=columns {
-                values.push(row.get::<String>(i)?);
-            }
-            rows.push(values);
+    Spi::connect(|client| texts(client.select(query, None, &args)?))
+}
+
+/// Every value of every row, as text.
+fn texts(table: pgrx::spi::SpiTupleTable<'_>) -> SpiResult<Vec<Vec<Option<String>>>> {
+    let columns = table.columns()?;
+    let mut rows = Vec::new();
+    for row in table {
+        let mut values = Vec::with_capacity(columns);
+        for i in 1..=columns {
+            values.push(row.get::<String>(i)?);
         }
-        Ok(rows)
-    })
+        rows.push(values);
+    }
+    Ok(rows)
+}
+
+thread_local! {
+    /// The plan of [`captured`]'s query, kept: the worker asks it after
+    /// every join and leave, and planning it costs more than running it.
+    static CAPTURED_PLAN: std::cell::RefCell<Option<pgrx::spi::OwnedPreparedStatement>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// The table `schema.name`, if it exists.
@@ -382,18 +391,28 @@ pub fn writable(identity: &Identity<'_>, extension: &str) -> SpiResult<bool> {
 /// the triggers cloned to its partitions) and whether its capture triggers
 /// fire.
 pub fn captured() -> SpiResult<Vec<realtime::changes::switch::Captured>> {
-    let rows = text_rows(
-        "SELECT c.oid::text, c.relnamespace::text, pg_catalog.format('%I.%I', n.nspname, c.relname), \
+    // (the capture function found by name, not as a constant OID: the
+    // plan outlives a DROP and CREATE EXTENSION)
+    const QUERY: &str = "SELECT c.oid::text, c.relnamespace::text, pg_catalog.format('%I.%I', n.nspname, c.relname), \
                 pg_catalog.bool_and(p.tgenabled <> 'D')::text, pg_catalog.bool_or(p.tgenabled <> 'D')::text \
          FROM pg_catalog.pg_trigger t \
+         JOIN pg_catalog.pg_proc f ON f.oid = t.tgfoid AND f.proname = 'capture_changes' \
+         JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace AND fn.nspname = 'realtime' \
          JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          JOIN pg_catalog.pg_trigger p ON p.tgfoid = t.tgfoid AND (p.tgrelid = c.oid \
            OR p.tgrelid IN (SELECT relid FROM pg_catalog.pg_partition_tree(c.oid))) \
-         WHERE t.tgfoid = 'realtime.capture_changes()'::pg_catalog.regprocedure AND t.tgparentid = 0 \
-         GROUP BY c.oid, c.relnamespace, n.nspname, c.relname",
-        vec![],
-    )?;
+         WHERE t.tgparentid = 0 \
+         GROUP BY c.oid, c.relnamespace, n.nspname, c.relname";
+    let rows = Spi::connect(|client| {
+        CAPTURED_PLAN.with(|plan| {
+            let mut plan = plan.borrow_mut();
+            if plan.is_none() {
+                *plan = Some(client.prepare(QUERY, &[])?.keep());
+            }
+            texts(client.select(plan.as_ref().expect("prepared above"), None, &[])?)
+        })
+    })?;
     Ok(rows
         .into_iter()
         .filter_map(|r| {

@@ -27,10 +27,12 @@ use std::time::{Duration, Instant};
 /// before they are read again, so a REVOKE or a new policy takes effect
 /// within this time.
 const ACCESS_TTL: Duration = Duration::from_secs(1);
-/// How often the captured tables are read again, to find tables newly
-/// published (their triggers start on). Subscribing, unsubscribing and a
-/// table's idle time running out are acted on at once.
-const SETTLE_EVERY: Duration = Duration::from_secs(10);
+/// After the publication sync ran (it wakes the worker), when the
+/// captured tables are read again: its transaction may not have committed
+/// at the first look. (Nothing else is polled: subscribing, unsubscribing
+/// and a table's idle time running out are acted on when they happen, and
+/// a table whose trigger nobody switches off merely costs its writers.)
+const LOOK_AGAIN: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)];
 /// The least time between two settles, but for waiting joins.
 const SETTLE_AGAIN: Duration = Duration::from_secs(1);
 /// While a join waits for a table's lock, how often it is tried again.
@@ -127,9 +129,9 @@ pub struct Changes {
     /// A subscription ended (its tables' idle time starts), or the
     /// publication sync ran: settle now.
     unsettled: bool,
-    /// The publication sync ran: settle again then, in case its
-    /// transaction had not committed at the first look.
-    look_again: Option<Instant>,
+    /// The publication sync ran: settle again at these times
+    /// (`LOOK_AGAIN`).
+    look_again: Vec<Instant>,
     /// `capture_syncs` when last looked at.
     syncs_seen: u64,
 }
@@ -166,7 +168,7 @@ impl Changes {
             switches: Switches::default(),
             settled: Instant::now(),
             unsettled: true,
-            look_again: None,
+            look_again: Vec::new(),
             syncs_seen: 0,
         }
     }
@@ -181,14 +183,11 @@ impl Changes {
         if self.unsettled {
             return Some(Duration::ZERO);
         }
-        let mut due = self.settled + SETTLE_EVERY;
-        if let Some(again) = self.look_again {
-            due = due.min(again);
-        }
-        if let Some(off) = self.switches.next_due(Some(timeout)) {
+        let off = self.switches.next_due(Some(timeout)).map(|off| {
             // (a table a writer kept busy is tried again a second later)
-            due = due.min(off.max(self.settled + SETTLE_AGAIN));
-        }
+            off.max(self.settled + SETTLE_AGAIN)
+        });
+        let due = self.look_again.iter().copied().chain(off).min()?;
         Some(due.saturating_duration_since(Instant::now()))
     }
 
@@ -200,7 +199,8 @@ impl Changes {
         if syncs != self.syncs_seen {
             self.syncs_seen = syncs;
             self.unsettled = true;
-            self.look_again = Some(Instant::now() + SETTLE_AGAIN);
+            let now = Instant::now();
+            self.look_again = LOOK_AGAIN.iter().map(|d| now + *d).collect();
         }
         if self.settle_in() == Some(Duration::ZERO) {
             self.settle();
@@ -217,9 +217,7 @@ impl Changes {
         let now = Instant::now();
         self.settled = now;
         self.unsettled = false;
-        if self.look_again.is_some_and(|again| again <= now) {
-            self.look_again = None;
-        }
+        self.look_again.retain(|again| *again > now);
         // SAFETY: reads shared state; on a standby no trigger fires at all.
         let mut busy: Vec<String> = Vec::new();
         if !unsafe { pg_sys::RecoveryInProgress() } {
