@@ -259,6 +259,11 @@ impl Changes {
                     Err(e) => pgrx::warning!("pg_realtime: could not switch off capture of {}: {e}", table.name),
                 }
             }
+            // The switches ran the publication sync (ALTER TABLE fires its
+            // event trigger): that is no news to look again for. (A sync of
+            // someone else's in the meantime is missed, which can only
+            // leave a trigger on for longer.)
+            self.syncs_seen = counters.capture_syncs.load(std::sync::atomic::Ordering::Relaxed);
         }
         if self.replies.is_empty() {
             return;
