@@ -218,20 +218,21 @@ impl Changes {
         self.settled = now;
         self.unsettled = false;
         self.look_again.retain(|again| *again > now);
-        // SAFETY: reads shared state; on a standby no trigger fires at all.
+        // Why waiting joins cannot be answered yet (each a table and the
+        // reason): until every wanted trigger is known to be on, none is.
         let mut busy: Vec<String> = Vec::new();
+        // SAFETY: reads shared state; on a standby no trigger fires at all.
         if !unsafe { pg_sys::RecoveryInProgress() } {
-            let captured = match BackgroundWorker::transaction(|| catalog::catching(catalog::captured)) {
-                Ok(Ok(captured)) => captured,
-                Ok(Err(e)) => {
-                    pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
-                    Vec::new()
-                }
-                Err(e) => {
-                    pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
-                    Vec::new()
-                }
+            let listed = match BackgroundWorker::transaction(|| catalog::catching(catalog::captured)) {
+                Ok(Ok(captured)) => Ok(captured),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e),
             };
+            let captured = listed.unwrap_or_else(|e| {
+                pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
+                busy.push(format!("the captured tables (could not list them: {e})"));
+                Vec::new()
+            });
             let interest = crate::shmem::interest();
             let plan = self
                 .switches
@@ -246,9 +247,15 @@ impl Changes {
                     Ok(true) => Counters::incr(&counters.captures_enabled),
                     Ok(false) => {
                         Counters::incr(&counters.capture_lock_retries);
-                        busy.push(table.name.clone());
+                        busy.push(format!(
+                            "{} (a transaction that writes it holds a lock on it)",
+                            table.name
+                        ));
                     }
-                    Err(e) => pgrx::warning!("pg_realtime: could not switch on capture of {}: {e}", table.name),
+                    Err(e) => {
+                        pgrx::warning!("pg_realtime: could not switch on capture of {}: {e}", table.name);
+                        busy.push(format!("{} ({e})", table.name));
+                    }
                 }
             }
             for i in plan.disable {
@@ -290,9 +297,9 @@ impl Changes {
         for waiting in late {
             self.waiting.unsubscribe(&waiting.key);
             let _ = waiting.reply.send(Err(format!(
-                "Unable to subscribe to changes: capture of {} could not be switched on within {} s, because a transaction that writes it has held its lock all that time. Retry when it has finished.",
-                busy.join(", "),
-                JOIN_WAIT_LIMIT.as_secs()
+                "Unable to subscribe to changes: capture could not be switched on within {} s for {}. Retry later.",
+                JOIN_WAIT_LIMIT.as_secs(),
+                busy.join(", ")
             )));
         }
         self.publish_interest();
