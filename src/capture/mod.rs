@@ -2,10 +2,13 @@
 //! and the transaction callbacks that publish it.
 //!
 //! - The trigger returns at once when nobody subscribes to the table (or its
-//!   schema): one lock-free look-up in the interest table.
+//!   schema): one lock-free look-up in the interest table. After
+//!   `pg_realtime.capture_idle_timeout` without subscribers the worker
+//!   switches the trigger off altogether (`realtime::changes::switch`).
 //! - Otherwise the row is encoded as JSON by the relation's cached encoder
 //!   (no SQL, no SPI) straight into the transaction's buffer, in the ring
-//!   record's format, marked with its subtransaction.
+//!   record's format with where each value starts, marked with its
+//!   subtransaction.
 //! - At `XACT_EVENT_COMMIT` the transaction goes into the change ring as one
 //!   record, carrying its commit LSN and time, and the worker's latch is set.
 //!   Nothing there may fail: a full ring is a counted, reported loss.
@@ -217,8 +220,8 @@ unsafe fn reported_as(rel: pg_sys::Relation) -> (pg_sys::Oid, pg_sys::Oid) {
 }
 
 /// Tells the worker that the set of captured tables may have changed (the
-/// publication sync ran), so it looks at their triggers again soon rather
-/// than at its next periodic look.
+/// publication sync ran), so it looks at their triggers again: it does not
+/// poll the catalog.
 #[pg_extern(volatile)]
 fn captures_changed() {
     if crate::preloaded() {
