@@ -29,7 +29,8 @@ ROUNDS=${ROUNDS:-9}
 VARIANTS=${VARIANTS:-a b c d e}
 CLIENTS=${CLIENTS:-2}
 # BENCH_CONF: more postgresql.conf lines, for experiments; LATENCY=0 skips
-# the latency run.
+# the latency run; PROTOCOL=prepared runs pgbench with prepared statements
+# (-M prepared; the default is the simple protocol).
 # The cluster, its schema and subscribers (shared with bench/instructions.sh).
 . bench/cluster.sh
 init_cluster
@@ -67,7 +68,7 @@ backends_gone() {
 }
 
 pgbench_run() {  # variant -> "TPS transactions"
-  as_pg "$BIN/pgbench" -n -h "$DIR" -p "$PGPORT" -U postgres -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" \
+  as_pg "$BIN/pgbench" -n -M "${PROTOCOL:-simple}" -h "$DIR" -p "$PGPORT" -U postgres -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_PER_RUN" \
     -f "$DIR/insert_$1.sql" postgres 2>/dev/null \
     | awk '/^tps = / {tps = $3} /number of transactions actually processed/ {split($0, f, ": "); n = f[2]} END {print tps, n}'
 }
