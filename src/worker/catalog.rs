@@ -240,6 +240,14 @@ pub fn catching<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, 
     subtransaction(f, true)
 }
 
+/// Runs `f` in a transaction of its own, an ERROR in it caught
+/// ([`catching`]): a failure of either kind comes back as its message.
+pub fn in_transaction<T>(
+    f: impl FnOnce() -> SpiResult<T> + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<T, String> {
+    pgrx::bgworkers::BackgroundWorker::transaction(move || catching(f)).and_then(|r| r.map_err(|e| e.to_string()))
+}
+
 /// Like [`catching`], but whatever `f` did is rolled back even when it
 /// succeeds: for probes that write only to ask.
 pub fn rolled_back<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {

@@ -183,7 +183,7 @@ impl Changes {
         if self.unsettled {
             return Some(Duration::ZERO);
         }
-        let off = self.switches.next_due(Some(timeout)).map(|off| {
+        let off = self.switches.next_due(timeout).map(|off| {
             // (a table a writer kept busy is tried again a second later)
             off.max(self.settled + SETTLE_AGAIN)
         });
@@ -223,12 +223,7 @@ impl Changes {
         let mut busy: Vec<String> = Vec::new();
         // SAFETY: reads shared state; on a standby no trigger fires at all.
         if !unsafe { pg_sys::RecoveryInProgress() } {
-            let listed = match BackgroundWorker::transaction(|| catalog::catching(catalog::captured)) {
-                Ok(Ok(captured)) => Ok(captured),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e),
-            };
-            let captured = listed.unwrap_or_else(|e| {
+            let captured = catalog::in_transaction(catalog::captured).unwrap_or_else(|e| {
                 pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
                 busy.push(format!("the captured tables (could not list them: {e})"));
                 Vec::new()
@@ -804,9 +799,5 @@ fn normalise(kind: Kind, value: Value) -> Value {
 /// Switches a table's capture triggers in a transaction of its own, so the
 /// worker never holds one table's lock while waiting for another's.
 fn switch(relid: u32, on: bool, wait_ms: i32) -> Result<bool, String> {
-    match BackgroundWorker::transaction(|| catalog::catching(|| catalog::switch_capture(relid, on, wait_ms))) {
-        Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e),
-    }
+    catalog::in_transaction(|| catalog::switch_capture(relid, on, wait_ms))
 }

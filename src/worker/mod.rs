@@ -227,15 +227,11 @@ impl MainLoop {
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         if crate::gucs::publication() != publication {
             // Another publication: capture exactly its tables from now on.
-            let synced = BackgroundWorker::transaction(|| {
-                catalog::catching(|| Spi::run("SELECT realtime.sync_captured_tables()"))
-            });
-            match synced {
-                Ok(Ok(())) => log!(
+            match catalog::in_transaction(|| Spi::run("SELECT realtime.sync_captured_tables()")) {
+                Ok(()) => log!(
                     "pg_realtime: now capturing publication \"{}\"",
                     crate::gucs::publication()
                 ),
-                Ok(Err(e)) => warning!("pg_realtime: could not switch publications: {e}"),
                 Err(e) => warning!("pg_realtime: could not switch publications: {e}"),
             }
         }

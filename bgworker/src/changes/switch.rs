@@ -76,9 +76,8 @@ impl Switches {
     }
 
     /// When the next table left on without subscribers is due to go off.
-    pub fn next_due(&self, idle_timeout: Option<Duration>) -> Option<Instant> {
-        let timeout = idle_timeout?;
-        self.idle_since.values().min().map(|since| *since + timeout)
+    pub fn next_due(&self, idle_timeout: Duration) -> Option<Instant> {
+        self.idle_since.values().min().map(|since| *since + idle_timeout)
     }
 }
 
@@ -111,8 +110,10 @@ mod tests {
             }
         );
         // 1 and 3 have been on and unwanted since t0.
-        assert_eq!(switches.next_due(timeout), Some(t0 + Duration::from_secs(60)));
-        assert_eq!(switches.next_due(None), None);
+        assert_eq!(
+            switches.next_due(Duration::from_secs(60)),
+            Some(t0 + Duration::from_secs(60))
+        );
         let plan = switches.plan(t0 + Duration::from_secs(59), &captured, timeout, wanted);
         assert!(plan.disable.is_empty());
         let plan = switches.plan(t0 + Duration::from_secs(60), &captured, timeout, wanted);
