@@ -101,50 +101,53 @@ pub fn push_datetime(out: &mut Vec<u8>, kind: DateTimeKind, value: i64) -> bool 
     if !(1..=9999).contains(&year) {
         return false;
     }
-    // Written into a buffer on the stack, then appended in one copy.
-    let mut buf = [0u8; 40];
-    let mut len = 0;
-    let mut put = |bytes: &[u8]| {
-        buf[len..len + bytes.len()].copy_from_slice(bytes);
-        len += bytes.len();
+    // Written at fixed places into a buffer on the stack (constant
+    // indexes: no bounds checks), then appended in one copy.
+    let mut buf = *b"\"0000-00-00T00:00:00.000000";
+    let (year, month, day) = (year as usize, month as usize, day as usize);
+    put_pair(&mut buf, 1, year / 100);
+    put_pair(&mut buf, 3, year % 100);
+    put_pair(&mut buf, 6, month);
+    put_pair(&mut buf, 9, day);
+    let Some(micros) = micros else {
+        buf[11] = b'"';
+        out.extend_from_slice(&buf[..12]);
+        return true;
     };
-    put(b"\"");
-    put(&digits::<4>(year as u64));
-    put(b"-");
-    put(&digits::<2>(month as u64));
-    put(b"-");
-    put(&digits::<2>(day as u64));
-    if let Some(micros) = micros {
-        let (seconds, fraction) = ((micros / 1_000_000) as u64, (micros % 1_000_000) as u64);
-        put(b"T");
-        put(&digits::<2>(seconds / 3600));
-        put(b":");
-        put(&digits::<2>(seconds / 60 % 60));
-        put(b":");
-        put(&digits::<2>(seconds % 60));
-        if fraction != 0 {
-            let six = digits::<6>(fraction);
-            let width = 6 - six.iter().rev().take_while(|d| **d == b'0').count();
-            put(b".");
-            put(&six[..width]);
+    let (seconds, fraction) = ((micros / 1_000_000) as usize, (micros % 1_000_000) as usize);
+    put_pair(&mut buf, 12, seconds / 3600);
+    put_pair(&mut buf, 15, seconds / 60 % 60);
+    put_pair(&mut buf, 18, seconds % 60);
+    let mut len = 20;
+    if fraction != 0 {
+        put_pair(&mut buf, 21, fraction / 10_000);
+        put_pair(&mut buf, 23, fraction / 100 % 100);
+        put_pair(&mut buf, 25, fraction % 100);
+        // without trailing zeros
+        let (mut rest, mut width) = (fraction, 6);
+        while rest % 10 == 0 {
+            rest /= 10;
+            width -= 1;
         }
-        if kind == DateTimeKind::TimestampTzUtc {
-            put(b"+00:00");
-        }
+        len = 21 + width;
     }
-    put(b"\"");
+    let end: &[u8] = match kind {
+        DateTimeKind::TimestampTzUtc => b"+00:00\"",
+        _ => b"\"",
+    };
     out.extend_from_slice(&buf[..len]);
+    out.extend_from_slice(end);
     true
 }
 
-/// `n` in decimal, zero-padded to `W` digits (n < 10^W).
-fn digits<const W: usize>(mut n: u64) -> [u8; W] {
-    let mut out = [b'0'; W];
-    for d in out.iter_mut().rev() {
-        *d = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    out
+/// Writes `n` (< 100) as two digits at `at`.
+fn put_pair(buf: &mut [u8; 27], at: usize, n: usize) {
+    const PAIRS: &[u8; 200] = b"\
+        00010203040506070809101112131415161718192021222324252627282930313233343536373839\
+        40414243444546474849505152535455565758596061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
+    buf[at] = PAIRS[2 * n];
+    buf[at + 1] = PAIRS[2 * n + 1];
 }
 
 #[cfg(test)]
