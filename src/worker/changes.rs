@@ -118,6 +118,11 @@ pub struct Changes {
     held: Vec<Transaction>,
     /// Relation descriptions decoded before, reused while unchanged.
     relation_cache: RelationCache,
+    /// Kept from drain to drain, so that a batch allocates no buffer the
+    /// size of a record or of the batch: the record being decoded, and
+    /// the transactions being delivered.
+    scratch: Vec<u8>,
+    batch: Vec<Transaction>,
     /// Joins validated but not answered yet: some table they cover has its
     /// capture trigger off and a writer holds the lock needed to switch it
     /// on. Their interest is published; `settle` answers them.
@@ -163,6 +168,8 @@ impl Changes {
             access: HashMap::new(),
             held: Vec::new(),
             relation_cache: RelationCache::default(),
+            scratch: Vec::new(),
+            batch: Vec::new(),
             waiting: Registry::default(),
             replies: Vec::new(),
             switches: Switches::default(),
@@ -394,9 +401,11 @@ impl Changes {
         let watermark = crate::shmem::fence().deliverable(position);
         let ring = crate::shmem::ring();
         let (held, cache) = (&mut self.held, &mut self.relation_cache);
-        ring.drain(|_, bytes| match Transaction::decode_cached(&bytes, cache) {
-            Ok(t) => held.push(t),
-            Err(e) => pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}"),
+        ring.drain(&mut self.scratch, |_, bytes| {
+            match Transaction::decode_cached(bytes, cache) {
+                Ok(t) => held.push(t),
+                Err(e) => pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}"),
+            }
         });
         let losses = ring.take_losses();
         if losses.records > 0 {
@@ -413,8 +422,17 @@ impl Changes {
         if ready == 0 {
             return 0;
         }
-        let transactions: Vec<Transaction> = self.held.drain(..ready).collect();
-        let drained = transactions.len();
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.extend(self.held.drain(..ready));
+        self.deliver(&batch);
+        batch.clear();
+        self.batch = batch;
+        ready
+    }
+
+    /// Matches the transactions against the subscriptions and sends each
+    /// channel its events.
+    fn deliver(&mut self, transactions: &[Transaction]) {
         let max_record_bytes = crate::gucs::max_record_bytes();
         // 1. Match every change against the subscriptions.
         let mut rows: Vec<Row> = Vec::new();
@@ -455,7 +473,7 @@ impl Changes {
             }
         }
         if pending.is_empty() {
-            return drained;
+            return;
         }
         let relation_of = |r: &Row| {
             let txn = &transactions[r.txn];
@@ -473,7 +491,7 @@ impl Changes {
             })
             .collect();
         if !stale.is_empty() {
-            self.read_access(stale.into_iter().collect(), &transactions);
+            self.read_access(stale.into_iter().collect(), transactions);
         }
         // 3. Row-level security: one check per (identity, table), over all
         //    of its rows in this batch.
@@ -494,7 +512,7 @@ impl Changes {
         let visible = if groups.is_empty() {
             HashMap::new()
         } else {
-            self.check_rows(groups, &rows, &transactions)
+            self.check_rows(groups, &rows, transactions)
         };
         // 4. Deliver, building each change's frame once per column set.
         let mut frames: HashMap<(usize, Visible), Arc<str>> = HashMap::new();
@@ -548,7 +566,6 @@ impl Changes {
                 Err(FanoutError::Closed) => {}
             }
         }
-        drained
     }
 
     /// Reads privileges and policies for each (role, table) pair.
