@@ -105,17 +105,26 @@ done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # lower and upper quartile (nearest rank)
 quartiles() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {q1=int((NR+3)/4); q3=int((3*NR+3)/4); printf "%.3f-%.3f", a[q1], a[q3]}'; }
+# A 95% confidence interval for the median (distribution-free: the order
+# statistics at ranks n/2 -+ 1.96 sqrt(n)/2, from the binomial(n, 1/2)
+# count of rounds below the true median); "-" under 6 rounds.
+median_ci() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {
+  if (NR < 6) { printf "-"; exit }
+  h = 1.96 * sqrt(NR) / 2; j = int(NR / 2 - h); k = int(NR / 2 + h) + 2
+  if (j < 1) j = 1; if (k > NR) k = NR
+  printf "%.3f-%.3f", a[j], a[k] }'; }
 echo
 ua=$(echo "${server_us[a]}" | median)
-echo "per variant: median TPS; median over rounds of TPS / (a)'s TPS in the same round (quartiles);"
-echo "server CPU per transaction and (a)'s divided by it:"
+echo "per variant: median TPS; median over rounds of TPS / (a)'s TPS in the same round (its 95% confidence"
+echo "interval; quartiles of the rounds); server CPU per transaction and (a)'s divided by it:"
 for t in $VARIANTS; do
   m=$(echo "${runs[$t]}" | median)
   u=$(echo "${server_us[$t]}" | median)
   label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";;
           d) echo "pg_notify(row_to_json)";; e) echo "capture + full delivery";; esac)
-  printf '  (%s) %-24s %10.1f tps   ratio %.3f (%s)   %6.1f us/txn   CPU ratio %.3f\n' "$t" "$label" "$m" \
-    "$(echo "${ratios[$t]}" | median)" "$(echo "${ratios[$t]}" | quartiles)" "$u" "$(awk -v u="$u" -v a="$ua" 'BEGIN {print a / u}')"
+  printf '  (%s) %-24s %10.1f tps   ratio %.3f (CI %s; quartiles %s)   %6.1f us/txn   CPU ratio %.3f\n' "$t" "$label" "$m" \
+    "$(echo "${ratios[$t]}" | median)" "$(echo "${ratios[$t]}" | median_ci)" "$(echo "${ratios[$t]}" | quartiles)" \
+    "$u" "$(awk -v u="$u" -v a="$ua" 'BEGIN {print a / u}')"
 done
 delivered=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_delivered'")
 dropped=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_dropped'")
