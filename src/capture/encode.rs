@@ -186,13 +186,9 @@ unsafe fn write_row(
                     }
                 }
                 Category::Json => out.extend_from_slice(output_text(column.output, datum).as_bytes()),
-                Category::Text => {
-                    let detoasted = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-                    escape_into(out, pgrx::varlena::varlena_to_byte_slice(detoasted));
-                }
+                Category::Text => escape_into(out, pgrx::varlena::varlena_to_byte_slice(detoasted(datum))),
                 Category::Bytea => {
-                    let detoasted = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-                    let bytes = pgrx::varlena::varlena_to_byte_slice(detoasted);
+                    let bytes = pgrx::varlena::varlena_to_byte_slice(detoasted(datum));
                     out.reserve(bytes.len() * 2 + 2);
                     out.push(b'"');
                     for b in bytes {
@@ -209,6 +205,25 @@ unsafe fn write_row(
             }
         }
         out.push(b'}');
+    }
+}
+
+/// A varlena value in a form whose bytes can be read: as it is when it is
+/// stored inline and uncompressed (the usual case, with no call into
+/// Postgres), else detoasted (`pg_detoast_datum_packed`, which does the
+/// same test first).
+///
+/// # Safety
+/// `datum` is a varlena value of a tuple being encoded.
+unsafe fn detoasted(datum: pg_sys::Datum) -> *mut pg_sys::varlena {
+    let value = datum.cast_mut_ptr::<pg_sys::varlena>();
+    // SAFETY: per the contract; the header tests read the first byte(s).
+    unsafe {
+        if pgrx::varlena::varatt_is_1b_e(value) || pgrx::varlena::varatt_is_4b_c(value) {
+            pg_sys::pg_detoast_datum_packed(value)
+        } else {
+            value
+        }
     }
 }
 

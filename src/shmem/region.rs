@@ -21,22 +21,28 @@ const FENCE_SLOTS: usize = 256;
 pub struct ChangesRegion {
     name: &'static CStr,
     base: UnsafeCell<*mut u8>,
+    /// Where everything is, from `pg_realtime.queue_size` at start-up (it
+    /// cannot change without a restart): the accessors, called on every
+    /// captured row and commit, then read no setting (pgrx checks the
+    /// calling thread on each read of one).
+    layout: UnsafeCell<Layout>,
 }
 
-// SAFETY: `base` is written once per process, in the shmem start-up hook,
-// before any reader exists; afterwards only read.
+// SAFETY: `base` and `layout` are written once per process, in the shmem
+// start-up hook, before any reader exists; afterwards only read.
 unsafe impl Sync for ChangesRegion {}
 
-fn align8(n: usize) -> usize {
+const fn align8(n: usize) -> usize {
     n.div_ceil(8) * 8
 }
 
 /// Rounds up to a cache line (Postgres starts each shared memory
 /// allocation on one), for what several processes write.
-fn align64(n: usize) -> usize {
+const fn align64(n: usize) -> usize {
     n.div_ceil(64) * 64
 }
 
+#[derive(Clone, Copy)]
 struct Layout {
     interest_header: usize,
     interest_slots: usize,
@@ -47,8 +53,8 @@ struct Layout {
     total: usize,
 }
 
-fn layout() -> Layout {
-    let ring_bytes = crate::gucs::queue_size_bytes();
+/// The region's layout for a ring of `ring_bytes`.
+const fn layout(ring_bytes: usize) -> Layout {
     let ring_len = ring_bytes / 8;
     let interest_header = align64(size_of::<RingHeader>());
     let interest_slots = interest_header + align8(size_of::<InterestHeader>());
@@ -71,7 +77,13 @@ impl ChangesRegion {
         ChangesRegion {
             name,
             base: UnsafeCell::new(std::ptr::null_mut()),
+            layout: UnsafeCell::new(layout(0)),
         }
+    }
+
+    fn layout(&self) -> Layout {
+        // SAFETY: see the Sync impl.
+        unsafe { *self.layout.get() }
     }
 
     fn base(&self) -> *mut u8 {
@@ -86,7 +98,7 @@ impl ChangesRegion {
 
     /// `len` atomic words at byte `offset` of the region.
     fn words(&self, offset: usize, len: usize) -> &'static [AtomicU64] {
-        // SAFETY: the region was sized by `layout()`, whose offsets and
+        // SAFETY: the region was sized by its layout, whose offsets and
         // lengths the callers pass, and zeroed, which is a valid state for
         // these all-atomic types; it lives as long as the process and is
         // 8-aligned (ShmemInitStruct MAXALIGNs; every offset is a multiple
@@ -96,18 +108,18 @@ impl ChangesRegion {
 
     /// The `T` at byte `offset` of the region.
     fn at<T>(&self, offset: usize) -> &'static T {
-        // SAFETY: as in `words`; every `T` placed by `layout()` is made of
+        // SAFETY: as in `words`; every `T` placed by the layout is made of
         // atomics only.
         unsafe { &*(self.base().add(offset) as *const T) }
     }
 
     pub fn ring(&self) -> ChangeRing<'static> {
-        let l = layout();
+        let l = self.layout();
         ChangeRing::new(self.at::<RingHeader>(0), self.words(l.ring_words, l.ring_len))
     }
 
     pub fn interest(&self) -> InterestTable<'static> {
-        let l = layout();
+        let l = self.layout();
         InterestTable::new(
             self.at::<InterestHeader>(l.interest_header),
             self.words(l.interest_slots, INTEREST_SLOTS),
@@ -115,7 +127,7 @@ impl ChangesRegion {
     }
 
     pub fn fence(&self) -> CommitFence<'static> {
-        let l = layout();
+        let l = self.layout();
         CommitFence::new(
             self.words(l.fence_slots, FENCE_SLOTS * SLOT_WORDS),
             self.at::<AtomicU64>(l.fence_unslotted),
@@ -129,11 +141,12 @@ impl PgSharedMemoryInitialization for ChangesRegion {
     unsafe fn on_shmem_request(&'static self) {
         // SAFETY: called from the shmem request hook (PG15+) or _PG_init
         // while preloading (PG13/14), as Postgres requires.
-        unsafe { pg_sys::RequestAddinShmemSpace(layout().total) };
+        unsafe { pg_sys::RequestAddinShmemSpace(layout(crate::gucs::queue_size_bytes()).total) };
     }
 
     unsafe fn on_shmem_startup(&'static self, _value: ()) {
-        let size = layout().total;
+        let layout = layout(crate::gucs::queue_size_bytes());
+        let size = layout.total;
         // SAFETY: the start-up hook runs in the postmaster (and, with
         // EXEC_BACKEND, each child) under AddinShmemInitLock; a new region is
         // zeroed, the initial state of every structure in it.
@@ -145,6 +158,7 @@ impl PgSharedMemoryInitialization for ChangesRegion {
             if !found {
                 std::ptr::write_bytes(base, 0, size);
             }
+            *self.layout.get() = layout;
             *self.base.get() = base;
             pg_sys::LWLockRelease(init_lock);
         }
