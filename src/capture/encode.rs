@@ -108,7 +108,8 @@ pub fn encoders(desc: pg_sys::TupleDesc) -> Vec<ColumnEncoder> {
 /// Appends the row to `out` as a JSON object: typed values as
 /// `row_to_json` would write them (but timestamptz in UTC, bytea as bare
 /// hex), TOASTed values detoasted. `at` gets where each column's value
-/// starts in the object, in the order of `columns`.
+/// starts in the object, in the order of `columns`. The tuple is deformed
+/// into `deformed`, buffers the caller keeps from row to row.
 ///
 /// # Safety
 /// `tuple` is a valid heap tuple of the relation described by `desc`, and
@@ -116,6 +117,7 @@ pub fn encoders(desc: pg_sys::TupleDesc) -> Vec<ColumnEncoder> {
 pub unsafe fn row_json(
     out: &mut Vec<u8>,
     at: &mut Vec<u32>,
+    deformed: &mut Deformed,
     tuple: pg_sys::HeapTuple,
     desc: pg_sys::TupleDesc,
     columns: &[ColumnEncoder],
@@ -124,21 +126,21 @@ pub unsafe fn row_json(
     // the trigger call's memory context and copied out at once.
     unsafe {
         let natts = (*desc).natts as usize;
-        // The deformed tuple goes into buffers kept from row to row.
-        let (mut values, mut nulls) = DEFORMED.take();
+        let Deformed { values, nulls } = deformed;
         values.clear();
         values.resize(natts, pg_sys::Datum::from(0usize));
         nulls.clear();
         nulls.resize(natts, true);
-        crate::unguarded::deform_tuple(tuple, desc, &mut values, &mut nulls);
-        write_row(out, at, &values, &nulls, columns);
-        DEFORMED.set((values, nulls));
+        crate::unguarded::deform_tuple(tuple, desc, values, nulls);
+        write_row(out, at, values, nulls, columns);
     }
 }
 
-thread_local! {
-    static DEFORMED: std::cell::Cell<(Vec<pg_sys::Datum>, Vec<bool>)> =
-        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+/// A deformed tuple's values and null flags (scratch).
+#[derive(Default)]
+pub struct Deformed {
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
 }
 
 /// Appends the JSON object of a deformed row.

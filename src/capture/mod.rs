@@ -30,10 +30,11 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use realtime::changes::wire::{self, ChangeKind, Header};
 use realtime::stats::Counters;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Microseconds between the Unix epoch and Postgres's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -106,6 +107,11 @@ struct TxnBuffer {
     record: Vec<u8>,
     /// Where each value of the row being written starts (scratch).
     at: Vec<u32>,
+    /// The row being written, deformed (scratch).
+    deformed: encode::Deformed,
+    /// This transaction's place in the commit fence, from PRE_COMMIT until
+    /// it has published (or aborted). Not touched by `clear`.
+    fence_ticket: Option<realtime::fence::Ticket>,
 }
 
 impl TxnBuffer {
@@ -158,13 +164,16 @@ impl std::hash::Hasher for OidHasher {
 
 type OidMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<OidHasher>>;
 
+/// Whether this process has registered its transaction callbacks (a
+/// process-wide fact: a plain static, not a thread-local, whose look-up in
+/// a loaded library is a call).
+static CALLBACKS: AtomicBool = AtomicBool::new(false);
+
+// A backend is single-threaded: this is per-backend state, and each
+// trigger call or transaction event looks up `TXN` once (a thread-local of
+// a loaded library costs a call to `__tls_get_addr` per look-up).
 thread_local! {
-    // A backend is single-threaded: this is per-backend state.
     static TXN: RefCell<TxnBuffer> = RefCell::new(TxnBuffer::default());
-    static CALLBACKS: Cell<bool> = const { Cell::new(false) };
-    /// This transaction's place in the commit fence, from PRE_COMMIT until
-    /// it has published (or aborted).
-    static FENCE_TICKET: Cell<Option<realtime::fence::Ticket>> = const { Cell::new(None) };
     /// Relation descriptions, kept across transactions until the relcache
     /// says the relation changed.
     static DESCRIBED: RefCell<OidMap<Described>> = RefCell::new(OidMap::default());
@@ -339,14 +348,16 @@ fn capture_changes<'a>(
         // The mark first: if encoding raises an ERROR that a savepoint
         // catches, its rollback cuts the partial change off from here.
         txn.marks.push((txn.rows.len(), subxact));
-        let (rows, at) = (&mut txn.rows, &mut txn.at);
+        let (rows, at, deformed) = (&mut txn.rows, &mut txn.at, &mut txn.deformed);
         wire::begin_change(rows, relation, kind);
         // SAFETY: the tuples belong to this trigger call and match the
         // relation's descriptor, which the encoders were made for.
         unsafe {
             let desc = (*rel).rd_att;
             let mut row = |rows: &mut Vec<u8>, tuple| {
-                wire::put_row(rows, |out| encode::row_json(out, at, tuple, desc, &described.encoders));
+                wire::put_row(rows, |out| {
+                    encode::row_json(out, at, deformed, tuple, desc, &described.encoders)
+                });
                 match &described.order {
                     Order::Same => wire::put_offsets(rows, at.iter().copied()),
                     Order::Permuted(p) => wire::put_offsets(rows, p.iter().map(|j| at[*j])),
@@ -380,7 +391,7 @@ fn capture_changes<'a>(
 }
 
 fn ensure_callbacks() {
-    if CALLBACKS.get() {
+    if CALLBACKS.load(Ordering::Relaxed) {
         return;
     }
     // SAFETY: registered once per backend, for its whole life; the
@@ -390,7 +401,7 @@ fn ensure_callbacks() {
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache), pg_sys::Datum::from(0usize));
     }
-    CALLBACKS.set(true);
+    CALLBACKS.store(true, Ordering::Relaxed);
 }
 
 #[pg_guard]
@@ -408,7 +419,11 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             .set_hint("Commit the transaction normally, or remove the table from the realtime publication.")
             .report(PgLogLevel::ERROR);
         }
-        XACT_EVENT_PRE_COMMIT if !TXN.with(|t| t.borrow().is_empty()) => {
+        XACT_EVENT_PRE_COMMIT => TXN.with(|t| {
+            let mut txn = t.borrow_mut();
+            if txn.is_empty() {
+                return;
+            }
             // Before the commit record, whose LSN will be above the end of
             // this transaction's last WAL record: a backend-local variable,
             // read without the WAL insertion lock the insert position needs.
@@ -416,8 +431,8 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             // would hold every later commit until this one leaves.)
             // SAFETY: plain reads of this backend's globals.
             let (bound, hint) = unsafe { (pg_sys::XactLastRecEnd, pg_sys::MyProcPid as usize) };
-            FENCE_TICKET.set(Some(crate::shmem::fence().enter(bound, hint)));
-        }
+            txn.fence_ticket = Some(crate::shmem::fence().enter(bound, hint));
+        }),
         XACT_EVENT_COMMIT => {
             TXN.with(|t| {
                 let mut txn = t.borrow_mut();
@@ -438,13 +453,14 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                     }
                 }
                 finish(&mut txn);
+                leave_fence(&mut txn);
             });
-            leave_fence();
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => {
-            TXN.with(|t| finish(&mut t.borrow_mut()));
-            leave_fence();
-        }
+        XACT_EVENT_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_PARALLEL_ABORT => TXN.with(|t| {
+            let mut txn = t.borrow_mut();
+            finish(&mut txn);
+            leave_fence(&mut txn);
+        }),
         _ => {}
     }
 }
@@ -482,8 +498,8 @@ fn finish(txn: &mut TxnBuffer) {
 
 /// Leaves the commit fence if this transaction entered it, and wakes the
 /// worker, which may have held later transactions back for this one.
-fn leave_fence() {
-    if let Some(ticket) = FENCE_TICKET.take() {
+fn leave_fence(txn: &mut TxnBuffer) {
+    if let Some(ticket) = txn.fence_ticket.take() {
         crate::shmem::fence().leave(ticket);
         crate::shmem::wake_worker();
     }
