@@ -13,7 +13,7 @@ PG ?=
 PGTEST_MAJORS := $(if $(PG),$(PG),14 15 16 17 18)
 E2E_MAJORS := $(if $(PG),$(PG),14 15 18)
 
-.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls clean
+.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching clean
 
 deps:
 	scripts/install-deps.sh
@@ -69,3 +69,8 @@ bench-instructions: install-release
 ## RLS-checked delivery throughput against no RLS (see bench/README.md).
 bench-rls: install-release
 	cargo bench -p pg_realtime_e2e --bench rls
+
+## The worker ruling out a change nobody wants: raw pre-check against
+## parse-and-match, in one process (see bench/README.md).
+bench-matching:
+	cargo bench -p pg_realtime_bgworker --bench matching

@@ -461,6 +461,13 @@ impl Changes {
                     }
                 };
                 let Some(columns) = &filtered[at].1 else { continue };
+                // Most changes match nobody: ruled out on the raw values
+                // first, without parsing them.
+                if let Some(value) = columns.raw_values(change) {
+                    if !self.registry.may_match(relation, change.kind, value) {
+                        continue;
+                    }
+                }
                 let parsed = event::Parsed::with_columns(change, columns);
                 let matches = self.registry.matches(relation, change.kind, parsed.filter_row());
                 if matches.is_empty() {

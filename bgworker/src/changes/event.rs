@@ -251,6 +251,51 @@ impl Wanted {
         }
         pick(text, &self.names)
     }
+
+    /// The JSON text of each wanted value of the row filters look at, read
+    /// where the change's offsets say (for [`super::registry::Registry::may_match`]):
+    /// None when the change has no usable offsets, and from the function
+    /// when a column is not wanted or its value cannot be read there.
+    pub fn raw_values<'c>(&'c self, change: &'c Change) -> Option<impl Fn(&str) -> Option<&'c str> + 'c> {
+        let text = filter_text(change)?;
+        let positions = self.positions.as_ref()?;
+        let at = &change.filter_at;
+        if at.len() != self.width {
+            return None;
+        }
+        Some(move |name: &str| {
+            let i = self.names.iter().position(|n| n == name)?;
+            json_value_at(text, *at.get(*positions.get(i)?)? as usize)
+        })
+    }
+}
+
+/// The text of the JSON value that starts at byte `offset` of `text`.
+fn json_value_at(text: &str, offset: usize) -> Option<&str> {
+    let rest = text.get(offset..)?;
+    let bytes = rest.as_bytes();
+    let end = match bytes.first()? {
+        b'"' => {
+            let mut i = 1;
+            loop {
+                match bytes.get(i)? {
+                    b'\\' => i += 2,
+                    b'"' => break i + 1,
+                    _ => i += 1,
+                }
+            }
+        }
+        b'{' | b'[' => {
+            let mut values = serde_json::Deserializer::from_str(rest).into_iter::<IgnoredAny>();
+            values.next()?.ok()?;
+            values.byte_offset()
+        }
+        _ => bytes
+            .iter()
+            .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+            .unwrap_or(bytes.len()),
+    };
+    rest.get(..end)
 }
 
 /// The JSON value that starts at byte `offset` of `text` (what follows it
@@ -549,6 +594,45 @@ mod tests {
             Value::Object(Parsed::with_columns(&delete, &wanted).filter_row().clone()),
             json!({"blob": null, "id": 9})
         );
+    }
+
+    #[test]
+    fn raw_values_are_the_json_text_at_the_offsets() {
+        let relation = relation(vec![0]);
+        let wanted = Wanted::new(vec!["title".into(), "at".into(), "blob".into()], &relation);
+        // values start at 6, 16, 31 and 52; one string has escapes and
+        // delimiters inside, one value is a nested object
+        let text = r#"{"id":7,"title":"a\"b,}c","at":{"x":[1,"]"]},"blob":null}"#;
+        let mut insert = change(ChangeKind::Insert, Some(text), None);
+        insert.filter_at = vec![6, 16, 31, 52];
+        {
+            let value = wanted.raw_values(&insert).unwrap();
+            assert_eq!(value("title"), Some(r#""a\"b,}c""#));
+            assert_eq!(value("at"), Some(r#"{"x":[1,"]"]}"#));
+            assert_eq!(value("blob"), Some("null"));
+            // a column matching does not look at
+            assert_eq!(value("id"), None);
+        }
+        // an offset outside the text
+        insert.filter_at = vec![6, 16, 31, 9999];
+        assert_eq!(wanted.raw_values(&insert).unwrap()("blob"), None);
+        // no offsets, too few, or a column the relation lacks: not usable
+        insert.filter_at = vec![];
+        assert!(wanted.raw_values(&insert).is_none());
+        insert.filter_at = vec![6, 16, 31];
+        assert!(wanted.raw_values(&insert).is_none());
+        let unknown = Wanted::new(vec!["gone".into()], &relation);
+        insert.filter_at = vec![6, 16, 31, 52];
+        assert!(unknown.raw_values(&insert).is_none());
+        // DELETE: the old row
+        let mut delete = change(
+            ChangeKind::Delete,
+            None,
+            Some(r#"{"id":9,"title":"x","at":1,"blob":2}"#),
+        );
+        delete.filter_at = vec![6, 16, 25, 34];
+        assert_eq!(wanted.raw_values(&delete).unwrap()("title"), Some(r#""x""#));
+        assert_eq!(wanted.raw_values(&delete).unwrap()("blob"), Some("2"));
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! subscriptions on its table (invariant 5).
 
 use super::filter::{Condition, Op};
-use super::value::{instant, Kind};
+use super::value::{decimal_key, instant, Kind};
 use super::wire::{ChangeKind, Relation};
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Identifies a channel: its connection and topic.
@@ -63,20 +64,54 @@ pub struct Binding {
 }
 
 /// A value's canonical form for the equality index: two values have the same
-/// key exactly when [`super::value::compare`] finds them equal.
+/// key exactly when [`super::value::compare`] finds them equal. The same as
+/// [`json_key`] of the value's JSON text.
 pub fn index_key(kind: Kind, value: &Value) -> Option<String> {
+    json_key(kind, &value.to_string()).map(Cow::into_owned)
+}
+
+/// The equality-index key of a value given as JSON text (`42`, `"a\"b"`,
+/// `true`, as a captured row has it); None for `null` and for text that is
+/// not a value of the kind. Borrowed from `json` for plain integers and
+/// for strings without escapes, the usual filtered values, so matching a
+/// row costs no allocation.
+pub fn json_key(kind: Kind, json: &str) -> Option<Cow<'_, str>> {
+    let json = json.trim();
+    if json == "null" {
+        return None;
+    }
     match kind {
-        Kind::Number => match value {
-            // (arbitrary_precision: the number's own text, not a copy)
-            Value::Number(n) => super::value::decimal_key(n.as_str()),
-            Value::String(s) => super::value::decimal_key(s),
+        // NaN and the infinities are JSON strings
+        Kind::Number => match json_string(json) {
+            Some(Cow::Borrowed(text)) => decimal_key(text),
+            Some(Cow::Owned(text)) => decimal_key(&text).map(|k| Cow::Owned(k.into_owned())),
+            None => decimal_key(json),
+        },
+        Kind::Text | Kind::Date => json_string(json),
+        Kind::Uuid => json_string(json).map(|s| match s {
+            s if s.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Owned(s.to_ascii_lowercase()),
+            s => s,
+        }),
+        Kind::Bool => match json {
+            "true" | "false" => Some(Cow::Borrowed(json)),
             _ => None,
         },
-        Kind::Uuid => value.as_str().map(str::to_ascii_lowercase),
-        Kind::Text | Kind::Date => value.as_str().map(str::to_owned),
-        Kind::Bool => value.as_bool().map(|b| b.to_string()),
-        Kind::Timestamp | Kind::Timestamptz => value.as_str().and_then(instant).map(|i| i.to_string()),
-        Kind::Other => Some(value.to_string()),
+        Kind::Timestamp | Kind::Timestamptz => json_string(json)
+            .and_then(|s| instant(&s))
+            .map(|i| Cow::Owned(i.to_string())),
+        Kind::Other => serde_json::from_str::<Value>(json)
+            .ok()
+            .map(|v| Cow::Owned(v.to_string())),
+    }
+}
+
+/// What a JSON string literal says: borrowed when it has no escapes.
+fn json_string(json: &str) -> Option<Cow<'_, str>> {
+    let inner = json.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(json).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(inner))
     }
 }
 
@@ -293,6 +328,48 @@ impl<S> Registry<S> {
         found.then_some(columns)
     }
 
+    /// Whether a change of `relation` may satisfy some binding, judged from
+    /// the JSON text of its filtered values alone (`value` gives a
+    /// column's, as the row has it; None when it cannot tell): false only
+    /// when no binding without an equality index takes changes of this
+    /// kind and no equality index holds the row's value. No parsing and,
+    /// for the usual values, no allocation: a change nobody wants costs a
+    /// hash look-up per indexed column. [`Registry::matches`] decides the
+    /// rest.
+    pub fn may_match<'t>(
+        &self,
+        relation: &Relation,
+        kind: ChangeKind,
+        value: impl Fn(&str) -> Option<&'t str>,
+    ) -> bool {
+        for index in self.indexes_for(relation) {
+            let scanned = index.scan.iter().any(|(key, i)| {
+                self.channels
+                    .get(key)
+                    .is_some_and(|sub| sub.bindings[*i].events.accepts(kind))
+            });
+            if scanned {
+                return true;
+            }
+            for (column, kind_of) in &index.columns {
+                let Some(text) = value(column) else {
+                    return true;
+                };
+                let Some(key) = json_key(*kind_of, text) else {
+                    continue;
+                };
+                if index
+                    .by_value
+                    .get(column)
+                    .is_some_and(|values| values.contains_key(&*key))
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Channels whose bindings a change satisfies, each with the matching
     /// binding ids. `row` is what filters look at: the new row, or the old
     /// row for DELETE.
@@ -418,6 +495,122 @@ mod tests {
         let index = r.targets.get(&Target::Table(100)).unwrap();
         assert!(index.scan.is_empty());
         assert_eq!(index.by_value["recipient_id"].len(), 1000);
+    }
+
+    #[test]
+    fn json_keys_are_the_keys_of_the_parsed_values() {
+        let cases: &[(Kind, &[&str])] = &[
+            (
+                Kind::Number,
+                &[
+                    "0",
+                    "-0",
+                    "7",
+                    "-100",
+                    "10.0",
+                    "1e1",
+                    "0.5",
+                    "-5e-1",
+                    "1e60",
+                    "\"NaN\"",
+                    "\"-Infinity\"",
+                ],
+            ),
+            (
+                Kind::Text,
+                &[r#""plain""#, r#""a\"b""#, r#""tab\u0009 and \b""#, r#""é""#, "7"],
+            ),
+            (Kind::Uuid, &[r#""AbC-1""#, r#""abc-1""#]),
+            (Kind::Bool, &["true", "false", r#""true""#]),
+            (Kind::Date, &[r#""2025-03-04""#]),
+            (
+                Kind::Timestamptz,
+                &[r#""2025-01-01T01:00:00+01:00""#, r#""2025-01-01T00:00:00+00:00""#],
+            ),
+            (Kind::Other, &[r#"{"b":1, "a":[true]}"#, "[1,2]", r#""x""#]),
+        ];
+        for (kind, texts) in cases {
+            for text in *texts {
+                let parsed: Value = serde_json::from_str(text).unwrap();
+                assert_eq!(
+                    json_key(*kind, text).map(Cow::into_owned),
+                    index_key(*kind, &parsed),
+                    "{kind:?} {text}"
+                );
+            }
+        }
+        assert!(matches!(json_key(Kind::Number, "42"), Some(Cow::Borrowed("42"))));
+        assert!(matches!(json_key(Kind::Text, r#""u42""#), Some(Cow::Borrowed("u42"))));
+        assert_eq!(json_key(Kind::Number, "10.0"), json_key(Kind::Number, "10"));
+        assert_eq!(json_key(Kind::Uuid, r#""AB""#), json_key(Kind::Uuid, r#""ab""#));
+        assert_eq!(json_key(Kind::Text, "null"), None);
+        assert_eq!(json_key(Kind::Bool, "1"), None);
+    }
+
+    #[test]
+    fn may_match_rules_out_only_what_no_binding_could_take() {
+        let mut r: Registry<u8> = Registry::default();
+        let number = Relation {
+            columns: vec![Column {
+                name: "n".into(),
+                typname: "int4".into(),
+            }],
+            ..relation()
+        };
+        let value = |text: &'static str| move |_: &str| Some(text);
+        r.subscribe(
+            key(1),
+            Subscription {
+                bindings: vec![Binding {
+                    id: 1,
+                    target: Target::Table(100),
+                    events: EventFilter::Only(ChangeKind::Insert),
+                    conditions: vec![eq("n", Kind::Number, json!(5))],
+                }],
+                sink: 1,
+            },
+        );
+        assert!(r.may_match(&number, ChangeKind::Insert, value("5")));
+        assert!(r.may_match(&number, ChangeKind::Insert, value("5.00")));
+        assert!(!r.may_match(&number, ChangeKind::Insert, value("6")));
+        assert!(!r.may_match(&number, ChangeKind::Insert, value("null")));
+        // a value that cannot be read: it may match
+        assert!(r.may_match(&number, ChangeKind::Insert, |_: &str| None));
+        // another table: nothing
+        let other = Relation {
+            relid: 101,
+            ..number.clone()
+        };
+        assert!(!r.may_match(&other, ChangeKind::Insert, value("5")));
+        // a binding the index cannot serve (n > 100) takes every UPDATE
+        r.subscribe(
+            key(2),
+            Subscription {
+                bindings: vec![Binding {
+                    id: 2,
+                    target: Target::Table(100),
+                    events: EventFilter::Only(ChangeKind::Update),
+                    conditions: vec![Condition {
+                        op: Op::Gt,
+                        ..eq("n", Kind::Number, json!(100))
+                    }],
+                }],
+                sink: 2,
+            },
+        );
+        assert!(!r.may_match(&number, ChangeKind::Insert, value("6")));
+        assert!(r.may_match(&number, ChangeKind::Update, value("6")));
+        // whatever may_match rules out, matches finds nothing for
+        for (kind, n) in [
+            (ChangeKind::Insert, 6),
+            (ChangeKind::Delete, 5),
+            (ChangeKind::Insert, 5),
+        ] {
+            let text = n.to_string();
+            let ruled_out = !r.may_match(&number, kind, |_: &str| Some(text.as_str()));
+            let found = r.matches(&number, kind, &row(json!({ "n": n })));
+            assert!(!ruled_out || found.is_empty(), "{kind:?} {n}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! instants whatever their UTC offset.
 
 use serde_json::Value;
+use std::borrow::Cow;
 use std::cmp::Ordering;
 
 /// How values of a column compare.
@@ -171,39 +172,45 @@ impl PartialOrd for Decimal {
     }
 }
 
+/// Integers with up to this many digits are keyed as their own digits.
+const INTEGER_KEY_DIGITS: i64 = 40;
+
 /// A canonical text for a number: equal exactly when the numbers are equal
-/// (`10`, `10.0` and `1e1` share one key).
-pub fn decimal_key(text: &str) -> Option<String> {
-    // Plain integers, the usual filter value, without building a Decimal:
-    // the same key, digits without leading or trailing zeros and the
-    // position of the decimal point.
+/// (`10`, `10.0` and `1e1` share one key). An integer of up to
+/// [`INTEGER_KEY_DIGITS`] digits is its digits (`-100`), so a plain
+/// integer, the usual filter value and row value, is its own key and is
+/// borrowed; any other number is `digits e exponent` (`0.5` is `5e0`).
+pub fn decimal_key(text: &str) -> Option<Cow<'_, str>> {
     let (negative, magnitude) = text.strip_prefix('-').map_or((false, text), |m| (true, m));
-    if !magnitude.is_empty() && magnitude.bytes().all(|b| b.is_ascii_digit()) {
+    if !magnitude.is_empty()
+        && magnitude.len() <= INTEGER_KEY_DIGITS as usize
+        && magnitude.bytes().all(|b| b.is_ascii_digit())
+    {
         let significant = magnitude.trim_start_matches('0');
-        if significant.is_empty() {
-            return Some("0".into());
-        }
-        let exp = significant.len();
-        let digits = significant.trim_end_matches('0');
-        let mut key = String::with_capacity(digits.len() + 8);
-        if negative {
-            key.push('-');
-        }
-        key.push_str(digits);
-        key.push('e');
-        key.push_str(&exp.to_string());
-        return Some(key);
+        return Some(if significant.is_empty() {
+            Cow::Borrowed("0")
+        } else if significant.len() == magnitude.len() {
+            Cow::Borrowed(text)
+        } else {
+            Cow::Owned(format!("{}{significant}", if negative { "-" } else { "" }))
+        });
     }
-    Some(match Decimal::parse(text)? {
+    Some(Cow::Owned(match Decimal::parse(text)? {
         Decimal::NaN => "NaN".into(),
         Decimal::Infinity => "Infinity".into(),
         Decimal::NegInfinity => "-Infinity".into(),
         Decimal::Finite { digits, .. } if digits.is_empty() => "0".into(),
         Decimal::Finite { negative, digits, exp } => {
+            let sign = if negative { "-" } else { "" };
+            let len = digits.len() as i64;
             let digits: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
-            format!("{}{digits}e{exp}", if negative { "-" } else { "" })
+            if (len..=INTEGER_KEY_DIGITS).contains(&exp) {
+                format!("{sign}{digits}{}", "0".repeat((exp - len) as usize))
+            } else {
+                format!("{sign}{digits}e{exp}")
+            }
         }
-    })
+    }))
 }
 
 /// Microseconds since 1970-01-01 UTC of an ISO-8601 timestamp as Postgres's
@@ -340,8 +347,24 @@ mod tests {
         ] {
             assert_eq!(decimal_key(n), decimal_key(&format!("{n}.0")), "{n}");
         }
-        assert_eq!(decimal_key("-100").unwrap(), "-1e3");
+        assert_eq!(decimal_key("-100").unwrap(), "-100");
+        assert!(matches!(decimal_key("-100"), Some(Cow::Borrowed(_))));
+        assert_eq!(decimal_key("-0042").unwrap(), "-42");
         assert_eq!(decimal_key("1e1"), decimal_key("10"));
+        assert_eq!(decimal_key("1.5e1").unwrap(), "15");
+        assert_eq!(decimal_key("0.5").unwrap(), "5e0");
+        assert_eq!(decimal_key("-0.05").unwrap(), "-5e-1");
+        // integers longer than the limit take the exponent form, however
+        // they are written
+        let big = format!("1{}", "0".repeat(45));
+        assert_eq!(decimal_key(&big).unwrap(), "1e46");
+        assert_eq!(decimal_key(&big), decimal_key(&format!("{big}.000")));
+        assert_eq!(decimal_key(&big), decimal_key("1e45"));
+        let limit = "9".repeat(40);
+        assert_eq!(decimal_key(&limit).unwrap(), limit);
+        assert_eq!(decimal_key(&format!("{limit}.0")).unwrap(), limit);
+        assert_eq!(decimal_key(&format!("00{limit}")).unwrap(), limit);
+        assert_ne!(decimal_key("5"), decimal_key("0.5"));
         assert_eq!(decimal_key("-"), None);
     }
 
