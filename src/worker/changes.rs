@@ -27,6 +27,11 @@ use std::time::{Duration, Instant};
 /// before they are read again, so a REVOKE or a new policy takes effect
 /// within this time.
 const ACCESS_TTL: Duration = Duration::from_secs(1);
+
+/// The most the worker keeps, from one drain to the next, of its record
+/// buffer and of its batch vector (transactions).
+const KEEP_SCRATCH_BYTES: usize = 1 << 20;
+const KEEP_BATCH: usize = 16 * 1024;
 /// After the publication sync ran (it wakes the worker), when the
 /// captured tables are read again: its transaction may not have committed
 /// at the first look. (Nothing else is polled: subscribing, unsubscribing
@@ -120,7 +125,9 @@ pub struct Changes {
     relation_cache: RelationCache,
     /// Kept from drain to drain, so that a batch allocates no buffer the
     /// size of a record or of the batch: the record being decoded, and
-    /// the transactions being delivered.
+    /// the transactions being delivered (up to `KEEP_SCRATCH_BYTES` and
+    /// `KEEP_BATCH`: one huge transaction or burst does not pin its
+    /// memory for the worker's life).
     scratch: Vec<u8>,
     batch: Vec<Transaction>,
     /// Joins validated but not answered yet: some table they cover has its
@@ -426,7 +433,12 @@ impl Changes {
         batch.extend(self.held.drain(..ready));
         self.deliver(&batch);
         batch.clear();
-        self.batch = batch;
+        if batch.capacity() <= KEEP_BATCH {
+            self.batch = batch;
+        }
+        if self.scratch.capacity() > KEEP_SCRATCH_BYTES {
+            self.scratch = Vec::new();
+        }
         ready
     }
 
