@@ -32,6 +32,7 @@ const ACCESS_TTL: Duration = Duration::from_secs(1);
 /// buffer and of its batch vector (transactions).
 const KEEP_SCRATCH_BYTES: usize = 1 << 20;
 const KEEP_BATCH: usize = 16 * 1024;
+
 /// After the publication sync ran (it wakes the worker), when the
 /// captured tables are read again: its transaction may not have committed
 /// at the first look. (Nothing else is polled: subscribing, unsubscribing
@@ -414,6 +415,9 @@ impl Changes {
                 Err(e) => pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}"),
             }
         });
+        if self.scratch.capacity() > KEEP_SCRATCH_BYTES {
+            self.scratch = Vec::new();
+        }
         let losses = ring.take_losses();
         if losses.records > 0 {
             self.notify_loss(&losses.relations, losses.all);
@@ -435,9 +439,6 @@ impl Changes {
         batch.clear();
         if batch.capacity() <= KEEP_BATCH {
             self.batch = batch;
-        }
-        if self.scratch.capacity() > KEEP_SCRATCH_BYTES {
-            self.scratch = Vec::new();
         }
         ready
     }

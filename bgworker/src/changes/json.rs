@@ -101,8 +101,8 @@ pub fn push_datetime(out: &mut Vec<u8>, kind: DateTimeKind, value: i64) -> bool 
     if !(1..=9999).contains(&year) {
         return false;
     }
-    // Written at fixed places into a buffer on the stack (constant
-    // indexes: no bounds checks), then appended in one copy.
+    // Written at fixed places into a buffer on the stack, then appended in
+    // one copy.
     let mut buf = *b"\"0000-00-00T00:00:00.000000";
     let (year, month, day) = (year as usize, month as usize, day as usize);
     put_pair(&mut buf, 1, year / 100);
