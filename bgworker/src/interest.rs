@@ -2,8 +2,9 @@
 //! realtime worker is the only writer, capture triggers read it without a
 //! lock and return at once when nobody listens (invariant 5).
 //!
-//! Open addressing over atomic words: a slot holds an OID and an "active"
-//! bit. Slots are never emptied, only deactivated, so probe chains stay
+//! Open addressing over atomic words: a slot holds an OID, an "active"
+//! bit and, for a table whose rows only some keys are wanted of, its filter
+//! slot (`crate::prefilter`), so one look-up tells a trigger both. Slots are never emptied, only deactivated, so probe chains stay
 //! intact for lock-free readers. If the table fills up, `all` is set and
 //! every relation counts as interesting: safe, merely slower.
 
@@ -11,6 +12,20 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const ACTIVE: u64 = 1 << 32;
+/// Bits 40..56: the relation's filter slot plus one (0: every row wanted).
+const FILTER_SHIFT: u32 = 40;
+const FILTER_MASK: u64 = 0xffff;
+
+/// What a capture trigger is to do with a relation's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Nobody subscribes: skip them.
+    Nothing,
+    /// Encode every row.
+    Every,
+    /// Only rows whose filtered column has a key this filter slot wants.
+    Keys(usize),
+}
 
 /// The shared part beside the slots.
 #[derive(Debug, Default)]
@@ -59,18 +74,41 @@ impl<'a> InterestTable<'a> {
     }
 
     fn is_active(&self, oid: u32) -> bool {
+        self.active_word(oid).is_some()
+    }
+
+    /// The slot word of `oid`, if it is active.
+    fn active_word(&self, oid: u32) -> Option<u64> {
         let mut i = self.start(oid);
         for _ in 0..self.slots.len() {
             let slot = self.slots[i].load(Ordering::Acquire);
             if slot == 0 {
-                return false;
+                return None;
             }
             if slot as u32 == oid {
-                return slot & ACTIVE != 0;
+                return (slot & ACTIVE != 0).then_some(slot);
             }
             i = self.wrap(i + 1);
         }
-        false
+        None
+    }
+
+    /// What to do with rows of relation `relid` in schema `namespace`.
+    /// Lock-free; called by capture triggers on every row.
+    pub fn wanted(&self, relid: u32, namespace: u32) -> Wanted {
+        if self.header.all.load(Ordering::Acquire) != 0 {
+            return Wanted::Every;
+        }
+        let schema = || self.has_schemas() && self.is_active(namespace);
+        match self.active_word(relid) {
+            Some(word) => match (word >> FILTER_SHIFT) & FILTER_MASK {
+                0 => Wanted::Every,
+                _ if schema() => Wanted::Every,
+                filter => Wanted::Keys(filter as usize - 1),
+            },
+            None if schema() => Wanted::Every,
+            None => Wanted::Nothing,
+        }
     }
 
     /// Whether any schema-level interest is set.
@@ -81,14 +119,26 @@ impl<'a> InterestTable<'a> {
     /// Makes exactly `oids` (plus everything, with `all`) interesting;
     /// `schemas` says whether some of them are schemas. Writer only (the
     /// realtime worker).
-    pub fn set_with_schemas(&self, oids: &HashSet<u32>, all: bool, schemas: bool) {
+    /// `filter` gives the filter slot of those that have one (see
+    /// [`Wanted::Keys`]).
+    pub fn set_with_schemas(
+        &self,
+        oids: &HashSet<u32>,
+        all: bool,
+        schemas: bool,
+        filter: impl Fn(u32) -> Option<usize>,
+    ) {
         self.header.schemas.store(u32::from(schemas), Ordering::Release);
-        self.set(oids, all);
+        self.set_filtered(oids, all, filter);
     }
 
     /// Makes exactly `oids` (plus everything, with `all`) interesting.
     /// Writer only (the realtime worker).
     pub fn set(&self, oids: &HashSet<u32>, all: bool) {
+        self.set_filtered(oids, all, |_| None);
+    }
+
+    fn set_filtered(&self, oids: &HashSet<u32>, all: bool, filter: impl Fn(u32) -> Option<usize>) {
         // Deactivate first, so that the slots of OIDs no longer wanted can
         // take new ones; OIDs in both sets stay active throughout.
         for slot in self.slots {
@@ -99,7 +149,10 @@ impl<'a> InterestTable<'a> {
         }
         let mut overflow = false;
         for oid in oids.iter().filter(|o| **o != 0) {
-            overflow |= !self.activate(*oid);
+            let filter = filter(*oid)
+                .filter(|f| (*f as u64) < FILTER_MASK)
+                .map_or(0, |f| f as u64 + 1);
+            overflow |= !self.activate(*oid, filter);
         }
         self.header.all.store(u32::from(all || overflow), Ordering::Release);
     }
@@ -107,13 +160,14 @@ impl<'a> InterestTable<'a> {
     /// Marks `oid` active: its own slot if it has one, else the first free
     /// slot of its probe chain (empty, or deactivated: a reader looking for
     /// the old OID there simply probes on). False if every slot is active.
-    fn activate(&self, oid: u32) -> bool {
+    fn activate(&self, oid: u32, filter: u64) -> bool {
+        let word = u64::from(oid) | ACTIVE | (filter << FILTER_SHIFT);
         let mut free = None;
         let mut i = self.start(oid);
         for _ in 0..self.slots.len() {
             let slot = self.slots[i].load(Ordering::Relaxed);
             if slot != 0 && slot as u32 == oid {
-                self.slots[i].store(u64::from(oid) | ACTIVE, Ordering::Release);
+                self.slots[i].store(word, Ordering::Release);
                 return true;
             }
             if slot & ACTIVE == 0 && free.is_none() {
@@ -126,7 +180,7 @@ impl<'a> InterestTable<'a> {
         }
         match free {
             Some(i) => {
-                self.slots[i].store(u64::from(oid) | ACTIVE, Ordering::Release);
+                self.slots[i].store(word, Ordering::Release);
                 true
             }
             None => false,
@@ -155,6 +209,29 @@ mod tests {
         assert!(!t.any(&[7, 42]));
         t.set(&HashSet::new(), true);
         assert!(t.any(&[12345]));
+    }
+
+    #[test]
+    fn wanted_tells_the_filter_slot_unless_a_schema_or_everything_covers_the_table() {
+        let (h, s) = table(16);
+        let t = InterestTable::new(&h, &s);
+        let filter = |oid: u32| (oid == 42).then_some(3);
+        t.set_with_schemas(&HashSet::from([42, 7]), false, false, filter);
+        assert_eq!(t.wanted(42, 2200), Wanted::Keys(3));
+        assert_eq!(t.wanted(7, 2200), Wanted::Every);
+        assert_eq!(t.wanted(8, 2200), Wanted::Nothing);
+        // schema 2200 is subscribed to as a whole: every row of its tables
+        t.set_with_schemas(&HashSet::from([42, 2200]), false, true, filter);
+        assert_eq!(t.wanted(42, 2200), Wanted::Every);
+        assert_eq!(t.wanted(8, 2200), Wanted::Every);
+        assert_eq!(t.wanted(42, 11), Wanted::Keys(3));
+        t.set_with_schemas(&HashSet::from([42]), true, false, filter);
+        assert_eq!(t.wanted(42, 11), Wanted::Every);
+        // the slot changes in place, and goes
+        t.set_with_schemas(&HashSet::from([42]), false, false, |_| Some(0));
+        assert_eq!(t.wanted(42, 11), Wanted::Keys(0));
+        t.set(&HashSet::from([42]), false);
+        assert_eq!(t.wanted(42, 11), Wanted::Every);
     }
 
     #[test]

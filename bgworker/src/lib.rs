@@ -10,6 +10,7 @@ pub mod interest;
 pub mod join;
 pub mod jwt;
 pub mod log;
+pub mod prefilter;
 pub mod protocol;
 pub mod redact;
 pub mod ring;

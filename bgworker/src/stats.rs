@@ -47,6 +47,9 @@ counters! {
     network_panics,
     /// Row changes encoded by capture triggers (none while nobody listens).
     rows_captured,
+    /// Row changes a capture trigger dropped because no subscriber's
+    /// equality filter wants their value (only that value was encoded).
+    rows_filtered_out,
     /// Committed transactions written to the change ring.
     transactions_published,
     /// Committed transactions whose changes were lost (ring full, or larger

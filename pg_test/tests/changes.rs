@@ -49,11 +49,13 @@ CREATE POLICY members ON team_posts FOR SELECT USING (EXISTS (
   AND teams.member = current_setting('request.jwt.claim.sub', true)));
 GRANT SELECT ON teams, team_posts TO authenticated;
 CREATE TABLE unpublished (id bigserial PRIMARY KEY);
-GRANT SELECT ON items, quiet, counter, late_rows, secret_rows, unpublished TO authenticated, admin_bypass;
+CREATE TABLE keyed (id int PRIMARY KEY, owner int, tag text);
+CREATE TABLE keyed_late (id int PRIMARY KEY, owner int);
+GRANT SELECT ON items, quiet, counter, late_rows, secret_rows, unpublished, keyed, keyed_late TO authenticated, admin_bypass;
 GRANT SELECT (id, shown) ON partial TO authenticated;
 GRANT SELECT (shown) ON keyless_view TO authenticated;
 CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, late_rows, secret_rows, partial, keyless_view,
-  team_posts;
+  team_posts, keyed, keyed_late;
 "#;
 
 fn main() {
@@ -77,6 +79,10 @@ fn main() {
         (
             "no_encoding_work_without_subscribers",
             no_encoding_work_without_subscribers,
+        ),
+        (
+            "rows_no_filter_wants_are_dropped_by_the_trigger",
+            rows_no_filter_wants_are_dropped_by_the_trigger,
         ),
         (
             "insert_update_delete_with_typed_values",
@@ -133,6 +139,10 @@ fn main() {
             "writes_before_a_join_that_commit_after_it_are_signalled",
             writes_before_a_join_that_commit_after_it_are_signalled,
         ),
+        (
+            "writes_for_a_key_before_its_join_that_commit_after_it_are_signalled",
+            writes_for_a_key_before_its_join_that_commit_after_it_are_signalled,
+        ),
         ("publication_sync_for_each_ddl_form", publication_sync_for_each_ddl_form),
         (
             "idle_tables_have_capture_switched_off_until_a_join",
@@ -187,6 +197,76 @@ fn no_encoding_work_without_subscribers(ctx: &Ctx) {
         assert_eq!(client.events(20).await.len(), 20);
     });
     assert_eq!(ctx.c.stat("rows_captured"), before + 20);
+}
+
+/// When every binding on a table has an equality filter on one column,
+/// the capture trigger drops the rows whose value no binding wants (they
+/// are counted, not encoded, never published); the rest arrive as ever,
+/// UPDATEs judged on the new row and DELETEs on the old one.
+fn rows_no_filter_wants_are_dropped_by_the_trigger(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let (mut ones, _) = subscriber(
+            ctx,
+            "ones",
+            json!([{"event": "*", "schema": "public", "table": "keyed", "filter": "owner=eq.1"}]),
+        )
+        .await;
+        let (mut twos, _) = subscriber(
+            ctx,
+            "twos",
+            json!([{"event": "INSERT", "schema": "public", "table": "keyed", "filter": "owner=eq.2"}]),
+        )
+        .await;
+        let (filtered, captured) = (ctx.c.stat("rows_filtered_out"), ctx.c.stat("rows_captured"));
+        // owners 0..9, ten rows each; and one without an owner
+        ctx.c.psql(
+            "INSERT INTO keyed SELECT g, g % 10, 'x' FROM generate_series(1, 100) g; \
+             INSERT INTO keyed VALUES (101, NULL, 'none')",
+        );
+        assert_eq!(
+            ctx.c.stat("rows_filtered_out") - filtered,
+            81,
+            "owners 0 and 3..9, and NULL"
+        );
+        assert_eq!(ctx.c.stat("rows_captured") - captured, 20, "owners 1 and 2");
+        // 3 moves to owner 1 (wanted), 1 moves away from it (not: filters
+        // look at the new row); 11 (owner 1) and 12 (owner 2) are deleted
+        ctx.c.psql(
+            "UPDATE keyed SET owner = 1 WHERE id = 3; UPDATE keyed SET owner = 5 WHERE id = 1; \
+             DELETE FROM keyed WHERE id IN (11, 12); INSERT INTO keyed VALUES (200, 1, 'last')",
+        );
+        assert_eq!(ctx.c.stat("rows_filtered_out") - filtered, 82);
+        assert_eq!(
+            ctx.c.stat("rows_captured") - captured,
+            24,
+            "+ update, 2 deletes, insert"
+        );
+        let got: Vec<(String, Value)> = ones
+            .events(13)
+            .await
+            .iter()
+            .map(|e| {
+                let data = &e[4]["data"];
+                let row = if data["type"] == "DELETE" {
+                    &data["old_record"]
+                } else {
+                    &data["record"]
+                };
+                (data["type"].as_str().unwrap().to_string(), row["id"].clone())
+            })
+            .collect();
+        let mut expected: Vec<(String, Value)> = (0..10).map(|k| ("INSERT".to_string(), json!(1 + 10 * k))).collect();
+        expected.extend([
+            ("UPDATE".to_string(), json!(3)),
+            ("DELETE".to_string(), json!(11)),
+            ("INSERT".to_string(), json!(200)),
+        ]);
+        // (in commit order, so an event for the update of 1 or the delete
+        // of 12 would come before 200's)
+        assert_eq!(got, expected);
+        let ids: Vec<Value> = twos.events(10).await.iter().map(|e| record(e)["id"].clone()).collect();
+        assert_eq!(ids, (0..10).map(|k| json!(2 + 10 * k)).collect::<Vec<_>>());
+    });
 }
 
 fn insert_update_delete_with_typed_values(ctx: &Ctx) {
@@ -1121,6 +1201,52 @@ fn writes_before_a_join_that_commit_after_it_are_signalled(ctx: &Ctx) {
     });
     drop(stdin);
     assert!(session.wait().unwrap().success());
+}
+
+/// As above for a key: a transaction drops a row whose key nobody wants,
+/// a subscriber for that key joins, the transaction commits: the
+/// subscriber is told to refetch. A join for another key is not.
+fn writes_for_a_key_before_its_join_that_commit_after_it_are_signalled(ctx: &Ctx) {
+    use std::io::{BufRead, Write};
+    let filter = |owner: i32| json!([{"event": "*", "schema": "public", "table": "keyed_late", "filter": format!("owner=eq.{owner}")}]);
+    ctx.rt.block_on(async {
+        let (_first, _) = subscriber(ctx, "late-1", filter(1)).await;
+        for (written, joined, told) in [(7, 7, true), (8, 9, false)] {
+            let mut session = ctx.c.psql_session();
+            let mut stdin = session.stdin.take().unwrap();
+            let mut out = std::io::BufReader::new(session.stdout.take().unwrap()).lines();
+            let dropped = ctx.c.stat("rows_filtered_out");
+            writeln!(
+                stdin,
+                "BEGIN; INSERT INTO keyed_late VALUES ({written}, {written}); \\echo written"
+            )
+            .unwrap();
+            assert_eq!(out.next().unwrap().unwrap(), "written");
+            let (mut client, _) = subscriber(ctx, &format!("late-{joined}"), filter(joined)).await;
+            writeln!(stdin, "COMMIT; \\echo committed").unwrap();
+            assert_eq!(out.next().unwrap().unwrap(), "committed");
+            drop(stdin);
+            assert!(session.wait().unwrap().success());
+            assert_eq!(ctx.c.stat("rows_filtered_out"), dropped + 1, "the row was dropped");
+            // then a row for the joined key: the next frame is its event
+            // unless the notice comes first
+            ctx.c
+                .psql(&format!("INSERT INTO keyed_late VALUES ({}, {joined})", 100 + joined));
+            let first = client.recv().await;
+            if told {
+                assert_eq!(first[3], "system", "{first}");
+                assert_eq!(first[4]["status"], "error");
+                assert!(first[4]["message"].as_str().unwrap().contains("refetch"), "{first}");
+                assert_eq!(record(&client.event().await)["id"], 100 + joined);
+            } else {
+                assert_eq!(
+                    first[3], "postgres_changes",
+                    "no notice for a key nobody joined for: {first}"
+                );
+                assert_eq!(record(&first)["id"], 100 + joined);
+            }
+        }
+    });
 }
 
 fn captured(c: &Cluster) -> String {

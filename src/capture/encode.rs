@@ -122,8 +122,19 @@ pub unsafe fn row_json(
     desc: pg_sys::TupleDesc,
     columns: &[ColumnEncoder],
 ) {
-    // SAFETY: per the contract; results of output functions are palloc'd in
-    // the trigger call's memory context and copied out at once.
+    // SAFETY: per the contract.
+    unsafe {
+        deform(deformed, tuple, desc);
+        deformed_json(out, at, deformed, columns);
+    }
+}
+
+/// Deforms a tuple into `deformed`.
+///
+/// # Safety
+/// `tuple` is a valid heap tuple of the relation described by `desc`.
+pub unsafe fn deform(deformed: &mut Deformed, tuple: pg_sys::HeapTuple, desc: pg_sys::TupleDesc) {
+    // SAFETY: per the contract; the vectors are sized to the descriptor.
     unsafe {
         let natts = (*desc).natts as usize;
         let Deformed { values, nulls } = deformed;
@@ -132,8 +143,27 @@ pub unsafe fn row_json(
         nulls.clear();
         nulls.resize(natts, true);
         crate::unguarded::deform_tuple(tuple, desc, values, nulls);
-        write_row(out, at, values, nulls, columns);
     }
+}
+
+/// [`row_json`] of a row [`deform`]ed already.
+///
+/// # Safety
+/// `deformed` holds a tuple of the descriptor `columns` were made for.
+pub unsafe fn deformed_json(out: &mut Vec<u8>, at: &mut Vec<u32>, deformed: &Deformed, columns: &[ColumnEncoder]) {
+    // SAFETY: per the contract; results of output functions are palloc'd
+    // in the trigger call's memory context and copied out at once.
+    unsafe { write_row(out, at, &deformed.values, &deformed.nulls, columns) }
+}
+
+/// Appends the JSON value of one column of a deformed row (as
+/// [`row_json`] writes it there).
+///
+/// # Safety
+/// As for [`deformed_json`].
+pub unsafe fn value_json(out: &mut Vec<u8>, deformed: &Deformed, column: &ColumnEncoder) {
+    // SAFETY: per the contract.
+    unsafe { write_value(out, &deformed.values, &deformed.nulls, column) }
 }
 
 /// A deformed tuple's values and null flags (scratch).
@@ -167,46 +197,57 @@ unsafe fn write_row(
             }
             out.extend_from_slice(&column.key);
             at.push((out.len() - start) as u32);
-            if nulls[column.index] {
-                out.extend_from_slice(b"null");
-                continue;
-            }
-            let datum = values[column.index];
-            match column.category {
-                Category::Int2 => push_int(out, i64::from(datum.value() as i16)),
-                Category::Int4 => push_int(out, i64::from(datum.value() as i32)),
-                Category::Int8 => push_int(out, datum.value() as i64),
-                Category::Bool => out.extend_from_slice(if datum.value() != 0 { b"true" } else { b"false" }),
-                Category::Number => {
-                    let text = output_text(column.output, datum);
-                    let numeric = text.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'-')
-                        && !text.ends_with("Infinity");
-                    if numeric {
-                        out.extend_from_slice(text.as_bytes());
-                    } else {
-                        escape_into(out, text.as_bytes());
-                    }
-                }
-                Category::Json => out.extend_from_slice(output_text(column.output, datum).as_bytes()),
-                Category::Text => escape_into(out, pgrx::varlena::varlena_to_byte_slice(detoasted(datum))),
-                Category::Bytea => {
-                    let bytes = pgrx::varlena::varlena_to_byte_slice(detoasted(datum));
-                    out.reserve(bytes.len() * 2 + 2);
-                    out.push(b'"');
-                    for b in bytes {
-                        const HEX: &[u8; 16] = b"0123456789abcdef";
-                        out.push(HEX[(b >> 4) as usize]);
-                        out.push(HEX[(b & 15) as usize]);
-                    }
-                    out.push(b'"');
-                }
-                Category::DateTime => push_date_time(out, column.typid, datum),
-                Category::Array => out.extend_from_slice(call_json(pg_sys::F_ARRAY_TO_JSON_ANYARRAY, datum).as_bytes()),
-                Category::Composite => out.extend_from_slice(call_json(pg_sys::F_ROW_TO_JSON_RECORD, datum).as_bytes()),
-                Category::Other => escape_into(out, output_text(column.output, datum).as_bytes()),
-            }
+            write_value(out, values, nulls, column);
         }
         out.push(b'}');
+    }
+}
+
+/// Appends one column's JSON value.
+///
+/// # Safety
+/// As for [`write_row`].
+unsafe fn write_value(out: &mut Vec<u8>, values: &[pg_sys::Datum], nulls: &[bool], column: &ColumnEncoder) {
+    // SAFETY: per the contract.
+    unsafe {
+        if nulls[column.index] {
+            out.extend_from_slice(b"null");
+            return;
+        }
+        let datum = values[column.index];
+        match column.category {
+            Category::Int2 => push_int(out, i64::from(datum.value() as i16)),
+            Category::Int4 => push_int(out, i64::from(datum.value() as i32)),
+            Category::Int8 => push_int(out, datum.value() as i64),
+            Category::Bool => out.extend_from_slice(if datum.value() != 0 { b"true" } else { b"false" }),
+            Category::Number => {
+                let text = output_text(column.output, datum);
+                let numeric =
+                    text.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'-') && !text.ends_with("Infinity");
+                if numeric {
+                    out.extend_from_slice(text.as_bytes());
+                } else {
+                    escape_into(out, text.as_bytes());
+                }
+            }
+            Category::Json => out.extend_from_slice(output_text(column.output, datum).as_bytes()),
+            Category::Text => escape_into(out, pgrx::varlena::varlena_to_byte_slice(detoasted(datum))),
+            Category::Bytea => {
+                let bytes = pgrx::varlena::varlena_to_byte_slice(detoasted(datum));
+                out.reserve(bytes.len() * 2 + 2);
+                out.push(b'"');
+                for b in bytes {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    out.push(HEX[(b >> 4) as usize]);
+                    out.push(HEX[(b & 15) as usize]);
+                }
+                out.push(b'"');
+            }
+            Category::DateTime => push_date_time(out, column.typid, datum),
+            Category::Array => out.extend_from_slice(call_json(pg_sys::F_ARRAY_TO_JSON_ANYARRAY, datum).as_bytes()),
+            Category::Composite => out.extend_from_slice(call_json(pg_sys::F_ROW_TO_JSON_RECORD, datum).as_bytes()),
+            Category::Other => escape_into(out, output_text(column.output, datum).as_bytes()),
+        }
     }
 }
 

@@ -28,9 +28,13 @@ extension_sql_file!(
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+use realtime::changes::registry::json_key;
+use realtime::changes::value::Kind;
 use realtime::changes::wire::{self, ChangeKind, Header};
+use realtime::interest::Wanted;
+use realtime::prefilter::key_hash;
 use realtime::stats::Counters;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -46,7 +50,43 @@ struct Described {
     relation: Rc<[u8]>,
     encoders: Rc<Vec<encode::ColumnEncoder>>,
     order: Order,
+    /// The column a key filter slot names, as last read.
+    probe: Rc<Cell<Option<Probe>>>,
 }
+
+/// Which of a relation's columns a key filter slot filters on
+/// (`realtime::prefilter`), as read from the slot at `generation`.
+#[derive(Clone, Copy)]
+struct Probe {
+    slot: usize,
+    generation: u64,
+    /// The encoder that writes the column (None: the relation has no
+    /// column of that name, so its rows all go on).
+    encoder: Option<usize>,
+    kind: Kind,
+}
+
+/// Rows of one relation a transaction dropped because no subscriber's
+/// equality filter wanted their keys: if a subscriber for one of those
+/// keys has joined by commit time, it is told to refetch (see `on_xact`).
+struct KeySkips {
+    relid: u32,
+    namespace: u32,
+    slot: usize,
+    generation: u64,
+    /// The slot's version before the first of these rows was judged
+    /// (`u64::MAX`, which no version reaches, once the filter moved).
+    version: u64,
+    /// The keys' hashes (None: no key, as for NULL), up to
+    /// `MAX_KEY_SKIPS`; past that only whether the slot changed is known.
+    hashes: Vec<Option<u64>>,
+    saturated: bool,
+}
+
+/// Distinct keys remembered per relation and transaction (bounded memory
+/// for a huge transaction; past it, any change to the table's filter
+/// before commit counts as a possible miss).
+const MAX_KEY_SKIPS: usize = 1024;
 
 /// How the encoders' columns map onto the reported relation's, for the
 /// value offsets each row carries (`wire::put_offsets`).
@@ -99,6 +139,10 @@ struct TxnBuffer {
     /// someone listens by commit time, they subscribed while this
     /// transaction ran and may expect its rows: they are told to refetch.
     skipped: Vec<(u32, u32)>,
+    /// Rows dropped by key filters, per relation.
+    key_skips: Vec<KeySkips>,
+    /// Rows dropped by key filters, for `rows_filtered_out`.
+    filtered_out: u64,
     /// Rows encoded, added to the shared counter once per transaction
     /// rather than per row (it is a cache line every backend writes).
     encoded: u64,
@@ -109,6 +153,8 @@ struct TxnBuffer {
     at: Vec<u32>,
     /// The row being written, deformed (scratch).
     deformed: encode::Deformed,
+    /// The value a key filter looks at, as JSON (scratch).
+    probe: Vec<u8>,
     /// This transaction's place in the commit fence, from PRE_COMMIT until
     /// it has published (or aborted). Not touched by `clear`.
     fence_ticket: Option<realtime::fence::Ticket>,
@@ -136,6 +182,8 @@ impl TxnBuffer {
         self.overflowed = false;
         self.touched.clear();
         self.skipped.clear();
+        self.key_skips.clear();
+        self.filtered_out = 0;
         self.encoded = 0;
     }
 }
@@ -283,7 +331,8 @@ fn capture_changes<'a>(
     let (relid, namespace) = unsafe { reported_as(rel) };
     // SAFETY: as above.
     let own_relid = unsafe { (*rel).rd_id };
-    if !crate::shmem::interest().any(&[relid.to_u32(), namespace.to_u32()]) {
+    let wanted = crate::shmem::interest().wanted(relid.to_u32(), namespace.to_u32());
+    if wanted == Wanted::Nothing {
         note_skipped(relid.to_u32(), namespace.to_u32());
         return Ok(None);
     }
@@ -321,16 +370,41 @@ fn capture_changes<'a>(
                 relation: Rc::from(relation.encode()),
                 order: Order::of(&relation, &encoders),
                 encoders: Rc::new(encoders),
+                probe: Rc::new(Cell::new(None)),
             }
         };
         DESCRIBED.with(|cache| cache.borrow_mut().insert(own_relid.to_u32(), described.clone()));
         described
     });
+    let probe = match wanted {
+        Wanted::Keys(slot) => probe_column(&described, slot, relid.to_u32()),
+        _ => None,
+    };
     let subxact = crate::unguarded::current_subtransaction();
     let limit = crate::shmem::ring().max_payload();
+    // SAFETY: tg_relation is open; its descriptor matches the tuples.
+    let desc = unsafe { (*rel).rd_att };
+    // The row filters look at: the new one, the old one for DELETE (the
+    // first one encoded either way).
+    let probed = match kind {
+        ChangeKind::Insert | ChangeKind::Delete => data.tg_trigtuple,
+        ChangeKind::Update => data.tg_newtuple,
+    };
     TXN.with(|txn| {
         let mut txn = txn.borrow_mut();
         let txn = &mut *txn;
+        let deformed_first = match probe {
+            Some((probe, encoder)) => {
+                // SAFETY: the tuple belongs to this trigger call and matches
+                // the descriptor the encoders were made for.
+                unsafe { encode::deform(&mut txn.deformed, probed, desc) };
+                if !keeps(txn, probe, encoder, &described, relid.to_u32(), namespace.to_u32()) {
+                    return;
+                }
+                true
+            }
+            None => false,
+        };
         txn.encoded += 1;
         if !txn.touched.contains(&relid.to_u32()) {
             txn.touched.push(relid.to_u32());
@@ -353,10 +427,13 @@ fn capture_changes<'a>(
         // SAFETY: the tuples belong to this trigger call and match the
         // relation's descriptor, which the encoders were made for.
         unsafe {
-            let desc = (*rel).rd_att;
             let mut row = |rows: &mut Vec<u8>, tuple| {
                 wire::put_row(rows, |out| {
-                    encode::row_json(out, at, deformed, tuple, desc, &described.encoders)
+                    if deformed_first && tuple == probed {
+                        encode::deformed_json(out, at, deformed, &described.encoders)
+                    } else {
+                        encode::row_json(out, at, deformed, tuple, desc, &described.encoders)
+                    }
                 });
                 match &described.order {
                     Order::Same => wire::put_offsets(rows, at.iter().copied()),
@@ -388,6 +465,102 @@ fn capture_changes<'a>(
         }
     });
     Ok(None)
+}
+
+/// The column key filter `slot` filters rows of `relid` on, as one of the
+/// relation's encoders, from the relation's cache unless the slot changed
+/// since. None: every row goes on.
+fn probe_column(described: &Described, slot: usize, relid: u32) -> Option<(Probe, usize)> {
+    let filters = crate::shmem::key_filters();
+    let cached = described
+        .probe
+        .get()
+        .filter(|p| p.slot == slot && p.generation == filters.generation(slot));
+    let probe = match cached {
+        Some(p) => p,
+        None => {
+            let column = filters.column(slot, relid)?;
+            let p = Probe {
+                slot,
+                generation: column.generation,
+                encoder: described.encoders.iter().position(|e| e.name == column.name),
+                kind: column.kind,
+            };
+            described.probe.set(Some(p));
+            p
+        }
+    };
+    Some((probe, probe.encoder?))
+}
+
+/// Whether the row deformed in `txn.deformed` may be wanted by a
+/// subscriber, judged by the key of its value in the probed column. If
+/// not, it is noted as skipped (for the check at commit) and counted.
+fn keeps(txn: &mut TxnBuffer, probe: Probe, encoder: usize, described: &Described, relid: u32, namespace: u32) -> bool {
+    let filters = crate::shmem::key_filters();
+    let version = filters.version(probe.slot);
+    txn.probe.clear();
+    // SAFETY: `deformed` holds this trigger call's tuple of the
+    // descriptor the encoders were made for.
+    unsafe { encode::value_json(&mut txn.probe, &txn.deformed, &described.encoders[encoder]) };
+    // (text in a database encoding other than UTF-8 may not be: sent on)
+    let Ok(json) = std::str::from_utf8(&txn.probe) else {
+        return true;
+    };
+    let hash = json_key(probe.kind, json).map(|key| key_hash(&key));
+    if filters.wants(probe.slot, relid, probe.generation, hash) {
+        return true;
+    }
+    txn.filtered_out += 1;
+    let skips = match txn.key_skips.iter_mut().position(|s| s.relid == relid) {
+        Some(i) => &mut txn.key_skips[i],
+        None => {
+            txn.key_skips.push(KeySkips {
+                relid,
+                namespace,
+                slot: probe.slot,
+                generation: probe.generation,
+                version,
+                hashes: Vec::new(),
+                saturated: false,
+            });
+            txn.key_skips.last_mut().unwrap()
+        }
+    };
+    if skips.slot != probe.slot || skips.generation != probe.generation {
+        // The table's filter moved to another column or slot during the
+        // transaction: whether it now wants the rows dropped before is
+        // not known, so they count as missed if anyone listens at commit.
+        (skips.slot, skips.generation, skips.version) = (probe.slot, probe.generation, u64::MAX);
+        skips.saturated = true;
+        skips.hashes = Vec::new();
+    }
+    if !skips.saturated && skips.hashes.last() != Some(&hash) && !skips.hashes.contains(&hash) {
+        if skips.hashes.len() == MAX_KEY_SKIPS {
+            skips.saturated = true;
+            skips.hashes = Vec::new();
+        } else {
+            skips.hashes.push(hash);
+        }
+    }
+    false
+}
+
+/// Whether a subscriber may have joined, since these rows were dropped,
+/// that wants some of them (then it is told to refetch). Reads shared
+/// atomics only.
+fn missed(skips: &KeySkips) -> bool {
+    let filters = crate::shmem::key_filters();
+    match crate::shmem::interest().wanted(skips.relid, skips.namespace) {
+        Wanted::Nothing => false,
+        Wanted::Every => true,
+        Wanted::Keys(slot) if slot != skips.slot => true,
+        Wanted::Keys(slot) if skips.saturated => filters.version(slot) != skips.version,
+        Wanted::Keys(slot) => skips
+            .hashes
+            .iter()
+            .any(|hash| filters.wants(slot, skips.relid, skips.generation, *hash)),
+    }
 }
 
 fn ensure_callbacks() {
@@ -438,9 +611,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                 let mut txn = t.borrow_mut();
                 // Reading shared atomics only: nothing here can fail.
                 let interest = crate::shmem::interest();
-                let missed = |(r, nsp): &&(u32, u32)| interest.any(&[*r, *nsp]);
-                if txn.skipped.iter().any(|s| missed(&s)) {
-                    crate::shmem::ring().record_loss(txn.skipped.iter().filter(missed).map(|(r, _)| *r));
+                let missed_table = |(r, nsp): &&(u32, u32)| interest.any(&[*r, *nsp]);
+                let missed_keys = |s: &&KeySkips| missed(s);
+                if txn.skipped.iter().any(|s| missed_table(&s)) || txn.key_skips.iter().any(missed) {
+                    let tables = txn.skipped.iter().filter(missed_table).map(|(r, _)| *r);
+                    let keyed = txn.key_skips.iter().filter(missed_keys).map(|s| s.relid);
+                    crate::shmem::ring().record_loss(tables.chain(keyed));
                     crate::shmem::wake_worker();
                 }
                 if !txn.is_empty() {
@@ -492,6 +668,9 @@ unsafe extern "C-unwind" fn on_subxact(
 fn finish(txn: &mut TxnBuffer) {
     if txn.encoded > 0 {
         Counters::add(&crate::shmem::counters().rows_captured, txn.encoded);
+    }
+    if txn.filtered_out > 0 {
+        Counters::add(&crate::shmem::counters().rows_filtered_out, txn.filtered_out);
     }
     txn.clear();
 }

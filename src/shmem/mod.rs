@@ -60,6 +60,10 @@ pub fn interest() -> InterestTable<'static> {
     CHANGES.interest()
 }
 
+pub fn key_filters() -> realtime::prefilter::KeyFilters<'static> {
+    CHANGES.key_filters()
+}
+
 pub fn fence() -> realtime::fence::CommitFence<'static> {
     CHANGES.fence()
 }

@@ -1,11 +1,12 @@
-//! The shared region holding the change ring and the interest table. Its
-//! size comes from `pg_realtime.queue_size`, so it is requested by hand
+//! The shared region holding the change ring, the interest table, the
+//! commit fence and the key filters. Its size comes from `pg_realtime.queue_size`, so it is requested by hand
 //! rather than as a fixed-size pgrx struct.
 
 use pgrx::prelude::*;
 use pgrx::PgSharedMemoryInitialization;
 use realtime::fence::{CommitFence, SLOT_WORDS};
 use realtime::interest::{InterestHeader, InterestTable};
+use realtime::prefilter::{self, KeyFilters};
 use realtime::ring::{ChangeRing, RingHeader};
 use std::cell::UnsafeCell;
 use std::ffi::CStr;
@@ -17,6 +18,9 @@ const INTEREST_SLOTS: usize = 16 * 1024;
 /// Transactions that may be between their commit record and publishing at
 /// once; more are counted and make the worker wait for all of them.
 const FENCE_SLOTS: usize = 256;
+/// Tables whose rows triggers filter by key (`realtime::prefilter`); past
+/// that, the rows of further tables all go on to the worker.
+pub const FILTER_SLOTS: usize = 64;
 
 pub struct ChangesRegion {
     name: &'static CStr,
@@ -48,6 +52,7 @@ struct Layout {
     interest_slots: usize,
     fence_unslotted: usize,
     fence_slots: usize,
+    filters: usize,
     ring_words: usize,
     ring_len: usize,
     total: usize,
@@ -60,12 +65,14 @@ const fn layout(ring_bytes: usize) -> Layout {
     let interest_slots = interest_header + align8(size_of::<InterestHeader>());
     let fence_unslotted = interest_slots + INTEREST_SLOTS * 8;
     let fence_slots = align64(fence_unslotted + 8);
-    let ring_words = align64(fence_slots + FENCE_SLOTS * SLOT_WORDS * 8);
+    let filters = align64(fence_slots + FENCE_SLOTS * SLOT_WORDS * 8);
+    let ring_words = align64(filters + FILTER_SLOTS * prefilter::SLOT_WORDS * 8);
     Layout {
         interest_header,
         interest_slots,
         fence_unslotted,
         fence_slots,
+        filters,
         ring_words,
         ring_len,
         total: ring_words + ring_len * 8,
@@ -124,6 +131,11 @@ impl ChangesRegion {
             self.at::<InterestHeader>(l.interest_header),
             self.words(l.interest_slots, INTEREST_SLOTS),
         )
+    }
+
+    pub fn key_filters(&self) -> KeyFilters<'static> {
+        let l = self.layout();
+        KeyFilters::new(self.words(l.filters, FILTER_SLOTS * prefilter::SLOT_WORDS))
     }
 
     pub fn fence(&self) -> CommitFence<'static> {

@@ -7,7 +7,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use realtime::changes::event::{self, Visible};
 use realtime::changes::filter::{self, Condition};
-use realtime::changes::registry::{ChannelKey, EventFilter, Registry, Subscription, Target};
+use realtime::changes::registry::{ChannelKey, EventFilter, Registry, RowFilter, Subscription, Target};
 use realtime::changes::rls;
 use realtime::changes::switch::Switches;
 use realtime::changes::value::Kind;
@@ -147,6 +147,9 @@ pub struct Changes {
     look_again: Vec<Instant>,
     /// `capture_syncs` when last looked at.
     syncs_seen: u64,
+    /// The key filter slot of each table that has one (see
+    /// `publish_interest`).
+    filter_slots: HashMap<u32, usize>,
 }
 
 /// The parameters as Supabase lists them in its messages.
@@ -185,6 +188,7 @@ impl Changes {
             unsettled: true,
             look_again: Vec::new(),
             syncs_seen: 0,
+            filter_slots: HashMap::new(),
         }
     }
 
@@ -384,16 +388,45 @@ impl Changes {
         }
     }
 
-    /// Publishes what the subscriptions and the waiting joins cover.
-    fn publish_interest(&self) {
+    /// Publishes what the subscriptions and the waiting joins cover: the
+    /// tables and schemas anyone listens to and, for each table whose
+    /// bindings all have an equality condition on one column, the keys
+    /// they want there (capture triggers drop other rows). The filters
+    /// are written before the interest table points at them, and a slot
+    /// is freed only after nothing points at it; a trigger that reads a
+    /// slot meanwhile rewritten for another table sends its row on.
+    fn publish_interest(&mut self) {
         let (mut tables, mut schemas, mut all) = self.registry.interest();
         let (waiting_tables, waiting_schemas, waiting_all) = self.waiting.interest();
         tables.extend(waiting_tables);
         schemas.extend(waiting_schemas);
         all |= waiting_all;
-        let mut oids: HashSet<u32> = tables.into_iter().collect();
+        let mut oids: HashSet<u32> = tables.iter().copied().collect();
+        let filters = crate::shmem::key_filters();
+        let mut free: Vec<usize> = (0..filters.len())
+            .rev()
+            .filter(|slot| !self.filter_slots.values().any(|s| s == slot))
+            .collect();
+        let mut slots: HashMap<u32, usize> = HashMap::new();
+        for relid in &oids {
+            let filter = self.registry.row_filter(*relid).union(self.waiting.row_filter(*relid));
+            let RowFilter::Keys { column, kind, keys } = filter else {
+                continue;
+            };
+            let Some(slot) = self.filter_slots.get(relid).copied().or_else(|| free.pop()) else {
+                continue; // no slot left: every row of this table goes on
+            };
+            filters.write(slot, *relid, column, kind, keys);
+            slots.insert(*relid, slot);
+        }
         oids.extend(schemas.iter().filter_map(|s| self.schema_oids.get(s)));
-        crate::shmem::interest().set_with_schemas(&oids, all, !schemas.is_empty());
+        crate::shmem::interest().set_with_schemas(&oids, all, !schemas.is_empty(), |oid| slots.get(&oid).copied());
+        for (relid, slot) in &self.filter_slots {
+            if slots.get(relid) != Some(slot) {
+                filters.clear(*slot);
+            }
+        }
+        self.filter_slots = slots;
     }
 
     /// Delivers everything committed so far, in commit-LSN order; returns

@@ -154,6 +154,45 @@ impl<S> Default for Registry<S> {
     }
 }
 
+/// Which rows of a table its bindings may want, for the capture trigger to
+/// drop the others before they are sent (`crate::prefilter`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowFilter<'a> {
+    /// No binding names the table.
+    Unbound,
+    /// Any row may be wanted.
+    Every,
+    /// Only rows whose value in `column` has one of these equality keys
+    /// ([`json_key`]): every binding has its indexed equality condition
+    /// on that column.
+    Keys {
+        column: &'a str,
+        kind: Kind,
+        keys: Vec<&'a str>,
+    },
+}
+
+impl<'a> RowFilter<'a> {
+    /// What two sets of bindings on one table want together.
+    pub fn union(self, other: RowFilter<'a>) -> RowFilter<'a> {
+        match (self, other) {
+            (RowFilter::Unbound, f) | (f, RowFilter::Unbound) => f,
+            (
+                RowFilter::Keys { column, kind, mut keys },
+                RowFilter::Keys {
+                    column: c,
+                    kind: k,
+                    keys: more,
+                },
+            ) if column == c && kind == k => {
+                keys.extend(more);
+                RowFilter::Keys { column, kind, keys }
+            }
+            _ => RowFilter::Every,
+        }
+    }
+}
+
 /// A match: a channel and the ids of its bindings that an event satisfies.
 #[derive(Debug, PartialEq)]
 pub struct Match<'a, S> {
@@ -309,6 +348,27 @@ impl<S> Registry<S> {
             }
         }
         (tables, schemas, all)
+    }
+
+    /// Which rows of table `relid` its table bindings may want. (Bindings
+    /// on its schema or on everything are not looked at: the interest
+    /// table has every row of their tables sent.)
+    pub fn row_filter(&self, relid: u32) -> RowFilter<'_> {
+        let Some(index) = self.targets.get(&Target::Table(relid)) else {
+            return RowFilter::Unbound;
+        };
+        let mut columns = index.by_value.iter();
+        match (index.scan.is_empty(), columns.next(), columns.next()) {
+            (true, Some((column, values)), None) => match index.columns.get(column) {
+                Some(kind) => RowFilter::Keys {
+                    column,
+                    kind: *kind,
+                    keys: values.keys().map(String::as_str).collect(),
+                },
+                None => RowFilter::Every,
+            },
+            _ => RowFilter::Every,
+        }
     }
 
     /// The columns that the conditions of bindings on `relation` (on it,
@@ -739,6 +799,69 @@ mod tests {
             ..relation()
         };
         assert_eq!(r.filtered_columns(&other), None);
+    }
+
+    /// A table's row filter names the keys its bindings want while every
+    /// binding has its equality condition on one column; anything else
+    /// sends every row on.
+    #[test]
+    fn row_filters_follow_the_equality_index() {
+        let mut r: Registry<()> = Registry::default();
+        assert_eq!(r.row_filter(100), RowFilter::Unbound);
+        let sub = |conditions: Vec<Condition>| Subscription {
+            bindings: vec![Binding {
+                id: 1,
+                target: Target::Table(100),
+                events: EventFilter::Only(ChangeKind::Insert),
+                conditions,
+            }],
+            sink: (),
+        };
+        let keys = |f: RowFilter| match f {
+            RowFilter::Keys { column, kind, mut keys } => {
+                keys.sort();
+                Some((
+                    column.to_string(),
+                    kind,
+                    keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                ))
+            }
+            _ => None,
+        };
+        let gt = Condition {
+            op: Op::Gt,
+            ..eq("n", Kind::Number, json!(3))
+        };
+        r.subscribe(key(1), sub(vec![eq("n", Kind::Number, json!(5))]));
+        r.subscribe(key(2), sub(vec![gt.clone(), eq("n", Kind::Number, json!(6.0))]));
+        assert_eq!(
+            keys(r.row_filter(100)),
+            Some(("n".into(), Kind::Number, vec!["5".into(), "6".into()]))
+        );
+        // a binding with no equality condition: every row
+        r.subscribe(key(3), sub(vec![gt]));
+        assert_eq!(r.row_filter(100), RowFilter::Every);
+        r.unsubscribe(&key(3));
+        // equality on another column: every row (one column per table)
+        r.subscribe(key(4), sub(vec![eq("title", Kind::Text, json!("x"))]));
+        assert_eq!(r.row_filter(100), RowFilter::Every);
+        r.unsubscribe(&key(4));
+        assert!(keys(r.row_filter(100)).is_some());
+        // joins still waiting are another registry: the union
+        let mut waiting: Registry<()> = Registry::default();
+        waiting.subscribe(key(5), sub(vec![eq("n", Kind::Number, json!(7))]));
+        let both = r.row_filter(100).union(waiting.row_filter(100));
+        assert_eq!(
+            keys(both),
+            Some(("n".into(), Kind::Number, vec!["5".into(), "6".into(), "7".into()]))
+        );
+        assert_eq!(r.row_filter(100).union(RowFilter::Every), RowFilter::Every);
+        waiting.subscribe(key(5), sub(vec![eq("title", Kind::Text, json!("x"))]));
+        assert_eq!(r.row_filter(100).union(waiting.row_filter(100)), RowFilter::Every);
+        assert_eq!(RowFilter::Unbound.union(RowFilter::Unbound), RowFilter::Unbound);
+        r.unsubscribe(&key(1));
+        r.unsubscribe(&key(2));
+        assert_eq!(r.row_filter(100), RowFilter::Unbound);
     }
 
     #[test]
