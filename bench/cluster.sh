@@ -15,8 +15,9 @@ as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 psql_b() { as_pg "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PGPORT" -U postgres -d postgres "$@"; }
 
 SUB_PID=""
+SUB_PIDS=""
 cleanup() {
-  [ -n "$SUB_PID" ] && kill "$SUB_PID" 2>/dev/null || true
+  for p in $SUB_PIDS; do kill "$p" 2>/dev/null || true; done
   [ -f "$DIR/data/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null || true
   rm -rf "$DIR"
 }
@@ -49,7 +50,7 @@ ${BENCH_CONF:-}
 CONF
 }
 
-# The five bench tables (a: no trigger; b, c, e: published, so captured;
+# The bench tables (a: no trigger; b, c, e, f: published, so captured;
 # d: a pg_notify trigger) and the subscribers' role; KEY is its token.
 create_schema() {
   psql_b <<'SQL'
@@ -61,12 +62,13 @@ CREATE TABLE bench_b (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_c (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_d (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_e (LIKE bench_a INCLUDING ALL);
+CREATE TABLE bench_f (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_lat (LIKE bench_a INCLUDING ALL);
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO service_role;
 CREATE FUNCTION notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM pg_notify('bench', row_to_json(NEW)::text); RETURN NULL; END $$;
 CREATE TRIGGER notify AFTER INSERT ON bench_d FOR EACH ROW EXECUTE FUNCTION notify_row();
-CREATE PUBLICATION supabase_realtime FOR TABLE bench_b, bench_c, bench_e, bench_lat;
+CREATE PUBLICATION supabase_realtime FOR TABLE bench_b, bench_c, bench_e, bench_f, bench_lat;
 SQL
   KEY=$(python3 "$ROOT/scripts/jwt.py" --secret "$SECRET" --role service_role)
   ln -sfn "$ROOT/pg_test/js/node_modules" "$ROOT/bench/node_modules"
@@ -76,6 +78,7 @@ start_subscriber() {  # table expected [filter] -> SUB_PID, waits for READY
   local out=$DIR/sub-$1.out
   SUPABASE_URL=http://127.0.0.1:$WS_PORT KEY=$KEY TABLE=$1 EXPECTED=$2 FILTER=${3:-} "$NODE" "$ROOT/bench/subscriber.mjs" > "$out" 2>&1 &
   SUB_PID=$!
+  SUB_PIDS="$SUB_PIDS $SUB_PID"
   for _ in $(seq 100); do grep -q READY "$out" 2>/dev/null && return 0; sleep 0.1; done
   echo "subscriber for $1 did not get ready:"; cat "$out"; exit 1
 }

@@ -77,9 +77,11 @@ struct KeySkips {
     /// The slot's version before the first of these rows was judged
     /// (`u64::MAX`, which no version reaches, once the filter moved).
     version: u64,
-    /// The keys' hashes (None: no key, as for NULL), up to
-    /// `MAX_KEY_SKIPS`; past that only whether the slot changed is known.
-    hashes: Vec<Option<u64>>,
+    /// How many of the transaction's `skipped_keys` are this relation's
+    /// (at most `MAX_KEY_SKIPS`; past that, `saturated`: only whether the
+    /// slot changed is known), and the last one.
+    keys: usize,
+    last: Option<Option<u64>>,
     saturated: bool,
 }
 
@@ -139,8 +141,10 @@ struct TxnBuffer {
     /// someone listens by commit time, they subscribed while this
     /// transaction ran and may expect its rows: they are told to refetch.
     skipped: Vec<(u32, u32)>,
-    /// Rows dropped by key filters, per relation.
+    /// Rows dropped by key filters, per relation, and their keys' hashes
+    /// by relation (None: no key, as for NULL).
     key_skips: Vec<KeySkips>,
+    skipped_keys: Vec<(u32, Option<u64>)>,
     /// Rows dropped by key filters, for `rows_filtered_out`.
     filtered_out: u64,
     /// Rows encoded, added to the shared counter once per transaction
@@ -183,6 +187,10 @@ impl TxnBuffer {
         self.touched.clear();
         self.skipped.clear();
         self.key_skips.clear();
+        self.skipped_keys.clear();
+        if self.skipped_keys.capacity() > KEEP_BYTES / 16 {
+            self.skipped_keys = Vec::new();
+        }
         self.filtered_out = 0;
         self.encoded = 0;
     }
@@ -521,7 +529,8 @@ fn keeps(txn: &mut TxnBuffer, probe: Probe, encoder: usize, described: &Describe
                 slot: probe.slot,
                 generation: probe.generation,
                 version,
-                hashes: Vec::new(),
+                keys: 0,
+                last: None,
                 saturated: false,
             });
             txn.key_skips.last_mut().unwrap()
@@ -533,33 +542,35 @@ fn keeps(txn: &mut TxnBuffer, probe: Probe, encoder: usize, described: &Describe
         // not known, so they count as missed if anyone listens at commit.
         (skips.slot, skips.generation, skips.version) = (probe.slot, probe.generation, u64::MAX);
         skips.saturated = true;
-        skips.hashes = Vec::new();
     }
-    if !skips.saturated && skips.hashes.last() != Some(&hash) && !skips.hashes.contains(&hash) {
-        if skips.hashes.len() == MAX_KEY_SKIPS {
+    if !skips.saturated && skips.last != Some(hash) {
+        if skips.keys == MAX_KEY_SKIPS {
             skips.saturated = true;
-            skips.hashes = Vec::new();
         } else {
-            skips.hashes.push(hash);
+            skips.keys += 1;
+            skips.last = Some(hash);
+            txn.skipped_keys.push((relid, hash));
         }
     }
     false
 }
 
 /// Whether a subscriber may have joined, since these rows were dropped,
-/// that wants some of them (then it is told to refetch). Reads shared
-/// atomics only.
-fn missed(skips: &KeySkips) -> bool {
+/// that wants some of them (then it is told to refetch); `keys` are the
+/// transaction's `skipped_keys`. Reads shared atomics only.
+fn missed(skips: &KeySkips, keys: &[(u32, Option<u64>)]) -> bool {
     let filters = crate::shmem::key_filters();
     match crate::shmem::interest().wanted(skips.relid, skips.namespace) {
         Wanted::Nothing => false,
         Wanted::Every => true,
         Wanted::Keys(slot) if slot != skips.slot => true,
-        Wanted::Keys(slot) if skips.saturated => filters.version(slot) != skips.version,
-        Wanted::Keys(slot) => skips
-            .hashes
+        // not rewritten since the first row was dropped: nobody new
+        Wanted::Keys(slot) if filters.version(slot) == skips.version => false,
+        Wanted::Keys(_) if skips.saturated => true,
+        Wanted::Keys(slot) => keys
             .iter()
-            .any(|hash| filters.wants(slot, skips.relid, skips.generation, *hash)),
+            .filter(|(relid, _)| *relid == skips.relid)
+            .any(|(_, hash)| filters.wants(slot, skips.relid, skips.generation, *hash)),
     }
 }
 
@@ -612,8 +623,8 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                 // Reading shared atomics only: nothing here can fail.
                 let interest = crate::shmem::interest();
                 let missed_table = |(r, nsp): &&(u32, u32)| interest.any(&[*r, *nsp]);
-                let missed_keys = |s: &&KeySkips| missed(s);
-                if txn.skipped.iter().any(|s| missed_table(&s)) || txn.key_skips.iter().any(missed) {
+                let missed_keys = |s: &&KeySkips| missed(s, &txn.skipped_keys);
+                if txn.skipped.iter().any(|s| missed_table(&s)) || txn.key_skips.iter().any(|s| missed_keys(&s)) {
                     let tables = txn.skipped.iter().filter(missed_table).map(|(r, _)| *r);
                     let keyed = txn.key_skips.iter().filter(missed_keys).map(|s| s.relid);
                     crate::shmem::ring().record_loss(tables.chain(keyed));
