@@ -79,12 +79,12 @@ pgbench_run() {  # variant -> "TPS transactions"
     | awk '/^tps = / {tps = $3} /number of transactions actually processed/ {split($0, f, ": "); n = f[2]} END {print tps, n}'
 }
 
-declare -A runs worker_cpu server_us ratios
+declare -A runs worker_cpu server_us ratios cpu_ratios
 echo "pgbench: $ROUNDS rounds x ($VARIANTS), ${SECONDS_PER_RUN}s each, $CLIENTS clients, synchronous_commit=off"
 for round in $(seq "$ROUNDS"); do
   order=$VARIANTS
   [ $((round % 2)) = 0 ] && order=$(echo "$VARIANTS" | tr ' ' '\n' | tac | tr '\n' ' ')
-  declare -A this=()
+  declare -A this=() this_us=()
   for t in $order; do
     before=$(cpu_ticks "$WORKER_PID")
     server_before=$(server_ticks)
@@ -101,10 +101,12 @@ for round in $(seq "$ROUNDS"); do
     # client's own CPU are not in it, so it is steadier than TPS here)
     u=$(awk -v d=$((server_after - server_before)) -v hz="$TICKS" -v n="$n" 'BEGIN {printf "%.1f", 1e6 * d / hz / n}')
     server_us[$t]="${server_us[$t]:-} $u"
+    this_us[$t]=$u
     printf '  round %s  (%s)  %10.1f tps   server CPU %6s us/txn   worker CPU %3s%% of a core\n' "$round" "$t" "$v" "$u" "$w"
   done
   for t in $VARIANTS; do
     ratios[$t]="${ratios[$t]:-} $(awk -v v="${this[$t]}" -v a="${this[a]}" 'BEGIN {print v / a}')"
+    cpu_ratios[$t]="${cpu_ratios[$t]:-} $(awk -v v="${this_us[$t]}" -v a="${this_us[a]}" 'BEGIN {print a / v}')"
   done
 done
 
@@ -120,18 +122,18 @@ median_ci() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {
   if (j < 1) j = 1; if (k > NR) k = NR
   printf "%.3f-%.3f", a[j], a[k] }'; }
 echo
-ua=$(echo "${server_us[a]}" | median)
 echo "per variant: median TPS; median over rounds of TPS / (a)'s TPS in the same round (its 95% confidence"
-echo "interval; quartiles of the rounds); server CPU per transaction and (a)'s divided by it:"
+echo "interval; quartiles of the rounds); median server CPU per transaction, and the median over rounds of"
+echo "(a)'s CPU per transaction divided by the variant's in the same round (its 95% confidence interval):"
 for t in $VARIANTS; do
   m=$(echo "${runs[$t]}" | median)
   u=$(echo "${server_us[$t]}" | median)
   label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";;
           d) echo "pg_notify(row_to_json)";; e) echo "capture + full delivery";;
           f) echo "capture, 1 range filter";; esac)
-  printf '  (%s) %-24s %10.1f tps   ratio %.3f (CI %s; quartiles %s)   %6.1f us/txn   CPU ratio %.3f\n' "$t" "$label" "$m" \
+  printf '  (%s) %-24s %10.1f tps   ratio %.3f (CI %s; quartiles %s)   %6.1f us/txn   CPU ratio %.3f (CI %s)\n' "$t" "$label" "$m" \
     "$(echo "${ratios[$t]}" | median)" "$(echo "${ratios[$t]}" | median_ci)" "$(echo "${ratios[$t]}" | quartiles)" \
-    "$u" "$(awk -v u="$u" -v a="$ua" 'BEGIN {print a / u}')"
+    "$u" "$(echo "${cpu_ratios[$t]}" | median)" "$(echo "${cpu_ratios[$t]}" | median_ci)"
 done
 delivered=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_delivered'")
 dropped=$(psql_b -t -A -c "SELECT value FROM realtime.stats() WHERE name = 'events_dropped'")
