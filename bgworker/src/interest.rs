@@ -3,8 +3,9 @@
 //! lock and return at once when nobody listens (invariant 5).
 //!
 //! Open addressing over atomic words: a slot holds an OID, an "active"
-//! bit and, for a table whose rows only some keys are wanted of, its filter
-//! slot (`crate::prefilter`), so one look-up tells a trigger both. Slots are never emptied, only deactivated, so probe chains stay
+//! bit and, for a table of whose rows only some keys are wanted, its key
+//! filter's slot (`crate::prefilter`), so one look-up tells a trigger
+//! both. Slots are never emptied, only deactivated, so probe chains stay
 //! intact for lock-free readers. If the table fills up, `all` is set and
 //! every relation counts as interesting: safe, merely slower.
 
@@ -117,10 +118,9 @@ impl<'a> InterestTable<'a> {
     }
 
     /// Makes exactly `oids` (plus everything, with `all`) interesting;
-    /// `schemas` says whether some of them are schemas. Writer only (the
-    /// realtime worker).
-    /// `filter` gives the filter slot of those that have one (see
-    /// [`Wanted::Keys`]).
+    /// `schemas` says whether some of them are schemas, `filter` gives the
+    /// key filter slot of those that have one (see [`Wanted::Keys`]).
+    /// Writer only (the realtime worker).
     pub fn set_with_schemas(
         &self,
         oids: &HashSet<u32>,

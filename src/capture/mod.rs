@@ -5,6 +5,12 @@
 //!   schema): one lock-free look-up in the interest table. After
 //!   `pg_realtime.capture_idle_timeout` without subscribers the worker
 //!   switches the trigger off altogether (`realtime::changes::switch`).
+//! - When every subscriber of the table filters with `eq` on one column,
+//!   the worker keeps the wanted values' keys in a key filter
+//!   (`realtime::prefilter`): the trigger writes just that column's value,
+//!   and drops the row when no subscriber wants its key. Dropped keys are
+//!   looked up again at commit: a subscriber that joined for one meanwhile
+//!   is told to refetch, as for a table nobody listened to.
 //! - Otherwise the row is encoded as JSON by the relation's cached encoder
 //!   (no SQL, no SPI) straight into the transaction's buffer, in the ring
 //!   record's format with where each value starts, marked with its
