@@ -197,7 +197,9 @@ impl<'a> KeyFilters<'a> {
 
     /// Makes `slot` filter `relid` on `column` (compared as `kind`) for
     /// exactly `keys`. Writer only (the realtime worker); leaves the slot
-    /// untouched when it already says just that.
+    /// untouched when it already says just that. False, and nothing
+    /// written, for a column name longer than a slot holds (63 bytes, as
+    /// Postgres's NAMEDATALEN allows): the table gets no key filter.
     pub fn write<'k>(
         &self,
         slot: usize,
@@ -205,7 +207,10 @@ impl<'a> KeyFilters<'a> {
         column: &str,
         kind: Kind,
         keys: impl IntoIterator<Item = &'k str>,
-    ) {
+    ) -> bool {
+        if column.len() >= NAME_WORDS * 8 || column.contains('\0') {
+            return false;
+        }
         let mut bloom = [0u64; BLOOM_WORDS];
         for key in keys {
             for bit in bits(key_hash(key)) {
@@ -230,7 +235,7 @@ impl<'a> KeyFilters<'a> {
             && load(KIND) == kind_code(kind)
             && (0..NAME_WORDS).all(|i| load(NAME + i) == name[i]);
         if same_column && (0..BLOOM_WORDS).all(|i| load(BLOOM + i) == bloom[i]) {
-            return;
+            return true;
         }
         self.rewrite(slot, |store| {
             if !same_column {
@@ -245,6 +250,7 @@ impl<'a> KeyFilters<'a> {
                 store(BLOOM + i, *word);
             }
         });
+        true
     }
 
     /// Frees `slot`: it describes no table. Writer only.
@@ -331,7 +337,10 @@ mod tests {
         f.clear(0);
         assert_eq!(f.column(0, 7), None);
         let long = "x".repeat(63);
-        f.write(0, 9, &long, Kind::Uuid, []);
+        assert!(f.write(0, 9, &long, Kind::Uuid, []));
+        assert_eq!(f.column(0, 9).unwrap().name, long);
+        // longer than a slot holds: refused, the slot untouched
+        assert!(!f.write(0, 9, &"y".repeat(64), Kind::Uuid, []));
         assert_eq!(f.column(0, 9).unwrap().name, long);
     }
 

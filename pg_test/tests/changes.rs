@@ -387,6 +387,27 @@ fn prepare_transaction_with_captured_changes_fails(ctx: &Ctx) {
         // the session and later transactions are unaffected
         ctx.c.psql("INSERT INTO quiet (n) VALUES (-101)");
         assert_eq!(record(&client.event().await)["n"], -101);
+        // also when a key filter dropped the row: a subscriber for its key
+        // joining before COMMIT PREPARED would never hear of it
+        let (_keyed, _) = subscriber(
+            ctx,
+            "2pc-keyed",
+            json!([{"event": "*", "schema": "public", "table": "keyed", "filter": "owner=eq.1"}]),
+        )
+        .await;
+        let dropped = ctx.c.stat("rows_filtered_out");
+        let out = ctx
+            .c
+            .psql_output("BEGIN; INSERT INTO keyed VALUES (-1, 99, 'x'); PREPARE TRANSACTION 'rt2';");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot PREPARE a transaction"), "{stderr}");
+        assert_eq!(
+            ctx.c.stat("rows_filtered_out"),
+            dropped + 1,
+            "the key filter dropped the row"
+        );
+        assert_eq!(ctx.c.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");
+        assert_eq!(ctx.c.psql("SELECT count(*) FROM keyed WHERE id = -1"), "0");
     });
     // tables nobody captures can still use two-phase commit
     ctx.c

@@ -598,7 +598,9 @@ fn ensure_callbacks() {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_PREPARE if !TXN.with(|t| t.borrow().is_empty()) => {
+        // (Rows a key filter dropped count: had a subscriber for one of
+        // their keys joined before COMMIT PREPARED, nothing would tell it.)
+        XACT_EVENT_PRE_PREPARE if TXN.with(|t| !t.borrow().is_empty() || !t.borrow().key_skips.is_empty()) => {
             TXN.with(|t| finish(&mut t.borrow_mut()));
             ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

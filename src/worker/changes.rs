@@ -416,8 +416,9 @@ impl Changes {
             let Some(slot) = self.filter_slots.get(relid).copied().or_else(|| free.pop()) else {
                 continue; // no slot left: every row of this table goes on
             };
-            filters.write(slot, *relid, column, kind, keys);
-            slots.insert(*relid, slot);
+            if filters.write(slot, *relid, column, kind, keys) {
+                slots.insert(*relid, slot);
+            }
         }
         oids.extend(schemas.iter().filter_map(|s| self.schema_oids.get(s)));
         crate::shmem::interest().set_with_schemas(&oids, all, !schemas.is_empty(), |oid| slots.get(&oid).copied());
