@@ -146,26 +146,6 @@ pub unsafe fn deform(deformed: &mut Deformed, tuple: pg_sys::HeapTuple, desc: pg
     }
 }
 
-/// [`row_json`] of a row [`deform`]ed already.
-///
-/// # Safety
-/// `deformed` holds a tuple of the descriptor `columns` were made for.
-pub unsafe fn deformed_json(out: &mut Vec<u8>, at: &mut Vec<u32>, deformed: &Deformed, columns: &[ColumnEncoder]) {
-    // SAFETY: per the contract; results of output functions are palloc'd
-    // in the trigger call's memory context and copied out at once.
-    unsafe { write_row(out, at, &deformed.values, &deformed.nulls, columns) }
-}
-
-/// Appends the JSON value of one column of a deformed row (as
-/// [`row_json`] writes it there).
-///
-/// # Safety
-/// As for [`deformed_json`].
-pub unsafe fn value_json(out: &mut Vec<u8>, deformed: &Deformed, column: &ColumnEncoder) {
-    // SAFETY: per the contract.
-    unsafe { write_value(out, &deformed.values, &deformed.nulls, column) }
-}
-
 /// A deformed tuple's values and null flags (scratch).
 #[derive(Default)]
 pub struct Deformed {
@@ -173,18 +153,11 @@ pub struct Deformed {
     nulls: Vec<bool>,
 }
 
-/// Appends the JSON object of a deformed row.
+/// [`row_json`] of a row [`deform`]ed already.
 ///
 /// # Safety
-/// As for [`row_json`]: `values` and `nulls` are a tuple of the descriptor
-/// `columns` were made for.
-unsafe fn write_row(
-    out: &mut Vec<u8>,
-    at: &mut Vec<u32>,
-    values: &[pg_sys::Datum],
-    nulls: &[bool],
-    columns: &[ColumnEncoder],
-) {
+/// `deformed` holds a tuple of the descriptor `columns` were made for.
+pub unsafe fn deformed_json(out: &mut Vec<u8>, at: &mut Vec<u32>, deformed: &Deformed, columns: &[ColumnEncoder]) {
     // SAFETY: per the contract.
     unsafe {
         out.reserve(64 + 24 * columns.len());
@@ -197,24 +170,26 @@ unsafe fn write_row(
             }
             out.extend_from_slice(&column.key);
             at.push((out.len() - start) as u32);
-            write_value(out, values, nulls, column);
+            value_json(out, deformed, column);
         }
         out.push(b'}');
     }
 }
 
-/// Appends one column's JSON value.
+/// Appends the JSON value of one column of a deformed row (as
+/// [`row_json`] writes it there).
 ///
 /// # Safety
-/// As for [`write_row`].
-unsafe fn write_value(out: &mut Vec<u8>, values: &[pg_sys::Datum], nulls: &[bool], column: &ColumnEncoder) {
-    // SAFETY: per the contract.
+/// As for [`deformed_json`].
+pub unsafe fn value_json(out: &mut Vec<u8>, deformed: &Deformed, column: &ColumnEncoder) {
+    // SAFETY: per the contract; results of output functions are palloc'd
+    // in the trigger call's memory context and copied out at once.
     unsafe {
-        if nulls[column.index] {
+        if deformed.nulls[column.index] {
             out.extend_from_slice(b"null");
             return;
         }
-        let datum = values[column.index];
+        let datum = deformed.values[column.index];
         match column.category {
             Category::Int2 => push_int(out, i64::from(datum.value() as i16)),
             Category::Int4 => push_int(out, i64::from(datum.value() as i32)),

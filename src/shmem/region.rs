@@ -1,6 +1,7 @@
 //! The shared region holding the change ring, the interest table, the
-//! commit fence and the key filters. Its size comes from `pg_realtime.queue_size`, so it is requested by hand
-//! rather than as a fixed-size pgrx struct.
+//! commit fence and the key filters. Its size comes from
+//! `pg_realtime.queue_size`, so it is requested by hand rather than as a
+//! fixed-size pgrx struct.
 
 use pgrx::prelude::*;
 use pgrx::PgSharedMemoryInitialization;
@@ -20,7 +21,7 @@ const INTEREST_SLOTS: usize = 16 * 1024;
 const FENCE_SLOTS: usize = 256;
 /// Tables whose rows triggers filter by key (`realtime::prefilter`); past
 /// that, the rows of further tables all go on to the worker.
-pub const FILTER_SLOTS: usize = 64;
+const FILTER_SLOTS: usize = 64;
 
 pub struct ChangesRegion {
     name: &'static CStr,
