@@ -57,6 +57,8 @@ create_schema() {
 SET client_min_messages = error;
 CREATE EXTENSION pg_realtime;
 CREATE ROLE service_role NOLOGIN BYPASSRLS;
+CREATE ROLE authenticator NOINHERIT LOGIN;
+GRANT service_role TO authenticator;
 CREATE TABLE bench_a (id bigserial PRIMARY KEY, n int, body text, ts timestamptz);
 CREATE TABLE bench_b (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_c (LIKE bench_a INCLUDING ALL);

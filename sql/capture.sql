@@ -118,8 +118,15 @@ $$;
 SELECT realtime.sync_captured_tables();
 
 -- Schema realtime is usable by every role (private channels' policies call
--- realtime.topic()); the capture machinery is for superusers only.
+-- realtime.topic()); the capture machinery is for superusers only: nobody
+-- else may attach the capture trigger to a table (EXECUTE is checked when
+-- a trigger is created, not when it fires), ask what is subscribed to, or
+-- read the counters (pg_monitor may).
 REVOKE EXECUTE ON FUNCTION realtime.sync_captured_tables() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.wanted_captures() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.switch_capture(oid, boolean, int) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.captures_changed() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.capture_changes() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.interested(oid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION realtime.stats() TO pg_monitor;

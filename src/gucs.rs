@@ -17,6 +17,7 @@ pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static MAX_RECORD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static CAPTURE_IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"authenticator"));
 
 /// Registers the settings. Postmaster-context settings may only be created
 /// while preloading (Postgres refuses them later), and mean nothing without
@@ -81,6 +82,14 @@ pub fn define(preloading: bool) {
         c"Publication whose tables are captured for postgres_changes.",
         c"",
         &PUBLICATION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_realtime.authenticator",
+        c"Role whose memberships decide which roles a token may act as.",
+        c"As with PostgREST: a token's role claim is honoured only if this role may SET ROLE to it (PostgreSQL 16 and later; a member of it before), and never for this role itself or a superuser.",
+        &AUTHENTICATOR,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -155,6 +164,11 @@ pub fn capture_idle_timeout() -> Option<std::time::Duration> {
 
 pub fn publication() -> String {
     text(&PUBLICATION).unwrap_or_else(|| "supabase_realtime".into())
+}
+
+/// `pg_realtime.authenticator`.
+pub fn authenticator() -> String {
+    text(&AUTHENTICATOR).unwrap_or_else(|| "authenticator".into())
 }
 
 pub fn database() -> String {

@@ -22,19 +22,20 @@ const CHANGES: usize = 20_000;
 const ROUNDS: usize = 15;
 
 fn relation() -> Relation {
-    let column = |name: &str, typname: &str| Column {
+    let column = |name: &str, typname: &str, type_oid: u32| Column {
         name: name.into(),
         typname: typname.into(),
+        type_oid,
     };
     Relation {
         relid: 1,
         schema: "public".into(),
         table: "bench_c".into(),
         columns: vec![
-            column("id", "int8"),
-            column("n", "int4"),
-            column("body", "text"),
-            column("ts", "timestamptz"),
+            column("id", "int8", 20),
+            column("n", "int4", 23),
+            column("body", "text", 25),
+            column("ts", "timestamptz", 1184),
         ],
         identity: vec![0],
         primary_key: vec![0],

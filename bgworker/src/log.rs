@@ -92,9 +92,15 @@ impl Subscriber for Forwarder {
     fn event(&self, event: &Event<'_>) {
         let mut fields = Fields(String::new());
         event.record(&mut fields);
+        // Fields carry what clients sent (topics, events, config): one
+        // log record stays one line.
+        let message = match escape(&fields.0) {
+            std::borrow::Cow::Borrowed(_) => fields.0,
+            std::borrow::Cow::Owned(escaped) => escaped,
+        };
         let record = LogRecord {
             level: *event.metadata().level(),
-            message: fields.0,
+            message,
         };
         match self.tx.try_send(record) {
             Ok(()) => self.waker.wake(),
@@ -107,6 +113,29 @@ impl Subscriber for Forwarder {
     fn enter(&self, _span: &Id) {}
 
     fn exit(&self, _span: &Id) {}
+}
+
+/// `text` with control characters and Unicode line breaks written as
+/// escapes (`\n`, `\u{2028}`), so that a string a client chose cannot
+/// start a forged line in the server log.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -140,5 +169,22 @@ mod tests {
         );
         assert_eq!(dropped, 1);
         assert_eq!(wake_rx.drain(), 2);
+    }
+
+    #[test]
+    fn client_strings_cannot_forge_log_lines() {
+        let (waker, _wake_rx) = wake_pair().unwrap();
+        let (fwd, rx) = forwarder(waker, Level::INFO, 4);
+        let topic = "realtime:x\nLOG:  database system is shut down\r\u{2028}\u{7}";
+        tracing::subscriber::with_default(fwd, || {
+            tracing::info!(topic = %topic, "join refused: {topic}");
+        });
+        let (records, _) = rx.drain();
+        let message = &records[0].message;
+        assert!(!message.contains(['\n', '\r', '\u{2028}', '\u{7}']), "{message:?}");
+        assert!(message.contains("realtime:x\\nLOG:  database"), "{message}");
+        assert!(message.contains("\\u{2028}\\u{7}"), "{message}");
+        assert_eq!(escape("plain é"), "plain é");
+        assert!(matches!(escape("plain"), std::borrow::Cow::Borrowed(_)));
     }
 }

@@ -26,7 +26,11 @@ do $$ begin
   if not exists (select from pg_roles where rolname = 'anon') then create role anon nologin; end if;
   if not exists (select from pg_roles where rolname = 'authenticated') then create role authenticated nologin; end if;
   if not exists (select from pg_roles where rolname = 'service_role') then create role service_role nologin bypassrls; end if;
+  -- the role whose grants decide which roles a token may act as
+  -- (pg_realtime.authenticator), as PostgREST's authenticator
+  if not exists (select from pg_roles where rolname = 'authenticator') then create role authenticator noinherit login; end if;
 end $$;
+grant anon, authenticated, service_role to authenticator;
 
 grant usage on schema auth to anon, authenticated, service_role;
 

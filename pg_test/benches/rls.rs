@@ -25,6 +25,8 @@ const CHANNELS_PER_USER: usize = 10;
 const SETUP: &str = "
 CREATE EXTENSION pg_realtime;
 CREATE ROLE authenticated NOLOGIN;
+CREATE ROLE authenticator NOINHERIT LOGIN;
+GRANT authenticated TO authenticator;
 CREATE TABLE feed_open (id bigserial PRIMARY KEY, org int NOT NULL, author uuid, body text);
 CREATE TABLE feed_rls (LIKE feed_open INCLUDING ALL);
 ALTER TABLE feed_rls ENABLE ROW LEVEL SECURITY;

@@ -39,6 +39,9 @@ CREATE TABLE partial (id bigserial PRIMARY KEY, shown text, secret text);
 CREATE TABLE keyless_view (id bigserial PRIMARY KEY, shown text);
 -- a policy that reads another table; owned by a role that is not superuser
 CREATE ROLE post_owner NOLOGIN;
+-- the roles tokens may act as (pg_realtime.authenticator)
+CREATE ROLE authenticator NOINHERIT LOGIN;
+GRANT authenticated, outsider, admin_bypass, post_owner TO authenticator;
 CREATE TABLE teams (member text, team text);
 CREATE TABLE team_posts (id bigserial PRIMARY KEY, team text, body text);
 ALTER TABLE team_posts ENABLE ROW LEVEL SECURITY;
@@ -1164,6 +1167,7 @@ fn overflow_is_signalled(_ctx: &Ctx) {
     });
     c.psql(
         "CREATE EXTENSION pg_realtime; CREATE ROLE authenticated NOLOGIN; \
+         CREATE ROLE authenticator NOINHERIT LOGIN; GRANT authenticated TO authenticator; \
          CREATE TABLE t (id bigserial PRIMARY KEY, body text); GRANT SELECT ON t TO authenticated; \
          CREATE PUBLICATION supabase_realtime FOR TABLE t;",
     );
@@ -1341,6 +1345,7 @@ fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
     });
     c.psql(
         "CREATE EXTENSION pg_realtime; CREATE ROLE authenticated NOLOGIN;
+         CREATE ROLE authenticator NOINHERIT LOGIN; GRANT authenticated TO authenticator;
          CREATE TABLE plain (id int PRIMARY KEY, v int);
          CREATE TABLE tree (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
          CREATE TABLE tree_eu PARTITION OF tree FOR VALUES IN ('eu');

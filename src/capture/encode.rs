@@ -315,6 +315,7 @@ pub unsafe fn describe(rel: pg_sys::Relation) -> Relation {
             columns.push(Column {
                 name: att.name().to_owned(),
                 typname: typname(att.atttypid),
+                type_oid: att.atttypid.to_u32(),
             });
             attnums.push(att.attnum as i32);
         }

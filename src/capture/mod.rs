@@ -336,6 +336,9 @@ fn relation_has_interest(relid: pg_sys::Oid) -> bool {
 fn capture_changes<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    // Anything else has no row (a statement trigger's tuple is NULL) or
+    // its own meaning for the return value: refused whoever attached it.
+    refuse_unless_after_row(trigger);
     if !crate::preloaded() {
         return Ok(None);
     }
@@ -479,6 +482,30 @@ fn capture_changes<'a>(
         }
     });
     Ok(None)
+}
+
+/// Raises an ERROR unless the trigger fired AFTER an INSERT, UPDATE or
+/// DELETE, FOR EACH ROW: the only way `realtime.sync_captured_tables()`
+/// attaches it.
+fn refuse_unless_after_row(trigger: &PgTrigger<'_>) {
+    let event = trigger.event();
+    let row_change = event.fired_by_insert() || event.fired_by_update() || event.fired_by_delete();
+    if matches!(trigger.level(), PgTriggerLevel::Row)
+        && matches!(trigger.when(), Ok(PgTriggerWhen::After))
+        && row_change
+    {
+        return;
+    }
+    let name = trigger.name().unwrap_or("?");
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+        format!(
+            "realtime.capture_changes() must be fired AFTER INSERT, UPDATE or DELETE FOR EACH ROW (trigger \"{name}\")"
+        ),
+        "capture_changes",
+    )
+    .set_hint("pg_realtime attaches it to published tables itself; drop this trigger.")
+    .report(PgLogLevel::ERROR);
 }
 
 /// The column key filter `slot` filters rows of `relid` on, as one of the

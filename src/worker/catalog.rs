@@ -71,15 +71,6 @@ pub fn published(publication: &str, schema: Option<&str>, table: Option<&str>) -
     Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
 }
 
-/// Whether the role exists.
-pub fn role_exists(name: &str) -> SpiResult<bool> {
-    let rows = text_rows(
-        "SELECT 1::text FROM pg_catalog.pg_roles WHERE rolname = $1",
-        vec![name.into()],
-    )?;
-    Ok(!rows.is_empty())
-}
-
 /// Whether `role` may SELECT any column of the table (what subscribing
 /// needs; deliveries then show only the columns it may SELECT).
 pub fn can_select(role: &str, relid: u32) -> SpiResult<bool> {
@@ -167,12 +158,11 @@ pub fn clear_search_path() -> SpiResult<()> {
     Spi::run("SELECT pg_catalog.set_config('search_path', '', true)")
 }
 
-/// Runs `query` (a row check from `realtime::changes::rls`) over `rows` as
-/// `role` with the JWT claims set as PostgREST sets them; returns the
-/// 1-based positions of the rows the role may see.
-pub fn visible_rows(identity: &Identity<'_>, query: &str, rows: &str) -> SpiResult<Vec<i32>> {
-    Spi::connect_mut(|client| {
-        act_as(client, identity)?;
+/// Runs `query` (a row check from `realtime::changes::rls`) over `rows`;
+/// returns the 1-based positions of the rows it keeps. Run it as the
+/// subscriber (`acting::as_identity`).
+pub fn visible_rows(query: &str, rows: &str) -> SpiResult<Vec<i32>> {
+    Spi::connect(|client| {
         let table = client.select(query, None, &[rows.into()])?;
         let mut out = Vec::new();
         for row in table {
@@ -184,20 +174,17 @@ pub fn visible_rows(identity: &Identity<'_>, query: &str, rows: &str) -> SpiResu
     })
 }
 
-/// Back to the worker's own identity after row checks.
-pub fn reset_role() -> SpiResult<()> {
-    Spi::run("SELECT pg_catalog.set_config('role', 'none', true)")
-}
-
-/// A column: its `typname` and its full type (with modifiers) for casts.
+/// A column: its type's name and OID, and its full type (with modifiers)
+/// for casts.
 pub struct ColumnType {
     pub typname: String,
+    pub type_oid: u32,
     pub sql_type: String,
 }
 
 pub fn column(relid: u32, name: &str) -> SpiResult<Option<ColumnType>> {
     let rows = text_rows(
-        "SELECT t.typname::text, pg_catalog.format_type(a.atttypid, a.atttypmod) \
+        "SELECT t.typname::text, t.oid::text, pg_catalog.format_type(a.atttypid, a.atttypmod) \
          FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
          WHERE a.attrelid = $1::oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
         vec![relid.to_string().into(), name.into()],
@@ -205,7 +192,8 @@ pub fn column(relid: u32, name: &str) -> SpiResult<Option<ColumnType>> {
     Ok(rows.into_iter().next().and_then(|r| {
         Some(ColumnType {
             typname: r[0].clone()?,
-            sql_type: r[1].clone()?,
+            type_oid: r[1].as_deref()?.parse().ok()?,
+            sql_type: r[2].clone()?,
         })
     }))
 }
@@ -220,18 +208,18 @@ pub fn schema_oid(name: &str) -> SpiResult<Option<u32>> {
 }
 
 /// `value` cast to `sql_type` and rendered as JSON the way captured rows
-/// are (`to_json`), or the cast's error message.
-pub fn cast_to_json(value: &str, sql_type: &str) -> Result<String, String> {
+/// are (`to_json`). The cast may run code of the type's owner (a domain's
+/// CHECK, a cast function): run it as the subscriber
+/// (`acting::as_identity`), which also turns a failed cast into its message.
+pub fn cast_to_json(value: &str, sql_type: &str) -> SpiResult<Option<String>> {
     // The type comes from format_type() of a real column: safe to splice.
-    let query = format!("SELECT pg_catalog.to_json($1::text::{sql_type})::text");
-    let value = value.to_owned();
-    catching(move || {
-        text_rows(&query, vec![value.as_str().into()])
-            .ok()
-            .and_then(|rows| rows.into_iter().next())
-            .and_then(|r| r[0].clone())
+    let query = format!("SELECT pg_catalog.to_json($1::pg_catalog.text::{sql_type})::pg_catalog.text");
+    Spi::connect(|client| {
+        client
+            .select(&query, Some(1), &[value.into()])?
+            .first()
+            .get::<String>(1)
     })
-    .and_then(|v| v.ok_or_else(|| "the value did not cast".to_owned()))
 }
 
 /// Runs `f` in a subtransaction; a Postgres error in it becomes `Err` with
@@ -294,47 +282,15 @@ fn subtransaction<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool)
     .execute()
 }
 
-/// Acts as the identity for the rest of the (sub)transaction: its role,
-/// its JWT claims as PostgREST sets them, and `realtime.topic`.
-fn act_as(client: &mut pgrx::spi::SpiClient<'_>, identity: &Identity<'_>) -> SpiResult<()> {
-    client.select(
-        "SELECT pg_catalog.set_config('role', $1, true), \
-                pg_catalog.set_config('request.jwt.claims', $2, true), \
-                pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
-                pg_catalog.set_config('request.jwt.claim.role', $1, true), \
-                pg_catalog.set_config('realtime.topic', $4, true)",
-        None,
-        &[
-            identity.role.into(),
-            identity.claims.into(),
-            identity.sub.unwrap_or("").into(),
-            identity.topic.unwrap_or("").into(),
-        ],
-    )?;
-    Ok(())
-}
-
-/// Who a check runs as.
-pub struct Identity<'a> {
-    pub role: &'a str,
-    /// The claims as JSON.
-    pub claims: &'a str,
-    pub sub: Option<&'a str>,
-    /// For private channels: the topic `realtime.topic()` returns.
-    pub topic: Option<&'a str>,
-}
-
-/// Which of `broadcast` and `presence` the identity may read on its topic:
-/// probe rows are inserted (as the worker), then selected back as the
-/// identity, under the policies on `realtime.messages`. Run it inside
-/// [`rolled_back`]. An error while acting as the identity (no privilege on
-/// the table, a policy that raises) is a denial.
-pub fn readable_extensions(identity: &Identity<'_>) -> SpiResult<(bool, bool)> {
-    let topic = identity.topic.unwrap_or("");
+/// Inserts a private topic's probe rows (`broadcast` and `presence`) as
+/// the worker, for [`visible_probes`] to select back as the subscriber;
+/// returns their ids as a uuid[] literal. Run it inside [`rolled_back`]:
+/// no probe is ever kept.
+pub fn insert_probes(topic: &str) -> SpiResult<String> {
     Spi::connect_mut(|client| {
         let inserted = client.update(
             "INSERT INTO realtime.messages (topic, extension, private) \
-             VALUES ($1, 'broadcast', true), ($1, 'presence', true) RETURNING id::text",
+             VALUES ($1, 'broadcast', true), ($1, 'presence', true) RETURNING id::pg_catalog.text",
             None,
             &[topic.into()],
         )?;
@@ -344,54 +300,41 @@ pub fn readable_extensions(identity: &Identity<'_>) -> SpiResult<(bool, bool)> {
                 ids.push(id);
             }
         }
-        let ids = format!("{{{}}}", ids.join(","));
-        act_as(client, identity)?;
-        let seen = catching(|| {
-            // read-write, so that the probes inserted above are visible
-            Spi::connect_mut(|c| {
-                let table = c.update(
-                    "SELECT extension FROM realtime.messages WHERE id = ANY($1::uuid[])",
-                    None,
-                    &[ids.as_str().into()],
-                )?;
-                let mut found = Vec::new();
-                for row in table {
-                    if let Some(e) = row.get::<String>(1)? {
-                        found.push(e);
-                    }
-                }
-                SpiResult::Ok(found)
-            })
-        });
-        let seen = match seen {
-            Ok(Ok(found)) => found,
-            _ => Vec::new(),
-        };
-        Ok((
-            seen.iter().any(|e| e == "broadcast"),
-            seen.iter().any(|e| e == "presence"),
-        ))
+        Ok(format!("{{{}}}", ids.join(",")))
     })
 }
 
-/// Whether the identity may write `extension` messages on its topic: an
-/// INSERT into `realtime.messages` as the identity. Run it inside
-/// [`rolled_back`]; any error is a denial.
-pub fn writable(identity: &Identity<'_>, extension: &str) -> SpiResult<bool> {
-    let topic = identity.topic.unwrap_or("");
+/// The extensions of the probes `ids` the current user may see under the
+/// policies on `realtime.messages`. Run it as the subscriber.
+pub fn visible_probes(ids: &str) -> SpiResult<Vec<String>> {
     Spi::connect_mut(|client| {
-        act_as(client, identity)?;
-        let inserted = catching(|| {
-            Spi::connect_mut(|c| {
-                c.update(
-                    "INSERT INTO realtime.messages (topic, extension, private) VALUES ($1, $2, true)",
-                    None,
-                    &[topic.into(), extension.into()],
-                )
-                .map(|_| ())
-            })
-        });
-        Ok(matches!(inserted, Ok(Ok(()))))
+        // read-write, so that the probes inserted before are visible
+        let table = client.update(
+            "SELECT extension FROM realtime.messages WHERE id = ANY($1::pg_catalog.uuid[])",
+            None,
+            &[ids.into()],
+        )?;
+        let mut found = Vec::new();
+        for row in table {
+            if let Some(e) = row.get::<String>(1)? {
+                found.push(e);
+            }
+        }
+        Ok(found)
+    })
+}
+
+/// Inserts an `extension` message on `topic` as the current user: whether
+/// it may write there. Run it as the subscriber; an error is a denial.
+pub fn insert_message(topic: &str, extension: &str) -> SpiResult<()> {
+    Spi::connect_mut(|client| {
+        client
+            .update(
+                "INSERT INTO realtime.messages (topic, extension, private) VALUES ($1, $2, true)",
+                None,
+                &[topic.into(), extension.into()],
+            )
+            .map(|_| ())
     })
 }
 

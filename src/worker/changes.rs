@@ -1,32 +1,24 @@
-//! postgres_changes on the worker's main thread: validating subscriptions
-//! against the catalog, keeping the interest table in step with them, and
-//! draining the change ring into channels in commit order.
+//! postgres_changes on the worker's main thread: subscriptions (validated
+//! by `subscribe`), keeping the interest table in step with them, and
+//! draining the change ring into channels in commit order (what each
+//! subscriber may see is `access`'s).
 
-use super::catalog;
+use super::access::{AccessCache, CheckGroup, CheckKey};
+use super::{catalog, subscribe};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use realtime::changes::event::{self, Visible};
-use realtime::changes::filter::{self, Condition};
-use realtime::changes::registry::{ChannelKey, EventFilter, Registry, RowFilter, Subscription, Target};
-use realtime::changes::rls;
+use realtime::changes::registry::{ChannelKey, Registry, RowFilter, Subscription, Target};
 use realtime::changes::switch::Switches;
-use realtime::changes::value::Kind;
 use realtime::changes::wire::{ChangeKind, RelationCache, Transaction};
-use realtime::join::PostgresChangesBinding;
 use realtime::protocol::Outbound;
 use realtime::server::fanout::{FanoutError, FanoutSender};
 use realtime::server::link::{MainReceiver, MainRequest, Subscribe};
 use realtime::stats::Counters;
-use serde_json::Value;
 use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// How long privileges and policies read from the catalog are trusted
-/// before they are read again, so a REVOKE or a new policy takes effect
-/// within this time.
-const ACCESS_TTL: Duration = Duration::from_secs(1);
 
 /// The most the worker keeps, from one drain to the next, of its record
 /// buffer and of its batch vector (transactions).
@@ -73,42 +65,10 @@ struct Waiting {
     since: Instant,
 }
 
-/// Who a row-level security check runs as: role, claims, and the table.
-type Identity = (Arc<str>, Arc<str>, u32);
-
 /// A change that matched at least one subscription in this batch.
 struct Row {
     txn: usize,
     change: usize,
-}
-
-/// What a role may read of a table (None: nothing), and when that was read.
-type ReadAt = (Option<Arc<Grants>>, Instant);
-
-/// What a role may read of a table, as last read from the catalog.
-struct Grants {
-    /// Each column and whether the role may SELECT it.
-    columns: Vec<(String, bool)>,
-    /// With row-level security applying to the role: the check query.
-    check: Option<String>,
-}
-
-impl Grants {
-    fn visible(&self, relation: &realtime::changes::wire::Relation) -> Option<Visible> {
-        if self.columns.iter().all(|(_, ok)| *ok) {
-            return Some(Visible::All);
-        }
-        if !self.columns.iter().any(|(_, ok)| *ok) {
-            return None;
-        }
-        Some(Visible::Only(
-            relation
-                .columns
-                .iter()
-                .map(|c| self.columns.iter().any(|(name, ok)| *ok && *name == c.name))
-                .collect(),
-        ))
-    }
 }
 
 pub struct Changes {
@@ -116,9 +76,8 @@ pub struct Changes {
     registry: Registry<Sink>,
     /// Schema name to OID, for the interest table.
     schema_oids: HashMap<String, u32>,
-    /// (role, relid) -> what the role may read of the table (None: nothing),
-    /// and when that was read.
-    access: HashMap<(Arc<str>, u32), ReadAt>,
+    /// What each role may read of each table.
+    access: AccessCache,
     /// Transactions drained but not yet deliverable: a transaction with a
     /// lower commit LSN may still be about to publish.
     held: Vec<Transaction>,
@@ -152,31 +111,13 @@ pub struct Changes {
     filter_slots: HashMap<u32, usize>,
 }
 
-/// The parameters as Supabase lists them in its messages.
-fn params(b: &PostgresChangesBinding) -> String {
-    format!(
-        "[event: {}, schema: {}, table: {}, filters: [{}], select: nil]",
-        b.event,
-        b.schema.as_deref().unwrap_or("nil"),
-        b.table.as_deref().unwrap_or("nil"),
-        b.filter.as_deref().unwrap_or("")
-    )
-}
-
-fn refused(b: &PostgresChangesBinding, why: &str) -> String {
-    format!(
-        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {why}",
-        params(b)
-    )
-}
-
 impl Changes {
     pub fn new(requests: MainReceiver) -> Changes {
         Changes {
             requests,
             registry: Registry::default(),
             schema_oids: HashMap::new(),
-            access: HashMap::new(),
+            access: AccessCache::default(),
             held: Vec::new(),
             relation_cache: RelationCache::default(),
             scratch: Vec::new(),
@@ -342,8 +283,14 @@ impl Changes {
 
     fn subscribe(&mut self, request: Subscribe) {
         let role = request.claims.role.clone();
+        let claims: Arc<str> = Arc::from(serde_json::Value::Object(request.claims.all.clone()).to_string());
+        let who = subscribe::Subscriber {
+            role: &role,
+            claims: &claims,
+            sub: request.claims.sub.as_deref(),
+        };
         let validated = BackgroundWorker::transaction(|| {
-            let r = validate(&request.bindings, &role);
+            let r = subscribe::validate(&request.bindings, &who);
             r.map(|bindings| {
                 let schemas: Vec<(String, u32)> = bindings
                     .iter()
@@ -359,7 +306,6 @@ impl Changes {
         match validated {
             Ok((bindings, schemas)) => {
                 self.schema_oids.extend(schemas);
-                let claims: Arc<str> = Arc::from(serde_json::Value::Object(request.claims.all.clone()).to_string());
                 let sink = Sink {
                     tx: request.sink,
                     lagged: Cell::new(false),
@@ -539,34 +485,47 @@ impl Changes {
             .iter()
             .filter_map(|(key, _, row)| {
                 let role = &self.registry.get(key)?.sink.role;
-                let pair = (role.clone(), relation_of(&rows[*row]).relid);
-                let fresh = self.access.get(&pair).is_some_and(|(_, at)| at.elapsed() < ACCESS_TTL);
-                (!fresh).then_some(pair)
+                let relid = relation_of(&rows[*row]).relid;
+                self.access.is_stale(role, relid).then(|| (role.clone(), relid))
             })
             .collect();
         if !stale.is_empty() {
-            self.read_access(stale.into_iter().collect(), transactions);
+            let names: HashMap<u32, (String, String)> = transactions
+                .iter()
+                .flat_map(|t| t.relations.iter())
+                .map(|r| (r.relid, (r.schema.clone(), r.table.clone())))
+                .collect();
+            self.access.read(stale.into_iter().collect(), &names);
         }
         // 3. Row-level security: one check per (identity, table), over all
         //    of its rows in this batch.
-        let mut groups: HashMap<Identity, (Option<String>, BTreeSet<usize>)> = HashMap::new();
+        let mut groups: HashMap<CheckKey, CheckGroup> = HashMap::new();
         for (key, _, row) in &pending {
             let Some(sub) = self.registry.get(key) else { continue };
             let relid = relation_of(&rows[*row]).relid;
-            if let Some((Some(grants), _)) = self.access.get(&(sub.sink.role.clone(), relid)) {
-                if grants.check.is_some() {
-                    groups
-                        .entry((sub.sink.role.clone(), sub.sink.claims.clone(), relid))
-                        .or_insert_with(|| (sub.sink.sub.clone(), BTreeSet::new()))
-                        .1
-                        .insert(*row);
-                }
+            if self.access.get(&sub.sink.role, relid).is_some_and(|g| g.checks_rows()) {
+                groups
+                    .entry((sub.sink.role.clone(), sub.sink.claims.clone(), relid))
+                    .or_insert_with(|| CheckGroup {
+                        sub: sub.sink.sub.clone(),
+                        rows: BTreeSet::new(),
+                    })
+                    .rows
+                    .insert(*row);
             }
         }
         let visible = if groups.is_empty() {
             HashMap::new()
         } else {
-            self.check_rows(groups, &rows, transactions)
+            self.access.check_rows(groups, |i| {
+                let change = &transactions[rows[i].txn].changes[rows[i].change];
+                // the row as of the commit: the old one for DELETE
+                let image = match change.kind {
+                    ChangeKind::Delete => change.old.as_deref(),
+                    _ => change.record.as_deref(),
+                };
+                image.unwrap_or("{}")
+            })
         };
         // 4. Deliver, building each change's frame once per column set.
         let mut frames: HashMap<(usize, Visible), Arc<str>> = HashMap::new();
@@ -576,10 +535,10 @@ impl Changes {
             let sink = &sub.sink;
             let r = &rows[row];
             let relation = relation_of(r);
-            let Some((Some(grants), _)) = self.access.get(&(sink.role.clone(), relation.relid)) else {
+            let Some(grants) = self.access.get(&sink.role, relation.relid) else {
                 continue;
             };
-            if grants.check.is_some()
+            if grants.checks_rows()
                 && !visible
                     .get(&(sink.role.clone(), sink.claims.clone(), relation.relid))
                     .is_some_and(|seen| seen.contains(&row))
@@ -622,112 +581,6 @@ impl Changes {
         }
     }
 
-    /// Reads privileges and policies for each (role, table) pair.
-    fn read_access(&mut self, pairs: Vec<(Arc<str>, u32)>, transactions: &[Transaction]) {
-        let names: HashMap<u32, (String, String)> = transactions
-            .iter()
-            .flat_map(|t| t.relations.iter())
-            .map(|r| (r.relid, (r.schema.clone(), r.table.clone())))
-            .collect();
-        let answers = BackgroundWorker::transaction(|| {
-            if let Err(e) = catalog::clear_search_path() {
-                pgrx::warning!("pg_realtime: could not prepare the privilege checks: {e}");
-                return Vec::new();
-            }
-            pairs
-                .into_iter()
-                .map(|(role, relid)| {
-                    let grants = match catalog::access(&role, relid) {
-                        Ok(Some(access)) => Some(Arc::new(Grants {
-                            columns: access.columns,
-                            check: access.policies.map(|policies| {
-                                let (schema, table) = names.get(&relid).cloned().unwrap_or_default();
-                                rls::check_query(&schema, &table, &rls::predicate(&policies))
-                            }),
-                        })),
-                        Ok(None) => None,
-                        Err(e) => {
-                            pgrx::warning!("pg_realtime: could not read what role \"{role}\" may see: {e}");
-                            None
-                        }
-                    };
-                    ((role, relid), grants)
-                })
-                .collect::<Vec<_>>()
-        });
-        let now = Instant::now();
-        for (key, grants) in answers {
-            self.access.insert(key, (grants, now));
-        }
-    }
-
-    /// Runs the row-level security checks; returns, per identity and table,
-    /// the rows (indexes into `rows`) it may see. A check that fails (a
-    /// policy raising an error) shows nothing, as the SELECT would.
-    fn check_rows(
-        &self,
-        groups: HashMap<Identity, (Option<String>, BTreeSet<usize>)>,
-        rows: &[Row],
-        transactions: &[Transaction],
-    ) -> HashMap<Identity, HashSet<usize>> {
-        // The queries and their rows first: the transaction below must not
-        // borrow `self` (it holds no Postgres state, but cells).
-        let mut jobs = Vec::with_capacity(groups.len());
-        for ((role, claims, relid), (sub, members)) in groups {
-            let Some((Some(grants), _)) = self.access.get(&(role.clone(), relid)) else {
-                continue;
-            };
-            let Some(query) = grants.check.clone() else { continue };
-            let members: Vec<usize> = members.into_iter().collect();
-            let images = rls::rows_array(members.iter().map(|&i| {
-                let change = &transactions[rows[i].txn].changes[rows[i].change];
-                // the row as of the commit: the old one for DELETE
-                let image = match change.kind {
-                    ChangeKind::Delete => change.old.as_deref(),
-                    _ => change.record.as_deref(),
-                };
-                image.unwrap_or("{}")
-            }));
-            jobs.push(((role, claims, relid), sub, members, query, images));
-        }
-        let counters = crate::shmem::counters();
-        BackgroundWorker::transaction(move || {
-            let mut out = HashMap::new();
-            if let Err(e) = catalog::clear_search_path() {
-                pgrx::warning!("pg_realtime: could not prepare the row-level security checks: {e}");
-                return out;
-            }
-            for ((role, claims, relid), sub, members, query, images) in jobs {
-                let (r, c) = (role.clone(), claims.clone());
-                let seen = catalog::catching(move || {
-                    let identity = catalog::Identity {
-                        role: &r,
-                        claims: &c,
-                        sub: sub.as_deref(),
-                        topic: None,
-                    };
-                    catalog::visible_rows(&identity, &query, &images)
-                })
-                .and_then(|answer| answer.map_err(|e| e.to_string()));
-                let seen: HashSet<usize> = match seen {
-                    Ok(positions) => positions
-                        .into_iter()
-                        .filter_map(|p| members.get(usize::try_from(p).ok()?.checked_sub(1)?).copied())
-                        .collect(),
-                    Err(e) => {
-                        pgrx::warning!("pg_realtime: row-level security check failed for role \"{role}\": {e}");
-                        HashSet::new()
-                    }
-                };
-                Counters::incr(&counters.rls_checks);
-                Counters::add(&counters.rls_rows_checked, members.len() as u64);
-                out.insert((role, claims, relid), seen);
-            }
-            let _ = catalog::reset_role();
-            out
-        })
-    }
-
     /// Tells every channel subscribed to one of `relids` (or to anything,
     /// with `all`) that changes were lost, so it can refetch.
     fn notify_loss(&self, relids: &[u32], all: bool) {
@@ -742,129 +595,6 @@ impl Changes {
 /// A `system` error on a channel, `extension: postgres_changes`.
 fn system_error(sink: &Sink, message: &str) -> Outbound {
     Outbound::system(None, &sink.topic, "postgres_changes", "error", message, &sink.subtopic)
-}
-
-/// Validates a channel's bindings for `role`; returns them ready for the
-/// registry, or the message of the `system` error.
-fn validate(
-    bindings: &[(u32, PostgresChangesBinding)],
-    role: &str,
-) -> Result<Vec<realtime::changes::registry::Binding>, String> {
-    let publication = crate::gucs::publication();
-    let spi = |e: pgrx::spi::Error| format!("Realtime was unable to check the subscription: {e}");
-    if !catalog::role_exists(role).map_err(spi)? {
-        return Err(format!("Unauthorized: role \"{role}\" of the token does not exist"));
-    };
-    let mut out = Vec::with_capacity(bindings.len());
-    for (id, b) in bindings {
-        let schema = match (&b.schema, &b.table) {
-            (None, None) => {
-                return Err(format!(
-                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
-                params(b)
-            ))
-            }
-            (None, Some(_)) => "public".to_owned(),
-            (Some(s), _) => s.clone(),
-        };
-        let table = b.table.clone().filter(|t| t != "*");
-        let mut conditions: Vec<Condition> = Vec::new();
-        let parsed = filter::parse(b.filter.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
-        let target = match (&schema[..], table) {
-            ("*", _) | (_, None) => {
-                let schema_filter = (schema != "*").then_some(schema.as_str());
-                if !catalog::published(&publication, schema_filter, None).map_err(spi)? {
-                    return Err(not_enabled(b));
-                }
-                if !parsed.is_empty() {
-                    return Err(refused(b, "filters need an explicit table"));
-                }
-                if schema == "*" {
-                    Target::All
-                } else {
-                    Target::Schema(schema.clone())
-                }
-            }
-            (_, Some(table)) => {
-                let Some(found) = catalog::table(&schema, &table).map_err(spi)? else {
-                    return Err(refused(b, &format!("relation \"{schema}.{table}\" does not exist")));
-                };
-                if !catalog::published(&publication, Some(&schema), Some(&table)).map_err(spi)? {
-                    return Err(not_enabled(b));
-                }
-                if !catalog::can_select(role, found.relid).map_err(spi)? {
-                    return Err(refused(
-                        b,
-                        &format!("permission denied: role \"{role}\" cannot SELECT from \"{schema}.{table}\""),
-                    ));
-                }
-                for condition in parsed {
-                    let Some(column) = catalog::column(found.relid, &condition.column).map_err(spi)? else {
-                        return Err(refused(b, &format!("invalid column for filter {}", condition.column)));
-                    };
-                    // A filter on a column the role may not read would tell
-                    // it that column's values.
-                    if !catalog::can_select_column(role, found.relid, &condition.column).map_err(spi)? {
-                        return Err(refused(
-                            b,
-                            &format!(
-                                "permission denied: role \"{role}\" cannot SELECT column {} of \"{schema}.{table}\"",
-                                condition.column
-                            ),
-                        ));
-                    }
-                    let kind = Kind::of_type(&column.typname);
-                    if condition.op.is_ordering() && !kind.is_ordered() {
-                        return Err(refused(
-                            b,
-                            &format!(
-                                "filter on {} of type {}: only eq, neq and in are supported",
-                                condition.column, column.typname
-                            ),
-                        ));
-                    }
-                    let mut values = Vec::with_capacity(condition.values.len());
-                    for raw in &condition.values {
-                        let json = catalog::cast_to_json(raw, &column.sql_type)
-                            .map_err(|e| refused(b, &format!("invalid value for filter {}: {e}", condition.column)))?;
-                        let value: Value = serde_json::from_str(&json).map_err(|e| refused(b, &e.to_string()))?;
-                        values.push(normalise(kind, value));
-                    }
-                    conditions.push(Condition {
-                        column: condition.column,
-                        kind,
-                        op: condition.op,
-                        negate: condition.negate,
-                        values,
-                    });
-                }
-                Target::Table(found.relid)
-            }
-        };
-        out.push(realtime::changes::registry::Binding {
-            id: *id,
-            target,
-            events: EventFilter::parse(&b.event),
-            conditions,
-        });
-    }
-    Ok(out)
-}
-
-fn not_enabled(b: &PostgresChangesBinding) -> String {
-    format!(
-        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
-        params(b)
-    )
-}
-
-/// Filter values are compared with captured values, which the worker
-/// normalises the same way (timestamps to UTC).
-fn normalise(kind: Kind, value: Value) -> Value {
-    match (kind, value) {
-        (Kind::Timestamptz, Value::String(s)) => Value::String(realtime::changes::value::timestamptz_to_utc(&s)),
-        (_, v) => v,
-    }
 }
 
 /// Switches a table's capture triggers in a transaction of its own, so the

@@ -5,10 +5,13 @@
 //! The tokio runtime's threads start with every signal blocked and never call
 //! Postgres.
 
+mod access;
+mod acting;
 mod catalog;
 mod changes;
 mod listen;
 mod private;
+mod subscribe;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;

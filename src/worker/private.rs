@@ -1,8 +1,10 @@
 //! Private channels on the main thread: what an identity may do on a topic,
 //! from the row-level security policies on `realtime.messages`
-//! (`realtime-protocol.md` §6.4). Every probe runs in a subtransaction that
-//! is rolled back, so no row is ever kept.
+//! (`realtime-protocol.md` §6.4). Probe rows are inserted by the worker and
+//! selected back, or inserted, as the subscriber in its restricted context
+//! (`acting`); everything is rolled back, so no row is ever kept.
 
+use super::acting::{self, Identity};
 use super::catalog;
 use pgrx::bgworkers::BackgroundWorker;
 use realtime::server::link::{Authorize, Permissions, Question};
@@ -16,29 +18,51 @@ pub fn authorize(request: Authorize) {
         reply,
     } = request;
     let claims_json = serde_json::Value::Object(claims.all.clone()).to_string();
-    let identity = catalog::Identity {
-        role: &claims.role,
-        claims: &claims_json,
-        sub: claims.sub.as_deref(),
-        topic: Some(&subtopic),
-    };
     let answer = BackgroundWorker::transaction(|| {
-        catalog::rolled_back(|| match question {
-            Question::Read => {
-                catalog::readable_extensions(&identity).map(|(broadcast, presence)| Permissions { broadcast, presence })
+        let role = match acting::resolve(&claims.role) {
+            Ok(Ok(role)) => role,
+            Ok(Err(refusal)) => return Ok(Err(refusal.to_string())),
+            Err(e) => return Err(e.to_string()),
+        };
+        let identity = Identity {
+            role,
+            role_name: &claims.role,
+            claims: &claims_json,
+            sub: claims.sub.as_deref(),
+            topic: Some(&subtopic),
+        };
+        Ok(Ok(match question {
+            Question::Read => read(&identity, &subtopic)?,
+            Question::Write(extension) => {
+                let ok = acting::as_identity(&identity, || catalog::insert_message(&subtopic, extension)).is_ok();
+                Permissions {
+                    broadcast: ok,
+                    presence: ok,
+                }
             }
-            Question::Write(extension) => catalog::writable(&identity, extension).map(|ok| Permissions {
-                broadcast: ok,
-                presence: ok,
-            }),
-        })
+        }))
     });
-    let answer = match answer.and_then(|inner| inner.map_err(|e| e.to_string())) {
-        Ok(permissions) => Ok(permissions),
+    let answer = match answer {
+        Ok(answer) => answer,
         Err(e) => {
             pgrx::warning!("pg_realtime: could not check a private channel's permissions: {e}");
             Err("Realtime was unable to connect to the project database".to_owned())
         }
     };
     let _ = reply.send(answer);
+}
+
+/// Which extensions the identity may read on the topic. An error while
+/// acting as it (no privilege on the table, a policy that raises) is a
+/// denial; an error inserting the probes is the database's.
+fn read(identity: &Identity<'_>, subtopic: &str) -> Result<Permissions, String> {
+    let seen = catalog::rolled_back(|| {
+        let ids = catalog::insert_probes(subtopic)?;
+        Ok::<_, pgrx::spi::Error>(acting::as_identity(identity, || catalog::visible_probes(&ids)).unwrap_or_default())
+    })
+    .and_then(|r| r.map_err(|e| e.to_string()))?;
+    Ok(Permissions {
+        broadcast: seen.iter().any(|e| e == "broadcast"),
+        presence: seen.iter().any(|e| e == "presence"),
+    })
 }

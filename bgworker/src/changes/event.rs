@@ -59,18 +59,19 @@ pub fn parse_record(text: Option<&str>) -> Map<String, Value> {
 /// A captured value as clients get it, normalising what the writer's
 /// session could have rendered differently: `timestamptz` to UTC, `bytea`
 /// to bare hex.
-fn normalised(typname: &str, value: &Value) -> Value {
+fn normalised(type_oid: u32, value: &Value) -> Value {
+    use crate::changes::value::type_oid::{BYTEA, TIMESTAMPTZ, TIMESTAMPTZ_ARRAY};
     let mut value = value.clone();
-    match typname {
-        "timestamptz" => normalise(&mut value, &|s| timestamptz_to_utc(s)),
-        "_timestamptz" => {
+    match type_oid {
+        TIMESTAMPTZ => normalise(&mut value, &|s| timestamptz_to_utc(s)),
+        TIMESTAMPTZ_ARRAY => {
             if let Value::Array(items) = &mut value {
                 for item in items {
                     normalise(item, &|s| timestamptz_to_utc(s));
                 }
             }
         }
-        "bytea" => normalise(&mut value, &|s| s.strip_prefix("\\x").unwrap_or(s).to_owned()),
+        BYTEA => normalise(&mut value, &|s| s.strip_prefix("\\x").unwrap_or(s).to_owned()),
         _ => {}
     }
     value
@@ -167,7 +168,7 @@ pub fn data(
             .iter()
             .enumerate()
             .filter(|(i, _)| visible.column(*i) && keep(*i))
-            .filter_map(|(_, c)| row.get(&c.name).map(|v| (c.name.clone(), normalised(&c.typname, v))))
+            .filter_map(|(_, c)| row.get(&c.name).map(|v| (c.name.clone(), normalised(c.type_oid, v))))
             .collect()
     };
     let columns: Vec<Value> = relation
@@ -398,18 +399,22 @@ mod tests {
                 Column {
                     name: "id".into(),
                     typname: "int8".into(),
+                    type_oid: 20,
                 },
                 Column {
                     name: "title".into(),
                     typname: "text".into(),
+                    type_oid: 25,
                 },
                 Column {
                     name: "at".into(),
                     typname: "timestamptz".into(),
+                    type_oid: 1184,
                 },
                 Column {
                     name: "blob".into(),
                     typname: "bytea".into(),
+                    type_oid: 17,
                 },
             ],
             primary_key: if identity.is_empty() { vec![] } else { vec![0] },

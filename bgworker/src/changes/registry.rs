@@ -502,6 +502,7 @@ mod tests {
             columns: vec![Column {
                 name: "recipient_id".into(),
                 typname: "uuid".into(),
+                type_oid: 2950,
             }],
             identity: vec![0],
             primary_key: vec![0],
@@ -614,6 +615,7 @@ mod tests {
             columns: vec![Column {
                 name: "n".into(),
                 typname: "int4".into(),
+                type_oid: 23,
             }],
             ..relation()
         };

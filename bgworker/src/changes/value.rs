@@ -21,17 +21,44 @@ pub enum Kind {
     Other,
 }
 
+/// OIDs of the built-in types whose values pg_realtime treats by type
+/// (fixed in PostgreSQL's catalog, `pg_type.dat`). A type is known by its
+/// OID, never by its name: anyone may create a type named `timestamptz`
+/// in another schema.
+pub mod type_oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const CHAR: u32 = 18;
+    pub const NAME: u32 = 19;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const TEXT: u32 = 25;
+    pub const OID: u32 = 26;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const BPCHAR: u32 = 1042;
+    pub const VARCHAR: u32 = 1043;
+    pub const DATE: u32 = 1082;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const TIMESTAMPTZ_ARRAY: u32 = 1185;
+    pub const NUMERIC: u32 = 1700;
+    pub const UUID: u32 = 2950;
+}
+
 impl Kind {
-    /// The kind of a `pg_type.typname`.
-    pub fn of_type(typname: &str) -> Kind {
-        match typname {
-            "int2" | "int4" | "int8" | "float4" | "float8" | "numeric" | "oid" => Kind::Number,
-            "text" | "varchar" | "bpchar" | "name" | "citext" | "char" => Kind::Text,
-            "uuid" => Kind::Uuid,
-            "bool" => Kind::Bool,
-            "date" => Kind::Date,
-            "timestamp" => Kind::Timestamp,
-            "timestamptz" => Kind::Timestamptz,
+    /// The kind of a column of the type with this OID.
+    pub fn of_type_oid(oid: u32) -> Kind {
+        use type_oid::*;
+        match oid {
+            INT2 | INT4 | INT8 | FLOAT4 | FLOAT8 | NUMERIC | OID => Kind::Number,
+            TEXT | VARCHAR | BPCHAR | NAME | CHAR => Kind::Text,
+            UUID => Kind::Uuid,
+            BOOL => Kind::Bool,
+            DATE => Kind::Date,
+            TIMESTAMP => Kind::Timestamp,
+            TIMESTAMPTZ => Kind::Timestamptz,
             _ => Kind::Other,
         }
     }
@@ -100,14 +127,11 @@ impl Decimal {
             return None;
         }
         let mut digits: Vec<u8> = int_part.bytes().chain(frac_part.bytes()).map(|b| b - b'0').collect();
-        let mut exp = int_part.len() as i64 + exponent;
-        while digits.first() == Some(&0) {
-            digits.remove(0);
-            exp -= 1;
-        }
-        while digits.last() == Some(&0) {
-            digits.pop();
-        }
+        // (leading zeros cut in one pass: a value may have thousands)
+        let leading = digits.iter().take_while(|d| **d == 0).count();
+        digits.drain(..leading);
+        let trailing = digits.iter().rev().take_while(|d| **d == 0).count();
+        digits.truncate(digits.len() - trailing);
         if digits.is_empty() {
             return Some(Decimal::Finite {
                 negative: false,
@@ -115,6 +139,11 @@ impl Decimal {
                 exp: 0,
             });
         }
+        // An exponent near i64's range is a malformed value, not an overflow.
+        let exp = i64::try_from(int_part.len())
+            .ok()?
+            .checked_add(exponent)?
+            .checked_sub(i64::try_from(leading).ok()?)?;
         Some(Decimal::Finite { negative, digits, exp })
     }
 }
@@ -244,24 +273,37 @@ pub fn instant(text: &str) -> Option<i128> {
     }
     let offset_secs: i64 = match text.get(pos..) {
         None | Some("") | Some("Z") => 0,
-        Some(tz) => {
-            let sign = match tz.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let tz = &tz[1..];
-            let (h, rest) = tz.split_at(tz.len().min(2));
-            let rest = rest.trim_start_matches(':');
-            let (m, rest) = rest.split_at(rest.len().min(2));
-            let s = rest.trim_start_matches(':');
-            let part = |p: &str| if p.is_empty() { Some(0) } else { p.parse::<i64>().ok() };
-            sign * (part(h)? * 3600 + part(m)? * 60 + part(s)?)
-        }
+        Some(tz) => utc_offset_secs(tz)?,
     };
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     Some(secs as i128 * 1_000_000 + micros as i128)
+}
+
+/// Seconds east of UTC of an offset as Postgres writes it: `+01`,
+/// `-04:30`, `+05:30:15`. Anything else (a user type's text that merely
+/// looks like a timestamp) is None.
+fn utc_offset_secs(tz: &str) -> Option<i64> {
+    let (sign, rest) = match tz.as_bytes().first()? {
+        b'+' => (1, &tz[1..]),
+        b'-' => (-1, &tz[1..]),
+        _ => return None,
+    };
+    let mut parts = rest.split(':');
+    let mut secs = 0;
+    for scale in [3600, 60, 1] {
+        match parts.next() {
+            Some(p) if (1..=2).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) => {
+                secs += p.parse::<i64>().ok()? * scale;
+            }
+            Some(_) => return None,
+            None => break,
+        }
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(sign * secs)
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date.
@@ -392,10 +434,12 @@ mod tests {
 
     #[test]
     fn kinds_of_types() {
-        assert_eq!(Kind::of_type("int8"), Kind::Number);
-        assert_eq!(Kind::of_type("varchar"), Kind::Text);
-        assert_eq!(Kind::of_type("timestamptz"), Kind::Timestamptz);
-        assert_eq!(Kind::of_type("jsonb"), Kind::Other);
+        assert_eq!(Kind::of_type_oid(type_oid::INT8), Kind::Number);
+        assert_eq!(Kind::of_type_oid(type_oid::VARCHAR), Kind::Text);
+        assert_eq!(Kind::of_type_oid(type_oid::TIMESTAMPTZ), Kind::Timestamptz);
+        // jsonb, and a user's type (an enum named timestamptz, say)
+        assert_eq!(Kind::of_type_oid(3802), Kind::Other);
+        assert_eq!(Kind::of_type_oid(16_384), Kind::Other);
         assert!(!Kind::Other.is_ordered());
     }
 
@@ -410,6 +454,43 @@ mod tests {
         assert_eq!(instant("1970-01-01T00:00:00"), Some(0));
         assert!(instant("infinity").unwrap() > utc);
         assert!(instant("yesterday").is_none());
+    }
+
+    #[test]
+    fn text_that_only_looks_like_a_timestamp_is_not_one() {
+        // labels of a user's enum named timestamptz, say: never a panic
+        for text in [
+            "2025-03-04T10:00:00+xé",
+            "2025-03-04T10:00:00+é",
+            "2025-03-04T10:00:00é",
+            "2025-03-04T10:00:00.5€",
+            "2025-03-04T10:00:00+1:2:3:4",
+            "2025-03-04T10:00:00+123",
+            "éé25-03-04T10:00:00+00",
+            "2025-03-04T10:00:00-",
+        ] {
+            assert_eq!(instant(text), None, "{text}");
+            assert_eq!(timestamptz_to_utc(text), text);
+        }
+        assert_eq!(
+            instant("2025-03-04T10:00:00+05:30:15"),
+            instant("2025-03-04T04:29:45+00:00")
+        );
+    }
+
+    #[test]
+    fn huge_numbers_are_linear_and_never_overflow() {
+        // 16,000 leading zeros: cut in one pass (was quadratic)
+        let zeros = format!("{}1", "0".repeat(16_000));
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            assert_eq!(decimal_key(&format!("{zeros}.5")).unwrap(), "15e1");
+        }
+        // quadratic work took seconds here; linear takes milliseconds
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(Decimal::parse(&format!("1e{}", i64::MAX)), None);
+        assert_eq!(Decimal::parse(&format!("0.001e{}", i64::MIN)), None);
+        assert_eq!(num("1e-9223372036854775807", "0"), Ordering::Greater);
     }
 
     #[test]

@@ -30,8 +30,11 @@ impl ChangeKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
     pub name: String,
-    /// `pg_type.typname` (`int4`, `_text`, ...).
+    /// `pg_type.typname` (`int4`, `_text`, ...), for clients.
     pub typname: String,
+    /// The type's OID, for everything that depends on the type
+    /// (`value::Kind::of_type_oid`).
+    pub type_oid: u32,
 }
 
 /// A relation touched by the transaction.
@@ -266,6 +269,7 @@ impl Relation {
         for col in &self.columns {
             put_str(&mut out, &col.name);
             put_str(&mut out, &col.typname);
+            out.extend_from_slice(&col.type_oid.to_le_bytes());
         }
         for key in [&self.identity, &self.primary_key] {
             out.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -341,6 +345,7 @@ impl Reader<'_> {
             columns.push(Column {
                 name: self.string()?,
                 typname: self.string()?,
+                type_oid: self.u32()?,
             });
         }
         let identity = self.positions()?;
@@ -367,6 +372,7 @@ impl Reader<'_> {
                 let len = self.u32()? as usize;
                 self.take(len)?;
             }
+            self.u32()?; // the type's OID
         }
         for _ in 0..2 {
             let n = self.u32()? as usize;
@@ -428,10 +434,12 @@ mod tests {
                     Column {
                         name: "id".into(),
                         typname: "uuid".into(),
+                        type_oid: 2950,
                     },
                     Column {
                         name: "body".into(),
                         typname: "text".into(),
+                        type_oid: 25,
                     },
                 ],
                 identity: vec![0],

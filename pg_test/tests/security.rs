@@ -1,0 +1,431 @@
+//! Safe inside the database (`docs/security.md`): a hostile table owner, a
+//! forged role claim or a misattached trigger gains no rights and crashes
+//! nothing. One cluster; the table owner `mallory` is an ordinary role.
+
+use pg_realtime_e2e::client::Client;
+use pg_realtime_e2e::runner::{self, Test};
+use pg_realtime_e2e::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Ctx {
+    c: Cluster,
+    rt: tokio::runtime::Runtime,
+}
+
+const SETUP: &str = r#"
+CREATE EXTENSION pg_realtime;
+CREATE ROLE anon NOLOGIN;
+CREATE ROLE authenticated NOLOGIN;
+CREATE ROLE outsider NOLOGIN;
+CREATE ROLE authenticator NOINHERIT LOGIN;
+GRANT anon, authenticated TO authenticator;
+CREATE ROLE mallory LOGIN;
+CREATE SCHEMA mallory AUTHORIZATION mallory;
+GRANT USAGE ON SCHEMA mallory TO anon, authenticated, outsider;
+CREATE PUBLICATION supabase_realtime;
+-- private channels: anon may read and write topics starting with 'open'
+CREATE POLICY open_read ON realtime.messages FOR SELECT TO anon USING (realtime.topic() LIKE 'open%');
+CREATE POLICY open_write ON realtime.messages FOR INSERT TO anon WITH CHECK (realtime.topic() LIKE 'open%');
+"#;
+
+/// What mallory, owner of her tables and nothing more, sets up: code that
+/// tries to make her superuser whenever it runs with the rights to. (So
+/// the tests never write `mallory.orders` as a superuser: her domain's
+/// CHECK would run with those rights, as PostgreSQL runs it.)
+const MALLORY: &str = r#"
+SET ROLE mallory;
+CREATE FUNCTION mallory.escalate(what text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE WARNING 'mallory: % ran as %', what, current_user;
+  BEGIN
+    PERFORM pg_catalog.set_config('role', 'none', true);
+    RAISE WARNING 'mallory: % reset the role to %', what, current_user;
+  EXCEPTION WHEN others THEN
+    RAISE WARNING 'mallory: % could not reset the role: %', what, SQLERRM;
+  END;
+  BEGIN
+    SET SESSION AUTHORIZATION DEFAULT;
+    RAISE WARNING 'mallory: % became the session user %', what, current_user;
+  EXCEPTION WHEN others THEN
+    RAISE WARNING 'mallory: % could not set the session authorization: %', what, SQLERRM;
+  END;
+  BEGIN
+    ALTER ROLE mallory SUPERUSER;
+  EXCEPTION WHEN others THEN
+    RAISE WARNING 'mallory: % could not alter her role: %', what, SQLERRM;
+  END;
+  BEGIN
+    CREATE TEMP TABLE mallory_was_here (x int);
+  EXCEPTION WHEN others THEN
+    RAISE WARNING 'mallory: % could not create a temp table: %', what, SQLERRM;
+  END;
+  RETURN true;
+END $$;
+CREATE DOMAIN mallory.code AS text CHECK (mallory.escalate('a domain check'));
+CREATE TABLE mallory.orders (id bigserial PRIMARY KEY, code mallory.code, note text);
+CREATE TABLE mallory.notes (id bigserial PRIMARY KEY, body text);
+ALTER TABLE mallory.notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY sneaky ON mallory.notes FOR SELECT USING (mallory.escalate('a policy'));
+GRANT SELECT ON mallory.orders, mallory.notes TO anon, authenticated;
+RESET ROLE;
+ALTER PUBLICATION supabase_realtime ADD TABLE mallory.orders, mallory.notes;
+"#;
+
+fn main() {
+    let c = Cluster::start_with(ClusterConfig {
+        settings: vec!["pg_realtime.capture_idle_timeout = 0".into()],
+        ..ClusterConfig::default()
+    });
+    c.psql(SETUP);
+    c.psql(MALLORY);
+    c.wait_for_websocket(Duration::from_secs(10));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tests: &[Test<Ctx>] = &[
+        (
+            "a_domain_check_on_a_filtered_column_runs_as_the_subscriber",
+            a_domain_check_on_a_filtered_column_runs_as_the_subscriber,
+        ),
+        (
+            "a_policy_cannot_undo_the_subscribers_role",
+            a_policy_cannot_undo_the_subscribers_role,
+        ),
+        (
+            "role_claims_are_honoured_as_postgrest_honours_them",
+            role_claims_are_honoured_as_postgrest_honours_them,
+        ),
+        (
+            "revoking_a_role_from_the_authenticator_stops_its_deliveries",
+            revoking_a_role_from_the_authenticator_stops_its_deliveries,
+        ),
+        (
+            "a_missing_authenticator_refuses_joins_and_says_how_to_fix_it",
+            a_missing_authenticator_refuses_joins_and_says_how_to_fix_it,
+        ),
+        (
+            "capture_changes_refuses_anything_but_after_row",
+            capture_changes_refuses_anything_but_after_row,
+        ),
+        (
+            "internal_functions_are_for_superusers",
+            internal_functions_are_for_superusers,
+        ),
+        ("types_are_known_by_oid_not_name", types_are_known_by_oid_not_name),
+    ];
+    runner::run(Ctx { c, rt }, tests);
+}
+
+fn anon() -> String {
+    token("anon", 3600)
+}
+
+fn is_superuser(c: &Cluster, role: &str) -> bool {
+    c.psql(&format!("SELECT rolsuper FROM pg_roles WHERE rolname = '{role}'")) == "t"
+}
+
+/// The `mallory:` warnings the server logged for `what`.
+fn mallory_said(c: &Cluster, what: &str) -> Vec<String> {
+    c.log()
+        .lines()
+        .filter_map(|l| l.split_once("WARNING:  mallory: ").map(|(_, m)| m.to_owned()))
+        .filter(|m| m.starts_with(what))
+        .collect()
+}
+
+/// Joins `topic` with postgres_changes bindings as `tok`; returns the
+/// status and message of the system message that follows (or the join
+/// error's reason).
+async fn subscribe(client: &mut Client, topic: &str, bindings: Value, tok: &str) -> (String, String) {
+    let j = client.join(topic, bindings, tok).await;
+    match j.system {
+        Some(system) => (
+            system[4]["status"].as_str().unwrap().to_owned(),
+            system[4]["message"].as_str().unwrap().to_owned(),
+        ),
+        None => ("join error".into(), j.reply[4]["response"].to_string()),
+    }
+}
+
+/// Joins a private channel as `tok`; returns the reply's status and
+/// response.
+async fn join_private(client: &mut Client, topic: &str, tok: &str) -> (String, Value) {
+    let r = format!("p-{topic}");
+    client
+        .send(
+            json!([r, r, format!("realtime:{topic}"), "phx_join", {"config": {"private": true}, "access_token": tok}]),
+        )
+        .await;
+    loop {
+        let reply = client.recv().await;
+        if reply[3] == "phx_reply" && reply[1] == r {
+            return (
+                reply[4]["status"].as_str().unwrap().to_owned(),
+                reply[4]["response"].clone(),
+            );
+        }
+    }
+}
+
+fn a_domain_check_on_a_filtered_column_runs_as_the_subscriber(ctx: &Ctx) {
+    let c = &ctx.c;
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let binding = json!([{"event": "*", "schema": "mallory", "table": "orders", "filter": "code=eq.A1"}]);
+        let (status, message) = subscribe(&mut client, "orders", binding, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+    });
+    let said = mallory_said(c, "a domain check");
+    assert!(said.iter().any(|m| m == "a domain check ran as anon"), "{said:?}");
+    assert!(!said.iter().any(|m| m.contains("ran as postgres")), "{said:?}");
+    assert!(
+        !said.iter().any(|m| m.starts_with("a domain check reset the role")),
+        "{said:?}"
+    );
+    assert!(!said.iter().any(|m| m.contains("became the session user")), "{said:?}");
+    assert!(
+        said.iter().any(|m| m.contains("could not create a temp table")),
+        "{said:?}"
+    );
+    assert!(!is_superuser(c, "mallory"));
+}
+
+fn a_policy_cannot_undo_the_subscribers_role(ctx: &Ctx) {
+    let c = &ctx.c;
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let binding = json!([{"event": "INSERT", "schema": "mallory", "table": "notes"}]);
+        let (status, message) = subscribe(&mut client, "notes", binding, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        c.psql("INSERT INTO mallory.notes (body) VALUES ('checked by her policy')");
+        let event = client.event().await;
+        assert_eq!(event[4]["data"]["record"]["body"], "checked by her policy");
+    });
+    let said = mallory_said(c, "a policy");
+    assert!(said.iter().any(|m| m == "a policy ran as anon"), "{said:?}");
+    assert!(!said.iter().any(|m| m.contains("ran as postgres")), "{said:?}");
+    assert!(
+        said.iter().any(|m| m.starts_with("a policy could not reset the role")),
+        "{said:?}"
+    );
+    assert!(!said.iter().any(|m| m.contains("became the session user")), "{said:?}");
+    assert!(!is_superuser(c, "mallory"));
+}
+
+fn role_claims_are_honoured_as_postgrest_honours_them(ctx: &Ctx) {
+    let c = &ctx.c;
+    let binding = json!([{"event": "*", "schema": "mallory", "table": "orders"}]);
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let refused = [
+            ("none", "does not exist"),
+            ("postgres", "it is a superuser"),
+            ("authenticator", "it is the authenticator role itself"),
+            ("outsider", "GRANT \"outsider\" TO \"authenticator\""),
+            ("mallory", "GRANT \"mallory\" TO \"authenticator\""),
+        ];
+        for (i, (role, why)) in refused.iter().enumerate() {
+            let tok = token(role, 600);
+            let (status, message) = subscribe(&mut client, &format!("claim{i}"), binding.clone(), &tok).await;
+            assert_eq!(status, "error", "{role}: {message}");
+            assert!(
+                message.contains("Unauthorized") && message.contains(why),
+                "{role}: {message}"
+            );
+            let (status, response) = join_private(&mut client, &format!("open-{i}"), &tok).await;
+            assert_eq!(status, "error", "{role}: {response}");
+            let reason = response["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("Unauthorized") && reason.contains(why),
+                "{role}: {response}"
+            );
+        }
+        // a granted role is honoured, for both
+        let (status, message) = subscribe(&mut client, "granted", binding.clone(), &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        let (status, response) = join_private(&mut client, "open-granted", &anon()).await;
+        assert_eq!(status, "ok", "{response}");
+    });
+}
+
+/// A grant revoked from the authenticator ends what its role receives
+/// (checked again with its privileges, within a second) and refuses new
+/// joins. Each row goes to a granted subscriber too, on the same socket:
+/// its event is the sentinel after which the other's would have come.
+fn revoking_a_role_from_the_authenticator_stops_its_deliveries(ctx: &Ctx) {
+    let c = &ctx.c;
+    let binding = json!([{"event": "INSERT", "schema": "mallory", "table": "notes"}]);
+    ctx.rt.block_on(async {
+        let user = token("authenticated", 600);
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, message) = subscribe(&mut client, "as-user", binding.clone(), &user).await;
+        assert_eq!(status, "ok", "{message}");
+        let (status, message) = subscribe(&mut client, "as-anon", binding.clone(), &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        // both receive, and what each may see is cached
+        c.psql("INSERT INTO mallory.notes (body) VALUES ('granted')");
+        let topics: std::collections::BTreeSet<String> = client
+            .events(2)
+            .await
+            .iter()
+            .map(|e| e[2].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(topics.len(), 2, "{topics:?}");
+        c.psql("REVOKE authenticated FROM authenticator");
+        // Row n's events all go out before row n+1's: the granted channel's
+        // event for row n+1 settles whether the revoked one got row n.
+        let mut user_saw = std::collections::BTreeSet::new();
+        let mut settled = false;
+        for n in 0..200usize {
+            c.psql(&format!("INSERT INTO mallory.notes (body) VALUES ('row {n}')"));
+            loop {
+                let e = client.event().await;
+                let body = e[4]["data"]["record"]["body"].as_str().unwrap().to_owned();
+                if e[2] == "realtime:as-user" {
+                    user_saw.insert(body);
+                } else if body == format!("row {n}") {
+                    break;
+                }
+            }
+            if n >= 5 && (n - 5..n).all(|k| !user_saw.contains(&format!("row {k}"))) {
+                settled = true;
+                break;
+            }
+        }
+        assert!(settled, "the revoked role kept receiving: {user_saw:?}");
+        let (status, message) = subscribe(&mut client, "revoked", binding, &user).await;
+        assert_eq!(status, "error", "{message}");
+        assert!(
+            message.contains("GRANT \"authenticated\" TO \"authenticator\""),
+            "{message}"
+        );
+    });
+    c.psql("GRANT authenticated TO authenticator");
+}
+
+fn a_missing_authenticator_refuses_joins_and_says_how_to_fix_it(ctx: &Ctx) {
+    let c = &ctx.c;
+    c.psql("ALTER SYSTEM SET pg_realtime.authenticator = 'no_such_authenticator'");
+    c.psql("SELECT pg_reload_conf()");
+    let binding = json!([{"event": "*", "schema": "mallory", "table": "orders"}]);
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        // (the worker reloads on its next wake-up: a join wakes it)
+        let mut attempt = 0;
+        let message = loop {
+            attempt += 1;
+            let (status, message) = subscribe(&mut client, &format!("noauth{attempt}"), binding.clone(), &anon()).await;
+            if status == "error" || attempt == 50 {
+                break message;
+            }
+        };
+        assert!(
+            message.contains("\"no_such_authenticator\") does not exist"),
+            "{message}"
+        );
+        assert!(
+            message.contains("CREATE ROLE \"no_such_authenticator\" NOINHERIT LOGIN"),
+            "{message}"
+        );
+        let (status, response) = join_private(&mut client, "open-noauth", &anon()).await;
+        assert_eq!(status, "error", "{response}");
+        assert!(
+            response["reason"].as_str().unwrap().contains("does not exist"),
+            "{response}"
+        );
+    });
+    c.psql("ALTER SYSTEM RESET pg_realtime.authenticator");
+    c.psql("SELECT pg_reload_conf()");
+}
+
+fn capture_changes_refuses_anything_but_after_row(ctx: &Ctx) {
+    let c = &ctx.c;
+    let worker = c.worker_pid().expect("the worker runs");
+    let started = c.psql("SELECT pg_postmaster_start_time()");
+    c.psql(
+        "CREATE TABLE public.stmt (id int); CREATE TABLE public.before_row (id int);
+         CREATE TRIGGER by_statement AFTER INSERT ON public.stmt
+           FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_changes();
+         CREATE TRIGGER too_early BEFORE INSERT ON public.before_row
+           FOR EACH ROW EXECUTE FUNCTION realtime.capture_changes();
+         GRANT SELECT ON public.stmt, public.before_row TO anon;",
+    );
+    ctx.rt.block_on(async {
+        // someone listens to everything: the trigger gets past its
+        // "nobody listens" exit
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, message) = subscribe(&mut client, "all", json!([{"event": "*", "schema": "*"}]), &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        for (table, trigger) in [("stmt", "by_statement"), ("before_row", "too_early")] {
+            let out = c.psql_output(&format!("INSERT INTO public.{table} VALUES (1)"));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{table}: the insert went through");
+            assert!(
+                stderr.contains("realtime.capture_changes() must be fired AFTER INSERT, UPDATE or DELETE FOR EACH ROW")
+                    && stderr.contains(trigger),
+                "{table}: {stderr}"
+            );
+        }
+    });
+    assert_eq!(
+        c.psql("SELECT pg_postmaster_start_time()"),
+        started,
+        "the cluster restarted"
+    );
+    assert_eq!(c.worker_pid(), Some(worker), "the worker restarted");
+    c.psql("DROP TABLE public.stmt, public.before_row");
+}
+
+fn internal_functions_are_for_superusers(ctx: &Ctx) {
+    let c = &ctx.c;
+    let as_mallory = |sql: &str| {
+        let out = c.psql_output(&format!("SET ROLE mallory; {sql}"));
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = as_mallory(
+        "CREATE TRIGGER mine AFTER INSERT ON mallory.notes FOR EACH ROW EXECUTE FUNCTION realtime.capture_changes()",
+    );
+    assert!(
+        !ok && err.contains("permission denied for function realtime.capture_changes"),
+        "{ok} {err}"
+    );
+    for call in [
+        "SELECT * FROM realtime.stats()",
+        "SELECT realtime.interested('mallory.notes'::regclass)",
+    ] {
+        let (ok, err) = as_mallory(call);
+        assert!(!ok && err.contains("permission denied for function"), "{call}: {err}");
+    }
+    c.psql("CREATE ROLE watcher; GRANT pg_monitor TO watcher");
+    let out = c.psql("SET ROLE watcher; SELECT count(*) > 0 FROM realtime.stats()");
+    assert_eq!(out, "t");
+}
+
+fn types_are_known_by_oid_not_name(ctx: &Ctx) {
+    let c = &ctx.c;
+    let worker = c.worker_pid().expect("the worker runs");
+    // an enum named like a built-in type, with labels that look like
+    // timestamps until a multi-byte character
+    c.psql(
+        r#"CREATE TYPE public.timestamptz AS ENUM ('2025-03-04T10:00:00+xé', '2025-03-04T10:00:00é');
+           CREATE TABLE public.lookalike (id int PRIMARY KEY, at public.timestamptz);
+           GRANT SELECT ON public.lookalike TO anon;
+           ALTER PUBLICATION supabase_realtime ADD TABLE public.lookalike;"#,
+    );
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let binding = json!([{"event": "INSERT", "schema": "public", "table": "lookalike",
+                              "filter": "at=eq.2025-03-04T10:00:00+xé"}]);
+        let (status, message) = subscribe(&mut client, "lookalike", binding, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        c.psql("INSERT INTO public.lookalike VALUES (1, '2025-03-04T10:00:00é'), (2, '2025-03-04T10:00:00+xé')");
+        let event = client.event().await;
+        let record = &event[4]["data"]["record"];
+        assert_eq!(record["id"], 2, "{event}");
+        assert_eq!(record["at"], "2025-03-04T10:00:00+xé", "{event}");
+    });
+    assert_eq!(c.worker_pid(), Some(worker), "the worker restarted");
+}
