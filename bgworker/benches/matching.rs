@@ -71,6 +71,7 @@ fn registry(users: u64) -> Registry<u64> {
             ChannelKey {
                 connection: k,
                 topic: "realtime:bench".into(),
+                join: 1,
             },
             Subscription {
                 bindings: vec![Binding {

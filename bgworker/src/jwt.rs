@@ -51,15 +51,22 @@ pub enum AuthError {
     BadSignature,
     #[error("Failed to generate JWT signer, check your JWT secret or JWKS configuration")]
     NoSigner,
+    #[error("The token is not valid yet (nbf is {0} seconds away)")]
+    NotYetValid(i64),
+    #[error("The token's audience (aud) is not the one pg_realtime.jwt_audience names")]
+    WrongAudience,
 }
 
 impl AuthError {
     /// The `reason` of a join error reply: `Code: message`.
     pub fn join_reason(&self) -> String {
         let code = match self {
-            AuthError::Missing | AuthError::Expired(_) | AuthError::MissingClaims | AuthError::BadExpiry => {
-                "InvalidJWTToken"
-            }
+            AuthError::Missing
+            | AuthError::Expired(_)
+            | AuthError::MissingClaims
+            | AuthError::BadExpiry
+            | AuthError::NotYetValid(_)
+            | AuthError::WrongAudience => "InvalidJWTToken",
             AuthError::Malformed => "MalformedJWT",
             AuthError::BadSignature => "JwtSignatureError",
             AuthError::NoSigner => "JwtSignerError",
@@ -87,6 +94,8 @@ pub struct JwksError(String);
 pub struct Verifier {
     secret: Option<DecodingKey>,
     jwks: Vec<(Option<String>, Jwk)>,
+    /// When set, `aud` must be (or contain) it.
+    audience: Option<String>,
 }
 
 // Never print key material.
@@ -110,7 +119,18 @@ impl Verifier {
             None => Vec::new(),
             Some(text) => parse_jwks(text)?,
         };
-        Ok(Verifier { secret, jwks })
+        Ok(Verifier {
+            secret,
+            jwks,
+            audience: None,
+        })
+    }
+
+    /// Also requires `aud` to be (or, as an array, contain) `audience`;
+    /// empty means no check.
+    pub fn with_audience(mut self, audience: Option<&str>) -> Verifier {
+        self.audience = audience.filter(|a| !a.is_empty()).map(str::to_owned);
+        self
     }
 
     /// Whether any key is configured at all.
@@ -140,7 +160,19 @@ impl Verifier {
                 _ => AuthError::Malformed,
             }
         })?;
-        claims(data.claims, now)
+        let claims = claims(data.claims, now)?;
+        if let Some(audience) = &self.audience {
+            let aud = claims.all.get("aud");
+            let matches = match aud {
+                Some(Value::String(a)) => a == audience,
+                Some(Value::Array(all)) => all.iter().any(|a| a.as_str() == Some(audience)),
+                _ => false,
+            };
+            if !matches {
+                return Err(AuthError::WrongAudience);
+            }
+        }
+        Ok(claims)
     }
 
     fn key_for(&self, token: &str, alg: Algorithm) -> Result<DecodingKey, AuthError> {
@@ -225,6 +257,12 @@ fn claims(all: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
     if let Some(iat) = all.get("iat") {
         numeric(iat).ok_or(AuthError::Malformed)?;
     }
+    if let Some(nbf) = all.get("nbf") {
+        let nbf = numeric(nbf).ok_or(AuthError::Malformed)?;
+        if nbf > now {
+            return Err(AuthError::NotYetValid(nbf - now));
+        }
+    }
     if exp <= now {
         return Err(AuthError::Expired(now - exp));
     }
@@ -294,6 +332,28 @@ pub(crate) mod tests {
             .unwrap();
             assert!(verifier().verify(&t, NOW).is_ok(), "{alg:?}");
         }
+    }
+
+    #[test]
+    fn not_before_and_audience() {
+        let early = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60, "nbf": NOW + 30}));
+        assert_eq!(verifier().verify(&early, NOW), Err(AuthError::NotYetValid(30)));
+        assert!(verifier().verify(&early, NOW + 30).is_ok());
+        let bad_nbf = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60, "nbf": "soon"}));
+        assert_eq!(verifier().verify(&bad_nbf, NOW), Err(AuthError::Malformed));
+        let with_aud = |aud: Value| hs256(SECRET, json!({"role": "anon", "exp": NOW + 60, "aud": aud}));
+        let strict = || verifier().with_audience(Some("authenticated"));
+        assert!(strict().verify(&with_aud(json!("authenticated")), NOW).is_ok());
+        assert!(strict().verify(&with_aud(json!(["x", "authenticated"])), NOW).is_ok());
+        assert_eq!(
+            strict().verify(&with_aud(json!("other")), NOW),
+            Err(AuthError::WrongAudience)
+        );
+        let none = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60}));
+        assert_eq!(strict().verify(&none, NOW), Err(AuthError::WrongAudience));
+        // without the setting, aud is not looked at
+        assert!(verifier().verify(&with_aud(json!("other")), NOW).is_ok());
+        assert!(verifier().with_audience(Some("")).verify(&none, NOW).is_ok());
     }
 
     #[test]

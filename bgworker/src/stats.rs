@@ -57,8 +57,13 @@ counters! {
     transactions_lost,
     /// postgres_changes frames queued for channels.
     events_delivered,
-    /// postgres_changes frames a channel's full queue could not take.
+    /// postgres_changes frames a connection too far behind could not take
+    /// (it was disconnected, its channels told).
     events_dropped,
+    /// Connections closed because too many bytes waited for them
+    /// (`pg_realtime.max_pending_bytes`, or the one furthest behind past
+    /// `pg_realtime.max_pending_bytes_total`).
+    clients_too_far_behind,
     /// Gauge: channels with a postgres_changes subscription.
     subscriptions,
     /// Row-level security check queries run (one per identity and table

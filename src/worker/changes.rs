@@ -15,7 +15,6 @@ use realtime::protocol::Outbound;
 use realtime::server::fanout::{FanoutError, FanoutSender};
 use realtime::server::link::{MainReceiver, MainRequest, Subscribe};
 use realtime::stats::Counters;
-use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,19 +34,12 @@ const LOOK_AGAIN: [Duration; 3] = [Duration::from_secs(1), Duration::from_secs(1
 const SETTLE_AGAIN: Duration = Duration::from_secs(1);
 /// While a join waits for a table's lock, how often it is tried again.
 const RETRY_EVERY: Duration = Duration::from_millis(10);
-/// How long a join tries for the lock only when no writer holds it (never
-/// making writers wait); after that each try waits up to `LOCK_WAIT_MS`.
-const NOWAIT_FOR: Duration = Duration::from_secs(1);
-const LOCK_WAIT_MS: i32 = 100;
 /// When a waiting join is given up on.
 const JOIN_WAIT_LIMIT: Duration = Duration::from_secs(5);
 
 /// Where a channel's events go, and who it acts as.
 pub struct Sink {
     tx: FanoutSender,
-    /// Events were dropped for this channel (its client is too slow) and
-    /// it was told; cleared once its queue has drained.
-    lagged: Cell<bool>,
     topic: String,
     subtopic: String,
     /// Shared, like `claims`: the delivery loop keys look-ups on both, and
@@ -194,11 +186,12 @@ impl Changes {
                 .plan(now, &captured, crate::gucs::capture_idle_timeout(), |t| {
                     interest.any(&[t.relid, t.namespace])
                 });
-            let patient = self.replies.iter().any(|w| now.duration_since(w.since) >= NOWAIT_FOR);
             let counters = crate::shmem::counters();
             for i in plan.enable {
                 let table = &captured[i];
-                match switch(table.relid, true, if patient { LOCK_WAIT_MS } else { 0 }) {
+                // Only ever NOWAIT: a lock request that queued would make
+                // every later writer of the table queue behind it.
+                match switch(table.relid, true, 0) {
                     Ok(true) => Counters::incr(&counters.captures_enabled),
                     Ok(false) => {
                         Counters::incr(&counters.capture_lock_retries);
@@ -260,24 +253,34 @@ impl Changes {
         self.publish_interest();
     }
 
-    /// Handles every queued request from the network threads.
-    pub fn handle_requests(&mut self) {
-        while let Ok(request) = self.requests.try_recv() {
+    /// Handles queued requests from the network threads for about `slice`;
+    /// returns whether some are left.
+    pub fn handle_requests(&mut self, slice: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < slice {
+            let Ok(request) = self.requests.try_recv() else {
+                return false;
+            };
             match request {
                 MainRequest::Subscribe(s) => self.subscribe(s),
                 MainRequest::Authorize(request) => super::private::authorize(request),
-                MainRequest::Unsubscribe(key) => {
-                    if self.registry.unsubscribe(&key).is_some() {
-                        Counters::decr(&crate::shmem::counters().subscriptions);
-                        self.publish_interest();
-                        self.unsettled = true;
-                    }
-                    if self.waiting.unsubscribe(&key).is_some() {
-                        self.replies.retain(|w| w.key != key);
-                        self.publish_interest();
-                    }
-                }
+                MainRequest::Unsubscribe(key) => self.unsubscribe(&key),
             }
+        }
+        !self.requests.is_empty()
+    }
+
+    /// Ends a channel's subscription, active or waiting (nothing if it has
+    /// none).
+    fn unsubscribe(&mut self, key: &ChannelKey) {
+        if self.registry.unsubscribe(key).is_some() {
+            Counters::decr(&crate::shmem::counters().subscriptions);
+            self.publish_interest();
+            self.unsettled = true;
+        }
+        if self.waiting.unsubscribe(key).is_some() {
+            self.replies.retain(|w| w.key != *key);
+            self.publish_interest();
         }
     }
 
@@ -308,7 +311,6 @@ impl Changes {
                 self.schema_oids.extend(schemas);
                 let sink = Sink {
                     tx: request.sink,
-                    lagged: Cell::new(false),
                     topic: request.key.topic.clone(),
                     subtopic: request.subtopic,
                     role: Arc::from(role),
@@ -529,6 +531,7 @@ impl Changes {
         };
         // 4. Deliver, building each change's frame once per column set.
         let mut frames: HashMap<(usize, Visible), Arc<str>> = HashMap::new();
+        let mut gone: Vec<ChannelKey> = Vec::new();
         let counters = crate::shmem::counters();
         for (key, ids, row) in pending {
             let Some(sub) = self.registry.get(&key) else { continue };
@@ -562,22 +565,18 @@ impl Changes {
                 data,
             };
             match sink.tx.send(Arc::new(out)) {
-                Ok(()) => {
-                    Counters::incr(&counters.events_delivered);
-                    if sink.lagged.get() && sink.tx.pending() == 0 {
-                        sink.lagged.set(false);
-                    }
-                }
-                Err(FanoutError::Full) => {
-                    Counters::incr(&counters.events_dropped);
-                    if !sink.lagged.replace(true) {
-                        let message =
-                            "Too many changes are waiting for this client: some were dropped, refetch to catch up";
-                        let _ = sink.tx.force(Arc::new(system_error(sink, message)));
-                    }
-                }
-                Err(FanoutError::Closed) => {}
+                Ok(()) => Counters::incr(&counters.events_delivered),
+                // Too far behind: its connection tells each channel and
+                // closes (`server::fanout`).
+                Err(FanoutError::Full) => Counters::incr(&counters.events_dropped),
+                Err(FanoutError::Closed) => gone.push(key),
             }
+        }
+        // (a connection that closed without its leaves reaching us)
+        gone.sort();
+        gone.dedup();
+        for key in gone {
+            self.unsubscribe(&key);
         }
     }
 

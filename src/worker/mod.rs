@@ -9,6 +9,7 @@ mod access;
 mod acting;
 mod catalog;
 mod changes;
+mod fds;
 mod listen;
 mod private;
 mod subscribe;
@@ -29,6 +30,10 @@ const RESTART_AFTER: Duration = Duration::from_secs(5);
 const NETWORK_THREADS: usize = 2;
 /// After SIGTERM, how long clients get to receive their close frames.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
+/// How long the main thread works through network requests (joins, say)
+/// before it drains the change ring again: a storm of joins holds
+/// delivery back by about this much at a time, never longer.
+const REQUEST_SLICE: Duration = Duration::from_millis(2);
 
 /// Registers the worker; called from `_PG_init` while preloading.
 pub fn register() {
@@ -73,7 +78,9 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     let runtime = realtime::runtime::build(NETWORK_THREADS, block_all_signals)
         .unwrap_or_else(|e| error!("pg_realtime: cannot start the network threads: {e}"));
     let (link, requests) = main_link(waker.clone());
+    let max_connections = settings.max_connections;
     let ctx = Context::new(settings, Options::default(), crate::shmem::counters(), Some(link));
+    ctx.set_socket_capacity(fds::client_socket_capacity(max_connections));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = {
         let _entered = runtime.enter();
@@ -205,9 +212,17 @@ impl MainLoop {
         if BackgroundWorker::sighup_received() {
             self.reload();
         }
-        self.changes.handle_requests();
-        self.changes.settle_if_due();
-        let delivered = self.changes.drain();
+        // Requests in slices, the ring drained after each: delivery never
+        // waits for more than a slice of them.
+        let mut delivered = 0;
+        loop {
+            let more = self.changes.handle_requests(REQUEST_SLICE);
+            self.changes.settle_if_due();
+            delivered += self.changes.drain();
+            if !more {
+                break;
+            }
+        }
         if delivered > 0 {
             // Under a stream of commits, nap before waiting again: commits
             // arriving meanwhile find the latch already set (no signal to

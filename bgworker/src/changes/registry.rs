@@ -11,11 +11,14 @@ use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-/// Identifies a channel: its connection and topic.
+/// Identifies a channel: its connection, topic, and which join of the
+/// topic it is (a rejoin is another channel: a late answer for the old
+/// one cannot touch it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelKey {
     pub connection: u64,
     pub topic: String,
+    pub join: u64,
 }
 
 /// What a binding listens to.
@@ -513,6 +516,7 @@ mod tests {
         ChannelKey {
             connection: c,
             topic: "realtime:t".into(),
+            join: 1,
         }
     }
 

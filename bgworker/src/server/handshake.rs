@@ -81,6 +81,62 @@ pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, Refusal>
     })
 }
 
+/// Refusals of busy upgrades being written at once, at most: each holds
+/// its socket for up to `REFUSE_WITHIN`.
+const MAX_REFUSING: usize = 64;
+const REFUSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+static REFUSING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Answers an upgrade that arrives while the server is at its handshake
+/// or socket limit with HTTP 429 and closes it: its request is read first
+/// (a little of it, for a second at most), so that closing does not reset
+/// the connection before the client reads the answer. Past
+/// `MAX_REFUSING` at once, the socket is just closed.
+pub fn refuse_busy(stream: tokio::net::TcpStream) {
+    use std::sync::atomic::Ordering;
+    if REFUSING.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
+        REFUSING.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(REFUSE_WITHIN, refuse(stream)).await;
+        REFUSING.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+async fn refuse(stream: tokio::net::TcpStream) {
+    const BODY: &str = r#"{"error":"Too many connected users"}"#;
+    let response = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let mut request = [0u8; 4096];
+    let mut read = 0;
+    // up to the end of the request's headers
+    while read < request.len() && !request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut request[read..]) {
+            Ok(0) => return,
+            Ok(n) => read += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    }
+    let mut written = 0;
+    while written < response.len() {
+        if stream.writable().await.is_err() {
+            return;
+        }
+        match stream.try_write(&response.as_bytes()[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    }
+}
+
 /// The first value of `name` in a query string, percent-decoded.
 pub fn query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {

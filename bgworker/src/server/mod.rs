@@ -8,6 +8,7 @@ pub mod fanout;
 mod handshake;
 mod hub;
 pub mod link;
+pub mod rate;
 
 use crate::jwt::Verifier;
 use crate::stats::Counters;
@@ -31,6 +32,46 @@ pub struct Settings {
     pub max_connections: usize,
     /// Channels one connection may join.
     pub max_channels_per_connection: usize,
+    pub limits: Limits,
+}
+
+/// What one client may ask of the server, each a `pg_realtime.*`
+/// setting (README, "Limits").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes that may wait to be sent to one connection.
+    pub max_pending_bytes: usize,
+    /// Bytes that may wait for all connections together.
+    pub max_pending_bytes_total: usize,
+    /// How long one write to a socket may take.
+    pub write_timeout: Duration,
+    /// Upgrades in progress (not yet authenticated) at once.
+    pub max_pending_handshakes: usize,
+    /// postgres_changes bindings in one join.
+    pub max_bindings_per_join: usize,
+    /// Conditions in one binding's filter.
+    pub max_filter_conditions: usize,
+    /// Bytes of one binding's filter.
+    pub max_filter_bytes: usize,
+    /// Joins a second, per connection and over all of them.
+    pub joins_per_second_per_connection: u32,
+    pub joins_per_second: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_pending_bytes: 16 << 20,
+            max_pending_bytes_total: 512 << 20,
+            write_timeout: Duration::from_secs(30),
+            max_pending_handshakes: 1024,
+            max_bindings_per_join: 100,
+            max_filter_conditions: 16,
+            max_filter_bytes: 4096,
+            joins_per_second_per_connection: 50,
+            joins_per_second: 1000,
+        }
+    }
 }
 
 /// Fixed properties of a server instance.
@@ -44,9 +85,9 @@ pub struct Options {
     pub close_grace: Duration,
     /// How long a client may take to complete the HTTP upgrade.
     pub handshake_timeout: Duration,
-    /// Messages that may wait for one connection (broadcasts and
-    /// postgres_changes); past that they are dropped and the channel told.
-    pub outbound_queue: usize,
+    /// How long a question to the main thread (a join's subscription, a
+    /// private channel's permissions) waits for its answer.
+    pub ask_timeout: Duration,
 }
 
 impl Default for Options {
@@ -56,7 +97,8 @@ impl Default for Options {
             idle_timeout: Duration::from_secs(60),
             close_grace: Duration::from_millis(500),
             handshake_timeout: Duration::from_secs(10),
-            outbound_queue: 100_000,
+            // realtime-js gives up on a join after 10 s
+            ask_timeout: Duration::from_secs(8),
         }
     }
 }
@@ -67,8 +109,19 @@ pub struct Context {
     options: Options,
     counters: &'static Counters,
     open: AtomicUsize,
+    /// Upgrades accepted but not finished.
+    handshaking: AtomicUsize,
+    /// Sockets the process's file-descriptor limit leaves for clients
+    /// (open connections and handshakes together); see `set_socket_capacity`.
+    socket_capacity: AtomicUsize,
     next_id: AtomicU64,
     hub: Hub,
+    /// Bytes waiting for clients, per connection and in total.
+    budget: Arc<fanout::Budget>,
+    /// Joins a second over all connections.
+    joins: rate::SharedBucket,
+    /// Log lines a second about what clients send wrong.
+    log_lines: rate::SharedBucket,
     /// The worker's main thread, for `postgres_changes`; without it (unit
     /// tests of the protocol alone) such joins are refused.
     main: Option<MainLink>,
@@ -81,12 +134,18 @@ impl Context {
         counters: &'static Counters,
         main: Option<MainLink>,
     ) -> Arc<Context> {
+        let limits = &settings.limits;
         Arc::new(Context {
             main,
+            budget: fanout::Budget::new(limits.max_pending_bytes, limits.max_pending_bytes_total),
+            joins: rate::SharedBucket::new(limits.joins_per_second),
+            log_lines: rate::SharedBucket::new(10),
             settings: RwLock::new(Arc::new(settings)),
             options,
             counters,
             open: AtomicUsize::new(0),
+            handshaking: AtomicUsize::new(0),
+            socket_capacity: AtomicUsize::new(usize::MAX),
             next_id: AtomicU64::new(1),
             hub: Hub::default(),
         })
@@ -95,7 +154,18 @@ impl Context {
     /// Applies reloaded settings; connections and channels stay as they are,
     /// later handshakes, joins and token refreshes use the new ones.
     pub fn update_settings(&self, settings: Settings) {
+        let limits = &settings.limits;
+        self.budget
+            .set_limits(limits.max_pending_bytes, limits.max_pending_bytes_total);
         *self.settings.write() = Arc::new(settings);
+    }
+
+    /// How many client sockets (connections and handshakes) the process
+    /// may hold: what its file-descriptor limit leaves after Postgres's
+    /// own share. Past it, upgrades are refused with HTTP 429 before a
+    /// descriptor runs out.
+    pub fn set_socket_capacity(&self, sockets: usize) {
+        self.socket_capacity.store(sockets, Ordering::Relaxed);
     }
 
     pub(crate) fn settings(&self) -> Arc<Settings> {
@@ -143,12 +213,19 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(50);
+                let Some(gate) = HandshakeSlot::acquire(&ctx) else {
+                    // Over the handshake or socket limit: refused at once,
+                    // before anything is read or allocated for it.
+                    Counters::incr(&ctx.counters.handshakes_refused);
+                    handshake::refuse_busy(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let ctx = ctx.clone();
                 let shutdown = shutdown.clone();
                 let done = done.clone();
                 tokio::spawn(async move {
-                    let served = AssertUnwindSafe(connection::serve(stream, peer, ctx.clone(), shutdown))
+                    let served = AssertUnwindSafe(connection::serve(stream, peer, ctx.clone(), shutdown, gate))
                         .catch_unwind()
                         .await;
                     if served.is_err() {
@@ -171,14 +248,43 @@ async fn accept_loop(
     }
 }
 
+/// An upgrade in progress: counted against `max_pending_handshakes` and
+/// the socket capacity until it is dropped.
+pub struct HandshakeSlot {
+    ctx: Arc<Context>,
+}
+
+impl HandshakeSlot {
+    fn acquire(ctx: &Arc<Context>) -> Option<HandshakeSlot> {
+        let max = ctx.settings().limits.max_pending_handshakes;
+        let capacity = ctx.socket_capacity.load(Ordering::Relaxed);
+        ctx.handshaking
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                let sockets = n + ctx.open.load(Ordering::Acquire);
+                (n < max && sockets < capacity).then_some(n + 1)
+            })
+            .ok()?;
+        Some(HandshakeSlot { ctx: ctx.clone() })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.ctx.handshaking.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Keeps the open-connection count and gauge right however a connection ends.
 struct ConnectionSlot {
     ctx: Arc<Context>,
 }
 
 impl ConnectionSlot {
-    /// Takes a slot if fewer than `max` connections are open.
+    /// Takes a slot if fewer than `max` connections are open (and the
+    /// socket capacity allows one more; the handshake taking it already
+    /// holds its socket).
     fn acquire(ctx: &Arc<Context>, max: usize) -> Option<ConnectionSlot> {
+        let max = max.min(ctx.socket_capacity.load(Ordering::Relaxed));
         ctx.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()?;

@@ -15,6 +15,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+mod limits;
+
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -31,6 +33,7 @@ fn settings(secret: &str, max_connections: usize, max_channels: usize) -> Settin
         verifier: Verifier::new(Some(secret), None).unwrap(),
         max_connections,
         max_channels_per_connection: max_channels,
+        limits: Limits::default(),
     }
 }
 

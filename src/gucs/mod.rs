@@ -1,5 +1,8 @@
 //! Every `pg_realtime.*` setting. The names are a public contract: they are
 //! documented in the README with their defaults and when they take effect.
+//! The limits on what clients may ask are in `limits`.
+
+mod limits;
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use realtime::jwt::Verifier;
@@ -11,6 +14,7 @@ pub static LISTEN_ADDRESSES: GucSetting<Option<CString>> = GucSetting::<Option<C
 pub static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static JWT_SECRET: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static JWKS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static JWT_AUDIENCE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static PUBLICATION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"supabase_realtime"));
 pub static MAX_CONNECTIONS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(100);
@@ -78,6 +82,14 @@ pub fn define(preloading: bool) {
         GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_string_guc(
+        c"pg_realtime.jwt_audience",
+        c"When set, a client token's aud claim must be (or contain) this.",
+        c"",
+        &JWT_AUDIENCE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
         c"pg_realtime.publication",
         c"Publication whose tables are captured for postgres_changes.",
         c"",
@@ -133,6 +145,7 @@ pub fn define(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    limits::define();
 }
 
 fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
@@ -188,10 +201,12 @@ pub fn server_settings() -> (Settings, Option<String>) {
             Some(e.to_string()),
         ),
     };
+    let verifier = verifier.with_audience(text(&JWT_AUDIENCE).as_deref());
     let settings = Settings {
         verifier,
         max_connections: MAX_CONNECTIONS.get() as usize,
         max_channels_per_connection: MAX_CHANNELS_PER_CONNECTION.get() as usize,
+        limits: limits::limits(),
     };
     (settings, problem)
 }

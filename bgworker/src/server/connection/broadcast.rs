@@ -1,0 +1,175 @@
+//! A client's broadcasts (`realtime-protocol.md` §4): fanned out to the
+//! topic's members (back to the sender with `self: true`), `ok` replies
+//! with `ack: true`. On a private channel the first one asks the main
+//! thread for write permission; broadcasts sent meanwhile are held (a
+//! bounded few) and sent or refused, in order, once it answers.
+
+use super::asks::Stage;
+use super::{broadcast_frame, Connection, TOPIC_PREFIX};
+use crate::protocol::{Outbound, Payload, UserBroadcast};
+use crate::server::link::{Authorize, Question};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+
+/// Broadcasts held while a private channel's write permission is asked.
+const MAX_HELD: usize = 64;
+const MAX_HELD_BYTES: usize = 1 << 20;
+
+/// A private channel's broadcasts waiting for its write permission, and
+/// the identity it was asked for.
+#[derive(Default)]
+pub(super) struct Held {
+    broadcasts: Vec<UserBroadcast>,
+    bytes: usize,
+    asked_for: Option<u64>,
+}
+
+fn size(b: &UserBroadcast) -> usize {
+    b.event.len()
+        + match &b.payload {
+            Payload::Text(t) => t.get().len(),
+            Payload::Binary(bytes) => bytes.len(),
+            Payload::Json(_) => 64,
+        }
+}
+
+impl Connection {
+    pub(super) async fn on_user_broadcast(&mut self, b: UserBroadcast) -> Result<(), WsError> {
+        let topic = b.topic.clone();
+        let Some(channel) = self.channels.get_mut(&topic) else {
+            return self.unmatched(&broadcast_frame(&b)).await;
+        };
+        match channel.private.map(|p| p.broadcast_write) {
+            None | Some(Some(true)) => self.fan_out(b).await,
+            Some(Some(false)) => {
+                self.deny(
+                    b,
+                    "Unauthorized: You do not have permissions to write to this Channel topic",
+                )
+                .await
+            }
+            Some(None) => {
+                let held = &mut channel.held;
+                if held.broadcasts.len() >= MAX_HELD || held.bytes + size(&b) > MAX_HELD_BYTES {
+                    let reason = format!(
+                        "Too many broadcasts are waiting for this channel's write permission (for up to {} s)",
+                        self.asks.timeout().as_secs()
+                    );
+                    return self.deny(b, &reason).await;
+                }
+                held.bytes += size(&b);
+                held.broadcasts.push(b);
+                self.ask_write(&topic);
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks for the channel's write permission, unless it was asked for its
+    /// current identity already.
+    fn ask_write(&mut self, topic: &str) {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return;
+        };
+        if channel.held.asked_for == Some(channel.identity) {
+            return;
+        }
+        channel.held.asked_for = Some(channel.identity);
+        let (subtopic, claims) = (channel.subtopic.clone(), channel.claims.clone());
+        let asker = self.asker(topic, &self.channels[topic], Stage::Join);
+        self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
+            subtopic,
+            claims,
+            question: Question::Write("broadcast"),
+            reply,
+        });
+    }
+
+    /// The write permission came: the held broadcasts go out, or are
+    /// refused, in the order they came. (An error is a denial.) An answer
+    /// for an identity since replaced asks again.
+    pub(super) async fn on_write_answer(
+        &mut self,
+        topic: &str,
+        join: u64,
+        identity: u64,
+        allowed: Result<bool, String>,
+    ) -> Result<(), WsError> {
+        let Some(channel) = self.channels.get_mut(topic).filter(|c| c.join == join) else {
+            return Ok(());
+        };
+        if channel.identity != identity {
+            if !channel.held.broadcasts.is_empty() {
+                self.ask_write(topic);
+            }
+            return Ok(());
+        }
+        let allowed = allowed.unwrap_or(false);
+        if let Some(private) = &mut channel.private {
+            private.broadcast_write = Some(allowed);
+        }
+        let held = std::mem::take(&mut channel.held);
+        for b in held.broadcasts {
+            if allowed {
+                self.fan_out(b).await?;
+            } else {
+                self.deny(
+                    b,
+                    "Unauthorized: You do not have permissions to write to this Channel topic",
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a broadcast: dropped, and with `ack: true` an error reply
+    /// says why (`reason` is followed by the topic when it ends with
+    /// "topic").
+    async fn deny(&mut self, b: UserBroadcast, reason: &str) -> Result<(), WsError> {
+        tracing::debug!(topic = %crate::log::escape(&b.topic), "broadcast refused: {reason}");
+        let ack = self.channels.get(&b.topic).is_some_and(|c| c.config.broadcast.ack);
+        if !ack {
+            return Ok(());
+        }
+        let reason = if reason.ends_with("topic") {
+            format!("{reason}: {}", b.topic.strip_prefix(TOPIC_PREFIX).unwrap_or(&b.topic))
+        } else {
+            reason.to_owned()
+        };
+        self.send(&Outbound::reply(
+            &broadcast_frame(&b),
+            "error",
+            json!({ "reason": reason }),
+        ))
+        .await
+    }
+
+    /// Sends a broadcast to the topic's members (and back with `self`).
+    async fn fan_out(&mut self, b: UserBroadcast) -> Result<(), WsError> {
+        let Some(channel) = self.channels.get(&b.topic) else {
+            return Ok(());
+        };
+        let (ack, include_self) = (channel.config.broadcast.ack, channel.config.broadcast.self_);
+        // (also for a private channel that may write but not read)
+        let hub_topic = super::join::hub_key(&b.topic, channel.private.is_some());
+        let reply_to = broadcast_frame(&b);
+        let out = Outbound::Broadcast {
+            topic: b.topic,
+            event: b.event,
+            metadata: None,
+            payload: b.payload,
+        };
+        if include_self {
+            self.send(&out).await?;
+        }
+        let missed = self.ctx.hub.send(&hub_topic, Some(self.id), out);
+        if missed > 0 {
+            tracing::debug!(topic = %crate::log::escape(&reply_to.topic), missed, "broadcast skipped members too far behind");
+        }
+        if ack {
+            self.send(&Outbound::reply(&reply_to, "ok", json!({}))).await?;
+        }
+        Ok(())
+    }
+}

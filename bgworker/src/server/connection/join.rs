@@ -1,0 +1,339 @@
+//! Joining a channel (`realtime-protocol.md` §2.2): the rate limits, the
+//! checks that need nothing but the frame (topic, channel limit, config
+//! limits, token), then what needs the main thread — a private channel's
+//! read permission, then the postgres_changes subscription — asked without
+//! waiting, and the reply once the answers are in.
+
+use super::asks::{Answer, Asker, Reply, Stage};
+use super::{Channel, Connection, Private, Subscription, TOPIC_PREFIX};
+use crate::changes::{filter, registry};
+use crate::join::{parse_join, JoinConfig};
+use crate::jwt;
+use crate::log::escape;
+use crate::protocol::{Frame, Outbound, Payload};
+use crate::server::hub::Member;
+use crate::server::link::{Authorize, Question, Subscribe};
+use crate::stats::Counters;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+
+/// Lines a second about bad join configs, over all connections.
+const LOG_LINES_PER_SECOND: u32 = 10;
+
+/// The hub key of a topic: private and public channels of the same name
+/// never hear each other.
+pub(super) fn hub_key(topic: &str, private: bool) -> String {
+    if private {
+        format!("private\u{0}{topic}")
+    } else {
+        topic.to_owned()
+    }
+}
+
+pub(super) fn no_read_permission(subtopic: &str) -> String {
+    format!("Unauthorized: You do not have permissions to read from this Channel topic: {subtopic}")
+}
+
+/// The ids the join reply gives a channel's postgres_changes entries.
+pub(super) fn binding_ids(config: &JoinConfig) -> Vec<u32> {
+    config
+        .postgres_changes
+        .iter()
+        .map(|b| registry::binding_id(&b.event, b.schema.as_deref(), b.table.as_deref(), b.filter.as_deref()))
+        .collect()
+}
+
+/// The `system` message that reports a postgres_changes (re)subscription.
+pub(super) fn subscription_status(join_ref: &str, topic: &str, subtopic: &str, result: Result<(), String>) -> Outbound {
+    let (status, message) = match result {
+        Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
+        Err(message) => ("error", message),
+    };
+    Outbound::system(Some(join_ref), topic, "postgres_changes", status, &message, subtopic)
+}
+
+impl Connection {
+    pub(super) async fn join(&mut self, frame: Frame) -> Result<(), WsError> {
+        let Some(subtopic) = frame.topic.strip_prefix(TOPIC_PREFIX).map(str::to_owned) else {
+            return self.unmatched(&frame).await;
+        };
+        let limits = self.ctx.settings().limits.clone();
+        let now = std::time::Instant::now();
+        if !self.joins.take(limits.joins_per_second_per_connection, now)
+            || !self.ctx.joins.take(limits.joins_per_second, now)
+        {
+            return self
+                .refuse_join(&frame, "ClientJoinRateLimitReached: Too many joins per second")
+                .await;
+        }
+        // A second join of a joined (or joining) topic replaces the first.
+        if let Some(old) = self.remove_channel(&frame.topic) {
+            let close = Outbound::close(old.join_ref(), &frame.topic);
+            self.send(&close).await?;
+        }
+        let channel = match self.admit(&frame, &subtopic) {
+            Ok(channel) => channel,
+            Err(reason) => return self.refuse_join(&frame, &reason).await,
+        };
+        if channel.config.private {
+            let asker = self.asker(&frame.topic, &channel, Stage::Join);
+            let claims = channel.claims.clone();
+            self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
+                subtopic,
+                claims,
+                question: Question::Read,
+                reply,
+            });
+            self.joining.insert(frame.topic.clone(), (channel, frame));
+            return Ok(());
+        }
+        self.subscribe_then_finish(channel, frame).await
+    }
+
+    async fn refuse_join(&mut self, frame: &Frame, reason: &str) -> Result<(), WsError> {
+        Counters::incr(&self.ctx.counters.joins_refused);
+        self.log_refusal(&frame.topic, reason);
+        self.send(&Outbound::reply(frame, "error", json!({ "reason": reason })))
+            .await
+    }
+
+    pub(super) fn asker(&self, topic: &str, channel: &Channel, stage: Stage) -> Asker {
+        Asker {
+            topic: topic.to_owned(),
+            join: channel.join,
+            identity: channel.identity,
+            stage,
+        }
+    }
+
+    /// Asks the main thread to subscribe the channel's bindings (as its
+    /// current identity); the answer comes back to `on_answer`.
+    pub(super) fn ask_subscribe(&mut self, topic: &str, channel: &mut Channel, stage: Stage) {
+        let ids = binding_ids(&channel.config);
+        let (key, subtopic, claims, sink) = (
+            self.key(topic, channel.join),
+            channel.subtopic.clone(),
+            channel.claims.clone(),
+            self.fanout_tx.clone(),
+        );
+        let bindings = ids
+            .into_iter()
+            .zip(channel.config.postgres_changes.iter().cloned())
+            .collect();
+        let request = move |reply| Subscribe {
+            key,
+            subtopic,
+            bindings,
+            claims,
+            sink,
+            reply,
+        };
+        let asker = self.asker(topic, channel, stage);
+        self.asks.subscribe(self.ctx.main.as_ref(), asker, request);
+        if channel.subscription == Subscription::None {
+            channel.subscription = Subscription::Asked;
+        }
+    }
+
+    /// The join's step once its private read permission (if any) is known:
+    /// the postgres_changes subscription, if it has bindings, else the reply.
+    async fn subscribe_then_finish(&mut self, mut channel: Channel, frame: Frame) -> Result<(), WsError> {
+        if channel.config.postgres_changes.is_empty() {
+            return self.finish_join(channel, frame, None).await;
+        }
+        if let Some(problem) = self.over_binding_limits(&channel.config) {
+            return self.finish_join(channel, frame, Some(Err(problem))).await;
+        }
+        self.ask_subscribe(&frame.topic.clone(), &mut channel, Stage::Join);
+        self.joining.insert(frame.topic.clone(), (channel, frame));
+        Ok(())
+    }
+
+    /// Why a join's postgres_changes bindings are more than one join may
+    /// ask of the main thread (`Limits`), if they are.
+    pub(super) fn over_binding_limits(&self, config: &JoinConfig) -> Option<String> {
+        let limits = &self.ctx.settings().limits;
+        let prefix = "Unable to subscribe to changes with given parameters";
+        let bindings = config.postgres_changes.len();
+        if bindings > limits.max_bindings_per_join {
+            return Some(format!(
+                "{prefix}: {bindings} postgres_changes bindings in one join, more than pg_realtime.max_bindings_per_join ({})",
+                limits.max_bindings_per_join
+            ));
+        }
+        for f in config.postgres_changes.iter().filter_map(|b| b.filter.as_deref()) {
+            if f.len() > limits.max_filter_bytes {
+                return Some(format!(
+                    "{prefix}: a filter of {} bytes, more than pg_realtime.max_filter_bytes ({})",
+                    f.len(),
+                    limits.max_filter_bytes
+                ));
+            }
+            let conditions = filter::parse(f).map_or(0, |c| c.len());
+            if conditions > limits.max_filter_conditions {
+                return Some(format!(
+                    "{prefix}: a filter of {conditions} conditions, more than pg_realtime.max_filter_conditions ({})",
+                    limits.max_filter_conditions
+                ));
+            }
+        }
+        None
+    }
+
+    /// Replies to the join: the channel joins the hub (if it may read its
+    /// broadcasts) and the gauges, then the reply, `presence_state` and the
+    /// subscription's status go out, in that order.
+    async fn finish_join(
+        &mut self,
+        mut channel: Channel,
+        frame: Frame,
+        subscription: Option<Result<(), String>>,
+    ) -> Result<(), WsError> {
+        let ids = binding_ids(&channel.config);
+        let postgres_changes: Vec<Value> = channel
+            .config
+            .postgres_changes
+            .iter()
+            .zip(&ids)
+            .map(|(b, id)| {
+                let mut entry = b.raw.clone();
+                entry.insert("id".into(), json!(id));
+                Value::Object(entry)
+            })
+            .collect();
+        if channel.private.is_none_or(|p| p.read.broadcast) {
+            let key = hub_key(&frame.topic, channel.private.is_some());
+            let member = Member {
+                connection: self.id,
+                tx: self.fanout_tx.clone(),
+            };
+            self.ctx.hub.join(&key, member);
+            channel.hub_key = Some(key);
+        }
+        Counters::incr(&self.ctx.counters.channels_joined);
+        let join_ref = channel.join_ref().to_owned();
+        let (presence, subtopic) = (channel.config.presence.enabled, channel.subtopic.clone());
+        self.channels.insert(frame.topic.clone(), channel);
+        self.send(&Outbound::reply(
+            &frame,
+            "ok",
+            json!({ "postgres_changes": postgres_changes }),
+        ))
+        .await?;
+        if presence {
+            // Nobody can be tracked yet (presence is not supported), so
+            // the state is truthfully empty; realtime-js waits for it.
+            self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({})))
+                .await?;
+        }
+        if let Some(result) = subscription {
+            self.send(&subscription_status(&join_ref, &frame.topic, &subtopic, result))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on an answer from the main thread.
+    pub(super) async fn on_answer(&mut self, answer: Answer) -> Result<(), WsError> {
+        match (answer.stage, answer.reply) {
+            (Stage::Join, Reply::Read(read)) => {
+                let Some((mut channel, frame)) = self.take_joining(&answer.topic, answer.join) else {
+                    return Ok(());
+                };
+                match read {
+                    Ok(read) if read.broadcast || read.presence => {
+                        channel.private = Some(Private {
+                            read,
+                            broadcast_write: None,
+                        });
+                        self.subscribe_then_finish(channel, frame).await
+                    }
+                    Ok(_) => self.refuse_join(&frame, &no_read_permission(&channel.subtopic)).await,
+                    Err(message) => self.refuse_join(&frame, &message).await,
+                }
+            }
+            (Stage::Join, Reply::Subscribed(result)) => {
+                let Some((mut channel, frame)) = self.take_joining(&answer.topic, answer.join) else {
+                    // left before the answer came (its removal ended it)
+                    return Ok(());
+                };
+                channel.subscription = if result.is_ok() {
+                    Subscription::Active
+                } else {
+                    // (the main thread may yet set it up: a timed-out ask)
+                    self.unsubscribe(&answer.topic, answer.join);
+                    Subscription::None
+                };
+                self.finish_join(channel, frame, Some(result)).await
+            }
+            (Stage::Refresh, Reply::Read(read)) => {
+                self.on_refresh_read(&answer.topic, answer.join, answer.identity, read)
+                    .await
+            }
+            (Stage::Refresh, Reply::Subscribed(result)) => {
+                self.on_refresh_subscribed(&answer.topic, answer.join, answer.identity, result)
+                    .await
+            }
+            (_, Reply::Write(allowed)) => {
+                self.on_write_answer(&answer.topic, answer.join, answer.identity, allowed)
+                    .await
+            }
+        }
+    }
+
+    /// The joining channel of `topic` if it is that join (else the answer
+    /// is about a join that was left or replaced).
+    fn take_joining(&mut self, topic: &str, join: u64) -> Option<(Channel, Frame)> {
+        match self.joining.get(topic) {
+            Some((channel, _)) if channel.join == join => self.joining.remove(topic),
+            _ => None,
+        }
+    }
+
+    /// Decides what needs only the frame; `Err` is the reply's `reason`.
+    fn admit(&mut self, frame: &Frame, subtopic: &str) -> Result<Channel, String> {
+        if subtopic.is_empty() {
+            return Err("TopicNameRequired: You must provide a topic name".into());
+        }
+        let settings = self.ctx.settings();
+        if self.channels.len() + self.joining.len() >= settings.max_channels_per_connection {
+            return Err("ChannelRateLimitReached: Too many channels".into());
+        }
+        let payload = match &frame.payload {
+            Payload::Json(v) => v.clone(),
+            Payload::Text(_) | Payload::Binary(_) => Value::Null,
+        };
+        let request = parse_join(&payload);
+        let may_log = || self.ctx.log_lines.take(LOG_LINES_PER_SECOND, std::time::Instant::now());
+        if let Some(warning) = request.warnings.first().filter(|_| may_log()) {
+            // (at most LOG_LINES_PER_SECOND such lines, over all clients)
+            tracing::info!(
+                peer = %self.peer,
+                topic = %escape(&frame.topic),
+                "join config: {}; using the default{}",
+                escape(warning),
+                if request.warnings.len() > 1 { " (and more)" } else { "" }
+            );
+        }
+        let token = request.access_token.unwrap_or_else(|| self.accepted.token.clone());
+        let claims = settings
+            .verifier
+            .verify(&token, jwt::now())
+            .map_err(|e| e.join_reason())?;
+        let join = self.next_join;
+        self.next_join += 1;
+        Ok(Channel {
+            join,
+            join_ref: frame.join_ref.clone(),
+            subtopic: subtopic.to_owned(),
+            token,
+            claims,
+            identity: 0,
+            config: request.config,
+            subscription: Subscription::None,
+            private: None,
+            hub_key: None,
+            held: Default::default(),
+        })
+    }
+}

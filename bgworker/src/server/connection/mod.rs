@@ -1,0 +1,493 @@
+//! One WebSocket connection: its channels, their tokens and expiry timers,
+//! and the Phoenix events of `realtime-protocol.md` §1.5, §2 and §6.
+//!
+//! The loop never waits for the worker's main thread: what a join, a token
+//! refresh or a private broadcast asks of it is in flight (`asks`) while
+//! the loop goes on reading frames, answering heartbeats and sending other
+//! channels' messages; each answer is acted on when it comes. Every write
+//! to the socket has a timeout, and a connection whose queue overflowed
+//! (`fanout`) is told and closed.
+
+mod asks;
+mod broadcast;
+mod join;
+mod refresh;
+
+use super::fanout::{FanoutReceiver, FanoutSender, Overflow, Received};
+use super::handshake::{self, Accepted};
+use super::link::MainRequest;
+use super::{Context, HandshakeSlot};
+use crate::changes::registry::ChannelKey;
+use crate::join::JoinConfig;
+use crate::jwt::{self, AuthError, Claims};
+use crate::log::escape;
+use crate::protocol::{self, Frame, Inbound, Outbound, UserBroadcast, Vsn};
+use crate::stats::Counters;
+use asks::Asks;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+const TOPIC_PREFIX: &str = "realtime:";
+
+/// Serves one accepted TCP connection to the end. `gate` counts it as a
+/// handshake until the upgrade is done.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: watch::Receiver<bool>,
+    gate: HandshakeSlot,
+) {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(ctx.options.max_frame_bytes))
+        .max_frame_size(Some(ctx.options.max_frame_bytes));
+    let mut accepted = None;
+    // The callback's error type is tungstenite's; it is built only to refuse.
+    #[allow(clippy::result_large_err)]
+    let callback = |request: &_, response| match handshake::check(&ctx, request) {
+        Ok(a) => {
+            accepted = Some(a);
+            Ok(response)
+        }
+        Err(refusal) => Err(refusal.response()),
+    };
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    let ws = match tokio::time::timeout(ctx.options.handshake_timeout, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "upgrade failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "upgrade timed out");
+            return;
+        }
+    };
+    drop(gate);
+    let Some(accepted) = accepted else { return };
+    let id = ctx.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, rx) = ctx.budget.queue();
+    let joins = super::rate::Bucket::new(
+        ctx.settings().limits.joins_per_second_per_connection,
+        std::time::Instant::now(),
+    );
+    let asks = Asks::new(ctx.options.ask_timeout);
+    let mut conn = Connection {
+        id,
+        peer,
+        ctx,
+        ws,
+        accepted,
+        channels: HashMap::new(),
+        joining: HashMap::new(),
+        fanout_tx: tx,
+        asks,
+        joins,
+        next_join: 1,
+    };
+    conn.run(rx, shutdown).await;
+}
+
+/// Where a channel's postgres_changes subscription stands on the main thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subscription {
+    None,
+    /// Asked for, not answered yet.
+    Asked,
+    Active,
+}
+
+/// A channel, joined or joining.
+struct Channel {
+    /// Which join of its topic this is (`ChannelKey::join`).
+    join: u64,
+    join_ref: Option<String>,
+    subtopic: String,
+    /// The token the channel acts with, and its verified claims; `identity`
+    /// counts their changes, so an answer about an older one is known.
+    token: String,
+    claims: Claims,
+    identity: u64,
+    config: JoinConfig,
+    subscription: Subscription,
+    /// A private channel's permissions, as its identity's policies on
+    /// `realtime.messages` gave them.
+    private: Option<Private>,
+    /// Its key in the broadcast hub, while it receives broadcasts.
+    hub_key: Option<String>,
+    /// Broadcasts waiting for the first answer about write permission.
+    held: broadcast::Held,
+}
+
+/// What a private channel's identity may do; read at join and after each
+/// token refresh, write on first use and then kept until the token changes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Private {
+    read: super::link::Permissions,
+    broadcast_write: Option<bool>,
+}
+
+impl Channel {
+    fn join_ref(&self) -> &str {
+        self.join_ref.as_deref().unwrap_or("")
+    }
+}
+
+/// Why the loop ends.
+enum Close {
+    /// The client closed or the transport failed: nothing more to send.
+    Gone,
+    /// We close, with this code and reason.
+    With(CloseCode, &'static str),
+}
+
+struct Connection {
+    id: u64,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+    ws: WebSocketStream<TcpStream>,
+    accepted: Accepted,
+    channels: HashMap<String, Channel>,
+    /// Channels whose join waits for the main thread, with the join frame
+    /// the reply answers.
+    joining: HashMap<String, (Channel, Frame)>,
+    fanout_tx: FanoutSender,
+    asks: Asks,
+    /// This connection's share of joins a second.
+    joins: super::rate::Bucket,
+    next_join: u64,
+}
+
+impl Connection {
+    fn vsn(&self) -> Vsn {
+        self.accepted.vsn
+    }
+
+    fn key(&self, topic: &str, join: u64) -> ChannelKey {
+        ChannelKey {
+            connection: self.id,
+            topic: topic.to_owned(),
+            join,
+        }
+    }
+
+    async fn run(&mut self, mut fanout: FanoutReceiver, mut shutdown: watch::Receiver<bool>) {
+        let idle_timeout = self.ctx.options.idle_timeout;
+        let mut idle_deadline = Instant::now() + idle_timeout;
+        let close = loop {
+            if *shutdown.borrow() {
+                break Close::With(CloseCode::Away, "server shutting down");
+            }
+            // (checked here too: a stream of messages to send must not
+            // keep the idle timer from firing)
+            if Instant::now() >= idle_deadline {
+                Counters::incr(&self.ctx.counters.idle_closed);
+                break Close::With(CloseCode::Normal, "idle timeout");
+            }
+            let expiry = self.next_expiry();
+            // Answers before queued messages: the main thread answers a
+            // subscription before it queues the subscription's first event.
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break Close::With(CloseCode::Away, "server shutting down"),
+                message = self.ws.next() => match message {
+                    None => break Close::Gone,
+                    Some(Err(WsError::Capacity(e))) => {
+                        Counters::incr(&self.ctx.counters.oversized_frames);
+                        tracing::info!(peer = %self.peer, error = %e, "frame over the size limit; closing");
+                        break Close::With(CloseCode::Size, "frame too large");
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "transport error");
+                        break Close::Gone;
+                    }
+                    Some(Ok(message)) => {
+                        idle_deadline = Instant::now() + idle_timeout;
+                        if self.on_message(message).await.is_err() {
+                            break Close::Gone;
+                        }
+                    }
+                },
+                Some(answer) = self.asks.next(), if !self.asks.is_empty() => {
+                    if self.on_answer(answer).await.is_err() {
+                        break Close::Gone;
+                    }
+                }
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    Counters::incr(&self.ctx.counters.idle_closed);
+                    break Close::With(CloseCode::Normal, "idle timeout");
+                }
+                received = fanout.recv() => match received {
+                    Some(Received::Message(out)) => {
+                        if self.send(&out).await.is_err() {
+                            break Close::Gone;
+                        }
+                    }
+                    Some(Received::Overflowed(why)) => {
+                        self.too_far_behind(why).await;
+                        break Close::With(CloseCode::Again, "too far behind");
+                    }
+                    None => break Close::Gone,
+                },
+                _ = sleep_until_opt(expiry) => {
+                    if self.expire_tokens().await.is_err() {
+                        break Close::Gone;
+                    }
+                }
+            }
+        };
+        if let Close::With(code, reason) = close {
+            self.close(code, reason).await;
+        }
+    }
+
+    /// Sends our close frame and waits briefly for the client's answer.
+    async fn close(&mut self, code: CloseCode, reason: &'static str) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let grace = self.ctx.options.close_grace;
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout(grace, async {
+            if ws.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+    }
+
+    /// The queue overflowed: each channel gets one `system` error saying
+    /// why (if the client takes it within the close grace), then the
+    /// socket closes and the client reconnects.
+    async fn too_far_behind(&mut self, why: Overflow) {
+        Counters::incr(&self.ctx.counters.clients_too_far_behind);
+        let setting = match why {
+            Overflow::Connection => "pg_realtime.max_pending_bytes",
+            Overflow::Total => "pg_realtime.max_pending_bytes_total",
+        };
+        let message = format!(
+            "Too many messages are waiting for this client ({setting}): it is disconnected; \
+             reconnect and refetch to catch up"
+        );
+        tracing::info!(peer = %self.peer, "a client too far behind is disconnected ({setting})");
+        let notices: Vec<Outbound> = self
+            .channels
+            .iter()
+            .map(|(topic, c)| Outbound::system(Some(c.join_ref()), topic, "system", "error", &message, &c.subtopic))
+            .collect();
+        let grace = self.ctx.options.close_grace;
+        let _ = tokio::time::timeout(grace, async {
+            for notice in &notices {
+                if self.send(notice).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Writes one message, within `pg_realtime.socket_write_timeout`.
+    async fn send(&mut self, out: &Outbound) -> Result<(), WsError> {
+        let Some(message) = protocol::encode(self.vsn(), out) else {
+            return Ok(());
+        };
+        let timeout = self.ctx.settings().limits.write_timeout;
+        match tokio::time::timeout(timeout, self.ws.send(message)).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                tracing::info!(peer = %self.peer, "a write took longer than {timeout:?}; closing");
+                Err(WsError::Io(std::io::ErrorKind::TimedOut.into()))
+            }
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), WsError> {
+        let vsn = self.vsn();
+        let decoded = match message {
+            Message::Text(text) => protocol::decode_text(vsn, &text),
+            Message::Binary(bytes) => protocol::decode_binary(vsn, &bytes),
+            // Pings are answered by tungstenite; a close is answered there too
+            // and then ends the stream.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => return Ok(()),
+        };
+        Counters::incr(&self.ctx.counters.frames_received);
+        match decoded {
+            Ok(Inbound::Frame(frame)) => self.on_frame(frame).await,
+            Ok(Inbound::Broadcast(b)) => self.on_user_broadcast(b).await,
+            Err(e) => {
+                Counters::incr(&self.ctx.counters.malformed_frames);
+                tracing::debug!(peer = %self.peer, error = %e, "malformed frame dropped");
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame) -> Result<(), WsError> {
+        #[cfg(test)]
+        if frame.event == "__test_panic__" {
+            panic!("test-only panic on a network thread");
+        }
+        if frame.topic == "phoenix" && frame.event == "heartbeat" {
+            return self.send(&Outbound::reply(&frame, "ok", json!({}))).await;
+        }
+        if frame.event == "phx_join" {
+            return self.join(frame).await;
+        }
+        if frame.event == "phx_leave" && self.joining.contains_key(&frame.topic) {
+            // (realtime-js leaves a join it gave up waiting for)
+            self.remove_channel(&frame.topic);
+            return self.send(&Outbound::reply(&frame, "ok", json!({}))).await;
+        }
+        if !self.channels.contains_key(&frame.topic) {
+            return self.unmatched(&frame).await;
+        }
+        match frame.event.as_str() {
+            "phx_leave" => self.leave(frame).await,
+            "access_token" => self.refresh_token(frame).await,
+            "presence" => {
+                let reason = "presence is not supported by this version of pg_realtime";
+                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
+                    .await
+            }
+            // Unknown channel events are ignored without reply, as Supabase does.
+            _ => Ok(()),
+        }
+    }
+
+    /// `[null, ref, topic, "phx_reply", {"status":"error","response":{"reason":"unmatched topic"}}]`
+    async fn unmatched(&mut self, frame: &Frame) -> Result<(), WsError> {
+        let mut reply_to = frame.clone();
+        reply_to.join_ref = None;
+        self.send(&Outbound::reply(
+            &reply_to,
+            "error",
+            json!({"reason": "unmatched topic"}),
+        ))
+        .await
+    }
+
+    async fn leave(&mut self, frame: Frame) -> Result<(), WsError> {
+        if let Some(channel) = self.remove_channel(&frame.topic) {
+            self.send(&Outbound::reply(&frame, "ok", json!({}))).await?;
+            self.send(&Outbound::close(channel.join_ref(), &frame.topic)).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a channel, joined or joining: it leaves the hub and the
+    /// gauges, and its subscription (if one was ever asked for) ends on the
+    /// main thread.
+    fn remove_channel(&mut self, topic: &str) -> Option<Channel> {
+        let (channel, joined) = match self.channels.remove(topic) {
+            Some(channel) => (channel, true),
+            None => (self.joining.remove(topic)?.0, false),
+        };
+        if let Some(key) = &channel.hub_key {
+            self.ctx.hub.leave(key, self.id);
+        }
+        if channel.subscription != Subscription::None {
+            self.unsubscribe(topic, channel.join);
+        }
+        if joined {
+            Counters::decr(&self.ctx.counters.channels_joined);
+        }
+        Some(channel)
+    }
+
+    /// Ends a subscription on the main thread (a no-op there if it has none).
+    fn unsubscribe(&self, topic: &str, join: u64) {
+        if let Some(main) = &self.ctx.main {
+            main.send(MainRequest::Unsubscribe(self.key(topic, join)));
+        }
+    }
+
+    /// The earliest token expiry over all joined channels.
+    fn next_expiry(&self) -> Option<Instant> {
+        let exp = self.channels.values().map(|c| c.claims.exp).min()?;
+        let secs = (exp - jwt::now()).max(0) as u64;
+        Some(Instant::now() + Duration::from_secs(secs))
+    }
+
+    async fn expire_tokens(&mut self) -> Result<(), WsError> {
+        let now = jwt::now();
+        let expired: Vec<(String, i64)> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.claims.exp <= now)
+            .map(|(t, c)| (t.clone(), c.claims.exp))
+            .collect();
+        for (topic, exp) in expired {
+            self.end_channel(&topic, &AuthError::Expired(now - exp)).await?;
+        }
+        Ok(())
+    }
+
+    /// The fatal-channel pattern: a `system` error, then `phx_close`.
+    async fn end_channel(&mut self, topic: &str, error: &AuthError) -> Result<(), WsError> {
+        self.end_channel_with(topic, &error.to_string()).await
+    }
+
+    async fn end_channel_with(&mut self, topic: &str, message: &str) -> Result<(), WsError> {
+        let Some(channel) = self.remove_channel(topic) else {
+            return Ok(());
+        };
+        Counters::incr(&self.ctx.counters.tokens_rejected);
+        let system = Outbound::system(
+            Some(channel.join_ref()),
+            topic,
+            "system",
+            "error",
+            message,
+            &channel.subtopic,
+        );
+        self.send(&system).await?;
+        self.send(&Outbound::close(channel.join_ref(), topic)).await
+    }
+
+    /// Logs a refused join, its client strings escaped.
+    fn log_refusal(&self, topic: &str, reason: &str) {
+        tracing::debug!(peer = %self.peer, topic = %escape(topic), reason = %escape(reason), "join refused");
+    }
+}
+
+/// However the connection ends (even by a panic), its channels leave the
+/// hub and the gauges, and their subscriptions end.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let topics: Vec<String> = self.channels.keys().chain(self.joining.keys()).cloned().collect();
+        for topic in topics {
+            self.remove_channel(&topic);
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What is held for a user broadcast that is not sent yet.
+fn broadcast_frame(b: &UserBroadcast) -> Frame {
+    Frame {
+        join_ref: b.join_ref.clone(),
+        msg_ref: b.msg_ref.clone(),
+        topic: b.topic.clone(),
+        event: "broadcast".into(),
+        payload: protocol::Payload::Json(serde_json::Value::Null),
+    }
+}

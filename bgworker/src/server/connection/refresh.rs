@@ -1,0 +1,161 @@
+//! `access_token` (`realtime-protocol.md` §6.2): no reply; a bad token ends
+//! the channel; a new identity is authorized again (a private channel's
+//! read permission first, then the postgres_changes subscription), the
+//! answers acted on when they come. Until then the channel keeps what it
+//! had; an answer about an identity the channel has since left is ignored.
+
+use super::asks::Stage;
+use super::join::{hub_key, subscription_status};
+use super::{Connection, Private, Subscription};
+use crate::jwt;
+use crate::protocol::Frame;
+use crate::server::hub::Member;
+use crate::server::link::{Authorize, Permissions, Question};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+
+impl Connection {
+    pub(super) async fn refresh_token(&mut self, frame: Frame) -> Result<(), WsError> {
+        let token = frame
+            .payload
+            .as_object()
+            .and_then(|p| p.get("access_token"))
+            .and_then(Value::as_str);
+        let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else {
+            return Ok(());
+        };
+        let topic = frame.topic;
+        if self.channels.get(&topic).is_none_or(|c| c.token == token) {
+            return Ok(());
+        }
+        let claims = match self.ctx.settings().verifier.verify(token, jwt::now()) {
+            Ok(claims) => claims,
+            Err(e) => return self.end_channel(&topic, &e).await,
+        };
+        let Some(channel) = self.channels.get_mut(&topic) else {
+            return Ok(());
+        };
+        channel.token = token.to_owned();
+        let changed = channel.claims.all != claims.all;
+        channel.claims = claims;
+        if !changed {
+            return Ok(());
+        }
+        channel.identity += 1;
+        if let Some(private) = &mut channel.private {
+            // what the old identity was allowed to write no longer counts
+            private.broadcast_write = None;
+            let (subtopic, claims) = (channel.subtopic.clone(), channel.claims.clone());
+            let asker = self.asker(&topic, &self.channels[&topic], Stage::Refresh);
+            self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
+                subtopic,
+                claims,
+                question: Question::Read,
+                reply,
+            });
+            return Ok(());
+        }
+        self.resubscribe(&topic);
+        Ok(())
+    }
+
+    /// The subscription acts as the channel's new identity: the main thread
+    /// validates it again and replaces the old one, as Supabase
+    /// re-subscribes on a refresh (also after a refused subscription: the
+    /// new identity may be allowed).
+    fn resubscribe(&mut self, topic: &str) {
+        let Some(mut channel) = self.channels.remove(topic) else {
+            return;
+        };
+        if !channel.config.postgres_changes.is_empty() && self.over_binding_limits(&channel.config).is_none() {
+            self.ask_subscribe(topic, &mut channel, Stage::Refresh);
+        }
+        self.channels.insert(topic.to_owned(), channel);
+    }
+
+    /// A private channel's read permission for its new identity: kept,
+    /// changed (its broadcasts follow the broadcast permission), or lost
+    /// (the channel ends).
+    pub(super) async fn on_refresh_read(
+        &mut self,
+        topic: &str,
+        join: u64,
+        identity: u64,
+        read: Result<Permissions, String>,
+    ) -> Result<(), WsError> {
+        let Some(channel) = self
+            .channels
+            .get(topic)
+            .filter(|c| c.join == join && c.identity == identity)
+        else {
+            return Ok(());
+        };
+        let had = channel.private.unwrap_or_default().read;
+        let subtopic = channel.subtopic.clone();
+        let read = match read {
+            Ok(read) if read.broadcast || read.presence => read,
+            Ok(_) => {
+                let message = if had.broadcast || had.presence {
+                    format!("You no longer have permission to read from this Channel topic: {subtopic}")
+                } else {
+                    format!("You do not have permissions to read from this Channel topic: {subtopic}")
+                };
+                return self.end_channel_with(topic, &message).await;
+            }
+            Err(message) => return self.end_channel_with(topic, &message).await,
+        };
+        let (id, tx) = (self.id, self.fanout_tx.clone());
+        let hub = &self.ctx.hub;
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return Ok(());
+        };
+        channel.private = Some(Private {
+            read,
+            broadcast_write: None,
+        });
+        match (&channel.hub_key, read.broadcast) {
+            (Some(key), false) => {
+                hub.leave(key, id);
+                channel.hub_key = None;
+            }
+            (None, true) => {
+                let key = hub_key(topic, true);
+                hub.join(&key, Member { connection: id, tx });
+                channel.hub_key = Some(key);
+            }
+            _ => {}
+        }
+        self.resubscribe(topic);
+        Ok(())
+    }
+
+    /// The subscription for the channel's new identity: in place, or
+    /// refused (then the old one ends too: it must not outlive its
+    /// identity). An answer for an identity since replaced is ignored: the
+    /// newer question decides.
+    pub(super) async fn on_refresh_subscribed(
+        &mut self,
+        topic: &str,
+        join: u64,
+        identity: u64,
+        result: Result<(), String>,
+    ) -> Result<(), WsError> {
+        let Some(channel) = self.channels.get_mut(topic).filter(|c| c.join == join) else {
+            return Ok(());
+        };
+        if channel.identity != identity {
+            return Ok(());
+        }
+        channel.subscription = if result.is_ok() {
+            Subscription::Active
+        } else {
+            Subscription::None
+        };
+        let (join_ref, subtopic) = (channel.join_ref().to_owned(), channel.subtopic.clone());
+        if result.is_err() {
+            self.unsubscribe(topic, join);
+        }
+        self.send(&subscription_status(&join_ref, topic, &subtopic, result))
+            .await
+    }
+}

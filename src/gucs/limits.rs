@@ -1,0 +1,113 @@
+//! The settings that bound what clients may ask of the worker: bytes
+//! waiting for them, joins, filters, handshakes, socket writes (README,
+//! "Limits"). All take effect on reload.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use realtime::server::Limits;
+use std::time::Duration;
+
+pub static MAX_PENDING_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+pub static MAX_PENDING_TOTAL_KB: GucSetting<i32> = GucSetting::<i32>::new(512 * 1024);
+pub static SOCKET_WRITE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static MAX_PENDING_HANDSHAKES: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static MAX_BINDINGS_PER_JOIN: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static MAX_FILTER_CONDITIONS: GucSetting<i32> = GucSetting::<i32>::new(16);
+pub static MAX_FILTER_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_JOINS_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(50);
+pub static MAX_JOINS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
+/// An integer setting the worker reads on reload.
+fn int(
+    name: &'static std::ffi::CStr,
+    short: &'static std::ffi::CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    flags: GucFlags,
+) {
+    GucRegistry::define_int_guc(name, short, c"", setting, min, i32::MAX, GucContext::Sighup, flags);
+}
+
+pub fn define() {
+    int(
+        c"pg_realtime.max_pending_bytes",
+        c"Bytes that may wait to be sent to one WebSocket connection; past it the client is told and disconnected.",
+        &MAX_PENDING_KB,
+        64,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"pg_realtime.max_pending_bytes_total",
+        c"Bytes that may wait for all WebSocket connections together; past it the connections furthest behind are disconnected first.",
+        &MAX_PENDING_TOTAL_KB,
+        1024,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"pg_realtime.socket_write_timeout",
+        c"How long one write to a client's socket may take before the connection is closed.",
+        &SOCKET_WRITE_TIMEOUT_S,
+        1,
+        GucFlags::UNIT_S,
+    );
+    int(
+        c"pg_realtime.max_pending_handshakes",
+        c"WebSocket upgrades in progress at once; further ones get HTTP 429.",
+        &MAX_PENDING_HANDSHAKES,
+        1,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_realtime.max_bindings_per_join",
+        c"postgres_changes bindings one join may have.",
+        &MAX_BINDINGS_PER_JOIN,
+        1,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_realtime.max_filter_conditions",
+        c"Conditions one postgres_changes filter may have.",
+        &MAX_FILTER_CONDITIONS,
+        1,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_realtime.max_filter_bytes",
+        c"Bytes one postgres_changes filter may have.",
+        &MAX_FILTER_BYTES,
+        16,
+        GucFlags::UNIT_BYTE,
+    );
+    int(
+        c"pg_realtime.max_joins_per_second_per_connection",
+        c"Channel joins a second one WebSocket connection may make.",
+        &MAX_JOINS_PER_SECOND_PER_CONNECTION,
+        1,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_realtime.max_joins_per_second",
+        c"Channel joins a second over all WebSocket connections.",
+        &MAX_JOINS_PER_SECOND,
+        1,
+        GucFlags::default(),
+    );
+}
+
+fn count(setting: &GucSetting<i32>) -> usize {
+    setting.get().max(0) as usize
+}
+
+/// The limits as configured now.
+pub fn limits() -> Limits {
+    Limits {
+        max_pending_bytes: count(&MAX_PENDING_KB) * 1024,
+        max_pending_bytes_total: count(&MAX_PENDING_TOTAL_KB) * 1024,
+        write_timeout: Duration::from_secs(count(&SOCKET_WRITE_TIMEOUT_S) as u64),
+        max_pending_handshakes: count(&MAX_PENDING_HANDSHAKES),
+        max_bindings_per_join: count(&MAX_BINDINGS_PER_JOIN),
+        max_filter_conditions: count(&MAX_FILTER_CONDITIONS),
+        max_filter_bytes: count(&MAX_FILTER_BYTES),
+        joins_per_second_per_connection: MAX_JOINS_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
+        joins_per_second: MAX_JOINS_PER_SECOND.get().max(1) as u32,
+    }
+}
