@@ -20,6 +20,20 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
+/// The major version of `pg_config()`'s PostgreSQL.
+pub fn pg_config_major() -> u32 {
+    let out = Command::new(pg_config())
+        .arg("--version")
+        .output()
+        .expect("pg_config runs");
+    // "PostgreSQL 15.18 (Debian ...)"
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.split('.').next()?.parse().ok())
+        .expect("a version")
+}
+
 /// `pg_config` to use: `$PG_CONFIG`, else the system one.
 pub fn pg_config() -> String {
     std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into())
@@ -68,6 +82,7 @@ pub struct Cluster {
     pub ws_port: u16,
     bin: PathBuf,
     running: bool,
+    nofile: Option<u32>,
 }
 
 /// How to configure a cluster.
@@ -75,6 +90,9 @@ pub struct ClusterConfig {
     pub preload: bool,
     /// Extra `postgresql.conf` lines.
     pub settings: Vec<String>,
+    /// Start the server with this `RLIMIT_NOFILE` (soft and hard), through
+    /// `prlimit`.
+    pub nofile: Option<u32>,
 }
 
 impl Default for ClusterConfig {
@@ -82,6 +100,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             preload: true,
             settings: Vec::new(),
+            nofile: None,
         }
     }
 }
@@ -145,6 +164,7 @@ impl Cluster {
             ws_port,
             bin,
             running: false,
+            nofile: config.nofile,
         };
         cluster.pg_ctl_start();
         if cluster.running {
@@ -172,9 +192,18 @@ impl Cluster {
     }
 
     pub fn pg_ctl_start(&mut self) {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let mut command = match self.nofile {
+            None => as_owner(&pg_ctl),
+            Some(n) => {
+                let mut c = as_owner(Path::new("/usr/bin/prlimit"));
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&pg_ctl);
+                c
+            }
+        };
         check(
             "pg_ctl start",
-            as_owner(&self.bin.join("pg_ctl"))
+            command
                 .arg("-D")
                 .arg(self.data())
                 .arg("-l")
@@ -247,6 +276,22 @@ impl Cluster {
     pub fn stat(&self, name: &str) -> i64 {
         self.psql(&format!("SELECT value FROM realtime.stats() WHERE name = '{name}'"))
             .parse()
+            .unwrap()
+    }
+
+    /// The server's major version (`server_version_num / 10000`).
+    pub fn major(&self) -> u32 {
+        self.psql("SHOW server_version_num").parse::<u32>().unwrap() / 10_000
+    }
+
+    /// The realtime worker's resident memory now, in kB (`VmRSS`).
+    pub fn worker_rss_kb(&self) -> u64 {
+        let pid = self.worker_pid().expect("the worker runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
     }
 
@@ -389,6 +434,17 @@ pub mod client {
     }
 
     impl Client {
+        /// Connects, or says with which HTTP status the upgrade was refused
+        /// (0: it failed otherwise).
+        pub async fn try_connect(ws_port: u16, token: &str) -> Result<Client, u16> {
+            let url = format!("ws://127.0.0.1:{ws_port}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
+            match tokio_tungstenite::connect_async(url).await {
+                Ok((ws, _)) => Ok(Client { ws, next_ref: 1 }),
+                Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+                Err(_) => Err(0),
+            }
+        }
+
         pub async fn connect(ws_port: u16, token: &str) -> Client {
             let url = format!("ws://127.0.0.1:{ws_port}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
             let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
@@ -397,6 +453,28 @@ pub mod client {
 
         pub async fn send(&mut self, frame: Value) {
             self.ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+        }
+
+        /// Sends a text frame as it is.
+        pub async fn send_text(&mut self, text: String) {
+            self.ws.send(Message::Text(text.into())).await.unwrap();
+        }
+
+        /// Every text frame until the server closes the socket, and the
+        /// close code (None: the socket ended without one).
+        pub async fn frames_until_close(&mut self) -> (Vec<String>, Option<u16>) {
+            let mut texts = Vec::new();
+            loop {
+                match tokio::time::timeout(WAIT, self.ws.next())
+                    .await
+                    .expect("frames in time")
+                {
+                    Some(Ok(Message::Text(t))) => texts.push(t.to_string()),
+                    Some(Ok(Message::Close(frame))) => return (texts, frame.map(|f| u16::from(f.code))),
+                    Some(Ok(_)) => continue,
+                    _ => return (texts, None),
+                }
+            }
         }
 
         /// The next text frame, skipping nothing.

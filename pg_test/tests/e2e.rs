@@ -364,7 +364,7 @@ fn worker_error_restarts_the_worker_not_the_cluster(_ctx: &Ctx) {
 fn create_extension_warns_when_not_preloaded(_ctx: &Ctx) {
     let cluster = Cluster::start_with(ClusterConfig {
         preload: false,
-        settings: vec![],
+        ..ClusterConfig::default()
     });
     let out = cluster.psql_output("CREATE EXTENSION pg_realtime");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
