@@ -22,9 +22,16 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
             Some(WsMessage::Text(Utf8Bytes::from(text)))
         }
         Outbound::PostgresChanges { topic, ids, data } => {
+            // (one string built, in one go: this is the path every
+            // delivered change takes)
+            let topic = Value::String(topic.clone());
             let ids = json!(ids);
-            let payload = format!(r#"{{"ids":{ids},"data":{data}}}"#);
-            let text = frame_text(vsn, None, None, topic, "postgres_changes", &payload);
+            let text = match vsn {
+                Vsn::V2 => format!(r#"[null,null,{topic},"postgres_changes",{{"ids":{ids},"data":{data}}}]"#),
+                Vsn::V1 => format!(
+                    r#"{{"topic":{topic},"event":"postgres_changes","payload":{{"ids":{ids},"data":{data}}},"ref":null}}"#
+                ),
+            };
             Some(WsMessage::Text(Utf8Bytes::from(text)))
         }
         Outbound::Broadcast {

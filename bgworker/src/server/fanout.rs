@@ -250,6 +250,21 @@ impl FanoutReceiver {
     }
 }
 
+impl FanoutReceiver {
+    /// The next message if one is waiting now (None: none, or the queue
+    /// overflowed, which `recv` then reports).
+    pub fn try_recv(&mut self) -> Option<Arc<Outbound>> {
+        let mut state = self.queue.state.lock();
+        if state.overflow.is_some() {
+            return None;
+        }
+        let (message, size) = self.rx.try_recv().ok()?;
+        state.bytes -= size;
+        self.budget.total.fetch_sub(size, Ordering::AcqRel);
+        Some(message)
+    }
+}
+
 /// However the connection ends, what waits for it stops counting.
 impl Drop for FanoutReceiver {
     fn drop(&mut self) {

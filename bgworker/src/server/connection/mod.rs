@@ -231,7 +231,7 @@ impl Connection {
                 }
                 received = fanout.recv() => match received {
                     Some(Received::Message(out)) => {
-                        if self.send(&out).await.is_err() {
+                        if self.send_queued(out, &mut fanout).await.is_err() {
                             break Close::Gone;
                         }
                     }
@@ -297,6 +297,37 @@ impl Connection {
             }
         })
         .await;
+    }
+
+    /// Writes a queued message and whatever else is queued behind it (up
+    /// to 64), flushed once, all within
+    /// `pg_realtime.socket_write_timeout`: under a stream of messages one
+    /// write call and one timer serve many.
+    async fn send_queued(&mut self, first: Arc<Outbound>, fanout: &mut FanoutReceiver) -> Result<(), WsError> {
+        // While an answer may be on its way, one at a time: the loop takes
+        // answers first, so a subscription's reply precedes its events.
+        let batch = if self.asks.is_empty() { 64 } else { 1 };
+        let timeout = self.ctx.settings().limits.write_timeout;
+        let (vsn, ws) = (self.vsn(), &mut self.ws);
+        let written = tokio::time::timeout(timeout, async {
+            let mut next = Some(first);
+            let mut fed = 0;
+            while let Some(out) = next.take() {
+                if let Some(message) = protocol::encode(vsn, &out) {
+                    ws.feed(message).await?;
+                }
+                fed += 1;
+                if fed < batch {
+                    next = fanout.try_recv();
+                }
+            }
+            ws.flush().await
+        })
+        .await;
+        written.unwrap_or_else(|_| {
+            tracing::info!(peer = %self.peer, "a write took longer than {timeout:?}; closing");
+            Err(WsError::Io(std::io::ErrorKind::TimedOut.into()))
+        })
     }
 
     /// Writes one message, within `pg_realtime.socket_write_timeout`.
