@@ -20,8 +20,11 @@ pub struct Claims {
     /// Expiry, seconds since the epoch.
     pub exp: i64,
     pub sub: Option<String>,
-    /// Every claim, for `request.jwt.claims`.
+    /// Every claim.
     pub all: Map<String, Value>,
+    /// The claims as the token has them, for `request.jwt.claims` (numbers
+    /// exactly as written).
+    pub json: String,
 }
 
 // Claims may carry personal data: keep them out of logs by default.
@@ -151,7 +154,7 @@ impl Verifier {
         validation.required_spec_claims.clear();
         validation.validate_exp = false;
         validation.validate_aud = false;
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
+        let data = jsonwebtoken::decode::<Box<serde_json::value::RawValue>>(token, &key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
@@ -160,7 +163,9 @@ impl Verifier {
                 _ => AuthError::Malformed,
             }
         })?;
-        let claims = claims(data.claims, now)?;
+        let json = data.claims.get().to_owned();
+        let all: Map<String, Value> = serde_json::from_str(&json).map_err(|_| AuthError::Malformed)?;
+        let claims = claims(all, json, now)?;
         if let Some(audience) = &self.audience {
             let aud = claims.all.get("aud");
             let matches = match aud {
@@ -243,7 +248,7 @@ fn header_alg(token: &str) -> Result<Algorithm, AuthError> {
     }
 }
 
-fn claims(all: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
+fn claims(all: Map<String, Value>, json: String, now: i64) -> Result<Claims, AuthError> {
     let role = all.get("role").and_then(Value::as_str).filter(|r| !r.is_empty());
     let (Some(role), Some(exp)) = (role, all.get("exp")) else {
         return Err(AuthError::MissingClaims);
@@ -271,6 +276,7 @@ fn claims(all: Map<String, Value>, now: i64) -> Result<Claims, AuthError> {
         exp,
         sub: all.get("sub").and_then(Value::as_str).map(str::to_owned),
         all,
+        json,
     })
 }
 
@@ -332,6 +338,16 @@ pub(crate) mod tests {
             .unwrap();
             assert!(verifier().verify(&t, NOW).is_ok(), "{alg:?}");
         }
+    }
+
+    #[test]
+    fn claims_keep_their_text() {
+        let t = hs256(SECRET, json!({"role": "anon", "exp": NOW + 60}));
+        let text = verifier().verify(&t, NOW).unwrap().json;
+        assert_eq!(
+            serde_json::from_str::<Value>(&text).unwrap(),
+            json!({"role": "anon", "exp": NOW + 60})
+        );
     }
 
     #[test]

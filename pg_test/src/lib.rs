@@ -423,6 +423,9 @@ pub mod client {
     pub struct Client {
         ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
         next_ref: u64,
+        /// The text of the last text frame received, as it came (exact
+        /// numbers, key order).
+        pub last_text: String,
     }
 
     /// A joined channel's reply and the ids of its bindings, in order.
@@ -439,7 +442,11 @@ pub mod client {
         pub async fn try_connect(ws_port: u16, token: &str) -> Result<Client, u16> {
             let url = format!("ws://127.0.0.1:{ws_port}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
             match tokio_tungstenite::connect_async(url).await {
-                Ok((ws, _)) => Ok(Client { ws, next_ref: 1 }),
+                Ok((ws, _)) => Ok(Client {
+                    ws,
+                    next_ref: 1,
+                    last_text: String::new(),
+                }),
                 Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
                 Err(_) => Err(0),
             }
@@ -448,7 +455,11 @@ pub mod client {
         pub async fn connect(ws_port: u16, token: &str) -> Client {
             let url = format!("ws://127.0.0.1:{ws_port}/realtime/v1/websocket?apikey={token}&vsn=2.0.0");
             let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
-            Client { ws, next_ref: 1 }
+            Client {
+                ws,
+                next_ref: 1,
+                last_text: String::new(),
+            }
         }
 
         pub async fn send(&mut self, frame: Value) {
@@ -485,7 +496,10 @@ pub mod client {
         pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
             loop {
                 match tokio::time::timeout(wait, self.ws.next()).await.ok()? {
-                    Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                    Some(Ok(Message::Text(t))) => {
+                        self.last_text = t.to_string();
+                        return Some(serde_json::from_str(&t).unwrap());
+                    }
                     Some(Ok(Message::Binary(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
                     other => panic!("socket ended: {other:?}"),
                 }

@@ -9,6 +9,7 @@ use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys;
 use realtime::changes::event::{self, Visible};
 use realtime::changes::registry::{ChannelKey, Registry, RowFilter, Subscription, Target};
+use realtime::changes::row;
 use realtime::changes::switch::Switches;
 use realtime::changes::wire::{ChangeKind, RelationCache, Transaction};
 use realtime::protocol::Outbound;
@@ -286,7 +287,7 @@ impl Changes {
 
     fn subscribe(&mut self, request: Subscribe) {
         let role = request.claims.role.clone();
-        let claims: Arc<str> = Arc::from(serde_json::Value::Object(request.claims.all.clone()).to_string());
+        let claims: Arc<str> = Arc::from(request.claims.json.as_str());
         let who = subscribe::Subscriber {
             role: &role,
             claims: &claims,
@@ -435,7 +436,7 @@ impl Changes {
         // The columns each relation's subscriptions filter on (None: no
         // subscription covers it): rows are parsed that far and no further.
         // (A batch touches few relations: a vector beats a map.)
-        let mut filtered: Vec<(u32, Option<event::Wanted>)> = Vec::new();
+        let mut filtered: Vec<(u32, Option<row::Wanted>)> = Vec::new();
         for (t, txn) in transactions.iter().enumerate() {
             if txn.overflowed {
                 let relids: Vec<u32> = txn.relations.iter().map(|r| r.relid).collect();
@@ -450,7 +451,7 @@ impl Changes {
                         let wanted = self
                             .registry
                             .filtered_columns(relation)
-                            .map(|names| event::Wanted::new(names, relation));
+                            .map(|names| row::Wanted::new(names, relation));
                         filtered.push((relation.relid, wanted));
                         filtered.len() - 1
                     }
@@ -463,8 +464,8 @@ impl Changes {
                         continue;
                     }
                 }
-                let parsed = event::Parsed::with_columns(change, columns);
-                let matches = self.registry.matches(relation, change.kind, parsed.filter_row());
+                let parsed = row::Parsed::with_columns(change, columns);
+                let matches = self.registry.matches(relation, change.kind, &parsed);
                 if matches.is_empty() {
                     continue;
                 }

@@ -17,7 +17,7 @@ pub fn authorize(request: Authorize) {
         question,
         reply,
     } = request;
-    let claims_json = serde_json::Value::Object(claims.all.clone()).to_string();
+    let claims_json = claims.json.clone();
     let answer = BackgroundWorker::transaction(|| {
         let role = match acting::resolve(&claims.role) {
             Ok(Ok(role)) => role,

@@ -172,8 +172,7 @@ fn condition(
         let json = acting::as_identity(identity, || catalog::cast_to_json(raw, &column.sql_type))
             .map_err(|e| invalid(&e))?
             .ok_or_else(|| invalid("the value did not cast"))?;
-        let value: Value = serde_json::from_str(&json).map_err(|e| invalid(&e.to_string()))?;
-        values.push(normalise(kind, value));
+        values.push(normalise(kind, json));
     }
     Ok(Condition {
         column: condition.column,
@@ -184,11 +183,11 @@ fn condition(
     })
 }
 
-/// Filter values are compared with captured values, which the worker
-/// normalises the same way (timestamps to UTC).
-fn normalise(kind: Kind, value: Value) -> Value {
-    match (kind, value) {
-        (Kind::Timestamptz, Value::String(s)) => Value::String(value::timestamptz_to_utc(&s)),
-        (_, v) => v,
+/// A filter value's JSON text, compared with captured values as the worker
+/// normalises them (timestamps to UTC).
+fn normalise(kind: Kind, json: String) -> String {
+    match (kind, value::json_string(&json)) {
+        (Kind::Timestamptz, Some(s)) => Value::String(value::timestamptz_to_utc(&s)).to_string(),
+        _ => json,
     }
 }

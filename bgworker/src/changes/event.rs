@@ -2,13 +2,18 @@
 //! event (`realtime-protocol.md` §3.1): typed records, `columns`, the
 //! replica identity in `old_record`, UTC timestamps, and the size limit.
 //! Built once per change and shared by every channel it is delivered to.
+//! Values go out as the JSON text they were captured as (so numbers stay
+//! exact), but for the few the writer's session could have rendered
+//! differently (`normalised`).
 
-use super::value::timestamptz_to_utc;
+use super::row::fields;
+#[cfg(test)]
+use super::row::Parsed;
+use super::value::{json_string, timestamptz_to_utc, type_oid};
 use super::wire::{Change, ChangeKind, Relation};
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 /// Values at most this long survive in an over-sized record.
 const SMALL_VALUE_BYTES: usize = 64;
@@ -43,44 +48,31 @@ pub struct Event {
     /// The serialized `data` object.
     pub data: String,
     /// The row filters look at: the new row, or the whole old row for DELETE.
-    pub filter_row: Map<String, Value>,
-}
-
-/// Parses a record as captured. Filters compare timestamps as instants and
-/// need nothing more; what goes out to clients is normalised by
-/// [`normalised`].
-pub fn parse_record(text: Option<&str>) -> Map<String, Value> {
-    match text.map(serde_json::from_str::<Value>) {
-        Some(Ok(Value::Object(map))) => map,
-        _ => Map::new(),
-    }
+    pub filter_row: Value,
 }
 
 /// A captured value as clients get it, normalising what the writer's
 /// session could have rendered differently: `timestamptz` to UTC, `bytea`
-/// to bare hex.
-fn normalised(type_oid: u32, value: &Value) -> Value {
-    use crate::changes::value::type_oid::{BYTEA, TIMESTAMPTZ, TIMESTAMPTZ_ARRAY};
-    let mut value = value.clone();
-    match type_oid {
-        TIMESTAMPTZ => normalise(&mut value, &|s| timestamptz_to_utc(s)),
-        TIMESTAMPTZ_ARRAY => {
-            if let Value::Array(items) = &mut value {
-                for item in items {
-                    normalise(item, &|s| timestamptz_to_utc(s));
-                }
-            }
-        }
-        BYTEA => normalise(&mut value, &|s| s.strip_prefix("\\x").unwrap_or(s).to_owned()),
-        _ => {}
-    }
-    value
-}
-
-fn normalise(value: &mut Value, f: &dyn Fn(&str) -> String) {
-    if let Value::String(s) = value {
-        *s = f(s);
-    }
+/// to bare hex. Anything else is its captured text.
+fn normalised(type_oid: u32, json: &str) -> Cow<'_, str> {
+    let rewritten = match type_oid {
+        type_oid::TIMESTAMPTZ => json_string(json).map(|s| Value::String(timestamptz_to_utc(&s))),
+        type_oid::TIMESTAMPTZ_ARRAY => match serde_json::from_str::<Vec<Value>>(json) {
+            Ok(items) => Some(Value::Array(
+                items
+                    .into_iter()
+                    .map(|item| match item {
+                        Value::String(s) => Value::String(timestamptz_to_utc(&s)),
+                        other => other,
+                    })
+                    .collect(),
+            )),
+            Err(_) => None,
+        },
+        type_oid::BYTEA => json_string(json).map(|s| Value::String(s.strip_prefix("\\x").unwrap_or(&s).to_owned())),
+        _ => None,
+    };
+    rewritten.map_or(Cow::Borrowed(json), |v| Cow::Owned(v.to_string()))
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for microseconds since the Unix epoch.
@@ -93,49 +85,36 @@ pub fn commit_timestamp(micros: i64) -> String {
     format!("{seconds}.{:0<3}Z", &frac[..frac.len().min(3)])
 }
 
-/// A change's row as far as matching needs it: the columns subscriptions
-/// filter on, from the new row, or from the old row for DELETE. The
-/// `data` frame, which needs the whole rows, is only built (by [`data`])
-/// if something matched.
-pub struct Parsed {
-    filter: Map<String, Value>,
-}
+/// A JSON object written field by field.
+struct Object(String);
 
-/// The row filters look at, as captured: the new row, or the whole old row
-/// for DELETE.
-fn filter_text(change: &Change) -> Option<&str> {
-    if change.kind == ChangeKind::Delete {
-        change.old.as_deref()
-    } else {
-        change.record.as_deref()
+impl Object {
+    fn new() -> Object {
+        Object(String::from("{"))
     }
-}
 
-impl Parsed {
-    /// With every column.
-    #[cfg(test)]
-    pub fn new(change: &Change) -> Parsed {
-        Parsed {
-            filter: parse_record(filter_text(change)),
+    /// A field whose value is JSON text already.
+    fn raw(&mut self, key: &str, json: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
         }
+        self.0.push_str(&quoted(key));
+        self.0.push(':');
+        self.0.push_str(json);
     }
 
-    /// With only the columns `wanted` (what the subscriptions on the
-    /// table filter on): read where the change says each value starts, or,
-    /// without that, found by skipping over the rest of the row.
-    pub fn with_columns(change: &Change, wanted: &Wanted) -> Parsed {
-        let filter = match filter_text(change) {
-            Some(text) if !wanted.names.is_empty() => wanted.read(text, &change.filter_at),
-            _ => Map::new(),
-        };
-        Parsed { filter }
+    fn string(&mut self, key: &str, value: &str) {
+        self.raw(key, &quoted(value));
     }
 
-    /// The row filters look at: the new row, or the whole old row for
-    /// DELETE (as far as it was parsed).
-    pub fn filter_row(&self) -> &Map<String, Value> {
-        &self.filter
+    fn finish(mut self) -> String {
+        self.0.push('}');
+        self.0
     }
+}
+
+fn quoted(s: &str) -> String {
+    Value::from(s).to_string()
 }
 
 /// The serialized `data` object of a change, with only the columns in
@@ -149,58 +128,86 @@ pub fn data(
     visible: &Visible,
 ) -> String {
     let kind = change.kind;
-    let mut data = Map::new();
-    data.insert("schema".into(), json!(relation.schema));
-    data.insert("table".into(), json!(relation.table));
-    data.insert("type".into(), json!(kind.as_str()));
-    data.insert("commit_timestamp".into(), json!(commit_timestamp(commit_time_us)));
+    let mut data = Object::new();
+    data.string("schema", &relation.schema);
+    data.string("table", &relation.table);
+    data.string("commit_timestamp", &commit_timestamp(commit_time_us));
+    data.string("type", kind.as_str());
     if relation.identity.is_empty() && kind != ChangeKind::Delete {
-        data.insert("errors".into(), json!([ERROR_NO_PRIMARY_KEY]));
-        return Value::Object(data).to_string();
+        data.raw("errors", &errors(&[ERROR_NO_PRIMARY_KEY]));
+        return data.finish();
     }
     if !relation.key_columns().all(|i| visible.column(i)) {
-        data.insert("errors".into(), json!([ERROR_UNAUTHORIZED]));
-        return Value::Object(data).to_string();
+        data.raw("errors", &errors(&[ERROR_UNAUTHORIZED]));
+        return data.finish();
     }
-    let shown = |row: &Map<String, Value>, keep: &dyn Fn(usize) -> bool| -> Map<String, Value> {
-        relation
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| visible.column(*i) && keep(*i))
-            .filter_map(|(_, c)| row.get(&c.name).map(|v| (c.name.clone(), normalised(c.type_oid, v))))
-            .collect()
-    };
     let columns: Vec<Value> = relation
         .columns
         .iter()
         .enumerate()
         .filter(|(i, _)| visible.column(*i))
-        .map(|(_, c)| json!({"name": c.name, "type": c.typname}))
+        .map(|(_, c)| serde_json::json!({"name": c.name, "type": c.typname}))
         .collect();
-    data.insert("columns".into(), Value::Array(columns));
-    let mut errors = Vec::new();
+    data.raw("columns", &Value::Array(columns).to_string());
+    let mut problems = Vec::new();
     if kind != ChangeKind::Delete {
-        let record = shown(&parse_record(change.record.as_deref()), &|_| true);
-        data.insert(
-            "record".into(),
-            Value::Object(limit(record, max_record_bytes, &mut errors)),
-        );
+        let record = shown(relation, visible, change.record.as_deref(), &|_| true);
+        data.raw("record", &record_json(record, max_record_bytes, &mut problems));
     }
     if kind != ChangeKind::Insert {
         let identity = |i: usize| relation.identity.contains(&(i as u16));
-        let old_record = shown(&parse_record(change.old.as_deref()), &identity);
-        data.insert(
-            "old_record".into(),
-            Value::Object(limit(old_record, max_record_bytes, &mut errors)),
-        );
+        let old_record = shown(relation, visible, change.old.as_deref(), &identity);
+        data.raw("old_record", &record_json(old_record, max_record_bytes, &mut problems));
     }
-    errors.dedup();
-    data.insert(
-        "errors".into(),
-        if errors.is_empty() { Value::Null } else { json!(errors) },
+    problems.dedup();
+    data.raw(
+        "errors",
+        &if problems.is_empty() {
+            "null".to_owned()
+        } else {
+            errors(&problems)
+        },
     );
-    Value::Object(data).to_string()
+    data.finish()
+}
+
+fn errors(messages: &[&str]) -> String {
+    Value::from(messages.to_vec()).to_string()
+}
+
+/// The columns of a captured row a subscriber sees (visible, and kept by
+/// `keep`), in the relation's order, each with its normalised JSON text.
+fn shown<'a>(
+    relation: &'a Relation,
+    visible: &Visible,
+    text: Option<&'a str>,
+    keep: &dyn Fn(usize) -> bool,
+) -> Vec<(&'a str, Cow<'a, str>)> {
+    let row: HashMap<Cow<'a, str>, &'a str> = text.map(fields).unwrap_or_default().into_iter().collect();
+    relation
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| visible.column(*i) && keep(*i))
+        .filter_map(|(_, c)| Some((c.name.as_str(), normalised(c.type_oid, row.get(c.name.as_str())?))))
+        .collect()
+}
+
+/// A record as a JSON object; over the limit, only its small values, and
+/// the problem said.
+fn record_json(record: Vec<(&str, Cow<'_, str>)>, max_bytes: usize, problems: &mut Vec<&'static str>) -> String {
+    let size: usize = record.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let over = size > max_bytes;
+    if over {
+        problems.push(ERROR_TOO_LARGE);
+    }
+    let mut object = Object::new();
+    for (name, value) in &record {
+        if !over || value.len() <= SMALL_VALUE_BYTES {
+            object.raw(name, value);
+        }
+    }
+    object.finish()
 }
 
 /// Builds the event for one change at once (tests; delivery matches on
@@ -210,185 +217,15 @@ pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_reco
     Event {
         kind: change.kind,
         data: data(change, relation, commit_time_us, max_record_bytes, &Visible::All),
-        filter_row: Parsed::new(change).filter_row().clone(),
+        filter_row: Parsed::new(change).to_json(),
     }
-}
-
-/// The columns matching needs from a relation's rows: their names and,
-/// when each is a column of the relation, their positions in it.
-pub struct Wanted {
-    names: Vec<String>,
-    positions: Option<Vec<usize>>,
-    /// The relation's column count.
-    width: usize,
-}
-
-impl Wanted {
-    pub fn new(names: Vec<String>, relation: &Relation) -> Wanted {
-        let positions = names
-            .iter()
-            .map(|name| relation.columns.iter().position(|c| c.name == *name))
-            .collect();
-        Wanted {
-            names,
-            positions,
-            width: relation.columns.len(),
-        }
-    }
-
-    /// The wanted values of a row, read at the offsets `at` gives (one per
-    /// column of the relation), or found by scanning when there are none or
-    /// they do not fit the text.
-    fn read(&self, text: &str, at: &[u32]) -> Map<String, Value> {
-        if let Some(positions) = self.positions.as_ref().filter(|_| at.len() == self.width) {
-            let mut out = Map::new();
-            for (name, position) in self.names.iter().zip(positions) {
-                match value_at(text, at[*position]) {
-                    Some(value) => out.insert(name.clone(), value),
-                    None => return pick(text, &self.names),
-                };
-            }
-            return out;
-        }
-        pick(text, &self.names)
-    }
-
-    /// The JSON text of each wanted value of the row filters look at, read
-    /// where the change's offsets say (for [`super::registry::Registry::may_match`]):
-    /// None when the change has no usable offsets, and from the function
-    /// when a column is not wanted or its value cannot be read there.
-    pub fn raw_values<'c>(&'c self, change: &'c Change) -> Option<impl Fn(&str) -> Option<&'c str> + 'c> {
-        let text = filter_text(change)?;
-        let positions = self.positions.as_ref()?;
-        let at = &change.filter_at;
-        if at.len() != self.width {
-            return None;
-        }
-        Some(move |name: &str| {
-            let i = self.names.iter().position(|n| n == name)?;
-            json_value_at(text, *at.get(*positions.get(i)?)? as usize)
-        })
-    }
-}
-
-/// The text of the JSON value that starts at byte `offset` of `text`.
-fn json_value_at(text: &str, offset: usize) -> Option<&str> {
-    let rest = text.get(offset..)?;
-    let bytes = rest.as_bytes();
-    let end = match bytes.first()? {
-        b'"' => {
-            let mut i = 1;
-            loop {
-                match bytes.get(i)? {
-                    b'\\' => i += 2,
-                    b'"' => break i + 1,
-                    _ => i += 1,
-                }
-            }
-        }
-        b'{' | b'[' => {
-            let mut values = serde_json::Deserializer::from_str(rest).into_iter::<IgnoredAny>();
-            values.next()?.ok()?;
-            values.byte_offset()
-        }
-        _ => bytes
-            .iter()
-            .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
-            .unwrap_or(bytes.len()),
-    };
-    rest.get(..end)
-}
-
-/// The JSON value that starts at byte `offset` of `text` (what follows it
-/// is not read).
-fn value_at(text: &str, offset: u32) -> Option<Value> {
-    let rest = text.get(offset as usize..)?;
-    Value::deserialize(&mut serde_json::Deserializer::from_str(rest)).ok()
-}
-
-/// The values of `columns` in a row, the rest skipped over.
-fn pick(text: &str, columns: &[String]) -> Map<String, Value> {
-    let mut json = serde_json::Deserializer::from_str(text);
-    Pick(columns).deserialize(&mut json).unwrap_or_default()
-}
-
-/// Deserializes a JSON object keeping only the given keys; the other
-/// values are skipped without being built.
-struct Pick<'c>(&'c [String]);
-
-impl<'de> DeserializeSeed<'de> for Pick<'_> {
-    type Value = Map<String, Value>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Pick<'_> {
-    type Value = Map<String, Value>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a row as a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(Key(key)) = map.next_key()? {
-            match self.0.iter().find(|c| **c == *key) {
-                Some(column) => {
-                    out.insert(column.clone(), map.next_value()?);
-                }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// An object key, borrowed from the text unless it had escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a column name")
-            }
-
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
-/// Over the limit, keep only small values and say so.
-fn limit(record: Map<String, Value>, max_bytes: usize, errors: &mut Vec<&'static str>) -> Map<String, Value> {
-    let size: usize = record.iter().map(|(k, v)| k.len() + v.to_string().len()).sum();
-    if size <= max_bytes {
-        return record;
-    }
-    errors.push(ERROR_TOO_LARGE);
-    record
-        .into_iter()
-        .filter(|(_, v)| v.to_string().len() <= SMALL_VALUE_BYTES)
-        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::changes::wire::Column;
+    use serde_json::json;
 
     fn relation(identity: Vec<u16>) -> Relation {
         Relation {
@@ -537,107 +374,7 @@ mod tests {
             json!([{"name": "id", "type": "int8"}, {"name": "title", "type": "text"}])
         );
         // filters still see the whole row, as captured
-        assert_eq!(parsed.filter_row()["at"], json!("2025-03-04T11:11:12.345+01:00"));
-    }
-
-    #[test]
-    fn matching_parses_only_the_filtered_columns() {
-        let row = r#"{"id":7,"na\"me":"x","tags":[1,{"a":"}"}],"doc":{"k":[true,null]},"n":-1.50}"#;
-        let insert = change(ChangeKind::Insert, Some(row), None);
-        // (none of these is a column of the relation: found by scanning)
-        let wanted = |names: &[&str]| Wanted::new(names.iter().map(|n| n.to_string()).collect(), &relation(vec![0]));
-        let parsed = Parsed::with_columns(&insert, &wanted(&["n", "na\"me", "absent"]));
-        assert_eq!(
-            Value::Object(parsed.filter_row().clone()),
-            serde_json::from_str::<Value>(r#"{"n":-1.50,"na\"me":"x"}"#).unwrap(),
-            "escaped keys found, nested values skipped, absent columns absent"
-        );
-        assert!(Parsed::with_columns(&insert, &wanted(&[])).filter_row().is_empty());
-        // DELETE: the old row
-        let delete = change(ChangeKind::Delete, None, Some(r#"{"id":9,"n":2}"#));
-        assert_eq!(
-            Parsed::with_columns(&delete, &wanted(&["id"])).filter_row()["id"],
-            json!(9)
-        );
-        // the frame shows the whole row, whatever matching parsed
-        let d: Value =
-            serde_json::from_str(&super::data(&insert, &relation(vec![0]), 0, 1 << 20, &Visible::All)).unwrap();
-        assert_eq!(d["record"]["id"], json!(7));
-    }
-
-    #[test]
-    fn values_are_read_where_the_offsets_say() {
-        let relation = relation(vec![0]);
-        let wanted = Wanted::new(vec!["blob".into(), "id".into()], &relation);
-        // ROW's values start at 6, 16, 27 and 66
-        let mut insert = change(ChangeKind::Insert, Some(ROW), None);
-        insert.filter_at = vec![6, 16, 27, 66];
-        assert_eq!(
-            Value::Object(Parsed::with_columns(&insert, &wanted).filter_row().clone()),
-            json!({"blob": "\\xdeadbeef", "id": 7})
-        );
-        // offsets that point elsewhere are believed (they come from the
-        // capture trigger): here "title"'s value is read as "id"'s
-        insert.filter_at = vec![16, 16, 27, 66];
-        assert_eq!(Parsed::with_columns(&insert, &wanted).filter_row()["id"], json!("new"));
-        // too few offsets, or one outside the text: the row is scanned
-        for bad in [vec![6, 16, 27], vec![6, 16, 27, 9999]] {
-            insert.filter_at = bad;
-            assert_eq!(
-                Value::Object(Parsed::with_columns(&insert, &wanted).filter_row().clone()),
-                json!({"blob": "\\xdeadbeef", "id": 7})
-            );
-        }
-        // DELETE: the old row's offsets
-        let mut delete = change(
-            ChangeKind::Delete,
-            None,
-            Some(r#"{"id":9,"title":"x","at":null,"blob":null}"#),
-        );
-        delete.filter_at = vec![6, 16, 25, 37];
-        assert_eq!(
-            Value::Object(Parsed::with_columns(&delete, &wanted).filter_row().clone()),
-            json!({"blob": null, "id": 9})
-        );
-    }
-
-    #[test]
-    fn raw_values_are_the_json_text_at_the_offsets() {
-        let relation = relation(vec![0]);
-        let wanted = Wanted::new(vec!["title".into(), "at".into(), "blob".into()], &relation);
-        // values start at 6, 16, 31 and 52; one string has escapes and
-        // delimiters inside, one value is a nested object
-        let text = r#"{"id":7,"title":"a\"b,}c","at":{"x":[1,"]"]},"blob":null}"#;
-        let mut insert = change(ChangeKind::Insert, Some(text), None);
-        insert.filter_at = vec![6, 16, 31, 52];
-        {
-            let value = wanted.raw_values(&insert).unwrap();
-            assert_eq!(value("title"), Some(r#""a\"b,}c""#));
-            assert_eq!(value("at"), Some(r#"{"x":[1,"]"]}"#));
-            assert_eq!(value("blob"), Some("null"));
-            // a column matching does not look at
-            assert_eq!(value("id"), None);
-        }
-        // an offset outside the text
-        insert.filter_at = vec![6, 16, 31, 9999];
-        assert_eq!(wanted.raw_values(&insert).unwrap()("blob"), None);
-        // no offsets, too few, or a column the relation lacks: not usable
-        insert.filter_at = vec![];
-        assert!(wanted.raw_values(&insert).is_none());
-        insert.filter_at = vec![6, 16, 31];
-        assert!(wanted.raw_values(&insert).is_none());
-        let unknown = Wanted::new(vec!["gone".into()], &relation);
-        insert.filter_at = vec![6, 16, 31, 52];
-        assert!(unknown.raw_values(&insert).is_none());
-        // DELETE: the old row
-        let mut delete = change(
-            ChangeKind::Delete,
-            None,
-            Some(r#"{"id":9,"title":"x","at":1,"blob":2}"#),
-        );
-        delete.filter_at = vec![6, 16, 25, 34];
-        assert_eq!(wanted.raw_values(&delete).unwrap()("title"), Some(r#""x""#));
-        assert_eq!(wanted.raw_values(&delete).unwrap()("blob"), Some("2"));
+        assert_eq!(parsed.to_json()["at"], json!("2025-03-04T11:11:12.345+01:00"));
     }
 
     #[test]
@@ -650,6 +387,29 @@ mod tests {
         assert!(d.get("record").is_none());
         assert!(d.get("columns").is_none());
         assert_eq!(d["table"], "t");
+    }
+
+    #[test]
+    fn values_go_out_as_captured_exactly() {
+        let row = r#"{"id":7,"title":"12345678901234567890.100","at":null,"blob":null}"#;
+        let exact = r#"{"id":123456789012345678901234567890,"title":"t","at":["2025-03-04T11:00:00+01:00",null],"blob":"\\x00"}"#;
+        let mut relation = relation(vec![0]);
+        relation.columns[2].type_oid = type_oid::TIMESTAMPTZ_ARRAY;
+        let e = build(&relation, &change(ChangeKind::Insert, Some(exact), None), 0, 1 << 20);
+        assert!(
+            e.data
+                .contains(r#""record":{"id":123456789012345678901234567890,"title":"t","#),
+            "{}",
+            e.data
+        );
+        assert!(
+            e.data.contains(r#""at":["2025-03-04T10:00:00+00:00",null]"#),
+            "{}",
+            e.data
+        );
+        assert!(e.data.contains(r#""blob":"00""#), "{}", e.data);
+        let e = build(&relation, &change(ChangeKind::Insert, Some(row), None), 0, 1 << 20);
+        assert!(e.data.contains(r#""title":"12345678901234567890.100""#), "{}", e.data);
     }
 
     #[test]

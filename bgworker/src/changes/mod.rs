@@ -6,6 +6,7 @@ pub mod filter;
 pub mod json;
 pub mod registry;
 pub mod rls;
+pub mod row;
 pub mod switch;
 pub mod value;
 pub mod wire;

@@ -4,10 +4,11 @@
 //! costs work proportional to the subscriptions it matches, not to all the
 //! subscriptions on its table (invariant 5).
 
+use super::filter::FilterRow;
 use super::filter::{Condition, Op};
-use super::value::{decimal_key, instant, Kind};
+use super::value::{decimal_key, instant, json_string, Kind};
 use super::wire::{ChangeKind, Relation};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -66,11 +67,11 @@ pub struct Binding {
     pub conditions: Vec<Condition>,
 }
 
-/// A value's canonical form for the equality index: two values have the same
-/// key exactly when [`super::value::compare`] finds them equal. The same as
-/// [`json_key`] of the value's JSON text.
-pub fn index_key(kind: Kind, value: &Value) -> Option<String> {
-    json_key(kind, &value.to_string()).map(Cow::into_owned)
+/// A value's canonical form for the equality index, owned: two values
+/// have the same key exactly when [`super::value::compare`] finds them
+/// equal ([`json_key`]).
+pub fn index_key(kind: Kind, json: &str) -> Option<String> {
+    json_key(kind, json).map(Cow::into_owned)
 }
 
 /// The equality-index key of a value given as JSON text (`42`, `"a\"b"`,
@@ -105,16 +106,6 @@ pub fn json_key(kind: Kind, json: &str) -> Option<Cow<'_, str>> {
         Kind::Other => serde_json::from_str::<Value>(json)
             .ok()
             .map(|v| Cow::Owned(v.to_string())),
-    }
-}
-
-/// What a JSON string literal says: borrowed when it has no escapes.
-fn json_string(json: &str) -> Option<Cow<'_, str>> {
-    let inner = json.strip_prefix('"')?.strip_suffix('"')?;
-    if inner.contains('\\') {
-        serde_json::from_str::<String>(json).ok().map(Cow::Owned)
-    } else {
-        Some(Cow::Borrowed(inner))
     }
 }
 
@@ -436,18 +427,18 @@ impl<S> Registry<S> {
     /// Channels whose bindings a change satisfies, each with the matching
     /// binding ids. `row` is what filters look at: the new row, or the old
     /// row for DELETE.
-    pub fn matches<'a>(&'a self, relation: &Relation, kind: ChangeKind, row: &Map<String, Value>) -> Vec<Match<'a, S>> {
+    pub fn matches<'a>(&'a self, relation: &Relation, kind: ChangeKind, row: &dyn FilterRow) -> Vec<Match<'a, S>> {
         let mut hits: BTreeMap<&ChannelKey, Vec<u32>> = BTreeMap::new();
         for index in self.indexes_for(relation) {
             let mut candidates: Vec<&(ChannelKey, usize)> = index.scan.iter().collect();
             for (column, kind_of) in &index.columns {
-                let Some(value) = row.get(column).filter(|v| !v.is_null()) else {
+                let Some(value) = row.value(column) else {
                     continue;
                 };
-                let Some(value_key) = index_key(*kind_of, value) else {
+                let Some(value_key) = json_key(*kind_of, value) else {
                     continue;
                 };
-                if let Some(list) = index.by_value.get(column).and_then(|values| values.get(&value_key)) {
+                if let Some(list) = index.by_value.get(column).and_then(|values| values.get(&*value_key)) {
                     candidates.extend(list.iter());
                 }
             }
@@ -494,6 +485,7 @@ pub fn binding_id(event: &str, schema: Option<&str>, table: Option<&str>, filter
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changes::filter::TextRow;
     use crate::changes::wire::Column;
     use serde_json::json;
 
@@ -526,12 +518,12 @@ mod tests {
             kind,
             op: Op::Eq,
             negate: false,
-            values: vec![v],
+            values: vec![v.to_string()],
         }
     }
 
-    fn row(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    fn row(v: Value) -> TextRow {
+        TextRow::of(v)
     }
 
     #[test]
@@ -599,7 +591,7 @@ mod tests {
                 let parsed: Value = serde_json::from_str(text).unwrap();
                 assert_eq!(
                     json_key(*kind, text).map(Cow::into_owned),
-                    index_key(*kind, &parsed),
+                    index_key(*kind, &parsed.to_string()),
                     "{kind:?} {text}"
                 );
             }
@@ -873,17 +865,20 @@ mod tests {
     #[test]
     fn index_keys_follow_comparison() {
         assert_eq!(
-            index_key(Kind::Number, &json!(10)),
-            index_key(Kind::Number, &json!(10.0))
+            index_key(Kind::Number, &json!(10).to_string()),
+            index_key(Kind::Number, &json!(10.0).to_string())
         );
         assert_ne!(
-            index_key(Kind::Number, &json!(10)),
-            index_key(Kind::Number, &json!(100))
+            index_key(Kind::Number, &json!(10).to_string()),
+            index_key(Kind::Number, &json!(100).to_string())
         );
-        assert_eq!(index_key(Kind::Uuid, &json!("AB")), index_key(Kind::Uuid, &json!("ab")));
         assert_eq!(
-            index_key(Kind::Timestamptz, &json!("2025-01-01T01:00:00+01:00")),
-            index_key(Kind::Timestamptz, &json!("2025-01-01T00:00:00+00:00"))
+            index_key(Kind::Uuid, &json!("AB").to_string()),
+            index_key(Kind::Uuid, &json!("ab").to_string())
+        );
+        assert_eq!(
+            index_key(Kind::Timestamptz, &json!("2025-01-01T01:00:00+01:00").to_string()),
+            index_key(Kind::Timestamptz, &json!("2025-01-01T00:00:00+00:00").to_string())
         );
     }
 

@@ -69,25 +69,68 @@ impl Kind {
     }
 }
 
-/// Compares two non-null values of one kind; `None` when they cannot be
-/// compared (malformed input), which filters treat as unknown.
-pub fn compare(kind: Kind, a: &Value, b: &Value) -> Option<Ordering> {
+/// Compares two non-null values of one kind, each given as its JSON text
+/// (as a captured row or a cast filter value has it); `None` when they
+/// cannot be compared (malformed input), which filters treat as unknown.
+/// Numbers are read from their text, so however long they compare exactly.
+pub fn compare(kind: Kind, a: &str, b: &str) -> Option<Ordering> {
     match kind {
         Kind::Number => Some(Decimal::parse(&number_text(a)?)?.cmp(&Decimal::parse(&number_text(b)?)?)),
-        Kind::Text | Kind::Date => Some(a.as_str()?.cmp(b.as_str()?)),
-        Kind::Uuid => Some(a.as_str()?.to_ascii_lowercase().cmp(&b.as_str()?.to_ascii_lowercase())),
-        Kind::Bool => Some(a.as_bool()?.cmp(&b.as_bool()?)),
-        Kind::Timestamp | Kind::Timestamptz => Some(instant(a.as_str()?)?.cmp(&instant(b.as_str()?)?)),
-        Kind::Other => Some(if a == b { Ordering::Equal } else { Ordering::Less }),
+        Kind::Text | Kind::Date => Some(json_string(a)?.cmp(&json_string(b)?)),
+        Kind::Uuid => Some(
+            json_string(a)?
+                .to_ascii_lowercase()
+                .cmp(&json_string(b)?.to_ascii_lowercase()),
+        ),
+        Kind::Bool => Some(json_bool(a)?.cmp(&json_bool(b)?)),
+        Kind::Timestamp | Kind::Timestamptz => Some(instant(&json_string(a)?)?.cmp(&instant(&json_string(b)?)?)),
+        Kind::Other => Some(if same_json(a, b) {
+            Ordering::Equal
+        } else {
+            Ordering::Less
+        }),
     }
 }
 
-fn number_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Number(n) => Some(n.to_string()),
-        // NaN and infinities arrive as strings
-        Value::String(s) => Some(s.clone()),
+/// A number's text: the JSON number itself, or the string NaN and the
+/// infinities arrive as.
+fn number_text(json: &str) -> Option<Cow<'_, str>> {
+    let json = json.trim();
+    if json.starts_with('"') {
+        json_string(json)
+    } else {
+        Some(Cow::Borrowed(json))
+    }
+}
+
+fn json_bool(json: &str) -> Option<bool> {
+    match json.trim() {
+        "true" => Some(true),
+        "false" => Some(false),
         _ => None,
+    }
+}
+
+/// Whether two JSON texts are the same value (objects whatever their key
+/// order). Numbers nested in them compare as f64: exact comparison is for
+/// the number kinds.
+fn same_json(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    a == b
+        || matches!(
+            (serde_json::from_str::<Value>(a), serde_json::from_str::<Value>(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// What a JSON string literal says: borrowed when it has no escapes; None
+/// for any other JSON.
+pub fn json_string(json: &str) -> Option<Cow<'_, str>> {
+    let inner = json.trim().strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(json.trim()).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(inner))
     }
 }
 
@@ -365,7 +408,6 @@ pub fn format_utc(micros: i128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn num(a: &str, b: &str) -> Ordering {
         Decimal::parse(a).unwrap().cmp(&Decimal::parse(b).unwrap())
@@ -518,13 +560,29 @@ mod tests {
 
     #[test]
     fn compare_by_kind() {
-        assert_eq!(compare(Kind::Uuid, &json!("ABC"), &json!("abc")), Some(Ordering::Equal));
-        assert_eq!(compare(Kind::Bool, &json!(false), &json!(true)), Some(Ordering::Less));
+        assert_eq!(compare(Kind::Uuid, r#""ABC""#, r#""abc""#), Some(Ordering::Equal));
+        assert_eq!(compare(Kind::Bool, "false", "true"), Some(Ordering::Less));
         assert_eq!(
-            compare(Kind::Other, &json!({"a": 1}), &json!({"a": 1})),
+            compare(Kind::Other, r#"{"a": 1, "b": 2}"#, r#"{"b":2,"a":1}"#),
             Some(Ordering::Equal)
         );
-        assert_eq!(compare(Kind::Number, &json!("x"), &json!(1)), None);
-        assert_eq!(compare(Kind::Text, &json!(1), &json!("1")), None);
+        assert_eq!(compare(Kind::Number, r#""x""#, "1"), None);
+        assert_eq!(compare(Kind::Text, "1", r#""1""#), None);
+        assert_eq!(compare(Kind::Text, r#""a\"b""#, r#""a\u0022b""#), Some(Ordering::Equal));
+        // numbers from their text, exactly, however long
+        let long = "12345678901234567890.000000000000000001";
+        assert_eq!(
+            compare(Kind::Number, long, "12345678901234567890"),
+            Some(Ordering::Greater)
+        );
+        assert_eq!(compare(Kind::Number, r#""NaN""#, "1e300"), Some(Ordering::Greater));
+        assert_eq!(
+            compare(
+                Kind::Timestamptz,
+                r#""2025-01-01T01:00:00+01:00""#,
+                r#""2025-01-01T00:00:00Z""#
+            ),
+            Some(Ordering::Equal)
+        );
     }
 }
