@@ -104,6 +104,10 @@ BEGIN
   ELSE
     EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE NOWAIT', relid::regclass);
   END IF;
+  -- The ALTER TABLE below fires the publication sync, which may create or
+  -- drop triggers on other tables: those locks are not waited for either
+  -- (beyond a moment), so no writer queues behind the worker.
+  PERFORM set_config('lock_timeout', '10ms', true);
   IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = relid AND tgname = 'pg_realtime_capture'
              AND tgfoid = 'realtime.capture_changes()'::regprocedure) THEN
     EXECUTE format('ALTER TABLE %s %s TRIGGER pg_realtime_capture', relid::regclass,

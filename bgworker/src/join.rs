@@ -177,15 +177,27 @@ fn as_integer(v: &Value) -> Option<i64> {
     v.as_i64().or_else(|| v.as_f64().map(|f| f.round() as i64))
 }
 
+/// The keys of a binding the join reply echoes: what realtime-js compares
+/// with its own bindings. Nothing else a client sends is kept.
+const ECHOED: [&str; 4] = ["event", "schema", "table", "filter"];
+
 fn binding(entry: &Value) -> Option<PostgresChangesBinding> {
-    let raw = entry.as_object()?.clone();
+    let entry = entry.as_object()?;
+    let raw: Map<String, Value> = ECHOED
+        .iter()
+        .filter_map(|k| Some((k.to_string(), entry.get(*k)?.clone())))
+        .collect();
     let text = |k: &str| raw.get(k).and_then(Value::as_str).map(str::to_owned);
     Some(PostgresChangesBinding {
         event: text("event").unwrap_or_else(|| "*".into()),
         schema: text("schema"),
         table: text("table"),
         filter: text("filter"),
-        select: raw.get("select").cloned(),
+        // (kept only as a short string: it is not acted on)
+        select: entry
+            .get("select")
+            .filter(|v| v.as_str().is_some_and(|s| s.len() <= 1024))
+            .cloned(),
         raw,
     })
 }
@@ -228,6 +240,20 @@ mod tests {
             Value::Object(b.raw.clone()),
             json!({"event": "UPDATE", "schema": "public", "table": "t", "filter": "id=eq.1"})
         );
+    }
+
+    #[test]
+    fn only_the_echoed_keys_of_a_binding_are_kept() {
+        let junk = vec![0; 10_000];
+        let req = parse_join(&json!({"config": {"postgres_changes": [
+            {"event": "*", "schema": "public", "table": "t", "junk": junk, "select": [1, 2]}
+        ]}}));
+        let b = &req.config.postgres_changes[0];
+        assert_eq!(
+            Value::Object(b.raw.clone()),
+            json!({"event": "*", "schema": "public", "table": "t"})
+        );
+        assert_eq!(b.select, None);
     }
 
     #[test]

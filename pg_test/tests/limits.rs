@@ -146,15 +146,15 @@ fn a_storm_of_joins_does_not_hold_back_delivery(ctx: &Ctx) {
             .into_iter()
             .map(|mut client| {
                 tokio::spawn(async move {
-                    let mut answers = 0;
-                    while answers < 50 {
+                    let mut at = Vec::with_capacity(50);
+                    while at.len() < 50 {
                         let frame = client.recv().await;
                         if frame[3] == "system" {
                             assert_eq!(frame[4]["status"], "ok", "{frame}");
-                            answers += 1;
+                            at.push(Instant::now());
                         }
                     }
-                    Instant::now()
+                    at
                 })
             })
             .collect();
@@ -162,18 +162,23 @@ fn a_storm_of_joins_does_not_hold_back_delivery(ctx: &Ctx) {
         let event = watcher.event().await;
         let delivered = Instant::now();
         assert_eq!(event[4]["data"]["record"]["body"], "during the storm");
-        let mut last_answer = None;
+        let mut answers = Vec::new();
         for handle in answered {
-            let at = handle.await.unwrap();
-            last_answer = Some(last_answer.map_or(at, |l: Instant| l.max(at)));
+            answers.extend(handle.await.unwrap());
         }
-        let last_answer = last_answer.unwrap();
+        let before = answers.iter().filter(|at| **at < delivered).count();
+        let last_answer = answers.iter().max().copied().unwrap();
+        // the row does not wait for the storm: most of it is answered after
         assert!(
-            delivered < last_answer,
-            "the row waited for the whole storm: delivered {:?} after its last answer",
-            delivered - last_answer
+            before < answers.len() / 2,
+            "{before} of {} joins were answered before the row was delivered",
+            answers.len()
         );
-        eprintln!("delivered {:?} before the storm's last answer", last_answer - delivered);
+        eprintln!(
+            "{before} of {} joins answered before the row; it came {:?} before the last",
+            answers.len(),
+            last_answer - delivered
+        );
     });
 }
 

@@ -29,6 +29,13 @@ CREATE POLICY open_read ON realtime.messages FOR SELECT TO anon USING (realtime.
 CREATE POLICY open_write ON realtime.messages FOR INSERT TO anon WITH CHECK (realtime.topic() LIKE 'open%');
 "#;
 
+/// Written by the DBA, calling mallory's code: private topics starting with
+/// 'hers' are decided by her function.
+const HER_TOPICS: &str = r#"
+CREATE POLICY hers_read ON realtime.messages FOR SELECT TO anon
+  USING (realtime.topic() LIKE 'hers%' AND mallory.escalate('a private probe'));
+"#;
+
 /// What mallory, owner of her tables and nothing more, sets up: code that
 /// tries to make her superuser whenever it runs with the rights to. (So
 /// the tests never write `mallory.orders` as a superuser: her domain's
@@ -79,6 +86,7 @@ fn main() {
     });
     c.psql(SETUP);
     c.psql(MALLORY);
+    c.psql(HER_TOPICS);
     c.wait_for_websocket(Duration::from_secs(10));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -115,6 +123,23 @@ fn main() {
             internal_functions_are_for_superusers,
         ),
         ("types_are_known_by_oid_not_name", types_are_known_by_oid_not_name),
+        (
+            "a_private_probe_runs_as_the_subscriber",
+            a_private_probe_runs_as_the_subscriber,
+        ),
+        (
+            "a_membership_without_set_is_not_enough",
+            a_membership_without_set_is_not_enough,
+        ),
+        (
+            "a_slow_policy_is_cancelled_and_its_subscribers_told",
+            a_slow_policy_is_cancelled_and_its_subscribers_told,
+        ),
+        // (last: it restarts the worker)
+        (
+            "the_worker_ignores_a_search_path_set_for_the_database",
+            the_worker_ignores_a_search_path_set_for_the_database,
+        ),
     ];
     runner::run(Ctx { c, rt }, tests);
 }
@@ -339,6 +364,22 @@ fn a_missing_authenticator_refuses_joins_and_says_how_to_fix_it(ctx: &Ctx) {
     });
     c.psql("ALTER SYSTEM RESET pg_realtime.authenticator");
     c.psql("SELECT pg_reload_conf()");
+    // an authenticator that is a superuser could become any role: refused
+    c.psql("ALTER ROLE authenticator SUPERUSER");
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let mut attempt = 0;
+        let message = loop {
+            attempt += 1;
+            let (status, message) =
+                subscribe(&mut client, &format!("superauth{attempt}"), binding.clone(), &anon()).await;
+            if status == "error" || attempt == 50 {
+                break message;
+            }
+        };
+        assert!(message.contains("(\"authenticator\") is a superuser"), "{message}");
+    });
+    c.psql("ALTER ROLE authenticator NOSUPERUSER");
 }
 
 fn capture_changes_refuses_anything_but_after_row(ctx: &Ctx) {
@@ -428,4 +469,141 @@ fn types_are_known_by_oid_not_name(ctx: &Ctx) {
         assert_eq!(record["at"], "2025-03-04T10:00:00+xé", "{event}");
     });
     assert_eq!(c.worker_pid(), Some(worker), "the worker restarted");
+}
+
+fn a_private_probe_runs_as_the_subscriber(ctx: &Ctx) {
+    let c = &ctx.c;
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, response) = join_private(&mut client, "hers-1", &anon()).await;
+        assert_eq!(status, "ok", "{response}");
+    });
+    let said = mallory_said(c, "a private probe");
+    assert!(said.iter().any(|m| m == "a private probe ran as anon"), "{said:?}");
+    assert!(!said.iter().any(|m| m.contains("ran as postgres")), "{said:?}");
+    assert!(
+        !said.iter().any(|m| m.starts_with("a private probe reset the role")),
+        "{said:?}"
+    );
+    assert!(!is_superuser(c, "mallory"));
+}
+
+/// PostgreSQL 16 split membership: a role the authenticator is a member of
+/// but may not SET ROLE to is not one a token may name.
+fn a_membership_without_set_is_not_enough(ctx: &Ctx) {
+    let c = &ctx.c;
+    if c.major() < 16 {
+        eprintln!("(PostgreSQL {}: no SET option on memberships; skipped)", c.major());
+        return;
+    }
+    c.psql(
+        "CREATE ROLE inherit_only NOLOGIN; GRANT inherit_only TO authenticator WITH SET FALSE; \
+         GRANT SELECT ON mallory.notes TO inherit_only",
+    );
+    let binding = json!([{"event": "*", "schema": "mallory", "table": "notes"}]);
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, message) = subscribe(&mut client, "noset", binding, &token("inherit_only", 600)).await;
+        assert_eq!(status, "error", "{message}");
+        assert!(
+            message.contains("GRANT \"inherit_only\" TO \"authenticator\""),
+            "{message}"
+        );
+    });
+}
+
+/// A policy that sleeps is cancelled after pg_realtime.check_timeout: its
+/// subscriber is told, and the worker goes on delivering (the row of an
+/// unrelated table, committed after the slow one, arrives).
+fn a_slow_policy_is_cancelled_and_its_subscribers_told(ctx: &Ctx) {
+    let c = &ctx.c;
+    c.psql("ALTER SYSTEM SET pg_realtime.check_timeout = '300ms'");
+    c.psql("SELECT pg_reload_conf()");
+    c.psql(
+        "SET ROLE mallory;
+         CREATE TABLE mallory.slow (id bigserial PRIMARY KEY, body text);
+         ALTER TABLE mallory.slow ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY sleepy ON mallory.slow FOR SELECT USING (pg_catalog.pg_sleep(30) IS NOT NULL);
+         GRANT SELECT ON mallory.slow TO anon;
+         RESET ROLE;
+         ALTER PUBLICATION supabase_realtime ADD TABLE mallory.slow;",
+    );
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let slow = json!([{"event": "INSERT", "schema": "mallory", "table": "slow"}]);
+        let (status, message) = subscribe(&mut client, "slow", slow, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        let notes = json!([{"event": "INSERT", "schema": "mallory", "table": "notes"}]);
+        let (status, message) = subscribe(&mut client, "after-slow", notes, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        let started = std::time::Instant::now();
+        c.psql("INSERT INTO mallory.slow (body) VALUES ('checked too slowly')");
+        c.psql("INSERT INTO mallory.notes (body) VALUES ('after the slow one')");
+        // (the two may come in either order: different channels)
+        let (mut told, mut after) = (false, false);
+        while !(told && after) {
+            let Some(frame) = client.recv_within(std::time::Duration::from_secs(5)).await else {
+                let counters = c.psql("SELECT name, value FROM realtime.stats() WHERE value > 0");
+                panic!("no frame in 5 s (told: {told}, delivered after it: {after}); counters:\n{counters}");
+            };
+            if frame[2] == "realtime:slow" && frame[3] == "system" {
+                assert!(
+                    frame[4]["message"].as_str().unwrap().contains("could not be checked"),
+                    "{frame}"
+                );
+                told = true;
+            }
+            assert!(
+                !(frame[2] == "realtime:slow" && frame[3] == "postgres_changes"),
+                "{frame}"
+            );
+            after |= frame[2] == "realtime:after-slow" && frame[3] == "postgres_changes";
+        }
+        // (cancelled after about 300 ms, not after the policy's 30 s)
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    });
+    c.psql("ALTER SYSTEM RESET pg_realtime.check_timeout");
+    c.psql("SELECT pg_reload_conf()");
+}
+
+/// A database owner may set a search_path that puts their schema before
+/// pg_catalog; the worker's session sets its own, so an operator of theirs
+/// never stands in for the catalog's in its superuser queries.
+fn the_worker_ignores_a_search_path_set_for_the_database(ctx: &Ctx) {
+    let c = &ctx.c;
+    c.psql(
+        r#"SET ROLE mallory;
+           CREATE FUNCTION mallory.name_eq_text(name, text) RETURNS boolean LANGUAGE plpgsql AS $$
+           BEGIN PERFORM mallory.escalate('an operator'); RETURN $1::text = $2; END $$;
+           CREATE OPERATOR mallory.= (LEFTARG = name, RIGHTARG = text, FUNCTION = mallory.name_eq_text);
+           RESET ROLE;
+           ALTER DATABASE postgres SET search_path = mallory, pg_catalog;"#,
+    );
+    let old = c.worker_pid().expect("the worker runs");
+    c.psql(&format!("SELECT pg_terminate_backend({old})"));
+    // the postmaster starts a new worker (after its restart time), which
+    // connects with the database's search_path
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if c.worker_pid().is_some_and(|p| p != old) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no new worker");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    c.wait_for_websocket(std::time::Duration::from_secs(30));
+    ctx.rt.block_on(async {
+        // a private join resolves the role with a name = text comparison
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, response) = join_private(&mut client, "open-path", &anon()).await;
+        assert_eq!(status, "ok", "{response}");
+    });
+    c.psql("ALTER DATABASE postgres RESET search_path");
+    let said = mallory_said(c, "an operator");
+    assert!(!said.iter().any(|m| m.contains("ran as postgres")), "{said:?}");
+    assert!(!is_superuser(c, "mallory"));
 }

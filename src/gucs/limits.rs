@@ -15,6 +15,8 @@ pub static MAX_FILTER_CONDITIONS: GucSetting<i32> = GucSetting::<i32>::new(16);
 pub static MAX_FILTER_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_JOINS_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(50);
 pub static MAX_JOINS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static MAX_CONDITIONS_PER_JOIN: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static CHECK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 /// An integer setting the worker reads on reload.
 fn int(
@@ -71,6 +73,23 @@ pub fn define() {
         GucFlags::default(),
     );
     int(
+        c"pg_realtime.max_conditions_per_join",
+        c"Filter conditions all of one join's postgres_changes bindings may have together.",
+        &MAX_CONDITIONS_PER_JOIN,
+        1,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_realtime.check_timeout",
+        c"How long one filter-value cast, private-channel probe or row-level security check may take; then it is cancelled.",
+        c"A cancelled row check delivers nothing, and its subscribers are told. 0 means no limit.",
+        &CHECK_TIMEOUT_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    int(
         c"pg_realtime.max_filter_bytes",
         c"Bytes one postgres_changes filter may have.",
         &MAX_FILTER_BYTES,
@@ -97,6 +116,11 @@ fn count(setting: &GucSetting<i32>) -> usize {
     setting.get().max(0) as usize
 }
 
+/// `pg_realtime.check_timeout` in milliseconds (0: none).
+pub fn check_timeout_ms() -> i32 {
+    CHECK_TIMEOUT_MS.get()
+}
+
 /// The limits as configured now.
 pub fn limits() -> Limits {
     Limits {
@@ -106,6 +130,7 @@ pub fn limits() -> Limits {
         max_pending_handshakes: count(&MAX_PENDING_HANDSHAKES),
         max_bindings_per_join: count(&MAX_BINDINGS_PER_JOIN),
         max_filter_conditions: count(&MAX_FILTER_CONDITIONS),
+        max_conditions_per_join: count(&MAX_CONDITIONS_PER_JOIN),
         max_filter_bytes: count(&MAX_FILTER_BYTES),
         joins_per_second_per_connection: MAX_JOINS_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         joins_per_second: MAX_JOINS_PER_SECOND.get().max(1) as u32,

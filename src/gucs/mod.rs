@@ -4,6 +4,8 @@
 
 mod limits;
 
+pub use limits::check_timeout_ms;
+
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use realtime::jwt::Verifier;
 use realtime::server::Settings;

@@ -33,9 +33,11 @@ pub struct Grants {
 }
 
 impl Grants {
-    /// The columns of `relation` the role may see (None: none).
+    /// The columns of `relation` the role may see (None: none). A column
+    /// the grants do not know (added since they were read) is not shown.
     pub fn visible(&self, relation: &Relation) -> Option<Visible> {
-        if self.columns.iter().all(|(_, ok)| *ok) {
+        let known = |name: &str| self.columns.iter().any(|(n, ok)| *ok && n == name);
+        if relation.columns.iter().all(|c| known(&c.name)) {
             return Some(Visible::All);
         }
         if !self.columns.iter().any(|(_, ok)| *ok) {
@@ -89,20 +91,32 @@ impl AccessCache {
     }
 
     /// Reads privileges and policies for each (role, table) pair;
-    /// `names` gives each table's schema and name.
-    pub fn read(&mut self, pairs: Vec<(Arc<str>, u32)>, names: &HashMap<u32, (String, String)>) {
+    /// `names` gives each table's schema and name. Returns the pairs that
+    /// could not be read (not cached: they are tried again next time).
+    pub fn read(
+        &mut self,
+        pairs: Vec<(Arc<str>, u32)>,
+        names: &HashMap<u32, (String, String)>,
+    ) -> HashSet<(Arc<str>, u32)> {
         let answers = BackgroundWorker::transaction(|| {
             if let Err(e) = catalog::clear_search_path() {
                 pgrx::warning!("pg_realtime: could not prepare the privilege checks: {e}");
-                return Vec::new();
+                return pairs.into_iter().map(|pair| (pair, None)).collect::<Vec<_>>();
             }
             pairs
                 .into_iter()
                 .map(|(role, relid)| {
-                    let grants = match read_grants(&role, relid, names.get(&relid)) {
-                        Ok(grants) => grants.map(Arc::new),
+                    // (an ERROR, say a role dropped meanwhile, is caught)
+                    let read = catalog::catching(|| read_grants(&role, relid, names.get(&relid)))
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let grants = match read {
+                        Ok(grants) => Some(grants.map(Arc::new)),
                         Err(e) => {
-                            pgrx::warning!("pg_realtime: could not read what role \"{role}\" may see: {e}");
+                            pgrx::warning!(
+                                "pg_realtime: could not read what role \"{}\" may see: {}",
+                                realtime::log::escape(&role),
+                                realtime::log::escape(&e)
+                            );
                             None
                         }
                     };
@@ -111,20 +125,32 @@ impl AccessCache {
                 .collect::<Vec<_>>()
         });
         let now = Instant::now();
+        let mut failed = HashSet::new();
         for (key, grants) in answers {
-            self.entries.insert(key, ReadAt { grants, at: now });
+            match grants {
+                Some(grants) => {
+                    self.entries.insert(key, ReadAt { grants, at: now });
+                }
+                None => {
+                    self.entries.remove(&key);
+                    failed.insert(key);
+                }
+            }
         }
+        failed
     }
 
     /// Runs the row-level security checks, each as its subscriber; returns,
-    /// per identity and table, the rows it may see. `image` gives a row's
-    /// image as of the commit. A check that fails (a policy raising an
-    /// error) shows nothing, as the SELECT would.
+    /// per identity and table, the rows it may see, or None when its check
+    /// failed (a policy raising an error, or taking longer than
+    /// `pg_realtime.check_timeout`): it shows nothing, as the SELECT would,
+    /// and its subscribers are told. `image` gives a row's image as of the
+    /// commit.
     pub fn check_rows<'a>(
         &self,
         groups: HashMap<CheckKey, CheckGroup>,
         image: impl Fn(usize) -> &'a str,
-    ) -> HashMap<CheckKey, HashSet<usize>> {
+    ) -> HashMap<CheckKey, Option<HashSet<usize>>> {
         // The queries and their rows first: the transaction below must not
         // borrow `self` (it holds no Postgres state, but the cache).
         let mut jobs = Vec::with_capacity(groups.len());
@@ -151,24 +177,27 @@ impl AccessCache {
                     topic: None,
                 };
                 let seen = acting::as_identity(&identity, || catalog::visible_rows(&query, &images));
-                let seen: HashSet<usize> = match seen {
-                    Ok(positions) => positions
-                        .into_iter()
-                        .filter_map(|p| members.get(usize::try_from(p).ok()?.checked_sub(1)?).copied())
-                        .collect(),
+                let seen: Option<HashSet<usize>> = match seen {
+                    Ok(positions) => Some(
+                        positions
+                            .into_iter()
+                            .filter_map(|p| members.get(usize::try_from(p).ok()?.checked_sub(1)?).copied())
+                            .collect(),
+                    ),
                     Err(e) => {
                         pgrx::warning!(
                             "pg_realtime: row-level security check failed for role \"{}\": {}",
                             realtime::log::escape(&role),
                             realtime::log::escape(&e)
                         );
-                        HashSet::new()
+                        None
                     }
                 };
                 Counters::incr(&counters.rls_checks);
                 Counters::add(&counters.rls_rows_checked, members.len() as u64);
                 out.insert((role, claims, relid), seen);
             }
+            let _ = catalog::release_session_locks();
             out
         })
     }

@@ -36,6 +36,11 @@ pub enum RoleRefusal {
     #[error("Unauthorized: role \"{0}\" of the token may not be used: it is a superuser")]
     Superuser(String),
     #[error(
+        "Realtime is misconfigured: the role pg_realtime.authenticator names (\"{0}\") is a superuser, so it may \
+         become any role; use a role that is not (CREATE ROLE authenticator NOINHERIT LOGIN)"
+    )]
+    SuperuserAuthenticator(String),
+    #[error(
         "Realtime is not configured: the role pg_realtime.authenticator names (\"{0}\") does not exist. \
          Create it and grant it the API roles: CREATE ROLE \"{0}\" NOINHERIT LOGIN; \
          GRANT anon, authenticated, service_role TO \"{0}\";"
@@ -56,12 +61,13 @@ pub fn resolve(role: &str) -> SpiResult<Result<ActingRole, RoleRefusal>> {
     let query = format!(
         "SELECT a.oid, r.oid, r.rolsuper, \
                 CASE WHEN a.oid IS NOT NULL AND r.oid IS NOT NULL \
-                     THEN pg_catalog.pg_has_role(a.oid, r.oid, '{MAY_BECOME}') END \
+                     THEN pg_catalog.pg_has_role(a.oid, r.oid, '{MAY_BECOME}') END, \
+                a.rolsuper \
          FROM (VALUES (1)) AS one \
          LEFT JOIN pg_catalog.pg_roles a ON a.rolname = $2 \
          LEFT JOIN pg_catalog.pg_roles r ON r.rolname = $1"
     );
-    let (auth, target, superuser, granted) = Spi::connect(|client| {
+    let (auth, target, superuser, granted, authenticator_superuser) = Spi::connect(|client| {
         let row = client
             .select(&query, Some(1), &[role.into(), authenticator.as_str().into()])?
             .first();
@@ -70,10 +76,14 @@ pub fn resolve(role: &str) -> SpiResult<Result<ActingRole, RoleRefusal>> {
             row.get::<pg_sys::Oid>(2)?,
             row.get::<bool>(3)?,
             row.get::<bool>(4)?,
+            row.get::<bool>(5)?,
         ))
     })?;
     Ok(match (auth, target) {
         (None, _) => Err(RoleRefusal::NoAuthenticator(authenticator)),
+        (Some(_), _) if authenticator_superuser == Some(true) => {
+            Err(RoleRefusal::SuperuserAuthenticator(authenticator))
+        }
         (_, None) => Err(RoleRefusal::Unknown(role.to_owned())),
         (Some(a), Some(r)) if a == r => Err(RoleRefusal::Authenticator(role.to_owned())),
         (_, Some(_)) if superuser == Some(true) => Err(RoleRefusal::Superuser(role.to_owned())),
@@ -102,21 +112,79 @@ pub struct Identity<'a> {
 /// all in a subtransaction that is rolled back however `f` ends. A
 /// PostgreSQL error in `f` (a policy that raises, a value that does not
 /// cast, an attempt to change role) comes back as its message.
+///
+/// It may take `pg_realtime.check_timeout` at most (a lock it waits for
+/// too: `lock_timeout`), then it is cancelled like a statement that timed
+/// out: code of a table's owner cannot hold the worker's main thread.
 pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> + UnwindSafe) -> Result<T, String> {
     let role = identity.role;
+    let timeout_ms = crate::gucs::check_timeout_ms();
+    let lock_timeout = format!("{timeout_ms}ms");
     let settings = [
         ("request.jwt.claims", identity.claims),
         ("request.jwt.claim.sub", identity.sub.unwrap_or("")),
         ("request.jwt.claim.role", identity.role_name),
         ("realtime.topic", identity.topic.unwrap_or("")),
+        ("lock_timeout", lock_timeout.as_str()),
     ]
     .map(|(name, value)| (name, value.to_owned()));
-    catalog::rolled_back(move || {
+    let answer = catalog::rolled_back(move || {
         set_local(&settings)?;
+        let _deadline = Deadline::arm(timeout_ms);
         let _restricted = Restricted::enter(role);
         f()
     })
-    .and_then(|answer| answer.map_err(|e| e.to_string()))
+    .and_then(|answer| answer.map_err(|e| e.to_string()));
+    // Code that waited on this process's latch (pg_sleep, a lock wait)
+    // reset it, and with it any wake-up meant for the main loop (a commit
+    // that came meanwhile): set it again, so the loop looks once more.
+    // SAFETY: the main thread setting its own latch.
+    unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
+    answer
+}
+
+// utils/timeout.h, not in pgrx's bindings; these signatures and
+// STATEMENT_TIMEOUT's place in `TimeoutId` (the fourth) are the same in
+// PostgreSQL 14 to 18.
+unsafe extern "C-unwind" {
+    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
+    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
+}
+const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
+
+/// PostgreSQL's statement timeout, armed by hand: it is only armed for
+/// statements from a client, never for SPI in a background worker. When
+/// it fires, the next CHECK_FOR_INTERRUPTS raises "canceling statement due
+/// to statement timeout" inside the subtransaction, which rolls it back.
+struct Deadline(bool);
+
+impl Deadline {
+    fn arm(ms: i32) -> Deadline {
+        if ms <= 0 {
+            return Deadline(false);
+        }
+        // SAFETY: main thread; the STATEMENT_TIMEOUT handler was registered
+        // by InitPostgres, as for every backend.
+        unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms)) };
+        Deadline(true)
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if !self.0 {
+            return;
+        }
+        // SAFETY: main thread. disable_timeout does not raise an ERROR. If
+        // the timer fired just as the check ended, its SIGINT has been
+        // handled by now (the handler runs within the timer's): the cancel
+        // it left pending is for the check that is over, and must not hit
+        // the next statement.
+        unsafe {
+            disable_timeout(STATEMENT_TIMEOUT, false);
+            pg_sys::QueryCancelPending = 0;
+        }
+    }
 }
 
 /// Sets each setting for the rest of the (sub)transaction.

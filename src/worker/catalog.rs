@@ -207,19 +207,32 @@ pub fn schema_oid(name: &str) -> SpiResult<Option<u32>> {
     Ok(rows.into_iter().next().and_then(|r| r[0].as_deref()?.parse().ok()))
 }
 
-/// `value` cast to `sql_type` and rendered as JSON the way captured rows
-/// are (`to_json`). The cast may run code of the type's owner (a domain's
-/// CHECK, a cast function): run it as the subscriber
-/// (`acting::as_identity`), which also turns a failed cast into its message.
-pub fn cast_to_json(value: &str, sql_type: &str) -> SpiResult<Option<String>> {
+/// `values` cast to `sql_type` and rendered as JSON the way captured rows
+/// are (`to_json`), in order, in one query. The cast may run code of the
+/// type's owner (a domain's CHECK, a cast function): run it as the
+/// subscriber (`acting::as_identity`); an error is the first value's
+/// that did not cast.
+pub fn cast_all_to_json(values: &[String], sql_type: &str) -> SpiResult<Vec<Option<String>>> {
     // The type comes from format_type() of a real column: safe to splice.
-    let query = format!("SELECT pg_catalog.to_json($1::pg_catalog.text::{sql_type})::pg_catalog.text");
+    let query = format!(
+        "SELECT pg_catalog.to_json(v::{sql_type})::pg_catalog.text \
+         FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(v, i) ORDER BY i"
+    );
     Spi::connect(|client| {
-        client
-            .select(&query, Some(1), &[value.into()])?
-            .first()
-            .get::<String>(1)
+        let table = client.select(&query, None, &[values.to_vec().into()])?;
+        let mut out = Vec::with_capacity(values.len());
+        for row in table {
+            out.push(row.get::<String>(1)?);
+        }
+        Ok(out)
     })
+}
+
+/// Lets go of session-level advisory locks that code run as a subscriber
+/// (a policy function) may have taken: a subtransaction's rollback does
+/// not release them.
+pub fn release_session_locks() -> SpiResult<()> {
+    Spi::run("SELECT pg_catalog.pg_advisory_unlock_all()")
 }
 
 /// Runs `f` in a subtransaction; a Postgres error in it becomes `Err` with

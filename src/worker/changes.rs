@@ -13,7 +13,7 @@ use realtime::changes::row;
 use realtime::changes::switch::Switches;
 use realtime::changes::wire::{ChangeKind, RelationCache, Transaction};
 use realtime::protocol::Outbound;
-use realtime::server::fanout::{FanoutError, FanoutSender};
+use realtime::server::fanout::{Charge, FanoutError, FanoutSender};
 use realtime::server::link::{MainReceiver, MainRequest, Subscribe};
 use realtime::stats::Counters;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -263,11 +263,20 @@ impl Changes {
                 return false;
             };
             match request {
+                // (one whose asker stopped waiting is not worth the work:
+                // it unsubscribes, or was refused, already)
+                MainRequest::Subscribe(s) if s.reply.is_closed() => {}
+                MainRequest::Authorize(a) if a.reply.is_closed() => {}
                 MainRequest::Subscribe(s) => self.subscribe(s),
                 MainRequest::Authorize(request) => super::private::authorize(request),
                 MainRequest::Unsubscribe(key) => self.unsubscribe(&key),
             }
         }
+        !self.requests.is_empty()
+    }
+
+    /// Whether network requests are waiting.
+    pub fn has_requests(&self) -> bool {
         !self.requests.is_empty()
     }
 
@@ -484,6 +493,7 @@ impl Changes {
         };
         // 2. What each (role, table) may read: privileges and policies, read
         //    through SPI only for the pairs something matched, and cached.
+        let mut unreadable = HashSet::new();
         let stale: HashSet<(Arc<str>, u32)> = pending
             .iter()
             .filter_map(|(key, _, row)| {
@@ -498,7 +508,7 @@ impl Changes {
                 .flat_map(|t| t.relations.iter())
                 .map(|r| (r.relid, (r.schema.clone(), r.table.clone())))
                 .collect();
-            self.access.read(stale.into_iter().collect(), &names);
+            unreadable = self.access.read(stale.into_iter().collect(), &names);
         }
         // 3. Row-level security: one check per (identity, table), over all
         //    of its rows in this batch.
@@ -531,8 +541,10 @@ impl Changes {
             })
         };
         // 4. Deliver, building each change's frame once per column set.
-        let mut frames: HashMap<(usize, Visible), Arc<str>> = HashMap::new();
+        let mut frames: HashMap<(usize, Visible), (Arc<str>, Arc<Charge>)> = HashMap::new();
         let mut gone: Vec<ChannelKey> = Vec::new();
+        // Channels some change could not be checked for: they are told.
+        let mut unchecked: Vec<ChannelKey> = Vec::new();
         let counters = crate::shmem::counters();
         for (key, ids, row) in pending {
             let Some(sub) = self.registry.get(&key) else { continue };
@@ -540,32 +552,40 @@ impl Changes {
             let r = &rows[row];
             let relation = relation_of(r);
             let Some(grants) = self.access.get(&sink.role, relation.relid) else {
+                if unreadable.contains(&(sink.role.clone(), relation.relid)) {
+                    unchecked.push(key);
+                }
                 continue;
             };
-            if grants.checks_rows()
-                && !visible
-                    .get(&(sink.role.clone(), sink.claims.clone(), relation.relid))
-                    .is_some_and(|seen| seen.contains(&row))
-            {
-                continue;
+            if grants.checks_rows() {
+                match visible.get(&(sink.role.clone(), sink.claims.clone(), relation.relid)) {
+                    Some(Some(seen)) if seen.contains(&row) => {}
+                    Some(None) => {
+                        unchecked.push(key);
+                        continue;
+                    }
+                    _ => continue,
+                }
             }
             let Some(columns) = grants.visible(relation) else {
                 continue;
             };
             let commit_time_us = transactions[r.txn].commit_time_us;
-            let data = frames
-                .entry((row, columns))
-                .or_insert_with_key(|(_, columns)| {
-                    let change = &transactions[r.txn].changes[r.change];
-                    Arc::from(event::data(change, relation, commit_time_us, max_record_bytes, columns))
-                })
-                .clone();
+            // (a frame's data is shared by every channel it goes to, and
+            // its memory counted once against the total)
+            let (data, charge) = frames.entry((row, columns)).or_insert_with_key(|(_, columns)| {
+                let change = &transactions[r.txn].changes[r.change];
+                let data: Arc<str> =
+                    Arc::from(event::data(change, relation, commit_time_us, max_record_bytes, columns));
+                let charge = sink.tx.charge(data.len());
+                (data, charge)
+            });
             let out = Outbound::PostgresChanges {
                 topic: sink.topic.clone(),
                 ids,
-                data,
+                data: data.clone(),
             };
-            match sink.tx.send(Arc::new(out)) {
+            match sink.tx.send_shared(Arc::new(out), charge) {
                 Ok(()) => Counters::incr(&counters.events_delivered),
                 // Too far behind: its connection tells each channel and
                 // closes (`server::fanout`).
@@ -578,6 +598,23 @@ impl Changes {
         gone.dedup();
         for key in gone {
             self.unsubscribe(&key);
+        }
+        self.notify_unchecked(unchecked);
+    }
+
+    /// Tells each channel that some change it may have wanted could not be
+    /// checked against its privileges or policies (an error, or a check
+    /// over `pg_realtime.check_timeout`; the server log says which) and was
+    /// not delivered.
+    fn notify_unchecked(&self, mut keys: Vec<ChannelKey>) {
+        keys.sort();
+        keys.dedup();
+        let message = "Some changes could not be checked against this subscription's privileges or row-level \
+                       security policies and were not delivered: refetch to catch up";
+        for key in keys {
+            if let Some(sub) = self.registry.get(&key) {
+                let _ = sub.sink.tx.force(Arc::new(system_error(&sub.sink, message)));
+            }
         }
     }
 

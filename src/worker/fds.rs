@@ -11,7 +11,8 @@ use pgrx::prelude::*;
 /// (`NUM_RESERVED_FDS` in fd.c).
 const POSTGRES_RESERVED: usize = 10;
 /// Beyond that, for what Postgres opens outside its file cache (a library
-/// loaded by a policy's language, a WAL segment) and tokio's own.
+/// loaded by a policy's language, a WAL segment), tokio's own, and the
+/// (at most 16) upgrades being refused with 429 at a time.
 const SLACK: usize = 32;
 
 /// Raises the soft limit, logs what it allows, and returns how many client

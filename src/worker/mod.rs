@@ -32,8 +32,12 @@ const NETWORK_THREADS: usize = 2;
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
 /// How long the main thread works through network requests (joins, say)
 /// before it drains the change ring again: a storm of joins holds
-/// delivery back by about this much at a time, never longer.
+/// delivery back by about this much at a time (a single request may take
+/// longer: the limits on joins bound it).
 const REQUEST_SLICE: Duration = Duration::from_millis(2);
+/// Slices in one pass of the main loop; then it goes back to its latch
+/// (signals, interrupts, postmaster death, logs) and comes straight back.
+const SLICES_PER_PASS: usize = 16;
 
 /// Registers the worker; called from `_PG_init` while preloading.
 pub fn register() {
@@ -56,8 +60,12 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&crate::gucs::database()), None);
     // Filter values are rendered by this session: timestamps in UTC, like
     // the events themselves.
-    BackgroundWorker::transaction(|| Spi::run("SET TIME ZONE 'UTC'"))
-        .unwrap_or_else(|e| error!("pg_realtime: cannot set the worker's time zone: {e}"));
+    // An empty search_path for the whole session: the worker's own
+    // catalog questions run as superuser, and no operator or function a
+    // user created (ALTER DATABASE ... SET search_path can put their schema
+    // before pg_catalog) may stand in for a catalog one.
+    BackgroundWorker::transaction(|| Spi::run("SET TIME ZONE 'UTC'; SET search_path = ''"))
+        .unwrap_or_else(|e| error!("pg_realtime: cannot set the worker's time zone and search_path: {e}"));
     crate::shmem::set_worker_latch();
     // Whatever subscribers the previous worker had are gone with it.
     crate::shmem::interest().set(&Default::default(), false);
@@ -215,13 +223,18 @@ impl MainLoop {
         // Requests in slices, the ring drained after each: delivery never
         // waits for more than a slice of them.
         let mut delivered = 0;
-        loop {
+        for _ in 0..SLICES_PER_PASS {
             let more = self.changes.handle_requests(REQUEST_SLICE);
             self.changes.settle_if_due();
             delivered += self.changes.drain();
             if !more {
                 break;
             }
+        }
+        if self.changes.has_requests() {
+            // SAFETY: the main thread setting its own latch: the next wait
+            // returns at once.
+            unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
         }
         if delivered > 0 {
             // Under a stream of commits, nap before waiting again: commits

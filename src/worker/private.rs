@@ -19,37 +19,53 @@ pub fn authorize(request: Authorize) {
     } = request;
     let claims_json = claims.json.clone();
     let answer = BackgroundWorker::transaction(|| {
-        let role = match acting::resolve(&claims.role) {
-            Ok(Ok(role)) => role,
-            Ok(Err(refusal)) => return Ok(Err(refusal.to_string())),
-            Err(e) => return Err(e.to_string()),
-        };
-        let identity = Identity {
-            role,
-            role_name: &claims.role,
-            claims: &claims_json,
-            sub: claims.sub.as_deref(),
-            topic: Some(&subtopic),
-        };
-        Ok(Ok(match question {
-            Question::Read => read(&identity, &subtopic)?,
-            Question::Write(extension) => {
-                let ok = acting::as_identity(&identity, || catalog::insert_message(&subtopic, extension)).is_ok();
-                Permissions {
-                    broadcast: ok,
-                    presence: ok,
-                }
-            }
-        }))
+        let answer = catalog::catching(|| answer(&claims, &claims_json, &subtopic, question));
+        let _ = catalog::release_session_locks();
+        answer.and_then(|a| a)
     });
     let answer = match answer {
         Ok(answer) => answer,
         Err(e) => {
-            pgrx::warning!("pg_realtime: could not check a private channel's permissions: {e}");
+            pgrx::warning!(
+                "pg_realtime: could not check a private channel's permissions: {}",
+                realtime::log::escape(&e)
+            );
             Err("Realtime was unable to connect to the project database".to_owned())
         }
     };
     let _ = reply.send(answer);
+}
+
+/// The answer to `question` for the claims on the topic: `Ok(Err)` is a
+/// refusal for the client, `Err` the database's failure.
+fn answer(
+    claims: &realtime::jwt::Claims,
+    claims_json: &str,
+    subtopic: &str,
+    question: Question,
+) -> Result<Result<Permissions, String>, String> {
+    let role = match acting::resolve(&claims.role) {
+        Ok(Ok(role)) => role,
+        Ok(Err(refusal)) => return Ok(Err(refusal.to_string())),
+        Err(e) => return Err(e.to_string()),
+    };
+    let identity = Identity {
+        role,
+        role_name: &claims.role,
+        claims: claims_json,
+        sub: claims.sub.as_deref(),
+        topic: Some(subtopic),
+    };
+    Ok(Ok(match question {
+        Question::Read => read(&identity, subtopic)?,
+        Question::Write(extension) => {
+            let ok = acting::as_identity(&identity, || catalog::insert_message(subtopic, extension)).is_ok();
+            Permissions {
+                broadcast: ok,
+                presence: ok,
+            }
+        }
+    }))
 }
 
 /// Which extensions the identity may read on the topic. An error while

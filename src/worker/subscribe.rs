@@ -51,8 +51,13 @@ pub struct Subscriber<'a> {
 
 /// Validates a channel's bindings for the subscriber; returns them ready
 /// for the registry, or the message of the `system` error. Runs inside a
-/// transaction.
+/// transaction; a PostgreSQL error in it (a column dropped meanwhile, say)
+/// is reported like any other reason.
 pub fn validate(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>) -> Result<Vec<Binding>, String> {
+    catalog::catching(|| checked(bindings, who)).and_then(|r| r)
+}
+
+fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>) -> Result<Vec<Binding>, String> {
     catalog::clear_search_path().map_err(spi)?;
     let role = acting::resolve(who.role)
         .map_err(spi)?
@@ -65,26 +70,44 @@ pub fn validate(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>
         topic: None,
     };
     let publication = crate::gucs::publication();
-    bindings
-        .iter()
-        .map(|(id, b)| {
-            let (target, conditions) = target(b, &publication, &identity)?;
-            Ok(Binding {
-                id: *id,
-                target,
-                events: EventFilter::parse(&b.event),
-                conditions,
+    // The catalog first, as the worker; then every cast of the join at
+    // once, as the subscriber.
+    let mut targets = Vec::with_capacity(bindings.len());
+    for (_, b) in bindings {
+        targets.push(target(b, &publication, identity.role_name)?);
+    }
+    let casts: Vec<&Uncast> = targets.iter().flat_map(|(_, c)| c.iter()).collect();
+    let cast = acting::as_identity(&identity, || {
+        Ok(casts
+            .iter()
+            .map(|c| {
+                catalog::catching(|| catalog::cast_all_to_json(&c.values, &c.sql_type))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
             })
-        })
-        .collect()
+            .collect::<Vec<_>>())
+    })
+    .map_err(|e| format!("Realtime was unable to check the subscription: {e}"))?;
+    let _ = catalog::release_session_locks();
+    let mut cast = cast.into_iter();
+    let mut out = Vec::with_capacity(bindings.len());
+    for ((id, b), (target, uncast)) in bindings.iter().zip(targets) {
+        let mut conditions = Vec::with_capacity(uncast.len());
+        for c in uncast {
+            let values = cast.next().unwrap_or_else(|| Err("no answer".into()));
+            conditions.push(c.finish(b, values)?);
+        }
+        out.push(Binding {
+            id: *id,
+            target,
+            events: EventFilter::parse(&b.event),
+            conditions,
+        });
+    }
+    Ok(out)
 }
 
 /// What one binding covers, and its filter's conditions.
-fn target(
-    b: &PostgresChangesBinding,
-    publication: &str,
-    identity: &Identity<'_>,
-) -> Result<(Target, Vec<Condition>), String> {
+fn target(b: &PostgresChangesBinding, publication: &str, role: &str) -> Result<(Target, Vec<Uncast>), String> {
     let schema = match (&b.schema, &b.table) {
         (None, None) => {
             return Err(format!(
@@ -118,7 +141,6 @@ fn target(
     if !catalog::published(publication, Some(&schema), Some(&table)).map_err(spi)? {
         return Err(not_enabled(b));
     }
-    let role = identity.role_name;
     if !catalog::can_select(role, found.relid).map_err(spi)? {
         return Err(refused(
             b,
@@ -127,26 +149,65 @@ fn target(
     }
     let conditions = parsed
         .into_iter()
-        .map(|c| condition(b, identity, found.relid, &format!("{schema}.{table}"), c))
+        .map(|c| condition(b, role, found.relid, &format!("{schema}.{table}"), c))
         .collect::<Result<_, _>>()?;
     Ok((Target::Table(found.relid), conditions))
 }
 
-/// One filter condition, checked against its column and with its values
-/// cast to the column's type.
+/// A filter condition checked against its column, its values still to be
+/// cast to the column's type (as the subscriber).
+struct Uncast {
+    column: String,
+    sql_type: String,
+    kind: Kind,
+    op: filter::Op,
+    negate: bool,
+    values: Vec<String>,
+}
+
+impl Uncast {
+    /// The condition with its values cast (`cast`: their JSON texts, in
+    /// order, or why they did not cast).
+    fn finish(
+        self,
+        b: &PostgresChangesBinding,
+        cast: Result<Vec<Option<String>>, String>,
+    ) -> Result<Condition, String> {
+        let invalid = |e: &str| refused(b, &format!("invalid value for filter {}: {e}", self.column));
+        let values = cast
+            .map_err(|e| invalid(&e))?
+            .into_iter()
+            .map(|v| {
+                v.map(|json| normalise(self.kind, json))
+                    .ok_or_else(|| invalid("the value did not cast"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if values.len() != self.values.len() {
+            return Err(invalid("the value did not cast"));
+        }
+        Ok(Condition {
+            column: self.column,
+            kind: self.kind,
+            op: self.op,
+            negate: self.negate,
+            values,
+        })
+    }
+}
+
+/// One filter condition, checked against its column.
 fn condition(
     b: &PostgresChangesBinding,
-    identity: &Identity<'_>,
+    role: &str,
     relid: u32,
     table: &str,
     condition: ParsedCondition,
-) -> Result<Condition, String> {
+) -> Result<Uncast, String> {
     let Some(column) = catalog::column(relid, &condition.column).map_err(spi)? else {
         return Err(refused(b, &format!("invalid column for filter {}", condition.column)));
     };
     // A filter on a column the role may not read would tell it that
     // column's values.
-    let role = identity.role_name;
     if !catalog::can_select_column(role, relid, &condition.column).map_err(spi)? {
         return Err(refused(
             b,
@@ -166,20 +227,13 @@ fn condition(
             ),
         ));
     }
-    let mut values = Vec::with_capacity(condition.values.len());
-    for raw in &condition.values {
-        let invalid = |e: &str| refused(b, &format!("invalid value for filter {}: {e}", condition.column));
-        let json = acting::as_identity(identity, || catalog::cast_to_json(raw, &column.sql_type))
-            .map_err(|e| invalid(&e))?
-            .ok_or_else(|| invalid("the value did not cast"))?;
-        values.push(normalise(kind, json));
-    }
-    Ok(Condition {
+    Ok(Uncast {
         column: condition.column,
+        sql_type: column.sql_type,
         kind,
         op: condition.op,
         negate: condition.negate,
-        values,
+        values: condition.values,
     })
 }
 

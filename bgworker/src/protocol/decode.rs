@@ -6,6 +6,11 @@
 use super::*;
 use serde::Deserialize;
 
+/// The largest payload of a frame other than a broadcast (a join, a
+/// leave, a token, a heartbeat): it is parsed into a tree, so it is kept
+/// far below the 5 MB a broadcast may have.
+pub const MAX_CONTROL_PAYLOAD: usize = 1 << 20;
+
 /// A text frame's parts, borrowed from its text; only the payload may be
 /// large, and it is parsed (or not) by what the event needs.
 struct Parts<'a> {
@@ -33,6 +38,9 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<Inbound, ProtocolError> {
         return broadcast(join_ref, msg_ref, topic, parts.payload);
     }
     let payload = match parts.payload {
+        Some(raw) if raw.get().len() > MAX_CONTROL_PAYLOAD => {
+            return Err(ProtocolError::TooLarge(event, raw.get().len()));
+        }
         Some(raw) => serde_json::from_str(raw.get()).map_err(|e| ProtocolError::BadJson(e.to_string()))?,
         None => Value::Null,
     };
@@ -359,6 +367,16 @@ mod tests {
         let mut bytes = vec![3, 0, 0, 1, 1, 0, 1];
         bytes.extend_from_slice(b"te{oops");
         assert!(matches!(decode_binary(Vsn::V2, &bytes), Err(ProtocolError::BadJson(_))));
+    }
+
+    #[test]
+    fn control_payloads_are_bounded_broadcasts_are_not() {
+        let big = "0,".repeat(MAX_CONTROL_PAYLOAD / 2 + 8) + "0";
+        let join = format!(r#"["1","1","realtime:r","phx_join",{{"n":[{big}]}}]"#);
+        assert!(matches!(decode_text(Vsn::V2, &join), Err(ProtocolError::TooLarge(..))));
+        let broadcast =
+            format!(r#"["1","1","realtime:r","broadcast",{{"type":"broadcast","event":"e","payload":[{big}]}}]"#);
+        assert!(matches!(decode_text(Vsn::V2, &broadcast), Ok(Inbound::Broadcast(_))));
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub enum ProtocolError {
     BinaryOnV1,
     #[error("unsupported serializer version {0:?}")]
     UnsupportedVsn(String),
+    #[error("a {0} payload of {1} bytes is more than a control message may have")]
+    TooLarge(String, usize),
 }
 
 pub(crate) const KIND_PUSH: u8 = 0;

@@ -1,22 +1,24 @@
 //! A connection's queue of messages from others (broadcasts from other
-//! sockets, postgres_changes from the main thread), bounded in bytes: each
-//! queue by `pg_realtime.max_pending_bytes`, all of them together by
-//! `pg_realtime.max_pending_bytes_total` (a [`Budget`]). A connection
-//! whose queue goes over its limit, or the one furthest behind when all
-//! together go over theirs, is *overflowed*: its queue takes nothing more,
-//! what waits in it no longer counts, and its connection tells the client
-//! and closes. A sender never blocks and never waits for a client.
+//! sockets, postgres_changes from the main thread), bounded in bytes.
 //!
-//! Bytes are counted per queue: a message queued for a hundred
-//! connections counts a hundred times, since each connection serializes
-//! and writes its own copy.
+//! - Each queue by `pg_realtime.max_pending_bytes`: what waits for one
+//!   connection, counting each message whole.
+//! - All queues together by `pg_realtime.max_pending_bytes_total` (a
+//!   [`Budget`]): the memory held, counting a message (or a payload) shared
+//!   by many queues once, through its [`Charge`].
+//!
+//! A queue over its limit, or the one furthest behind while all together
+//! are over theirs, is *overflowed*: it is emptied at once (its messages'
+//! memory is let go, whatever its connection is doing), takes nothing
+//! more, and its connection tells the client and closes. A sender never
+//! blocks and never waits for a client.
 
 use crate::protocol::Outbound;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 /// How far past its limit a queue may go for the notices that say changes
 /// were lost (`force`): they must get through, but not without bound.
@@ -41,19 +43,38 @@ pub enum FanoutError {
     Closed,
 }
 
-/// The byte limits every queue shares, and their accounting.
+/// The byte limits every queue shares, and the memory held.
 #[derive(Debug)]
 pub struct Budget {
     per_queue: AtomicUsize,
     total_limit: AtomicUsize,
-    /// Bytes waiting in queues that have not overflowed.
+    /// Bytes of every live [`Charge`].
     total: AtomicUsize,
     queues: Mutex<HashMap<u64, Weak<Queue>>>,
     next_id: AtomicU64,
 }
 
+/// Bytes counted against the total while any queued message holds it:
+/// one charge may be shared by the copies of a message (or of a payload)
+/// queued for many connections.
+#[derive(Debug)]
+pub struct Charge {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.total.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+type Item = (Arc<Outbound>, usize, Arc<Charge>);
+
 #[derive(Debug, Default)]
 struct QueueState {
+    items: VecDeque<Item>,
+    /// What the items weigh (`Outbound::weight`), each counted whole.
     bytes: usize,
     overflow: Option<Overflow>,
     closed: bool,
@@ -66,20 +87,21 @@ struct Queue {
 }
 
 impl Queue {
-    /// Marks the queue overflowed (unless it is already) and takes its
-    /// bytes out of the total; wakes its connection. Returns whether this
-    /// call did it. Callers hold no queue lock.
-    fn overflow(&self, budget: &Budget, why: Overflow) -> bool {
-        let mut state = self.state.lock();
-        if state.overflow.is_some() || state.closed {
-            return false;
-        }
-        state.overflow = Some(why);
-        budget.total.fetch_sub(state.bytes, Ordering::AcqRel);
-        state.bytes = 0;
-        drop(state);
+    /// Marks the queue overflowed (unless it is closed or already is) and
+    /// empties it; wakes its connection. The items are dropped after the
+    /// lock is let go.
+    fn overflow(&self, why: Overflow) {
+        let dropped = {
+            let mut state = self.state.lock();
+            if state.overflow.is_some() || state.closed {
+                return;
+            }
+            state.overflow = Some(why);
+            state.bytes = 0;
+            std::mem::take(&mut state.items)
+        };
+        drop(dropped);
         self.wake.notify_one();
-        true
     }
 }
 
@@ -101,14 +123,22 @@ impl Budget {
         self.total_limit.store(total, Ordering::Relaxed);
     }
 
-    /// Bytes waiting now, over all queues that have not overflowed.
+    /// Bytes held now by queued messages, each shared one once.
     pub fn pending_bytes(&self) -> usize {
         self.total.load(Ordering::Acquire)
     }
 
+    /// A charge of `bytes` against the total, for messages to queue.
+    pub fn charge(self: &Arc<Budget>, bytes: usize) -> Arc<Charge> {
+        self.total.fetch_add(bytes, Ordering::AcqRel);
+        Arc::new(Charge {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     /// A new queue under this budget.
     pub fn queue(self: &Arc<Budget>) -> (FanoutSender, FanoutReceiver) {
-        let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
             wake: Notify::new(),
@@ -117,12 +147,10 @@ impl Budget {
         self.queues.lock().insert(id, Arc::downgrade(&queue));
         (
             FanoutSender {
-                tx,
                 queue: queue.clone(),
                 budget: self.clone(),
             },
             FanoutReceiver {
-                rx,
                 queue,
                 budget: self.clone(),
                 id,
@@ -130,24 +158,21 @@ impl Budget {
         )
     }
 
-    /// While all queues together are over the total limit, overflows the
-    /// one furthest behind.
+    /// While the memory held is over the total limit, overflows the queue
+    /// furthest behind (which lets go of what only it held).
     fn evict(&self) {
-        let queues = self.queues.lock();
+        // (the map's lock, then one queue's at a time; overflow() takes
+        // only the queue's)
+        let queues: Vec<Arc<Queue>> = self.queues.lock().values().filter_map(Weak::upgrade).collect();
         while self.total.load(Ordering::Acquire) > self.total_limit.load(Ordering::Relaxed) {
             let furthest = queues
-                .values()
-                .filter_map(Weak::upgrade)
-                .map(|q| {
-                    let bytes = q.state.lock().bytes;
-                    (bytes, q)
-                })
+                .iter()
+                .map(|q| (q.state.lock().bytes, q))
+                .filter(|(bytes, _)| *bytes > 0)
                 .max_by_key(|(bytes, _)| *bytes);
             match furthest {
-                Some((bytes, queue)) if bytes > 0 => {
-                    queue.overflow(self, Overflow::Total);
-                }
-                _ => break,
+                Some((_, queue)) => queue.overflow(Overflow::Total),
+                None => break,
             }
         }
     }
@@ -156,48 +181,58 @@ impl Budget {
 /// The sending side; cheap to clone, usable from any thread.
 #[derive(Clone, Debug)]
 pub struct FanoutSender {
-    tx: mpsc::UnboundedSender<(Arc<Outbound>, usize)>,
     queue: Arc<Queue>,
     budget: Arc<Budget>,
 }
 
 impl FanoutSender {
-    /// Queues a message; a queue it would take over its limit overflows
-    /// instead (`Full`).
+    /// Queues a message, charged whole against the total; a queue it would
+    /// take over its limit overflows instead (`Full`).
     pub fn send(&self, message: Arc<Outbound>) -> Result<(), FanoutError> {
-        self.push(message, 0)
+        let charge = self.budget.charge(message.weight());
+        self.push(message, charge, 0)
+    }
+
+    /// Queues a message whose bytes are already charged (`charge`, shared
+    /// with the other connections it goes to).
+    pub fn send_shared(&self, message: Arc<Outbound>, charge: &Arc<Charge>) -> Result<(), FanoutError> {
+        self.push(message, charge.clone(), 0)
     }
 
     /// Queues even a little past the limit (`NOTICE_ALLOWANCE`): for the
     /// notices that say messages were lost.
     pub fn force(&self, message: Arc<Outbound>) -> Result<(), FanoutError> {
-        self.push(message, NOTICE_ALLOWANCE)
+        let charge = self.budget.charge(message.weight());
+        self.push(message, charge, NOTICE_ALLOWANCE)
     }
 
-    fn push(&self, message: Arc<Outbound>, allowance: usize) -> Result<(), FanoutError> {
+    /// A charge against the total, for a payload shared by many messages.
+    pub fn charge(&self, bytes: usize) -> Arc<Charge> {
+        self.budget.charge(bytes)
+    }
+
+    fn push(&self, message: Arc<Outbound>, charge: Arc<Charge>, allowance: usize) -> Result<(), FanoutError> {
         let size = message.weight();
-        let budget = &self.budget;
-        let mut state = self.queue.state.lock();
-        if state.closed {
-            return Err(FanoutError::Closed);
+        {
+            let mut state = self.queue.state.lock();
+            if state.closed {
+                return Err(FanoutError::Closed);
+            }
+            if state.overflow.is_some() {
+                return Err(FanoutError::Full);
+            }
+            let limit = self.budget.per_queue.load(Ordering::Relaxed).saturating_add(allowance);
+            if state.bytes.saturating_add(size) > limit {
+                drop(state);
+                self.queue.overflow(Overflow::Connection);
+                return Err(FanoutError::Full);
+            }
+            state.bytes += size;
+            state.items.push_back((message, size, charge));
         }
-        if state.overflow.is_some() {
-            return Err(FanoutError::Full);
-        }
-        let limit = budget.per_queue.load(Ordering::Relaxed).saturating_add(allowance);
-        if state.bytes.saturating_add(size) > limit {
-            drop(state);
-            self.queue.overflow(budget, Overflow::Connection);
-            return Err(FanoutError::Full);
-        }
-        if self.tx.send((message, size)).is_err() {
-            return Err(FanoutError::Closed);
-        }
-        state.bytes += size;
-        let total = budget.total.fetch_add(size, Ordering::AcqRel) + size;
-        drop(state);
-        if total > budget.total_limit.load(Ordering::Relaxed) {
-            budget.evict();
+        self.queue.wake.notify_one();
+        if self.budget.total.load(Ordering::Acquire) > self.budget.total_limit.load(Ordering::Relaxed) {
+            self.budget.evict();
         }
         Ok(())
     }
@@ -217,7 +252,6 @@ pub enum Received {
 }
 
 pub struct FanoutReceiver {
-    rx: mpsc::UnboundedReceiver<(Arc<Outbound>, usize)>,
     queue: Arc<Queue>,
     budget: Arc<Budget>,
     id: u64,
@@ -225,57 +259,57 @@ pub struct FanoutReceiver {
 
 impl FanoutReceiver {
     /// The next message, or that the queue overflowed (from then on,
-    /// always that). None once every sender is gone.
-    pub async fn recv(&mut self) -> Option<Received> {
+    /// always that).
+    pub async fn recv(&mut self) -> Received {
         loop {
-            if let Some(why) = self.queue.state.lock().overflow {
-                return Some(Received::Overflowed(why));
+            // (a notify between this look and the wait leaves a permit)
+            if let Some(received) = self.take() {
+                return received;
             }
-            tokio::select! {
-                biased;
-                _ = self.queue.wake.notified() => continue,
-                item = self.rx.recv() => {
-                    let (message, size) = item?;
-                    let mut state = self.queue.state.lock();
-                    if state.overflow.is_some() {
-                        // (its bytes no longer count)
-                        return Some(Received::Overflowed(state.overflow.unwrap_or(Overflow::Connection)));
-                    }
-                    state.bytes -= size;
-                    self.budget.total.fetch_sub(size, Ordering::AcqRel);
-                    return Some(Received::Message(message));
-                }
-            }
+            self.queue.wake.notified().await;
         }
     }
-}
 
-impl FanoutReceiver {
     /// The next message if one is waiting now (None: none, or the queue
     /// overflowed, which `recv` then reports).
     pub fn try_recv(&mut self) -> Option<Arc<Outbound>> {
-        let mut state = self.queue.state.lock();
-        if state.overflow.is_some() {
-            return None;
+        match self.take()? {
+            Received::Message(m) => Some(m),
+            Received::Overflowed(_) => None,
         }
-        let (message, size) = self.rx.try_recv().ok()?;
-        state.bytes -= size;
-        self.budget.total.fetch_sub(size, Ordering::AcqRel);
-        Some(message)
+    }
+
+    fn take(&mut self) -> Option<Received> {
+        let item = {
+            let mut state = self.queue.state.lock();
+            if let Some(why) = state.overflow {
+                return Some(Received::Overflowed(why));
+            }
+            let item = state.items.pop_front()?;
+            state.bytes -= item.1;
+            item
+        };
+        // (its charge goes when `item` does, outside the lock)
+        Some(Received::Message(item.0))
+    }
+
+    /// This queue's budget (tests).
+    #[cfg(test)]
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 }
 
-/// However the connection ends, what waits for it stops counting.
+/// However the connection ends, what waits for it is let go.
 impl Drop for FanoutReceiver {
     fn drop(&mut self) {
-        {
+        let dropped = {
             let mut state = self.queue.state.lock();
-            if state.overflow.is_none() {
-                self.budget.total.fetch_sub(state.bytes, Ordering::AcqRel);
-            }
             state.bytes = 0;
             state.closed = true;
-        }
+            std::mem::take(&mut state.items)
+        };
+        drop(dropped);
         self.budget.queues.lock().remove(&self.id);
     }
 }
@@ -296,21 +330,24 @@ mod tests {
     }
 
     async fn next(rx: &mut FanoutReceiver) -> Received {
-        rx.recv().await.expect("a sender is alive")
+        rx.recv().await
     }
 
     #[tokio::test]
-    async fn a_queue_over_its_bytes_overflows_and_stops_counting() {
+    async fn a_queue_over_its_bytes_overflows_and_lets_go_at_once() {
         let budget = Budget::new(10_000, 1 << 30);
         let (tx, mut rx) = budget.queue();
-        assert_eq!(tx.send(msg(4_000)), Ok(()));
+        let big = msg(4_000);
+        assert_eq!(tx.send(big.clone()), Ok(()));
         assert_eq!(tx.send(msg(4_000)), Ok(()));
         assert!(budget.pending_bytes() >= 8_000);
         assert!(matches!(next(&mut rx).await, Received::Message(_)));
         assert_eq!(tx.send(msg(4_000)), Ok(()));
-        // 8,000 + 4,000 waiting would pass 10,000
+        // 8,000 + 4,000 waiting would pass 10,000: emptied at once, before
+        // its connection takes anything
         assert_eq!(tx.send(msg(4_000)), Err(FanoutError::Full));
         assert_eq!(budget.pending_bytes(), 0);
+        assert_eq!(Arc::strong_count(&big), 1, "the queued copies are gone");
         assert!(matches!(
             next(&mut rx).await,
             Received::Overflowed(Overflow::Connection)
@@ -346,6 +383,26 @@ mod tests {
         assert!(budget.pending_bytes() < 25_000);
         assert!(matches!(next(&mut near_rx).await, Received::Message(_)));
         assert!(matches!(next(&mut near_rx).await, Received::Message(_)));
+        assert_eq!(budget.pending_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_message_shared_by_many_queues_is_charged_once() {
+        // 100 members of a topic, a 500 kB broadcast to each: 50 MB if
+        // counted per queue, 500 kB held
+        let budget = Budget::new(1 << 20, 2 << 20);
+        let queues: Vec<_> = (0..100).map(|_| budget.queue()).collect();
+        let message = msg(500_000);
+        let charge = budget.charge(message.weight());
+        for (tx, _) in &queues {
+            assert_eq!(tx.send_shared(message.clone(), &charge), Ok(()));
+        }
+        drop(charge);
+        assert!(budget.pending_bytes() < 600_000, "{}", budget.pending_bytes());
+        // nobody was evicted; the charge goes with the last copy
+        for (_tx, mut rx) in queues {
+            assert!(rx.try_recv().is_some());
+        }
         assert_eq!(budget.pending_bytes(), 0);
     }
 

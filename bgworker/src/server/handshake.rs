@@ -83,7 +83,7 @@ pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, Refusal>
 
 /// Refusals of busy upgrades being written at once, at most: each holds
 /// its socket for up to `REFUSE_WITHIN`.
-const MAX_REFUSING: usize = 64;
+const MAX_REFUSING: usize = 16;
 const REFUSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 static REFUSING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 

@@ -37,18 +37,20 @@ impl Hub {
         }
     }
 
-    /// Queues `message` for every member of `topic` but `except`. Returns how
-    /// many members were full and missed it.
+    /// Queues `message` for every member of `topic` but `except`, its bytes
+    /// charged once against the total however many queue it. Returns how
+    /// many members were too far behind and missed it.
     pub fn send(&self, topic: &str, except: Option<u64>, message: Outbound) -> usize {
         let message = Arc::new(message);
         let topics = self.topics.read();
-        let Some(members) = topics.get(topic) else {
+        let Some(first) = topics.get(topic).and_then(|m| m.first()) else {
             return 0;
         };
-        members
+        let charge = first.tx.charge(message.weight());
+        topics[topic]
             .iter()
             .filter(|m| Some(m.connection) != except)
-            .filter(|m| m.tx.send(message.clone()) == Err(FanoutError::Full))
+            .filter(|m| m.tx.send_shared(message.clone(), &charge) == Err(FanoutError::Full))
             .count()
     }
 

@@ -23,6 +23,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+/// Log lines a second about what clients do wrong (bad configs, frames
+/// over the limit, slow writes), over all connections.
+const LOG_LINES_PER_SECOND: u32 = 10;
+
 /// Settings that a configuration reload may change while clients stay
 /// connected.
 #[derive(Debug)]
@@ -51,6 +55,9 @@ pub struct Limits {
     pub max_bindings_per_join: usize,
     /// Conditions in one binding's filter.
     pub max_filter_conditions: usize,
+    /// Conditions of all of one join's bindings together (each a cast the
+    /// main thread runs).
+    pub max_conditions_per_join: usize,
     /// Bytes of one binding's filter.
     pub max_filter_bytes: usize,
     /// Joins a second, per connection and over all of them.
@@ -67,6 +74,7 @@ impl Default for Limits {
             max_pending_handshakes: 1024,
             max_bindings_per_join: 100,
             max_filter_conditions: 16,
+            max_conditions_per_join: 100,
             max_filter_bytes: 4096,
             joins_per_second_per_connection: 50,
             joins_per_second: 1000,
@@ -120,7 +128,7 @@ pub struct Context {
     budget: Arc<fanout::Budget>,
     /// Joins a second over all connections.
     joins: rate::SharedBucket,
-    /// Log lines a second about what clients send wrong.
+    /// Log lines a second about what clients do wrong.
     log_lines: rate::SharedBucket,
     /// The worker's main thread, for `postgres_changes`; without it (unit
     /// tests of the protocol alone) such joins are refused.
@@ -139,7 +147,7 @@ impl Context {
             main,
             budget: fanout::Budget::new(limits.max_pending_bytes, limits.max_pending_bytes_total),
             joins: rate::SharedBucket::new(limits.joins_per_second),
-            log_lines: rate::SharedBucket::new(10),
+            log_lines: rate::SharedBucket::new(LOG_LINES_PER_SECOND),
             settings: RwLock::new(Arc::new(settings)),
             options,
             counters,
@@ -174,6 +182,12 @@ impl Context {
 
     pub fn counters(&self) -> &'static Counters {
         self.counters
+    }
+
+    /// Whether a line about what one client did may be logged now: at
+    /// most `LOG_LINES_PER_SECOND` of them, over all clients.
+    pub(crate) fn may_log(&self) -> bool {
+        self.log_lines.take(LOG_LINES_PER_SECOND, std::time::Instant::now())
     }
 }
 

@@ -17,9 +17,6 @@ use crate::stats::Counters;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 
-/// Lines a second about bad join configs, over all connections.
-const LOG_LINES_PER_SECOND: u32 = 10;
-
 /// The hub key of a topic: private and public channels of the same name
 /// never hear each other.
 pub(super) fn hub_key(topic: &str, private: bool) -> String {
@@ -88,6 +85,14 @@ impl Connection {
             return Ok(());
         }
         self.subscribe_then_finish(channel, frame).await
+    }
+
+    /// One join's worth of the rate limits, per connection and in total.
+    pub(super) fn take_join_token(&mut self) -> bool {
+        let limits = &self.ctx.settings().limits;
+        let now = std::time::Instant::now();
+        self.joins.take(limits.joins_per_second_per_connection, now)
+            && self.ctx.joins.take(limits.joins_per_second, now)
     }
 
     async fn refuse_join(&mut self, frame: &Frame, reason: &str) -> Result<(), WsError> {
@@ -161,6 +166,7 @@ impl Connection {
                 limits.max_bindings_per_join
             ));
         }
+        let mut in_all = 0;
         for f in config.postgres_changes.iter().filter_map(|b| b.filter.as_deref()) {
             if f.len() > limits.max_filter_bytes {
                 return Some(format!(
@@ -176,6 +182,13 @@ impl Connection {
                     limits.max_filter_conditions
                 ));
             }
+            in_all += conditions;
+        }
+        if in_all > limits.max_conditions_per_join {
+            return Some(format!(
+                "{prefix}: {in_all} filter conditions in one join, more than pg_realtime.max_conditions_per_join ({})",
+                limits.max_conditions_per_join
+            ));
         }
         None
     }
@@ -304,9 +317,7 @@ impl Connection {
             Payload::Text(_) | Payload::Binary(_) => Value::Null,
         };
         let request = parse_join(&payload);
-        let may_log = || self.ctx.log_lines.take(LOG_LINES_PER_SECOND, std::time::Instant::now());
-        if let Some(warning) = request.warnings.first().filter(|_| may_log()) {
-            // (at most LOG_LINES_PER_SECOND such lines, over all clients)
+        if let Some(warning) = request.warnings.first().filter(|_| self.ctx.may_log()) {
             tracing::info!(
                 peer = %self.peer,
                 topic = %escape(&frame.topic),

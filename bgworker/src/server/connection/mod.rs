@@ -206,7 +206,9 @@ impl Connection {
                     None => break Close::Gone,
                     Some(Err(WsError::Capacity(e))) => {
                         Counters::incr(&self.ctx.counters.oversized_frames);
-                        tracing::info!(peer = %self.peer, error = %e, "frame over the size limit; closing");
+                        if self.ctx.may_log() {
+                            tracing::info!(peer = %self.peer, error = %e, "frame over the size limit; closing");
+                        }
                         break Close::With(CloseCode::Size, "frame too large");
                     }
                     Some(Err(e)) => {
@@ -230,16 +232,15 @@ impl Connection {
                     break Close::With(CloseCode::Normal, "idle timeout");
                 }
                 received = fanout.recv() => match received {
-                    Some(Received::Message(out)) => {
+                    Received::Message(out) => {
                         if self.send_queued(out, &mut fanout).await.is_err() {
                             break Close::Gone;
                         }
                     }
-                    Some(Received::Overflowed(why)) => {
+                    Received::Overflowed(why) => {
                         self.too_far_behind(why).await;
                         break Close::With(CloseCode::Again, "too far behind");
                     }
-                    None => break Close::Gone,
                 },
                 _ = sleep_until_opt(expiry) => {
                     if self.expire_tokens().await.is_err() {
@@ -282,7 +283,9 @@ impl Connection {
             "Too many messages are waiting for this client ({setting}): it is disconnected; \
              reconnect and refetch to catch up"
         );
-        tracing::info!(peer = %self.peer, "a client too far behind is disconnected ({setting})");
+        if self.ctx.may_log() {
+            tracing::info!(peer = %self.peer, "a client too far behind is disconnected ({setting})");
+        }
         let notices: Vec<Outbound> = self
             .channels
             .iter()
@@ -325,7 +328,9 @@ impl Connection {
         })
         .await;
         written.unwrap_or_else(|_| {
-            tracing::info!(peer = %self.peer, "a write took longer than {timeout:?}; closing");
+            if self.ctx.may_log() {
+                tracing::info!(peer = %self.peer, "a write took longer than {timeout:?}; closing");
+            }
             Err(WsError::Io(std::io::ErrorKind::TimedOut.into()))
         })
     }
@@ -339,7 +344,9 @@ impl Connection {
         match tokio::time::timeout(timeout, self.ws.send(message)).await {
             Ok(sent) => sent,
             Err(_) => {
-                tracing::info!(peer = %self.peer, "a write took longer than {timeout:?}; closing");
+                if self.ctx.may_log() {
+                    tracing::info!(peer = %self.peer, "a write took longer than {timeout:?}; closing");
+                }
                 Err(WsError::Io(std::io::ErrorKind::TimedOut.into()))
             }
         }

@@ -42,6 +42,17 @@ impl Connection {
             return Ok(());
         }
         channel.identity += 1;
+        let asks_main = channel.private.is_some() || !channel.config.postgres_changes.is_empty();
+        // A new identity asks the main thread again, as a join does: the
+        // same limits (else a client alternating tokens floods it).
+        if asks_main && !self.take_join_token() {
+            return self
+                .end_channel_with(&topic, "ClientJoinRateLimitReached: Too many joins per second")
+                .await;
+        }
+        let Some(channel) = self.channels.get_mut(&topic) else {
+            return Ok(());
+        };
         if let Some(private) = &mut channel.private {
             // what the old identity was allowed to write no longer counts
             private.broadcast_write = None;

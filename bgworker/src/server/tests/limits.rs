@@ -270,10 +270,11 @@ async fn a_stream_of_messages_does_not_starve_the_idle_timer() {
 #[tokio::test]
 async fn joins_over_the_limits_are_refused_clearly() {
     let limits = Limits {
-        max_bindings_per_join: 2,
+        max_bindings_per_join: 3,
         max_filter_conditions: 2,
+        max_conditions_per_join: 5,
         max_filter_bytes: 64,
-        joins_per_second_per_connection: 5,
+        joins_per_second_per_connection: 6,
         ..Limits::default()
     };
     let server = TestServer::with(with_limits(limits), Options::default()).await;
@@ -281,8 +282,13 @@ async fn joins_over_the_limits_are_refused_clearly() {
     let binding = |filter: &str| json!({"event": "*", "schema": "public", "table": "t", "filter": filter});
     let cases = [
         (
-            json!([binding("a=eq.1"), binding("a=eq.2"), binding("a=eq.3")]),
-            "pg_realtime.max_bindings_per_join (2)",
+            json!([
+                binding("a=eq.1"),
+                binding("a=eq.2"),
+                binding("a=eq.3"),
+                binding("a=eq.4")
+            ]),
+            "pg_realtime.max_bindings_per_join (3)",
         ),
         (
             json!([binding("a=eq.1,b=eq.2,c=eq.3")]),
@@ -291,6 +297,14 @@ async fn joins_over_the_limits_are_refused_clearly() {
         (
             json!([binding(&format!("a=eq.{}", "1".repeat(100)))]),
             "pg_realtime.max_filter_bytes (64)",
+        ),
+        (
+            json!([
+                binding("a=eq.1,b=eq.2"),
+                binding("a=eq.1,b=eq.2"),
+                binding("a=eq.1,b=eq.2")
+            ]),
+            "pg_realtime.max_conditions_per_join (5)",
         ),
     ];
     for (i, (bindings, why)) in cases.iter().enumerate() {
@@ -302,10 +316,10 @@ async fn joins_over_the_limits_are_refused_clearly() {
         assert_eq!(system[4]["status"], "error", "{system}");
         assert!(system[4]["message"].as_str().unwrap().contains(why), "{system}");
     }
-    // five joins a second on this connection: the sixth within the second
+    // six joins a second on this connection: the seventh within the second
     // is refused
     let mut refused = None;
-    for n in 3..10 {
+    for n in 4..12 {
         let reply = join(&mut c, &n.to_string(), &format!("realtime:rate{n}"), json!({})).await;
         if reply[4]["status"] == "error" {
             refused = Some(reply);
@@ -361,5 +375,60 @@ async fn sockets_past_the_descriptor_capacity_get_429() {
     assert_eq!(status, 429);
     heartbeat_ok(&mut a, "1").await;
     heartbeat_ok(&mut b, "1").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_refreshes_count_as_joins() {
+    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (link, rx) = link::main_link(waker);
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = asked.clone();
+    std::thread::spawn(move || {
+        while let Ok(request) = rx.recv() {
+            if let link::MainRequest::Subscribe(s) = request {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = s.reply.send(Ok(()));
+            }
+        }
+    });
+    let limits = Limits {
+        joins_per_second_per_connection: 5,
+        ..Limits::default()
+    };
+    let server = TestServer::with_main(with_limits(limits), Options::default(), Some(link)).await;
+    let mut c = server.connect().await;
+    assert_eq!(join(&mut c, "1", "realtime:a", pg_join(None)).await[4]["status"], "ok");
+    assert_eq!(recv(&mut c).await[4]["message"], "Subscribed to PostgreSQL");
+    // a client alternating two identities as fast as it can
+    let (one, two) = (
+        token(600),
+        hs256(SECRET, json!({"role": "anon", "exp": jwt::now() + 600})),
+    );
+    for n in 0..200 {
+        let t = if n % 2 == 0 { &two } else { &one };
+        send(
+            &mut c,
+            json!(["1", n.to_string(), "realtime:a", "access_token", {"access_token": t}]),
+        )
+        .await;
+    }
+    // it is refused like a join over the rate: the channel ends
+    let ended = loop {
+        let frame = recv(&mut c).await;
+        if frame[3] == "system" && frame[4]["status"] == "error" {
+            break frame;
+        }
+    };
+    assert_eq!(
+        ended[4]["message"],
+        "ClientJoinRateLimitReached: Too many joins per second"
+    );
+    assert_eq!(recv(&mut c).await[3], "phx_close");
+    // (the rest of the flood hits a channel that is gone: unmatched topic)
+    send(&mut c, json!([null, "hb", "phoenix", "heartbeat", {}])).await;
+    while recv(&mut c).await[2] != "phoenix" {}
+    let asked = asked.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(asked <= 6, "the main thread was asked {asked} times");
     server.stop().await;
 }
