@@ -73,11 +73,7 @@ fn main() {
     });
     c.psql(SETUP);
     c.wait_for_websocket(Duration::from_secs(10));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let tests: &[Test<Ctx>] = &[
         (
             "no_encoding_work_without_subscribers",
@@ -1370,11 +1366,7 @@ fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
     });
     assert_eq!(c.stat("captures_disabled"), 2);
     // the waiting join runs on a thread of its own while this one polls
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let tok = user();
     rt.block_on(async {
         // a join switches the table's trigger on before its answer

@@ -27,11 +27,7 @@ fn main() {
     let cluster = Cluster::start();
     cluster.psql("CREATE EXTENSION pg_realtime");
     cluster.wait_for_websocket(WAIT);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let tests: &[Test<Ctx>] = &[
         (
             "supabase_js_subscribes_and_heartbeats",

@@ -42,11 +42,7 @@ fn main() {
     });
     c.psql(SETUP);
     c.wait_for_websocket(Duration::from_secs(10));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let tests: &[Test<Ctx>] = &[
         (
             "a_reader_that_stops_costs_bounded_memory",

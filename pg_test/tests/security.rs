@@ -88,11 +88,7 @@ fn main() {
     c.psql(MALLORY);
     c.psql(HER_TOPICS);
     c.wait_for_websocket(Duration::from_secs(10));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let tests: &[Test<Ctx>] = &[
         (
             "a_domain_check_on_a_filtered_column_runs_as_the_subscriber",

@@ -224,56 +224,12 @@ pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_reco
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changes::wire::Column;
+    use crate::changes::fixtures::{change, relation, ROW};
     use serde_json::json;
-
-    fn relation(identity: Vec<u16>) -> Relation {
-        Relation {
-            relid: 1,
-            schema: "public".into(),
-            table: "t".into(),
-            columns: vec![
-                Column {
-                    name: "id".into(),
-                    typname: "int8".into(),
-                    type_oid: 20,
-                },
-                Column {
-                    name: "title".into(),
-                    typname: "text".into(),
-                    type_oid: 25,
-                },
-                Column {
-                    name: "at".into(),
-                    typname: "timestamptz".into(),
-                    type_oid: 1184,
-                },
-                Column {
-                    name: "blob".into(),
-                    typname: "bytea".into(),
-                    type_oid: 17,
-                },
-            ],
-            primary_key: if identity.is_empty() { vec![] } else { vec![0] },
-            identity,
-        }
-    }
-
-    fn change(kind: ChangeKind, record: Option<&str>, old: Option<&str>) -> Change {
-        Change {
-            relation: 0,
-            kind,
-            record: record.map(Into::into),
-            old: old.map(Into::into),
-            filter_at: Vec::new(),
-        }
-    }
 
     fn data(e: &Event) -> Value {
         serde_json::from_str(&e.data).unwrap()
     }
-
-    const ROW: &str = r#"{"id":7,"title":"new","at":"2025-03-04T11:11:12.345+01:00","blob":"\\xdeadbeef"}"#;
 
     #[test]
     fn insert_has_record_only_with_normalised_values() {

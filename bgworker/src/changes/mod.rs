@@ -3,6 +3,8 @@
 
 pub mod event;
 pub mod filter;
+#[cfg(test)]
+mod fixtures;
 pub mod json;
 pub mod registry;
 pub mod rls;

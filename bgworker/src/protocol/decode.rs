@@ -236,17 +236,8 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::frame;
     use super::*;
-
-    fn frame(join_ref: Option<&str>, r: Option<&str>, topic: &str, event: &str, p: Value) -> Frame {
-        Frame {
-            join_ref: join_ref.map(Into::into),
-            msg_ref: r.map(Into::into),
-            topic: topic.into(),
-            event: event.into(),
-            payload: Payload::Json(p),
-        }
-    }
 
     #[test]
     fn v2_text_join_decodes() {

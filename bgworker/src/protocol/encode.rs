@@ -119,20 +119,11 @@ fn encode_user_broadcast(topic: &str, event: &str, metadata: Option<&Value>, pay
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::frame;
     use super::*;
 
     fn text(json: &str) -> Payload {
         Payload::Text(JsonText::parse(json.into()).unwrap())
-    }
-
-    fn frame(join_ref: Option<&str>, r: Option<&str>, topic: &str, event: &str, p: Value) -> Frame {
-        Frame {
-            join_ref: join_ref.map(Into::into),
-            msg_ref: r.map(Into::into),
-            topic: topic.into(),
-            event: event.into(),
-            payload: Payload::Json(p),
-        }
     }
 
     #[test]

@@ -272,8 +272,19 @@ fn json_len(value: &Value) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A frame with a JSON payload (the decode and encode tests').
+    pub fn frame(join_ref: Option<&str>, r: Option<&str>, topic: &str, event: &str, p: Value) -> Frame {
+        Frame {
+            join_ref: join_ref.map(Into::into),
+            msg_ref: r.map(Into::into),
+            topic: topic.into(),
+            event: event.into(),
+            payload: Payload::Json(p),
+        }
+    }
 
     #[test]
     fn vsn_param() {
