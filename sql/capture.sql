@@ -92,8 +92,11 @@ COMMENT ON VIEW realtime.captured_tables IS
 -- transaction holds a conflicting one (wait_ms = 0), or within wait_ms:
 -- false when it was not available. Holding it, no transaction that wrote
 -- the table under the old setting is still running.
+-- The ALTER TABLE fires the publication sync, which may create or drop
+-- triggers on other tables: those locks are waited for 10 ms at most, so
+-- no writer queues behind the worker for longer.
 CREATE FUNCTION realtime.switch_capture(relid oid, fire boolean, wait_ms int DEFAULT 0) RETURNS boolean
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET lock_timeout = '10ms' AS $$
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = relid) THEN
     RETURN true;  -- dropped meanwhile: nothing to switch
@@ -104,10 +107,6 @@ BEGIN
   ELSE
     EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE NOWAIT', relid::regclass);
   END IF;
-  -- The ALTER TABLE below fires the publication sync, which may create or
-  -- drop triggers on other tables: those locks are not waited for either
-  -- (beyond a moment), so no writer queues behind the worker.
-  PERFORM set_config('lock_timeout', '10ms', true);
   IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = relid AND tgname = 'pg_realtime_capture'
              AND tgfoid = 'realtime.capture_changes()'::regprocedure) THEN
     EXECUTE format('ALTER TABLE %s %s TRIGGER pg_realtime_capture', relid::regclass,

@@ -12,6 +12,7 @@ pub mod jwt;
 pub mod log;
 pub mod prefilter;
 pub mod protocol;
+pub mod quarantine;
 pub mod redact;
 pub mod ring;
 pub mod runtime;

@@ -131,7 +131,19 @@ fn main() {
             "a_slow_policy_is_cancelled_and_its_subscribers_told",
             a_slow_policy_is_cancelled_and_its_subscribers_told,
         ),
-        // (last: it restarts the worker)
+        (
+            "a_private_policy_helper_sees_the_databases_search_path",
+            a_private_policy_helper_sees_the_databases_search_path,
+        ),
+        // (last: they restart the worker)
+        (
+            "a_policy_that_ends_the_worker_is_refused_after",
+            a_policy_that_ends_the_worker_is_refused_after,
+        ),
+        (
+            "a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster",
+            a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster,
+        ),
         (
             "the_worker_ignores_a_search_path_set_for_the_database",
             the_worker_ignores_a_search_path_set_for_the_database,
@@ -577,21 +589,13 @@ fn the_worker_ignores_a_search_path_set_for_the_database(ctx: &Ctx) {
            BEGIN PERFORM mallory.escalate('an operator'); RETURN $1::text = $2; END $$;
            CREATE OPERATOR mallory.= (LEFTARG = name, RIGHTARG = text, FUNCTION = mallory.name_eq_text);
            RESET ROLE;
-           ALTER DATABASE postgres SET search_path = mallory, pg_catalog;"#,
+           ALTER DATABASE postgres SET search_path = mallory, public, pg_catalog;"#,
     );
     let old = c.worker_pid().expect("the worker runs");
     c.psql(&format!("SELECT pg_terminate_backend({old})"));
     // the postmaster starts a new worker (after its restart time), which
     // connects with the database's search_path
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if c.worker_pid().is_some_and(|p| p != old) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no new worker");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    c.wait_for_websocket(std::time::Duration::from_secs(30));
+    wait_for_a_new_worker(c, old);
     ctx.rt.block_on(async {
         // a private join resolves the role with a name = text comparison
         let mut client = Client::connect(c.ws_port, &anon()).await;
@@ -602,4 +606,160 @@ fn the_worker_ignores_a_search_path_set_for_the_database(ctx: &Ctx) {
     let said = mallory_said(c, "an operator");
     assert!(!said.iter().any(|m| m.contains("ran as postgres")), "{said:?}");
     assert!(!is_superuser(c, "mallory"));
+}
+
+/// A helper of a private channel's policy that names its table without a
+/// schema and sets no search_path (common in Supabase projects) finds it:
+/// the subscriber's code runs with the database's search_path.
+fn a_private_policy_helper_sees_the_databases_search_path(ctx: &Ctx) {
+    let c = &ctx.c;
+    c.psql(
+        r#"CREATE TABLE public.room_members (topic text, member text);
+           INSERT INTO public.room_members VALUES ('members-1', 'anon');
+           GRANT SELECT ON public.room_members TO anon;
+           CREATE FUNCTION public.is_member(t text) RETURNS boolean LANGUAGE sql STABLE
+             AS 'SELECT EXISTS (SELECT 1 FROM room_members WHERE topic = t)';
+           CREATE POLICY members_read ON realtime.messages FOR SELECT TO anon
+             USING (realtime.topic() LIKE 'members%' AND public.is_member(realtime.topic()));"#,
+    );
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, response) = join_private(&mut client, "members-1", &anon()).await;
+        assert_eq!(status, "ok", "{response}");
+        let (status, _) = join_private(&mut client, "members-2", &anon()).await;
+        assert_eq!(status, "error");
+    });
+}
+
+/// PostgreSQL 17's transaction_timeout, set by a policy, ends the worker
+/// with a FATAL no one can catch. The postmaster starts it again (the
+/// cluster stays), and the new worker refuses that table's checks for a
+/// while, telling its subscribers, instead of ending again.
+fn a_policy_that_ends_the_worker_is_refused_after(ctx: &Ctx) {
+    let c = &ctx.c;
+    if c.major() < 17 {
+        eprintln!("(PostgreSQL {}: no transaction_timeout; skipped)", c.major());
+        return;
+    }
+    let worker = c.worker_pid().expect("the worker runs");
+    let started = c.psql("SELECT pg_postmaster_start_time()");
+    c.psql(
+        r#"SET ROLE mallory;
+           CREATE FUNCTION mallory.short_fuse() RETURNS boolean LANGUAGE plpgsql AS $$
+           BEGIN
+             PERFORM pg_catalog.set_config('transaction_timeout', '1', true);
+             PERFORM pg_catalog.pg_sleep(0.05);
+             RETURN true;
+           END $$;
+           CREATE TABLE mallory.fused (id bigserial PRIMARY KEY, body text);
+           ALTER TABLE mallory.fused ENABLE ROW LEVEL SECURITY;
+           CREATE POLICY fused ON mallory.fused FOR SELECT USING (mallory.short_fuse());
+           GRANT SELECT ON mallory.fused TO anon;
+           RESET ROLE;
+           ALTER PUBLICATION supabase_realtime ADD TABLE mallory.fused;"#,
+    );
+    let fused = json!([{"event": "INSERT", "schema": "mallory", "table": "fused"}]);
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, message) = subscribe(&mut client, "fused", fused.clone(), &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        c.psql("INSERT INTO mallory.fused (body) VALUES ('lit')");
+        let (texts, _) = client.frames_until_close().await;
+        assert!(texts.iter().all(|t| !t.contains("lit")), "{texts:?}");
+    });
+    let restarted = wait_for_a_new_worker(c, worker);
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let (status, message) = subscribe(&mut client, "fused-again", fused, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        let notes = json!([{"event": "INSERT", "schema": "mallory", "table": "notes"}]);
+        let (status, message) = subscribe(&mut client, "notes-after", notes, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        c.psql("INSERT INTO mallory.fused (body) VALUES ('again')");
+        c.psql("INSERT INTO mallory.notes (body) VALUES ('after the refused one')");
+        let (mut told, mut after) = (false, false);
+        while !(told && after) {
+            let frame = client.recv().await;
+            assert!(
+                !(frame[2] == "realtime:fused-again" && frame[3] == "postgres_changes"),
+                "{frame}"
+            );
+            told |= frame[2] == "realtime:fused-again" && frame[3] == "system";
+            after |= frame[2] == "realtime:notes-after" && frame[3] == "postgres_changes";
+        }
+    });
+    assert_eq!(c.worker_pid(), Some(restarted), "the worker ended again");
+    assert_eq!(c.psql("SELECT pg_postmaster_start_time()"), started);
+    let log = c.log();
+    assert!(
+        log.contains("the previous worker ended while running code of mallory.fused"),
+        "{log}"
+    );
+}
+
+/// Waits for the postmaster to start a worker other than `old`; returns it.
+fn wait_for_a_new_worker(c: &Cluster, old: i32) -> i32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(pid) = c.worker_pid().filter(|p| *p != old) {
+            c.wait_for_websocket(std::time::Duration::from_secs(30));
+            return pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no new worker");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A policy that catches its own cancel and goes on waiting cannot hold
+/// the worker for good: past twice pg_realtime.check_timeout and two
+/// seconds, the worker ends (a FATAL, not a crash: the cluster stays) and
+/// the postmaster starts it again.
+fn a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster(ctx: &Ctx) {
+    let c = &ctx.c;
+    c.psql("ALTER SYSTEM SET pg_realtime.check_timeout = '300ms'");
+    c.psql("SELECT pg_reload_conf()");
+    c.psql(
+        r#"SET ROLE mallory;
+           CREATE FUNCTION mallory.stubborn() RETURNS boolean LANGUAGE plpgsql AS $$
+           BEGIN
+             LOOP
+               BEGIN
+                 PERFORM pg_catalog.pg_sleep(1);
+               EXCEPTION WHEN query_canceled THEN
+                 NULL;
+               END;
+             END LOOP;
+           END $$;
+           CREATE TABLE mallory.stuck (id bigserial PRIMARY KEY, body text);
+           ALTER TABLE mallory.stuck ENABLE ROW LEVEL SECURITY;
+           CREATE POLICY stubborn ON mallory.stuck FOR SELECT USING (mallory.stubborn());
+           GRANT SELECT ON mallory.stuck TO anon;
+           RESET ROLE;
+           ALTER PUBLICATION supabase_realtime ADD TABLE mallory.stuck;"#,
+    );
+    let worker = c.worker_pid().expect("the worker runs");
+    let started = c.psql("SELECT pg_postmaster_start_time()");
+    let began = std::time::Instant::now();
+    ctx.rt.block_on(async {
+        let mut client = Client::connect(c.ws_port, &anon()).await;
+        let binding = json!([{"event": "INSERT", "schema": "mallory", "table": "stuck"}]);
+        let (status, message) = subscribe(&mut client, "stuck", binding, &anon()).await;
+        assert_eq!(status, "ok", "{message}");
+        c.psql("INSERT INTO mallory.stuck (body) VALUES ('never decided')");
+        // the worker ends: the socket closes, with no event first
+        let (texts, _) = client.frames_until_close().await;
+        assert!(texts.iter().all(|t| !t.contains("never decided")), "{texts:?}");
+    });
+    wait_for_a_new_worker(c, worker);
+    eprintln!("a new worker after {:?}", began.elapsed());
+    assert_eq!(c.psql("SELECT pg_postmaster_start_time()"), started);
+    let log = c.log();
+    assert!(log.contains("terminating background worker"), "{log}");
+    assert!(!log.contains("terminating any other active server processes"), "{log}");
+    assert!(
+        log.contains("the previous worker ended while running code of mallory.stuck"),
+        "{log}"
+    );
+    c.psql("ALTER SYSTEM RESET pg_realtime.check_timeout");
+    c.psql("SELECT pg_reload_conf()");
 }

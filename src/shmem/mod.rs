@@ -32,9 +32,19 @@ pub struct WorkerLatch(AtomicUsize);
 // (a PGPROC), which is mapped at the same address in every process.
 unsafe impl PGRXSharedMemory for WorkerLatch {}
 
-// SAFETY (both): the names are unique to this extension.
+/// Which table the worker is checking as a subscriber, and which it
+/// refuses to (`realtime::quarantine`).
+#[derive(Default)]
+#[repr(transparent)]
+pub struct SharedQuarantine(pub realtime::quarantine::Quarantine);
+
+// SAFETY: `Quarantine` is `repr(C)` and made only of atomics.
+unsafe impl PGRXSharedMemory for SharedQuarantine {}
+
+// SAFETY (all): the names are unique to this extension.
 static COUNTERS: PgAtomic<SharedCounters> = unsafe { PgAtomic::new(c"pg_realtime counters") };
 static LATCH: PgAtomic<WorkerLatch> = unsafe { PgAtomic::new(c"pg_realtime worker latch") };
+static QUARANTINE: PgAtomic<SharedQuarantine> = unsafe { PgAtomic::new(c"pg_realtime quarantine") };
 static CHANGES: ChangesRegion = ChangesRegion::new(c"pg_realtime changes");
 
 /// Requests the shared memory; called from `_PG_init` while preloading,
@@ -42,6 +52,7 @@ static CHANGES: ChangesRegion = ChangesRegion::new(c"pg_realtime changes");
 pub fn init() {
     pg_shmem_init!(COUNTERS);
     pg_shmem_init!(LATCH);
+    pg_shmem_init!(QUARANTINE);
     pg_shmem_init!(CHANGES = ());
 }
 
@@ -50,6 +61,10 @@ pub fn init() {
 /// lives as long as the process.
 pub fn counters() -> &'static Counters {
     &COUNTERS.get().0
+}
+
+pub fn quarantine() -> &'static realtime::quarantine::Quarantine {
+    &QUARANTINE.get().0
 }
 
 pub fn ring() -> ChangeRing<'static> {

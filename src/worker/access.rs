@@ -166,6 +166,10 @@ impl AccessCache {
             let mut out = HashMap::new();
             if let Err(e) = catalog::clear_search_path() {
                 pgrx::warning!("pg_realtime: could not prepare the row-level security checks: {e}");
+                // (every check failed: their subscribers are told)
+                for (key, ..) in jobs {
+                    out.insert(key, None);
+                }
                 return out;
             }
             for ((role, claims, relid), acting_role, sub, members, query, images) in jobs {
@@ -175,6 +179,7 @@ impl AccessCache {
                     claims: &claims,
                     sub: sub.as_deref(),
                     topic: None,
+                    subject: relid,
                 };
                 let seen = acting::as_identity(&identity, || catalog::visible_rows(&query, &images));
                 let seen: Option<HashSet<usize>> = match seen {

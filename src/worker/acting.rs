@@ -14,6 +14,7 @@
 //!   sets outlives the check.
 
 use super::catalog::{self, SpiResult};
+use super::deadline::Deadline;
 use pgrx::prelude::*;
 use std::panic::UnwindSafe;
 
@@ -95,6 +96,20 @@ pub fn resolve(role: &str) -> SpiResult<Result<ActingRole, RoleRefusal>> {
     })
 }
 
+/// The search_path the database gives a session (read when the worker
+/// connects, before it empties its own), for the subscriber's code.
+static SUBSCRIBER_SEARCH_PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Remembers the session's search_path for subscribers' code; call once,
+/// at start, before the worker sets its own.
+pub fn remember_search_path(search_path: String) {
+    let _ = SUBSCRIBER_SEARCH_PATH.set(search_path);
+}
+
+fn subscriber_search_path() -> &'static str {
+    SUBSCRIBER_SEARCH_PATH.get().map_or("\"$user\", public", String::as_str)
+}
+
 /// Who a check runs as.
 pub struct Identity<'a> {
     pub role: ActingRole,
@@ -105,6 +120,74 @@ pub struct Identity<'a> {
     pub sub: Option<&'a str>,
     /// For private channels: the topic `realtime.topic()` returns.
     pub topic: Option<&'a str>,
+    /// The table whose code the check runs (its policies, a column's type),
+    /// `quarantine::PRIVATE_PROBES` for `realtime.messages`' policies, 0
+    /// when the caller notes each table itself (`checking`).
+    pub subject: u32,
+}
+
+/// Seconds a table whose check ended the worker is refused.
+const QUARANTINE_SECS: u32 = 600;
+
+fn now_secs() -> u32 {
+    u32::try_from(realtime::jwt::now()).unwrap_or(u32::MAX)
+}
+
+/// Why checks of `subject` are refused now, if they are: one of them ended
+/// the previous worker (`realtime::quarantine`).
+pub fn refused(subject: u32) -> Option<String> {
+    let until = crate::shmem::quarantine().refused_until(subject, now_secs())?;
+    let left = until.saturating_sub(now_secs());
+    Some(format!(
+        "a check of this table as a subscriber ended the realtime worker (a policy, domain or cast that would not \
+         stop); its checks are refused for {left} s more"
+    ))
+}
+
+/// Notes, in shared memory, that code of `subject` runs as a subscriber,
+/// until dropped: if the worker does not survive it, its successor
+/// refuses that table's checks for a while.
+pub struct Checking(bool);
+
+pub fn checking(subject: u32) -> Checking {
+    if subject == 0 {
+        return Checking(false);
+    }
+    crate::shmem::quarantine().begin(subject);
+    Checking(true)
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        if self.0 {
+            crate::shmem::quarantine().end();
+        }
+    }
+}
+
+/// At the worker's start: if its predecessor ended during a check, that
+/// table's checks are refused for a while, and the log says so. Runs in a
+/// transaction (the table's name is looked up).
+pub fn quarantine_on_start() {
+    let Some(relid) = crate::shmem::quarantine().on_start(now_secs(), QUARANTINE_SECS) else {
+        return;
+    };
+    let name = if relid == realtime::quarantine::PRIVATE_PROBES {
+        "realtime.messages".to_owned()
+    } else {
+        Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.format('%s', $1::pg_catalog.regclass)",
+            &[pg_sys::Oid::from(relid).into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| relid.to_string())
+    };
+    pgrx::warning!(
+        "pg_realtime: the previous worker ended while running code of {name} as a subscriber (a policy, domain \
+         CHECK or cast that did not stop within pg_realtime.check_timeout, or that ended the session); checks of it \
+         are refused for {QUARANTINE_SECS} s, and its subscribers are told"
+    );
 }
 
 /// Runs `f` as `identity`: the claims set as PostgREST sets them, the
@@ -117,15 +200,22 @@ pub struct Identity<'a> {
 /// too: `lock_timeout`), then it is cancelled like a statement that timed
 /// out: code of a table's owner cannot hold the worker's main thread.
 pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> + UnwindSafe) -> Result<T, String> {
+    if let Some(why) = refused(identity.subject) {
+        return Err(why);
+    }
+    let _noted = checking(identity.subject);
     let role = identity.role;
     let timeout_ms = crate::gucs::check_timeout_ms();
     let lock_timeout = format!("{timeout_ms}ms");
+    // (the subscriber's code sees the database's search_path, as it would
+    // in a query through PostgREST; the worker's own is empty)
     let settings = [
         ("request.jwt.claims", identity.claims),
         ("request.jwt.claim.sub", identity.sub.unwrap_or("")),
         ("request.jwt.claim.role", identity.role_name),
         ("realtime.topic", identity.topic.unwrap_or("")),
         ("lock_timeout", lock_timeout.as_str()),
+        ("search_path", subscriber_search_path()),
     ]
     .map(|(name, value)| (name, value.to_owned()));
     let answer = catalog::rolled_back(move || {
@@ -141,50 +231,6 @@ pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> 
     // SAFETY: the main thread setting its own latch.
     unsafe { pg_sys::SetLatch(pg_sys::MyLatch) };
     answer
-}
-
-// utils/timeout.h, not in pgrx's bindings; these signatures and
-// STATEMENT_TIMEOUT's place in `TimeoutId` (the fourth) are the same in
-// PostgreSQL 14 to 18.
-unsafe extern "C-unwind" {
-    fn enable_timeout_after(id: std::ffi::c_int, delay_ms: std::ffi::c_int);
-    fn disable_timeout(id: std::ffi::c_int, keep_indicator: bool);
-}
-const STATEMENT_TIMEOUT: std::ffi::c_int = 3;
-
-/// PostgreSQL's statement timeout, armed by hand: it is only armed for
-/// statements from a client, never for SPI in a background worker. When
-/// it fires, the next CHECK_FOR_INTERRUPTS raises "canceling statement due
-/// to statement timeout" inside the subtransaction, which rolls it back.
-struct Deadline(bool);
-
-impl Deadline {
-    fn arm(ms: i32) -> Deadline {
-        if ms <= 0 {
-            return Deadline(false);
-        }
-        // SAFETY: main thread; the STATEMENT_TIMEOUT handler was registered
-        // by InitPostgres, as for every backend.
-        unsafe { pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms)) };
-        Deadline(true)
-    }
-}
-
-impl Drop for Deadline {
-    fn drop(&mut self) {
-        if !self.0 {
-            return;
-        }
-        // SAFETY: main thread. disable_timeout does not raise an ERROR. If
-        // the timer fired just as the check ended, its SIGINT has been
-        // handled by now (the handler runs within the timer's): the cancel
-        // it left pending is for the check that is over, and must not hit
-        // the next statement.
-        unsafe {
-            disable_timeout(STATEMENT_TIMEOUT, false);
-            pg_sys::QueryCancelPending = 0;
-        }
-    }
 }
 
 /// Sets each setting for the rest of the (sub)transaction.

@@ -9,6 +9,7 @@ mod access;
 mod acting;
 mod catalog;
 mod changes;
+mod deadline;
 mod fds;
 mod listen;
 mod private;
@@ -35,9 +36,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
 /// delivery back by about this much at a time (a single request may take
 /// longer: the limits on joins bound it).
 const REQUEST_SLICE: Duration = Duration::from_millis(2);
-/// Slices in one pass of the main loop; then it goes back to its latch
-/// (signals, interrupts, postmaster death, logs) and comes straight back.
+/// Slices in one pass of the main loop, and the time they may take (a
+/// request may take up to pg_realtime.check_timeout); then it goes back to
+/// its latch (signals, interrupts, postmaster death, logs) and comes
+/// straight back.
 const SLICES_PER_PASS: usize = 16;
+const PASS_BUDGET: Duration = Duration::from_millis(50);
 
 /// Registers the worker; called from `_PG_init` while preloading.
 pub fn register() {
@@ -64,8 +68,16 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     // catalog questions run as superuser, and no operator or function a
     // user created (ALTER DATABASE ... SET search_path can put their schema
     // before pg_catalog) may stand in for a catalog one.
-    BackgroundWorker::transaction(|| Spi::run("SET TIME ZONE 'UTC'; SET search_path = ''"))
-        .unwrap_or_else(|e| error!("pg_realtime: cannot set the worker's time zone and search_path: {e}"));
+    // (the database's own is what subscribers' code runs with)
+    let search_path = BackgroundWorker::transaction(|| {
+        let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')")?;
+        Spi::run("SET TIME ZONE 'UTC'; SET search_path = ''")?;
+        Ok::<_, pgrx::spi::Error>(search_path)
+    })
+    .unwrap_or_else(|e| error!("pg_realtime: cannot set the worker's time zone and search_path: {e}"));
+    acting::remember_search_path(search_path.unwrap_or_default());
+    deadline::register();
+    BackgroundWorker::transaction(acting::quarantine_on_start);
     crate::shmem::set_worker_latch();
     // Whatever subscribers the previous worker had are gone with it.
     crate::shmem::interest().set(&Default::default(), false);
@@ -223,7 +235,11 @@ impl MainLoop {
         // Requests in slices, the ring drained after each: delivery never
         // waits for more than a slice of them.
         let mut delivered = 0;
+        let pass = std::time::Instant::now();
         for _ in 0..SLICES_PER_PASS {
+            if pass.elapsed() >= PASS_BUDGET {
+                break;
+            }
             let more = self.changes.handle_requests(REQUEST_SLICE);
             self.changes.settle_if_due();
             delivered += self.changes.drain();

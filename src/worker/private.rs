@@ -55,6 +55,7 @@ fn answer(
         claims: claims_json,
         sub: claims.sub.as_deref(),
         topic: Some(subtopic),
+        subject: realtime::quarantine::PRIVATE_PROBES,
     };
     Ok(Ok(match question {
         Question::Read => read(&identity, subtopic)?,

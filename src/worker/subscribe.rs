@@ -68,6 +68,8 @@ fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>) -> 
         claims: who.claims,
         sub: who.sub,
         topic: None,
+        // (each cast notes its own table)
+        subject: 0,
     };
     let publication = crate::gucs::publication();
     // The catalog first, as the worker; then every cast of the join at
@@ -77,10 +79,21 @@ fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>) -> 
         targets.push(target(b, &publication, identity.role_name)?);
     }
     let casts: Vec<&Uncast> = targets.iter().flat_map(|(_, c)| c.iter()).collect();
+    let timeout = std::time::Duration::from_millis(crate::gucs::check_timeout_ms().max(0) as u64);
     let cast = acting::as_identity(&identity, || {
+        let started = std::time::Instant::now();
         Ok(casts
             .iter()
             .map(|c| {
+                // (once the deadline passed, its cancel was spent: the rest
+                // are not run)
+                if !timeout.is_zero() && started.elapsed() >= timeout {
+                    return Err("the casts took longer than pg_realtime.check_timeout".to_owned());
+                }
+                if let Some(why) = acting::refused(c.relid) {
+                    return Err(why);
+                }
+                let _noted = acting::checking(c.relid);
                 catalog::catching(|| catalog::cast_all_to_json(&c.values, &c.sql_type))
                     .and_then(|r| r.map_err(|e| e.to_string()))
             })
@@ -157,6 +170,7 @@ fn target(b: &PostgresChangesBinding, publication: &str, role: &str) -> Result<(
 /// A filter condition checked against its column, its values still to be
 /// cast to the column's type (as the subscriber).
 struct Uncast {
+    relid: u32,
     column: String,
     sql_type: String,
     kind: Kind,
@@ -228,6 +242,7 @@ fn condition(
         ));
     }
     Ok(Uncast {
+        relid,
         column: condition.column,
         sql_type: column.sql_type,
         kind,

@@ -54,22 +54,42 @@ pub struct Budget {
     next_id: AtomicU64,
 }
 
-/// Bytes counted against the total while any queued message holds it:
-/// one charge may be shared by the copies of a message (or of a payload)
-/// queued for many connections.
+/// Bytes counted against the total while some queue holds a message that
+/// carries them: one charge may be shared by the copies of a message (or
+/// of a payload) queued for many connections, and counts once, from the
+/// first copy queued until the last one leaves its queue. (Its creator
+/// holding it does not count: a batch of frames being built is not
+/// memory the queues hold.)
 #[derive(Debug)]
 pub struct Charge {
     budget: Arc<Budget>,
     bytes: usize,
+    holders: AtomicUsize,
 }
 
-impl Drop for Charge {
-    fn drop(&mut self) {
-        self.budget.total.fetch_sub(self.bytes, Ordering::AcqRel);
+/// One queue's hold on a charge.
+#[derive(Debug)]
+struct Hold(Arc<Charge>);
+
+impl Hold {
+    fn new(charge: &Arc<Charge>) -> Hold {
+        if charge.holders.fetch_add(1, Ordering::AcqRel) == 0 {
+            charge.budget.total.fetch_add(charge.bytes, Ordering::AcqRel);
+        }
+        Hold(charge.clone())
     }
 }
 
-type Item = (Arc<Outbound>, usize, Arc<Charge>);
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let charge = &self.0;
+        if charge.holders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            charge.budget.total.fetch_sub(charge.bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+type Item = (Arc<Outbound>, usize, Hold);
 
 #[derive(Debug, Default)]
 struct QueueState {
@@ -128,12 +148,13 @@ impl Budget {
         self.total.load(Ordering::Acquire)
     }
 
-    /// A charge of `bytes` against the total, for messages to queue.
+    /// A charge of `bytes`, for messages to queue: it counts against the
+    /// total while a queue holds one of them.
     pub fn charge(self: &Arc<Budget>, bytes: usize) -> Arc<Charge> {
-        self.total.fetch_add(bytes, Ordering::AcqRel);
         Arc::new(Charge {
             budget: self.clone(),
             bytes,
+            holders: AtomicUsize::new(0),
         })
     }
 
@@ -228,11 +249,15 @@ impl FanoutSender {
                 return Err(FanoutError::Full);
             }
             state.bytes += size;
-            state.items.push_back((message, size, charge));
+            state.items.push_back((message, size, Hold::new(&charge)));
         }
         self.queue.wake.notify_one();
         if self.budget.total.load(Ordering::Acquire) > self.budget.total_limit.load(Ordering::Relaxed) {
             self.budget.evict();
+            // (this very queue may have been the one furthest behind)
+            if self.queue.state.lock().overflow.is_some() {
+                return Err(FanoutError::Full);
+            }
         }
         Ok(())
     }
@@ -404,6 +429,28 @@ mod tests {
             assert!(rx.try_recv().is_some());
         }
         assert_eq!(budget.pending_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_charge_counts_only_while_a_queue_holds_it() {
+        // the frames of one batch, built and kept by their sender while
+        // fast consumers take each at once: never more than one counts
+        let budget = Budget::new(1 << 20, 1 << 20);
+        let (tx, mut rx) = budget.queue();
+        let (_idle, mut idle_rx) = budget.queue();
+        assert_eq!(_idle.send(msg(10)), Ok(()));
+        let mut kept = Vec::new();
+        for _ in 0..4 {
+            let message = msg(300_000);
+            let charge = budget.charge(message.weight());
+            assert_eq!(tx.send_shared(message, &charge), Ok(()));
+            assert!(rx.try_recv().is_some());
+            kept.push(charge);
+        }
+        assert!(budget.pending_bytes() < 1_000, "{}", budget.pending_bytes());
+        // nobody was evicted
+        assert_eq!(tx.send(msg(10)), Ok(()));
+        assert!(idle_rx.try_recv().is_some());
     }
 
     #[tokio::test]

@@ -40,6 +40,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 const TOPIC_PREFIX: &str = "realtime:";
+/// How often channels whose new identity the join rate limits held back
+/// are tried again.
+const REVALIDATE_EVERY: Duration = Duration::from_millis(100);
 
 /// Serves one accepted TCP connection to the end. `gate` counts it as a
 /// handshake until the upgrade is done.
@@ -129,6 +132,9 @@ struct Channel {
     hub_key: Option<String>,
     /// Broadcasts waiting for the first answer about write permission.
     held: broadcast::Held,
+    /// Its identity changed and the main thread is still to be asked
+    /// about it (the join rate limits did not allow it yet).
+    revalidate: bool,
 }
 
 /// What a private channel's identity may do; read at join and after each
@@ -247,6 +253,7 @@ impl Connection {
                         break Close::Gone;
                     }
                 }
+                _ = tokio::time::sleep(REVALIDATE_EVERY), if self.revalidation_due() => self.revalidate_due(),
             }
         };
         if let Close::With(code, reason) = close {

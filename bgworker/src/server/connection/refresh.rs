@@ -42,32 +42,64 @@ impl Connection {
             return Ok(());
         }
         channel.identity += 1;
-        let asks_main = channel.private.is_some() || !channel.config.postgres_changes.is_empty();
-        // A new identity asks the main thread again, as a join does: the
-        // same limits (else a client alternating tokens floods it).
-        if asks_main && !self.take_join_token() {
-            return self
-                .end_channel_with(&topic, "ClientJoinRateLimitReached: Too many joins per second")
-                .await;
-        }
-        let Some(channel) = self.channels.get_mut(&topic) else {
-            return Ok(());
-        };
         if let Some(private) = &mut channel.private {
             // what the old identity was allowed to write no longer counts
             private.broadcast_write = None;
-            let (subtopic, claims) = (channel.subtopic.clone(), channel.claims.clone());
-            let asker = self.asker(&topic, &self.channels[&topic], Stage::Refresh);
-            self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
-                subtopic,
-                claims,
-                question: Question::Read,
-                reply,
-            });
-            return Ok(());
         }
-        self.resubscribe(&topic);
+        if channel.private.is_some() || !channel.config.postgres_changes.is_empty() {
+            // A new identity asks the main thread again, as a join does,
+            // within the same rate limits: when they allow it, else as soon
+            // as they do (until then the channel keeps what it had; only
+            // the latest identity is asked about).
+            channel.revalidate = true;
+            self.revalidate_due();
+        }
         Ok(())
+    }
+
+    /// Whether some channel waits to be authorized again.
+    pub(super) fn revalidation_due(&self) -> bool {
+        self.channels.values().any(|c| c.revalidate)
+    }
+
+    /// Asks the main thread about each channel's new identity that waits,
+    /// as far as the join rate limits allow now.
+    pub(super) fn revalidate_due(&mut self) {
+        let due: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.revalidate)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in due {
+            if !self.take_join_token() {
+                return;
+            }
+            if let Some(channel) = self.channels.get_mut(&topic) {
+                channel.revalidate = false;
+            }
+            self.revalidate(&topic);
+        }
+    }
+
+    /// Asks the main thread about the channel's current identity: a private
+    /// channel's read permission first, else its subscription.
+    fn revalidate(&mut self, topic: &str) {
+        let Some(channel) = self.channels.get(topic) else {
+            return;
+        };
+        if channel.private.is_none() {
+            self.resubscribe(topic);
+            return;
+        }
+        let (subtopic, claims) = (channel.subtopic.clone(), channel.claims.clone());
+        let asker = self.asker(topic, channel, Stage::Refresh);
+        self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
+            subtopic,
+            claims,
+            question: Question::Read,
+            reply,
+        });
     }
 
     /// The subscription acts as the channel's new identity: the main thread
@@ -78,8 +110,17 @@ impl Connection {
         let Some(mut channel) = self.channels.remove(topic) else {
             return;
         };
-        if !channel.config.postgres_changes.is_empty() && self.over_binding_limits(&channel.config).is_none() {
-            self.ask_subscribe(topic, &mut channel, Stage::Refresh);
+        if !channel.config.postgres_changes.is_empty() {
+            match self.over_binding_limits(&channel.config) {
+                None => self.ask_subscribe(topic, &mut channel, Stage::Refresh),
+                Some(_) if channel.subscription != Subscription::None => {
+                    // (limits lowered by a reload: the old identity's
+                    // subscription must not go on)
+                    self.unsubscribe(topic, channel.join);
+                    channel.subscription = Subscription::None;
+                }
+                Some(_) => {}
+            }
         }
         self.channels.insert(topic.to_owned(), channel);
     }
