@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub const SLOTS: usize = 16;
 
 /// What a check is about when it is not one table's: a private channel's
-/// probes of `realtime.messages`.
-pub const PRIVATE_PROBES: u32 = u32::MAX;
+/// probes of `realtime.messages`. (OID 1 is no table's: user tables start
+/// at 16384, the catalogs' above 1000.)
+pub const PRIVATE_PROBES: u32 = 1;
 
 /// In shared memory: the table being checked now (0: none), and the
 /// tables refused, each with until when (seconds since the epoch).
@@ -55,7 +56,19 @@ impl Quarantine {
         if relid == 0 {
             return None;
         }
-        let until = now.saturating_add(for_secs);
+        self.refuse(relid, now, for_secs);
+        Some(relid)
+    }
+
+    /// Refuses `relid`'s checks until `now + for_secs` (a check of it ran
+    /// past its deadline), or longer if they already are.
+    pub fn refuse(&self, relid: u32, now: u32, for_secs: u32) {
+        if relid == 0 {
+            return;
+        }
+        let until = now
+            .saturating_add(for_secs)
+            .max(self.refused_until(relid, now).unwrap_or(0));
         // the table's own slot, else a free or expired one, else the one
         // that ends soonest
         let slot = self
@@ -73,7 +86,6 @@ impl Quarantine {
             })
             .expect("SLOTS > 0");
         slot.store(pack(relid, until), Ordering::Release);
-        Some(relid)
     }
 
     /// Until when (seconds since the epoch) `relid`'s checks are refused,
@@ -117,6 +129,16 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn a_refusal_is_never_shortened() {
+        let q = Quarantine::default();
+        q.refuse(5, 1_000, 600);
+        q.refuse(5, 1_010, 60);
+        assert_eq!(q.refused_until(5, 1_100), Some(1_600));
+        q.refuse(0, 1_000, 600);
+        assert_eq!(q.refused_until(0, 1_000), None);
     }
 
     #[test]

@@ -573,7 +573,23 @@ fn a_slow_policy_is_cancelled_and_its_subscribers_told(ctx: &Ctx) {
             "{:?}",
             started.elapsed()
         );
+        // and for a minute the table's checks are refused: told again, at
+        // once, the policy not run again
+        c.psql("INSERT INTO mallory.slow (body) VALUES ('refused at once')");
+        c.psql("INSERT INTO mallory.notes (body) VALUES ('after the refused one')");
+        let (mut told, mut after) = (false, false);
+        while !(told && after) {
+            let frame = client.recv().await;
+            assert!(
+                !(frame[2] == "realtime:slow" && frame[3] == "postgres_changes"),
+                "{frame}"
+            );
+            told |= frame[2] == "realtime:slow" && frame[3] == "system";
+            after |= frame[2] == "realtime:after-slow" && frame[3] == "postgres_changes";
+        }
     });
+    let cancels = c.log().matches("canceling statement due to statement timeout").count();
+    assert_eq!(cancels, 1, "the slow policy ran again");
     c.psql("ALTER SYSTEM RESET pg_realtime.check_timeout");
     c.psql("SELECT pg_reload_conf()");
 }

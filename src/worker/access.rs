@@ -173,6 +173,11 @@ impl AccessCache {
                 return out;
             }
             for ((role, claims, relid), acting_role, sub, members, query, images) in jobs {
+                // (a table refused for now: nothing run, nothing logged)
+                if acting::refused(relid).is_some() {
+                    out.insert((role, claims, relid), None);
+                    continue;
+                }
                 let identity = acting::Identity {
                     role: acting_role,
                     role_name: &role,

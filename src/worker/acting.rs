@@ -103,11 +103,17 @@ static SUBSCRIBER_SEARCH_PATH: std::sync::OnceLock<String> = std::sync::OnceLock
 /// Remembers the session's search_path for subscribers' code; call once,
 /// at start, before the worker sets its own.
 pub fn remember_search_path(search_path: String) {
-    let _ = SUBSCRIBER_SEARCH_PATH.set(search_path);
+    let _ = SUBSCRIBER_SEARCH_PATH.set(format!("pg_catalog, {search_path}"));
 }
 
+/// The database's search_path with pg_catalog first, whatever that path
+/// says: policies are spliced in as `pg_get_expr` prints them, with
+/// catalog functions unqualified, and an object of the same name in a
+/// schema the subscriber may create in must not stand in for one.
 fn subscriber_search_path() -> &'static str {
-    SUBSCRIBER_SEARCH_PATH.get().map_or("\"$user\", public", String::as_str)
+    SUBSCRIBER_SEARCH_PATH
+        .get()
+        .map_or("pg_catalog, \"$user\", public", String::as_str)
 }
 
 /// Who a check runs as.
@@ -128,6 +134,9 @@ pub struct Identity<'a> {
 
 /// Seconds a table whose check ended the worker is refused.
 const QUARANTINE_SECS: u32 = 600;
+/// Seconds a table whose check ran past `pg_realtime.check_timeout` is
+/// refused (its code is not run again and again, a second each time).
+const SLOW_SECS: u32 = 60;
 
 fn now_secs() -> u32 {
     u32::try_from(realtime::jwt::now()).unwrap_or(u32::MAX)
@@ -159,8 +168,39 @@ pub fn checking(subject: u32) -> Checking {
 
 impl Drop for Checking {
     fn drop(&mut self) {
-        if self.0 {
+        // (a worker told to die keeps the note for its successor: the
+        // FATAL comes at the next interrupt check, after this)
+        // SAFETY: a plain read of a flag the signal handler sets.
+        let dying = unsafe { pg_sys::ProcDiePending } != 0;
+        if self.0 && !dying {
             crate::shmem::quarantine().end();
+        }
+    }
+}
+
+/// Times a check of `subject`: one that ran past `timeout_ms` (its cancel
+/// caught, or just slow) has that table's checks refused for a minute.
+pub struct Timed {
+    subject: u32,
+    timeout_ms: i32,
+    started: std::time::Instant,
+}
+
+impl Timed {
+    pub fn start(subject: u32, timeout_ms: i32) -> Timed {
+        Timed {
+            subject,
+            timeout_ms,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        let limit = std::time::Duration::from_millis(self.timeout_ms.max(0) as u64);
+        if self.timeout_ms > 0 && self.started.elapsed() >= limit {
+            crate::shmem::quarantine().refuse(self.subject, now_secs(), SLOW_SECS);
         }
     }
 }
@@ -206,6 +246,7 @@ pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> 
     let _noted = checking(identity.subject);
     let role = identity.role;
     let timeout_ms = crate::gucs::check_timeout_ms();
+    let _timed = Timed::start(identity.subject, timeout_ms);
     let lock_timeout = format!("{timeout_ms}ms");
     // (the subscriber's code sees the database's search_path, as it would
     // in a query through PostgREST; the worker's own is empty)

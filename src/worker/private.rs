@@ -44,6 +44,11 @@ fn answer(
     subtopic: &str,
     question: Question,
 ) -> Result<Result<Permissions, String>, String> {
+    if let Some(why) = acting::refused(realtime::quarantine::PRIVATE_PROBES) {
+        return Ok(Err(format!(
+            "Realtime could not check this channel's permissions: {why}"
+        )));
+    }
     let role = match acting::resolve(&claims.role) {
         Ok(Ok(role)) => role,
         Ok(Err(refusal)) => return Ok(Err(refusal.to_string())),

@@ -94,6 +94,7 @@ fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>) -> 
                     return Err(why);
                 }
                 let _noted = acting::checking(c.relid);
+                let _timed = acting::Timed::start(c.relid, crate::gucs::check_timeout_ms());
                 catalog::catching(|| catalog::cast_all_to_json(&c.values, &c.sql_type))
                     .and_then(|r| r.map_err(|e| e.to_string()))
             })

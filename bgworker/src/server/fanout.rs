@@ -48,7 +48,7 @@ pub enum FanoutError {
 pub struct Budget {
     per_queue: AtomicUsize,
     total_limit: AtomicUsize,
-    /// Bytes of every live [`Charge`].
+    /// Bytes of every [`Charge`] some queue holds.
     total: AtomicUsize,
     queues: Mutex<HashMap<u64, Weak<Queue>>>,
     next_id: AtomicU64,

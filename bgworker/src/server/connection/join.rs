@@ -345,7 +345,7 @@ impl Connection {
             private: None,
             hub_key: None,
             held: Default::default(),
-            revalidate: false,
+            pending: None,
         })
     }
 }

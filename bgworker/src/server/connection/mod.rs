@@ -99,6 +99,7 @@ pub async fn serve(
         asks,
         joins,
         next_join: 1,
+        revalidate_at: None,
     };
     conn.run(rx, shutdown).await;
 }
@@ -132,9 +133,9 @@ struct Channel {
     hub_key: Option<String>,
     /// Broadcasts waiting for the first answer about write permission.
     held: broadcast::Held,
-    /// Its identity changed and the main thread is still to be asked
-    /// about it (the join rate limits did not allow it yet).
-    revalidate: bool,
+    /// A new identity (token and claims) the main thread is still to be
+    /// asked about (the join rate limits did not allow it yet).
+    pending: Option<(String, Claims)>,
 }
 
 /// What a private channel's identity may do; read at join and after each
@@ -174,6 +175,9 @@ struct Connection {
     /// This connection's share of joins a second.
     joins: super::rate::Bucket,
     next_join: u64,
+    /// When channels waiting with a new identity are tried again (a
+    /// deadline, so that other traffic does not put it off).
+    revalidate_at: Option<Instant>,
 }
 
 impl Connection {
@@ -201,6 +205,14 @@ impl Connection {
             if Instant::now() >= idle_deadline {
                 Counters::incr(&self.ctx.counters.idle_closed);
                 break Close::With(CloseCode::Normal, "idle timeout");
+            }
+            // (timers are looked at here too, for the same reason)
+            let expiry = self.next_expiry();
+            if expiry.is_some_and(|at| Instant::now() >= at) && self.expire_tokens().await.is_err() {
+                break Close::Gone;
+            }
+            if self.revalidate_at.is_some_and(|at| Instant::now() >= at) {
+                self.revalidate_due();
             }
             let expiry = self.next_expiry();
             // Answers before queued messages: the main thread answers a
@@ -253,7 +265,7 @@ impl Connection {
                         break Close::Gone;
                     }
                 }
-                _ = tokio::time::sleep(REVALIDATE_EVERY), if self.revalidation_due() => self.revalidate_due(),
+                _ = sleep_until_opt(self.revalidate_at) => self.revalidate_due(),
             }
         };
         if let Close::With(code, reason) = close {
@@ -468,14 +480,25 @@ impl Connection {
 
     async fn expire_tokens(&mut self) -> Result<(), WsError> {
         let now = jwt::now();
-        let expired: Vec<(String, i64)> = self
+        let expired: Vec<(String, i64, bool)> = self
             .channels
             .iter()
             .filter(|(_, c)| c.claims.exp <= now)
-            .map(|(t, c)| (t.clone(), c.claims.exp))
+            .map(|(t, c)| {
+                (
+                    t.clone(),
+                    c.claims.exp,
+                    c.pending.as_ref().is_some_and(|(_, p)| p.exp > now),
+                )
+            })
             .collect();
-        for (topic, exp) in expired {
-            self.end_channel(&topic, &AuthError::Expired(now - exp)).await?;
+        for (topic, exp, renewed) in expired {
+            if renewed {
+                // a new identity waits: taken now, whatever the rate
+                self.take_new_identity(&topic);
+            } else {
+                self.end_channel(&topic, &AuthError::Expired(now - exp)).await?;
+            }
         }
         Ok(())
     }

@@ -6,12 +6,13 @@
 
 use super::asks::Stage;
 use super::join::{hub_key, subscription_status};
-use super::{Connection, Private, Subscription};
+use super::{Connection, Private, Subscription, REVALIDATE_EVERY};
 use crate::jwt;
 use crate::protocol::Frame;
 use crate::server::hub::Member;
 use crate::server::link::{Authorize, Permissions, Question};
 use serde_json::Value;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 
 impl Connection {
@@ -35,51 +36,62 @@ impl Connection {
         let Some(channel) = self.channels.get_mut(&topic) else {
             return Ok(());
         };
-        channel.token = token.to_owned();
-        let changed = channel.claims.all != claims.all;
-        channel.claims = claims;
-        if !changed {
+        let asks_main = channel.private.is_some() || !channel.config.postgres_changes.is_empty();
+        if channel.claims.all == claims.all || !asks_main {
+            // the same identity (or nothing to ask): taken as it is
+            let changed = channel.claims.all != claims.all;
+            channel.token = token.to_owned();
+            channel.claims = claims;
+            channel.identity += u64::from(changed);
             return Ok(());
         }
+        // A new identity asks the main thread again, as a join does, within
+        // the same rate limits: now if they allow it, else as soon as they
+        // do. Until then the channel keeps its old identity, and its old
+        // token's expiry; only the latest new one is asked about.
+        channel.pending = Some((token.to_owned(), claims));
+        self.revalidate_at.get_or_insert_with(Instant::now);
+        self.revalidate_due();
+        Ok(())
+    }
+
+    /// Asks the main thread about each channel's new identity that waits,
+    /// as far as the join rate limits allow now; `force`: for this topic
+    /// whatever they allow (its old token expired).
+    pub(super) fn revalidate_due(&mut self) {
+        let due: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.pending.is_some())
+            .map(|(t, _)| t.clone())
+            .collect();
+        self.revalidate_at = None;
+        for topic in due {
+            if !self.take_join_token() {
+                self.revalidate_at = Some(Instant::now() + REVALIDATE_EVERY);
+                return;
+            }
+            self.take_new_identity(&topic);
+        }
+    }
+
+    /// The channel acts as its pending new identity from now on, and the
+    /// main thread is asked about it.
+    pub(super) fn take_new_identity(&mut self, topic: &str) {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return;
+        };
+        let Some((token, claims)) = channel.pending.take() else {
+            return;
+        };
+        channel.token = token;
+        channel.claims = claims;
         channel.identity += 1;
         if let Some(private) = &mut channel.private {
             // what the old identity was allowed to write no longer counts
             private.broadcast_write = None;
         }
-        if channel.private.is_some() || !channel.config.postgres_changes.is_empty() {
-            // A new identity asks the main thread again, as a join does,
-            // within the same rate limits: when they allow it, else as soon
-            // as they do (until then the channel keeps what it had; only
-            // the latest identity is asked about).
-            channel.revalidate = true;
-            self.revalidate_due();
-        }
-        Ok(())
-    }
-
-    /// Whether some channel waits to be authorized again.
-    pub(super) fn revalidation_due(&self) -> bool {
-        self.channels.values().any(|c| c.revalidate)
-    }
-
-    /// Asks the main thread about each channel's new identity that waits,
-    /// as far as the join rate limits allow now.
-    pub(super) fn revalidate_due(&mut self) {
-        let due: Vec<String> = self
-            .channels
-            .iter()
-            .filter(|(_, c)| c.revalidate)
-            .map(|(t, _)| t.clone())
-            .collect();
-        for topic in due {
-            if !self.take_join_token() {
-                return;
-            }
-            if let Some(channel) = self.channels.get_mut(&topic) {
-                channel.revalidate = false;
-            }
-            self.revalidate(&topic);
-        }
+        self.revalidate(topic);
     }
 
     /// Asks the main thread about the channel's current identity: a private
@@ -113,13 +125,16 @@ impl Connection {
         if !channel.config.postgres_changes.is_empty() {
             match self.over_binding_limits(&channel.config) {
                 None => self.ask_subscribe(topic, &mut channel, Stage::Refresh),
-                Some(_) if channel.subscription != Subscription::None => {
+                Some(problem) => {
                     // (limits lowered by a reload: the old identity's
-                    // subscription must not go on)
-                    self.unsubscribe(topic, channel.join);
-                    channel.subscription = Subscription::None;
+                    // subscription must not go on, and the client is told)
+                    if channel.subscription != Subscription::None {
+                        self.unsubscribe(topic, channel.join);
+                        channel.subscription = Subscription::None;
+                    }
+                    let status = subscription_status(channel.join_ref(), topic, &channel.subtopic, Err(problem));
+                    let _ = self.fanout_tx.force(std::sync::Arc::new(status));
                 }
-                Some(_) => {}
             }
         }
         self.channels.insert(topic.to_owned(), channel);

@@ -432,3 +432,49 @@ async fn token_refreshes_count_as_joins() {
     assert!(asked <= 12, "the main thread was asked {asked} times for 200 refreshes");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_identity_is_asked_about_however_busy_the_socket() {
+    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (link, rx) = link::main_link(waker);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = asked.clone();
+    std::thread::spawn(move || {
+        while let Ok(request) = rx.recv() {
+            if let link::MainRequest::Subscribe(s) = request {
+                seen.lock().unwrap().push(s.claims.role.clone());
+                let _ = s.reply.send(Ok(()));
+            }
+        }
+    });
+    let limits = Limits {
+        joins_per_second_per_connection: 2,
+        ..Limits::default()
+    };
+    let server = TestServer::with_main(with_limits(limits), Options::default(), Some(link)).await;
+    let mut c = server.connect().await;
+    assert_eq!(join(&mut c, "1", "realtime:a", pg_join(None)).await[4]["status"], "ok");
+    assert_eq!(recv(&mut c).await[4]["message"], "Subscribed to PostgreSQL");
+    // the rate spent, the last identity (anon) waits
+    let service = hs256(SECRET, json!({"role": "service_role", "exp": jwt::now() + 600}));
+    let anon = hs256(SECRET, json!({"role": "anon", "exp": jwt::now() + 600}));
+    for t in [&service, &token(600), &anon] {
+        send(
+            &mut c,
+            json!(["1", "r", "realtime:a", "access_token", {"access_token": t}]),
+        )
+        .await;
+    }
+    // a heartbeat every 40 ms: the retry must not be put off by them
+    let started = Instant::now();
+    while asked.lock().unwrap().last().map(String::as_str) != Some("anon") {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "never asked: {:?}",
+            asked.lock().unwrap()
+        );
+        send(&mut c, json!([null, "hb", "phoenix", "heartbeat", {}])).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    server.stop().await;
+}
