@@ -85,9 +85,9 @@ pg_realtime demo is running.
   supplier token   $SUPPLIER_TOKEN
                    (sub 22222222-2222-2222-2222-222222222222)
   service_role key $SERVICE_KEY
-                   (bypasses row-level security: server-side use only; until
-                   per-row checks land, the demo's RLS tables deliver
-                   postgres_changes to this role only)
+                   (bypasses row-level security: server-side use only)
+                   Tokens may act as anon, authenticated and service_role:
+                   the roles granted to authenticator (pg_realtime.authenticator)
   psql             psql -h localhost -p $PGPORT -U postgres postgres
 
 Try it with supabase-js under Node 22 (the README's snippet with this key):
