@@ -7,7 +7,7 @@
 use crate::wake::Waker;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -24,22 +24,36 @@ pub struct LogRecord {
 pub struct Forwarder {
     tx: Sender<LogRecord>,
     waker: Waker,
-    max_level: Level,
+    /// The most verbose level forwarded (`level_number`), which the main
+    /// thread sets from `log_min_messages`.
+    max_level: Arc<AtomicU8>,
     dropped: Arc<AtomicU64>,
+}
+
+/// Levels as numbers, most severe first.
+fn level_number(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 0,
+        Level::WARN => 1,
+        Level::INFO => 2,
+        Level::DEBUG => 3,
+        Level::TRACE => 4,
+    }
 }
 
 /// Builds the subscriber and the receiving end. `capacity` bounds the queue.
 pub fn forwarder(waker: Waker, max_level: Level, capacity: usize) -> (Forwarder, LogReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
     let dropped = Arc::new(AtomicU64::new(0));
+    let max_level = Arc::new(AtomicU8::new(level_number(max_level)));
     (
         Forwarder {
             tx,
             waker,
-            max_level,
+            max_level: max_level.clone(),
             dropped: dropped.clone(),
         },
-        LogReceiver { rx, dropped },
+        LogReceiver { rx, dropped, max_level },
     )
 }
 
@@ -47,9 +61,15 @@ pub fn forwarder(waker: Waker, max_level: Level, capacity: usize) -> (Forwarder,
 pub struct LogReceiver {
     rx: Receiver<LogRecord>,
     dropped: Arc<AtomicU64>,
+    max_level: Arc<AtomicU8>,
 }
 
 impl LogReceiver {
+    /// The most verbose level forwarded from now on.
+    pub fn set_max_level(&self, level: Level) {
+        self.max_level.store(level_number(level), Ordering::Relaxed);
+    }
+
     /// Pending records, and how many were dropped since the last call.
     pub fn drain(&self) -> (Vec<LogRecord>, u64) {
         (self.rx.try_iter().collect(), self.dropped.swap(0, Ordering::Relaxed))
@@ -78,7 +98,12 @@ impl Visit for Fields {
 
 impl Subscriber for Forwarder {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        *metadata.level() <= self.max_level
+        level_number(*metadata.level()) <= self.max_level.load(Ordering::Relaxed)
+    }
+
+    // (asked each time, not cached per call site: the level can change)
+    fn register_callsite(&self, _metadata: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
     }
 
     fn new_span(&self, _span: &Attributes<'_>) -> Id {
@@ -169,6 +194,23 @@ mod tests {
         );
         assert_eq!(dropped, 1);
         assert_eq!(wake_rx.drain(), 2);
+    }
+
+    #[test]
+    fn the_level_follows_what_the_main_thread_sets() {
+        let (waker, _wake_rx) = wake_pair().unwrap();
+        let (fwd, rx) = forwarder(waker, Level::INFO, 8);
+        let dispatch = tracing::Dispatch::new(fwd);
+        // (one call site, logged before and after the change)
+        let log = |n: u32| tracing::dispatcher::with_default(&dispatch, || tracing::debug!("call {n}"));
+        log(1);
+        rx.set_max_level(Level::DEBUG);
+        log(2);
+        let (records, _) = rx.drain();
+        assert_eq!(
+            records.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(),
+            ["call 2"]
+        );
     }
 
     #[test]

@@ -41,9 +41,11 @@ pub struct SharedQuarantine(pub realtime::quarantine::Quarantine);
 // SAFETY: `Quarantine` is `repr(C)` and made only of atomics.
 unsafe impl PGRXSharedMemory for SharedQuarantine {}
 
-// SAFETY (all): the names are unique to this extension.
+// SAFETY: the name is unique to this extension.
 static COUNTERS: PgAtomic<SharedCounters> = unsafe { PgAtomic::new(c"pg_realtime counters") };
+// SAFETY: as above.
 static LATCH: PgAtomic<WorkerLatch> = unsafe { PgAtomic::new(c"pg_realtime worker latch") };
+// SAFETY: as above.
 static QUARANTINE: PgAtomic<SharedQuarantine> = unsafe { PgAtomic::new(c"pg_realtime quarantine") };
 static CHANGES: ChangesRegion = ChangesRegion::new(c"pg_realtime changes");
 

@@ -23,6 +23,28 @@ const FENCE_SLOTS: usize = 256;
 /// that, the rows of further tables all go on to the worker.
 const FILTER_SLOTS: usize = 64;
 
+/// A type the region may hold at an offset: `repr(C)` (or transparent),
+/// made of atomics only (every process reads and writes it, without a
+/// lock), with no pointer, and valid when all zero (the region starts
+/// zeroed).
+///
+/// # Safety
+/// Implement it only for types that are all of that.
+unsafe trait SharedZeroed {}
+
+// SAFETY: each is `repr(C)` of atomics only, and all zero is its initial
+// state (see their definitions in `realtime::ring` and `realtime::interest`).
+unsafe impl SharedZeroed for RingHeader {}
+// SAFETY: as above.
+unsafe impl SharedZeroed for InterestHeader {}
+// SAFETY: an atomic word.
+unsafe impl SharedZeroed for AtomicU64 {}
+
+/// `AddinShmemInitLock`, the lock extensions initialise their shared
+/// memory under: the 21st of PostgreSQL's individual LWLocks
+/// (`storage/lwlocknames.h`, the same in 14 to 18).
+const ADDIN_SHMEM_INIT_LOCK: usize = 21;
+
 pub struct ChangesRegion {
     name: &'static CStr,
     base: UnsafeCell<*mut u8>,
@@ -115,9 +137,9 @@ impl ChangesRegion {
     }
 
     /// The `T` at byte `offset` of the region.
-    fn at<T>(&self, offset: usize) -> &'static T {
-        // SAFETY: as in `words`; every `T` placed by the layout is made of
-        // atomics only.
+    fn at<T: SharedZeroed>(&self, offset: usize) -> &'static T {
+        // SAFETY: as in `words`; `T: SharedZeroed` is laid out in C order,
+        // made of atomics only, and valid when zeroed.
         unsafe { &*(self.base().add(offset) as *const T) }
     }
 
@@ -164,7 +186,7 @@ impl PgSharedMemoryInitialization for ChangesRegion {
         // EXEC_BACKEND, each child) under AddinShmemInitLock; a new region is
         // zeroed, the initial state of every structure in it.
         unsafe {
-            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock;
             pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             let mut found = false;
             let base = pg_sys::ShmemInitStruct(self.name.as_ptr(), size, &mut found).cast::<u8>();

@@ -83,7 +83,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     crate::shmem::interest().set(&Default::default(), false);
 
     let (waker, wake_rx) = wake_pair().unwrap_or_else(|e| error!("pg_realtime: cannot create the wake-up socket: {e}"));
-    let (logger, logs) = forwarder(waker.clone(), tracing::Level::INFO, 4096);
+    let (logger, logs) = forwarder(waker.clone(), network_log_level(), 4096);
     // Only this process's network threads log through it.
     let _ = tracing::subscriber::set_global_default(logger);
 
@@ -285,6 +285,7 @@ impl MainLoop {
         let (settings, problem) = crate::gucs::server_settings();
         report_settings(&settings, problem);
         self.ctx.update_settings(settings);
+        self.logs.set_max_level(network_log_level());
         log!("pg_realtime: configuration reloaded");
     }
 
@@ -304,6 +305,18 @@ impl MainLoop {
         if dropped > 0 {
             warning!("pg_realtime: {dropped} log messages from network threads were dropped (log queue full)");
         }
+    }
+}
+
+/// What the network threads log: their debug lines too when
+/// `log_min_messages` is a DEBUG level.
+fn network_log_level() -> tracing::Level {
+    // SAFETY: a plain read of the setting's variable, on the main thread.
+    let min = unsafe { pg_sys::log_min_messages };
+    if min <= pg_sys::DEBUG1 as i32 {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
     }
 }
 
