@@ -41,7 +41,7 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 unit:
-	cargo test -p pg_realtime_bgworker
+	cargo test -p bgworker
 
 ## The same two suites on the system PostgreSQL 15 only.
 pgtest:
@@ -73,4 +73,4 @@ bench-rls: install-release
 ## The worker ruling out a change nobody wants: raw pre-check against
 ## parse-and-match, in one process (see bench/README.md).
 bench-matching:
-	cargo bench -p pg_realtime_bgworker --bench matching
+	cargo bench -p bgworker --bench matching

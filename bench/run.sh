@@ -11,7 +11,7 @@
 #   (c) pg_realtime capture, one supabase-js subscriber connected to the
 #       table (its filter, n=eq.-1, matches none of the bench rows, as a
 #       user's filter matches none of the other users' rows: the capture
-#       trigger drops each row after encoding its n, see realtime::prefilter)
+#       trigger drops each row after encoding its n, see bgworker::shared::prefilter)
 #   (d) a trigger calling pg_notify('bench', row_to_json(NEW)::text)
 #   (e) pg_realtime capture, one supabase-js subscriber receiving every row
 #       (on this 2-core machine the Node client's own CPU competes with the

@@ -1,5 +1,5 @@
 //! The log hook that keeps secret settings out of the server log (see
-//! `realtime::redact`). It runs in every process that loaded the library,
+//! `bgworker::shared::redact`). It runs in every process that loaded the library,
 //! the postmaster included, which is where reloads are logged.
 
 use pgrx::prelude::*;
@@ -34,7 +34,7 @@ unsafe extern "C-unwind" fn redact_secrets(edata: *mut pg_sys::ErrorData) {
                 cut(field);
             }
             let query = pg_sys::debug_query_string;
-            if !query.is_null() && realtime::redact::cut_point(CStr::from_ptr(query).to_bytes()).is_some() {
+            if !query.is_null() && bgworker::shared::redact::cut_point(CStr::from_ptr(query).to_bytes()).is_some() {
                 // the STATEMENT: line would repeat the secret
                 edata.hide_stmt = true;
             }
@@ -55,7 +55,7 @@ unsafe fn cut(text: *mut c_char) {
     }
     // SAFETY: per this function's contract.
     unsafe {
-        if let Some(at) = realtime::redact::cut_point(CStr::from_ptr(text).to_bytes()) {
+        if let Some(at) = bgworker::shared::redact::cut_point(CStr::from_ptr(text).to_bytes()) {
             *text.add(at) = 0;
         }
     }

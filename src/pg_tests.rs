@@ -128,7 +128,7 @@ fn hand_written_dates_and_timestamps_match_postgres() {
         // SAFETY: a valid value of the type; the text is palloc'd.
         let text = unsafe { CStr::from_ptr(pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), datum, typid, tz)) };
         let mut out = Vec::new();
-        realtime::changes::json::escape_into(&mut out, text.to_bytes());
+        bgworker::shared::json::escape_into(&mut out, text.to_bytes());
         out
     };
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d;

@@ -5,15 +5,15 @@
 //! text) against parsing the filtered values and running the full match,
 //! in the same process. Not a test; run with
 //!
-//!     cargo bench -p pg_realtime_bgworker --bench matching
+//!     cargo bench -p bgworker --bench matching
 //!
 //! It prints nanoseconds per change for each and their ratio.
 
-use realtime::changes::filter::{Condition, Op};
-use realtime::changes::registry::{Binding, ChannelKey, EventFilter, Registry, Subscription, Target};
-use realtime::changes::row::{Parsed, Wanted};
-use realtime::changes::value::Kind;
-use realtime::changes::wire::{Change, ChangeKind, Column, Relation};
+use bgworker::changes::filter::{Condition, Op};
+use bgworker::changes::registry::{Binding, ChannelKey, EventFilter, Registry, Subscription, Target};
+use bgworker::changes::row::{FilterColumns, Parsed};
+use bgworker::shared::keys::Kind;
+use bgworker::shared::wire::{Change, ChangeKind, Column, Relation};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -102,7 +102,7 @@ fn main() {
     let changes: Vec<Change> = (0..CHANGES).map(change).collect();
     for users in [1, 1000] {
         let registry = registry(users);
-        let wanted = Wanted::new(registry.filtered_columns(&relation).unwrap(), &relation);
+        let wanted = FilterColumns::new(registry.filtered_columns(&relation).unwrap(), &relation);
         let (mut parsing, mut raw) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             let t = Instant::now();

@@ -3,9 +3,9 @@
 //! booleans, nested json, arrays, ISO timestamps; TOASTed values
 //! detoasted), and a description of its relation for the worker.
 
+use bgworker::shared::json::{escape_into, push_datetime, push_int, DateTimeKind};
+use bgworker::shared::wire::{Column, Relation};
 use pgrx::prelude::*;
-use realtime::changes::json::{escape_into, push_datetime, push_int, DateTimeKind};
-use realtime::changes::wire::{Column, Relation};
 use std::ffi::CStr;
 
 /// How one column is written as JSON, decided once per relation.

@@ -4,10 +4,10 @@
 //! - The trigger returns at once when nobody subscribes to the table (or its
 //!   schema): one lock-free look-up in the interest table. After
 //!   `pg_realtime.capture_idle_timeout` without subscribers the worker
-//!   switches the trigger off altogether (`realtime::changes::switch`).
+//!   switches the trigger off altogether (`bgworker::changes::switch`).
 //! - When every subscriber of the table filters with `eq` on one column,
 //!   the worker keeps the wanted values' keys in a key filter
-//!   (`realtime::prefilter`): the trigger writes just that column's value,
+//!   (`bgworker::shared::prefilter`): the trigger writes just that column's value,
 //!   and drops the row when no subscriber wants its key. Dropped keys are
 //!   looked up again at commit: a subscriber that joined for one meanwhile
 //!   is told to refetch, as for a table nobody listened to.
@@ -32,14 +32,14 @@ extension_sql_file!(
     finalize
 );
 
+use bgworker::shared::interest::Wanted;
+use bgworker::shared::keys::json_key;
+use bgworker::shared::keys::Kind;
+use bgworker::shared::prefilter::key_hash;
+use bgworker::shared::stats::Counters;
+use bgworker::shared::wire::{self, ChangeKind, Header};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use realtime::changes::registry::json_key;
-use realtime::changes::value::Kind;
-use realtime::changes::wire::{self, ChangeKind, Header};
-use realtime::interest::Wanted;
-use realtime::prefilter::key_hash;
-use realtime::stats::Counters;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -61,7 +61,7 @@ struct Described {
 }
 
 /// Which of a relation's columns a key filter slot filters on
-/// (`realtime::prefilter`), as read from the slot at `generation`.
+/// (`bgworker::shared::prefilter`), as read from the slot at `generation`.
 #[derive(Clone, Copy)]
 struct Probe {
     slot: usize,
@@ -110,7 +110,7 @@ enum Order {
 }
 
 impl Order {
-    fn of(relation: &realtime::changes::wire::Relation, encoders: &[encode::ColumnEncoder]) -> Order {
+    fn of(relation: &bgworker::shared::wire::Relation, encoders: &[encode::ColumnEncoder]) -> Order {
         let positions: Option<Vec<usize>> = relation
             .columns
             .iter()
@@ -167,7 +167,7 @@ struct TxnBuffer {
     probe: Vec<u8>,
     /// This transaction's place in the commit fence, from PRE_COMMIT until
     /// it has published (or aborted). Not touched by `clear`.
-    fence_ticket: Option<realtime::fence::Ticket>,
+    fence_ticket: Option<bgworker::shared::fence::Ticket>,
 }
 
 impl TxnBuffer {
@@ -296,7 +296,7 @@ unsafe fn reported_as(rel: pg_sys::Relation) -> (pg_sys::Oid, pg_sys::Oid) {
 #[pg_extern(volatile)]
 fn captures_changed() {
     if crate::preloaded() {
-        realtime::stats::Counters::incr(&crate::shmem::counters().capture_syncs);
+        bgworker::shared::stats::Counters::incr(&crate::shmem::counters().capture_syncs);
         crate::shmem::wake_worker();
     }
 }

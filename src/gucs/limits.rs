@@ -2,8 +2,8 @@
 //! waiting for them, joins, filters, handshakes, socket writes (README,
 //! "Limits"). All take effect on reload.
 
+use bgworker::server::Limits;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use realtime::server::Limits;
 use std::time::Duration;
 
 pub static MAX_PENDING_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);

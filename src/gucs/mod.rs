@@ -6,9 +6,9 @@ mod limits;
 
 pub use limits::check_timeout_ms;
 
+use bgworker::server::jwt::Verifier;
+use bgworker::server::Settings;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use realtime::jwt::Verifier;
-use realtime::server::Settings;
 use std::ffi::CString;
 
 pub static PORT: GucSetting<i32> = GucSetting::<i32>::new(4000);

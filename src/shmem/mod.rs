@@ -5,11 +5,11 @@
 
 mod region;
 
+use bgworker::shared::interest::InterestTable;
+use bgworker::shared::ring::ChangeRing;
+use bgworker::shared::stats::Counters;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
-use realtime::interest::InterestTable;
-use realtime::ring::ChangeRing;
-use realtime::stats::Counters;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use region::ChangesRegion;
@@ -33,10 +33,10 @@ pub struct WorkerLatch(AtomicUsize);
 unsafe impl PGRXSharedMemory for WorkerLatch {}
 
 /// Which table the worker is checking as a subscriber, and which it
-/// refuses to (`realtime::quarantine`).
+/// refuses to (`bgworker::shared::quarantine`).
 #[derive(Default)]
 #[repr(transparent)]
-pub struct SharedQuarantine(pub realtime::quarantine::Quarantine);
+pub struct SharedQuarantine(pub bgworker::shared::quarantine::Quarantine);
 
 // SAFETY: `Quarantine` is `repr(C)` and made only of atomics.
 unsafe impl PGRXSharedMemory for SharedQuarantine {}
@@ -65,7 +65,7 @@ pub fn counters() -> &'static Counters {
     &COUNTERS.get().0
 }
 
-pub fn quarantine() -> &'static realtime::quarantine::Quarantine {
+pub fn quarantine() -> &'static bgworker::shared::quarantine::Quarantine {
     &QUARANTINE.get().0
 }
 
@@ -77,11 +77,11 @@ pub fn interest() -> InterestTable<'static> {
     CHANGES.interest()
 }
 
-pub fn key_filters() -> realtime::prefilter::KeyFilters<'static> {
+pub fn key_filters() -> bgworker::shared::prefilter::KeyFilters<'static> {
     CHANGES.key_filters()
 }
 
-pub fn fence() -> realtime::fence::CommitFence<'static> {
+pub fn fence() -> bgworker::shared::fence::CommitFence<'static> {
     CHANGES.fence()
 }
 

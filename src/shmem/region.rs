@@ -3,12 +3,12 @@
 //! `pg_realtime.queue_size`, so it is requested by hand rather than as a
 //! fixed-size pgrx struct.
 
+use bgworker::shared::fence::{CommitFence, SLOT_WORDS};
+use bgworker::shared::interest::{InterestHeader, InterestTable};
+use bgworker::shared::prefilter::{self, KeyFilters};
+use bgworker::shared::ring::{ChangeRing, RingHeader};
 use pgrx::prelude::*;
 use pgrx::PgSharedMemoryInitialization;
-use realtime::fence::{CommitFence, SLOT_WORDS};
-use realtime::interest::{InterestHeader, InterestTable};
-use realtime::prefilter::{self, KeyFilters};
-use realtime::ring::{ChangeRing, RingHeader};
 use std::cell::UnsafeCell;
 use std::ffi::CStr;
 use std::sync::atomic::AtomicU64;
@@ -19,7 +19,7 @@ const INTEREST_SLOTS: usize = 16 * 1024;
 /// Transactions that may be between their commit record and publishing at
 /// once; more are counted and make the worker wait for all of them.
 const FENCE_SLOTS: usize = 256;
-/// Tables whose rows triggers filter by key (`realtime::prefilter`); past
+/// Tables whose rows triggers filter by key (`bgworker::shared::prefilter`); past
 /// that, the rows of further tables all go on to the worker.
 const FILTER_SLOTS: usize = 64;
 
@@ -33,7 +33,7 @@ const FILTER_SLOTS: usize = 64;
 unsafe trait SharedZeroed {}
 
 // SAFETY: each is `repr(C)` of atomics only, and all zero is its initial
-// state (see their definitions in `realtime::ring` and `realtime::interest`).
+// state (see their definitions in `bgworker::shared::ring` and `bgworker::shared::interest`).
 unsafe impl SharedZeroed for RingHeader {}
 // SAFETY: as above.
 unsafe impl SharedZeroed for InterestHeader {}

@@ -4,12 +4,11 @@
 
 use super::acting::{self, ActingRole};
 use super::catalog;
+use bgworker::changes::deliver::{Access, CheckGroup, CheckKey, Grants, RoleTable};
+use bgworker::changes::rls;
+use bgworker::shared::stats::Counters;
 use pgrx::bgworkers::BackgroundWorker;
-use realtime::changes::event::Visible;
-use realtime::changes::rls;
-use realtime::changes::wire::Relation;
-use realtime::stats::Counters;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,55 +17,17 @@ use std::time::{Duration, Instant};
 /// within this time.
 const ACCESS_TTL: Duration = Duration::from_secs(1);
 
-/// Who a row-level security check runs as: role, claims, and the table.
-pub type CheckKey = (Arc<str>, Arc<str>, u32);
-
-/// What a role may read of a table, as last read from the catalog.
-pub struct Grants {
-    /// The role as resolved when this was read (the token's role claim,
-    /// still one `pg_realtime.authenticator` may become).
+/// What a role may read of a table, with the role as resolved when it
+/// was read (the token's role claim, still one `pg_realtime.authenticator`
+/// may become).
+struct Readable {
     role: ActingRole,
-    /// Each column and whether the role may SELECT it.
-    columns: Vec<(String, bool)>,
-    /// With row-level security applying to the role: the check query.
-    check: Option<String>,
-}
-
-impl Grants {
-    /// The columns of `relation` the role may see (None: none). A column
-    /// the grants do not know (added since they were read) is not shown.
-    pub fn visible(&self, relation: &Relation) -> Option<Visible> {
-        let known = |name: &str| self.columns.iter().any(|(n, ok)| *ok && n == name);
-        if relation.columns.iter().all(|c| known(&c.name)) {
-            return Some(Visible::All);
-        }
-        if !self.columns.iter().any(|(_, ok)| *ok) {
-            return None;
-        }
-        Some(Visible::Only(
-            relation
-                .columns
-                .iter()
-                .map(|c| self.columns.iter().any(|(name, ok)| *ok && *name == c.name))
-                .collect(),
-        ))
-    }
-
-    /// Whether each row needs a row-level security check.
-    pub fn checks_rows(&self) -> bool {
-        self.check.is_some()
-    }
-}
-
-/// The rows of one identity and table to check, and its `sub` claim.
-pub struct CheckGroup {
-    pub sub: Option<String>,
-    pub rows: BTreeSet<usize>,
+    grants: Grants,
 }
 
 /// What a role may read of a table (None: nothing), and when that was read.
 struct ReadAt {
-    grants: Option<Arc<Grants>>,
+    readable: Option<Arc<Readable>>,
     at: Instant,
 }
 
@@ -77,59 +38,40 @@ pub struct AccessCache {
 }
 
 impl AccessCache {
-    /// What the role may read of the table, if known (None: nothing, or
-    /// not read yet).
-    pub fn get(&self, role: &Arc<str>, relid: u32) -> Option<&Grants> {
-        self.entries.get(&(role.clone(), relid))?.grants.as_deref()
+    fn readable(&self, role: &Arc<str>, relid: u32) -> Option<&Readable> {
+        self.entries.get(&(role.clone(), relid))?.readable.as_deref()
     }
+}
 
-    /// Whether the pair must be read (again) before it is used.
-    pub fn is_stale(&self, role: &Arc<str>, relid: u32) -> bool {
+/// One row-level security check to run: as whom, which query, over which
+/// rows (`members`, indices into the batch; `images`, their rows as one
+/// array literal).
+struct CheckJob {
+    key: CheckKey,
+    role: ActingRole,
+    sub: Option<String>,
+    query: String,
+    members: Vec<usize>,
+    images: String,
+}
+
+impl Access for AccessCache {
+    fn is_stale(&self, role: &Arc<str>, relid: u32) -> bool {
         self.entries
             .get(&(role.clone(), relid))
             .is_none_or(|read| read.at.elapsed() >= ACCESS_TTL)
     }
 
-    /// Reads privileges and policies for each (role, table) pair;
-    /// `names` gives each table's schema and name. Returns the pairs that
-    /// could not be read (not cached: they are tried again next time).
-    pub fn read(
-        &mut self,
-        pairs: Vec<(Arc<str>, u32)>,
-        names: &HashMap<u32, (String, String)>,
-    ) -> HashSet<(Arc<str>, u32)> {
-        let answers = BackgroundWorker::transaction(|| {
-            if let Err(e) = catalog::clear_search_path() {
-                pgrx::warning!("pg_realtime: could not prepare the privilege checks: {e}");
-                return pairs.into_iter().map(|pair| (pair, None)).collect::<Vec<_>>();
-            }
-            pairs
-                .into_iter()
-                .map(|(role, relid)| {
-                    // (an ERROR, say a role dropped meanwhile, is caught)
-                    let read = catalog::catching(|| read_grants(&role, relid, names.get(&relid)))
-                        .and_then(|r| r.map_err(|e| e.to_string()));
-                    let grants = match read {
-                        Ok(grants) => Some(grants.map(Arc::new)),
-                        Err(e) => {
-                            pgrx::warning!(
-                                "pg_realtime: could not read what role \"{}\" may see: {}",
-                                realtime::log::escape(&role),
-                                realtime::log::escape(&e)
-                            );
-                            None
-                        }
-                    };
-                    ((role, relid), grants)
-                })
-                .collect::<Vec<_>>()
-        });
+    /// Reads privileges and policies in one transaction; a pair that
+    /// could not be read is not cached: it is tried again next time.
+    fn read(&mut self, pairs: Vec<RoleTable>, names: &HashMap<u32, (String, String)>) -> HashSet<RoleTable> {
+        let answers = BackgroundWorker::transaction(|| read_all(pairs, names));
         let now = Instant::now();
         let mut failed = HashSet::new();
-        for (key, grants) in answers {
-            match grants {
-                Some(grants) => {
-                    self.entries.insert(key, ReadAt { grants, at: now });
+        for (key, readable) in answers {
+            match readable {
+                Some(readable) => {
+                    self.entries.insert(key, ReadAt { readable, at: now });
                 }
                 None => {
                     self.entries.remove(&key);
@@ -140,82 +82,129 @@ impl AccessCache {
         failed
     }
 
-    /// Runs the row-level security checks, each as its subscriber; returns,
-    /// per identity and table, the rows it may see, or None when its check
-    /// failed (a policy raising an error, or taking longer than
-    /// `pg_realtime.check_timeout`): it shows nothing, as the SELECT would,
-    /// and its subscribers are told. `image` gives a row's image as of the
-    /// commit.
-    pub fn check_rows<'a>(
-        &self,
+    fn grants(&self, role: &Arc<str>, relid: u32) -> Option<&Grants> {
+        self.readable(role, relid).map(|r| &r.grants)
+    }
+
+    /// Runs the checks, each as its subscriber. A check that fails (a
+    /// policy raising an error, or taking longer than
+    /// `pg_realtime.check_timeout`) shows nothing, as the SELECT would,
+    /// and its subscribers are told.
+    fn check_rows<'a>(
+        &mut self,
         groups: HashMap<CheckKey, CheckGroup>,
         image: impl Fn(usize) -> &'a str,
     ) -> HashMap<CheckKey, Option<HashSet<usize>>> {
         // The queries and their rows first: the transaction below must not
         // borrow `self` (it holds no Postgres state, but the cache).
         let mut jobs = Vec::with_capacity(groups.len());
-        for ((role, claims, relid), group) in groups {
-            let Some(grants) = self.get(&role, relid) else { continue };
-            let Some(query) = grants.check.clone() else { continue };
+        for (key, group) in groups {
+            let Some(readable) = self.readable(&key.role, key.relid) else {
+                continue;
+            };
+            let Some(query) = readable.grants.check.clone() else {
+                continue;
+            };
             let members: Vec<usize> = group.rows.into_iter().collect();
             let images = rls::rows_array(members.iter().map(|&i| image(i)));
-            jobs.push(((role, claims, relid), grants.role, group.sub, members, query, images));
+            jobs.push(CheckJob {
+                key,
+                role: readable.role,
+                sub: group.sub,
+                query,
+                members,
+                images,
+            });
         }
-        let counters = crate::shmem::counters();
-        BackgroundWorker::transaction(move || {
-            let mut out = HashMap::new();
-            if let Err(e) = catalog::clear_search_path() {
-                pgrx::warning!("pg_realtime: could not prepare the row-level security checks: {e}");
-                // (every check failed: their subscribers are told)
-                for (key, ..) in jobs {
-                    out.insert(key, None);
-                }
-                return out;
-            }
-            for ((role, claims, relid), acting_role, sub, members, query, images) in jobs {
-                // (a table refused for now: nothing run, nothing logged)
-                if acting::refused(relid).is_some() {
-                    out.insert((role, claims, relid), None);
-                    continue;
-                }
-                let identity = acting::Identity {
-                    role: acting_role,
-                    role_name: &role,
-                    claims: &claims,
-                    sub: sub.as_deref(),
-                    topic: None,
-                    subject: relid,
-                };
-                let seen = acting::as_identity(&identity, || catalog::visible_rows(&query, &images));
-                let seen: Option<HashSet<usize>> = match seen {
-                    Ok(positions) => Some(
-                        positions
-                            .into_iter()
-                            .filter_map(|p| members.get(usize::try_from(p).ok()?.checked_sub(1)?).copied())
-                            .collect(),
-                    ),
-                    Err(e) => {
-                        pgrx::warning!(
-                            "pg_realtime: row-level security check failed for role \"{}\": {}",
-                            realtime::log::escape(&role),
-                            realtime::log::escape(&e)
-                        );
-                        None
-                    }
-                };
-                Counters::incr(&counters.rls_checks);
-                Counters::add(&counters.rls_rows_checked, members.len() as u64);
-                out.insert((role, claims, relid), seen);
-            }
-            let _ = catalog::release_session_locks();
-            out
-        })
+        BackgroundWorker::transaction(move || run_checks(jobs))
     }
+}
+
+/// Reads each pair's grants (None: could not be read).
+fn read_all(
+    pairs: Vec<RoleTable>,
+    names: &HashMap<u32, (String, String)>,
+) -> Vec<(RoleTable, Option<Option<Arc<Readable>>>)> {
+    if let Err(e) = catalog::clear_search_path() {
+        pgrx::warning!("pg_realtime: could not prepare the privilege checks: {e}");
+        return pairs.into_iter().map(|pair| (pair, None)).collect();
+    }
+    pairs
+        .into_iter()
+        .map(|(role, relid)| {
+            // (an ERROR, say a role dropped meanwhile, is caught)
+            let read = catalog::catching(|| read_grants(&role, relid, names.get(&relid)))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            let readable = match read {
+                Ok(readable) => Some(readable.map(Arc::new)),
+                Err(e) => {
+                    pgrx::warning!(
+                        "pg_realtime: could not read what role \"{}\" may see: {}",
+                        bgworker::server::log::escape(&role),
+                        bgworker::server::log::escape(&e)
+                    );
+                    None
+                }
+            };
+            ((role, relid), readable)
+        })
+        .collect()
+}
+
+/// Runs each check as its identity, in the current transaction.
+fn run_checks(jobs: Vec<CheckJob>) -> HashMap<CheckKey, Option<HashSet<usize>>> {
+    let mut out = HashMap::new();
+    if let Err(e) = catalog::clear_search_path() {
+        pgrx::warning!("pg_realtime: could not prepare the row-level security checks: {e}");
+        // (every check failed: their subscribers are told)
+        for job in jobs {
+            out.insert(job.key, None);
+        }
+        return out;
+    }
+    let counters = crate::shmem::counters();
+    for job in jobs {
+        // (a table refused for now: nothing run, nothing logged)
+        if acting::refused(job.key.relid).is_some() {
+            out.insert(job.key, None);
+            continue;
+        }
+        let identity = acting::Identity {
+            role: job.role,
+            role_name: &job.key.role,
+            claims: &job.key.claims,
+            sub: job.sub.as_deref(),
+            topic: None,
+            subject: job.key.relid,
+        };
+        let seen = acting::as_identity(&identity, || catalog::visible_rows(&job.query, &job.images));
+        let seen: Option<HashSet<usize>> = match seen {
+            Ok(positions) => Some(
+                positions
+                    .into_iter()
+                    .filter_map(|p| job.members.get(usize::try_from(p).ok()?.checked_sub(1)?).copied())
+                    .collect(),
+            ),
+            Err(e) => {
+                pgrx::warning!(
+                    "pg_realtime: row-level security check failed for role \"{}\": {}",
+                    bgworker::server::log::escape(&job.key.role),
+                    bgworker::server::log::escape(&e)
+                );
+                None
+            }
+        };
+        Counters::incr(&counters.rls_checks);
+        Counters::add(&counters.rls_rows_checked, job.members.len() as u64);
+        out.insert(job.key, seen);
+    }
+    let _ = catalog::release_session_locks();
+    out
 }
 
 /// What `role` may read of the table now: None if the role may no longer
 /// be acted as, or the role or table is gone.
-fn read_grants(role: &str, relid: u32, name: Option<&(String, String)>) -> catalog::SpiResult<Option<Grants>> {
+fn read_grants(role: &str, relid: u32, name: Option<&(String, String)>) -> catalog::SpiResult<Option<Readable>> {
     let Ok(acting) = acting::resolve(role)? else {
         return Ok(None);
     };
@@ -226,9 +215,11 @@ fn read_grants(role: &str, relid: u32, name: Option<&(String, String)>) -> catal
         let (schema, table) = name.cloned().unwrap_or_default();
         rls::check_query(&schema, &table, &rls::predicate(&policies))
     });
-    Ok(Some(Grants {
+    Ok(Some(Readable {
         role: acting,
-        columns: access.columns,
-        check,
+        grants: Grants {
+            columns: access.columns,
+            check,
+        },
     }))
 }

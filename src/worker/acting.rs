@@ -139,11 +139,11 @@ const QUARANTINE_SECS: u32 = 600;
 const SLOW_SECS: u32 = 60;
 
 fn now_secs() -> u32 {
-    u32::try_from(realtime::jwt::now()).unwrap_or(u32::MAX)
+    u32::try_from(bgworker::server::jwt::now()).unwrap_or(u32::MAX)
 }
 
 /// Why checks of `subject` are refused now, if they are: one of them ended
-/// the previous worker (`realtime::quarantine`).
+/// the previous worker (`bgworker::shared::quarantine`).
 pub fn refused(subject: u32) -> Option<String> {
     let until = crate::shmem::quarantine().refused_until(subject, now_secs())?;
     let left = until.saturating_sub(now_secs());
@@ -212,7 +212,7 @@ pub fn quarantine_on_start() {
     let Some(relid) = crate::shmem::quarantine().on_start(now_secs(), QUARANTINE_SECS) else {
         return;
     };
-    let name = if relid == realtime::quarantine::PRIVATE_PROBES {
+    let name = if relid == bgworker::shared::quarantine::PRIVATE_PROBES {
         "realtime.messages".to_owned()
     } else {
         Spi::get_one_with_args::<String>(

@@ -97,7 +97,7 @@ pub struct Access {
     /// The table's policies for the role's SELECT, when row-level security
     /// applies to it (not for the owner without FORCE, superusers or
     /// BYPASSRLS roles, as Postgres decides).
-    pub policies: Option<Vec<realtime::changes::rls::Policy>>,
+    pub policies: Option<Vec<bgworker::changes::rls::Policy>>,
 }
 
 /// What `role` may read of the table; None if the role or table is gone.
@@ -139,7 +139,7 @@ pub fn access(role: &str, relid: u32) -> SpiResult<Option<Access>> {
         Some(
             rows.into_iter()
                 .filter_map(|r| {
-                    Some(realtime::changes::rls::Policy {
+                    Some(bgworker::changes::rls::Policy {
                         permissive: r[0].as_deref() == Some("true"),
                         using: r[1].clone()?,
                     })
@@ -158,7 +158,7 @@ pub fn clear_search_path() -> SpiResult<()> {
     Spi::run("SELECT pg_catalog.set_config('search_path', '', true)")
 }
 
-/// Runs `query` (a row check from `realtime::changes::rls`) over `rows`;
+/// Runs `query` (a row check from `bgworker::changes::rls`) over `rows`;
 /// returns the 1-based positions of the rows it keeps. Run it as the
 /// subscriber (`acting::as_identity`).
 pub fn visible_rows(query: &str, rows: &str) -> SpiResult<Vec<i32>> {
@@ -354,7 +354,7 @@ pub fn insert_message(topic: &str, extension: &str) -> SpiResult<()> {
 /// Every captured table (a partitioned table standing for its tree, with
 /// the triggers cloned to its partitions) and whether its capture triggers
 /// fire.
-pub fn captured() -> SpiResult<Vec<realtime::changes::switch::Captured>> {
+pub fn captured() -> SpiResult<Vec<bgworker::changes::switch::Captured>> {
     // (the capture function found by name, not as a constant OID: the
     // plan outlives a DROP and CREATE EXTENSION)
     const QUERY: &str = "SELECT c.oid::text, c.relnamespace::text, pg_catalog.format('%I.%I', n.nspname, c.relname), \
@@ -380,7 +380,7 @@ pub fn captured() -> SpiResult<Vec<realtime::changes::switch::Captured>> {
     Ok(rows
         .into_iter()
         .filter_map(|r| {
-            Some(realtime::changes::switch::Captured {
+            Some(bgworker::changes::switch::Captured {
                 relid: r[0].as_deref()?.parse().ok()?,
                 namespace: r[1].as_deref()?.parse().ok()?,
                 name: r[2].clone()?,

@@ -7,20 +7,24 @@
 
 mod access;
 mod acting;
+mod capture_switch;
 mod catalog;
-mod changes;
+mod channels;
 mod deadline;
+mod deliver;
+mod drain;
 mod fds;
 mod listen;
+mod postgres_changes;
 mod private;
 mod subscribe;
 
+use bgworker::server::link::main_link;
+use bgworker::server::log::{forwarder, LogReceiver};
+use bgworker::server::wake::{wake_pair, WakeReceiver};
+use bgworker::server::{self, Context, Options};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use realtime::log::{forwarder, LogReceiver};
-use realtime::server::link::main_link;
-use realtime::server::{self, Context, Options};
-use realtime::wake::{wake_pair, WakeReceiver};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -95,7 +99,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
         error!("pg_realtime: could not listen on any of pg_realtime.listen_addresses = '{addresses}'");
     }
 
-    let runtime = realtime::runtime::build(NETWORK_THREADS, block_all_signals)
+    let runtime = bgworker::server::runtime::build(NETWORK_THREADS, block_all_signals)
         .unwrap_or_else(|e| error!("pg_realtime: cannot start the network threads: {e}"));
     let (link, requests) = main_link(waker.clone());
     let max_connections = settings.max_connections;
@@ -123,7 +127,7 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
         wake_rx,
         logs,
         ctx,
-        changes: changes::Changes::new(requests),
+        changes: postgres_changes::PostgresChanges::new(requests),
     };
     while main.wait() {
         if server.is_finished() {
@@ -192,7 +196,7 @@ struct MainLoop {
     wake_rx: WakeReceiver,
     logs: LogReceiver,
     ctx: Arc<Context>,
-    changes: changes::Changes,
+    changes: postgres_changes::PostgresChanges,
 }
 
 impl MainLoop {
@@ -256,9 +260,9 @@ impl MainLoop {
             // Under a stream of commits, nap before waiting again: commits
             // arriving meanwhile find the latch already set (no signal to
             // send) and are taken together on the next pass. The nap grows
-            // with the batch (realtime::batch): 250 µs after a lone commit,
+            // with the batch (bgworker::changes::batch): 250 µs after a lone commit,
             // at most 2 ms under a stream.
-            let nap = realtime::batch::nap_after(delivered);
+            let nap = bgworker::changes::batch::nap_after(delivered);
             // SAFETY: a plain sleep on the main thread; signals cut it short.
             unsafe { pg_sys::pg_usleep(nap.as_micros() as std::ffi::c_long) };
         }

@@ -6,8 +6,8 @@
 
 use super::acting::{self, Identity};
 use super::catalog;
+use bgworker::server::link::{Authorize, Permissions, Question};
 use pgrx::bgworkers::BackgroundWorker;
-use realtime::server::link::{Authorize, Permissions, Question};
 
 /// Answers a network thread's question about a private channel.
 pub fn authorize(request: Authorize) {
@@ -28,7 +28,7 @@ pub fn authorize(request: Authorize) {
         Err(e) => {
             pgrx::warning!(
                 "pg_realtime: could not check a private channel's permissions: {}",
-                realtime::log::escape(&e)
+                bgworker::server::log::escape(&e)
             );
             Err("Realtime was unable to connect to the project database".to_owned())
         }
@@ -39,12 +39,12 @@ pub fn authorize(request: Authorize) {
 /// The answer to `question` for the claims on the topic: `Ok(Err)` is a
 /// refusal for the client, `Err` the database's failure.
 fn answer(
-    claims: &realtime::jwt::Claims,
+    claims: &bgworker::server::jwt::Claims,
     claims_json: &str,
     subtopic: &str,
     question: Question,
 ) -> Result<Result<Permissions, String>, String> {
-    if let Some(why) = acting::refused(realtime::quarantine::PRIVATE_PROBES) {
+    if let Some(why) = acting::refused(bgworker::shared::quarantine::PRIVATE_PROBES) {
         return Ok(Err(format!(
             "Realtime could not check this channel's permissions: {why}"
         )));
@@ -60,7 +60,7 @@ fn answer(
         claims: claims_json,
         sub: claims.sub.as_deref(),
         topic: Some(subtopic),
-        subject: realtime::quarantine::PRIVATE_PROBES,
+        subject: bgworker::shared::quarantine::PRIVATE_PROBES,
     };
     Ok(Ok(match question {
         Question::Read => read(&identity, subtopic)?,

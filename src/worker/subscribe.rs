@@ -6,10 +6,11 @@
 
 use super::acting::{self, Identity};
 use super::catalog;
-use realtime::changes::filter::{self, Condition, ParsedCondition};
-use realtime::changes::registry::{Binding, EventFilter, Target};
-use realtime::changes::value::{self, Kind};
-use realtime::join::PostgresChangesBinding;
+use bgworker::changes::deliver::Viewer;
+use bgworker::changes::filter::{self, Condition, ParsedCondition};
+use bgworker::changes::registry::{Binding, EventFilter, Target};
+use bgworker::changes::value::{self, Kind};
+use bgworker::server::join::PostgresChangesBinding;
 use serde_json::Value;
 
 /// The parameters as Supabase lists them in its messages.
@@ -41,32 +42,24 @@ fn spi(e: pgrx::spi::Error) -> String {
     format!("Realtime was unable to check the subscription: {e}")
 }
 
-/// Who subscribes: the token's role claim and claims.
-pub struct Subscriber<'a> {
-    pub role: &'a str,
-    /// The claims as JSON (`request.jwt.claims`).
-    pub claims: &'a str,
-    pub sub: Option<&'a str>,
-}
-
 /// Validates a channel's bindings for the subscriber; returns them ready
 /// for the registry, or the message of the `system` error. Runs inside a
 /// transaction; a PostgreSQL error in it (a column dropped meanwhile, say)
 /// is reported like any other reason.
-pub fn validate(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>) -> Result<Vec<Binding>, String> {
+pub fn validate(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<Vec<Binding>, String> {
     catalog::catching(|| checked(bindings, who)).and_then(|r| r)
 }
 
-fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Subscriber<'_>) -> Result<Vec<Binding>, String> {
+fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<Vec<Binding>, String> {
     catalog::clear_search_path().map_err(spi)?;
-    let role = acting::resolve(who.role)
+    let role = acting::resolve(&who.role)
         .map_err(spi)?
         .map_err(|refusal| refusal.to_string())?;
     let identity = Identity {
         role,
-        role_name: who.role,
-        claims: who.claims,
-        sub: who.sub,
+        role_name: &who.role,
+        claims: &who.claims,
+        sub: who.sub.as_deref(),
         topic: None,
         // (each cast notes its own table)
         subject: 0,

@@ -10,7 +10,7 @@ use super::row::fields;
 #[cfg(test)]
 use super::row::Parsed;
 use super::value::{json_string, timestamptz_to_utc, type_oid};
-use super::wire::{Change, ChangeKind, Relation};
+use crate::shared::wire::{Change, ChangeKind, Relation};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -1,7 +1,7 @@
 //! A relation and changes of it, for the tests of the modules that read
 //! and send captured rows.
 
-use super::wire::{Change, ChangeKind, Column, Relation};
+use crate::shared::wire::{Change, ChangeKind, Column, Relation};
 
 /// `public.t (id int8, title text, at timestamptz, blob bytea)`, with this
 /// replica identity (positions) and, unless it is empty, `id` as its

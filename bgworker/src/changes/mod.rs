@@ -1,14 +1,16 @@
-//! `postgres_changes`: filters, typed values, subscriptions and the event
-//! frames delivered to channels (`realtime-protocol.md` §3).
+//! `postgres_changes` in the worker: filters and typed values, the
+//! subscription registry, row-level-security checks, the events built from
+//! a decoded record, the capture-switch decisions and the main loop's
+//! batching (`docs/protocol.md`, "postgres_changes").
 
+pub mod batch;
+pub mod deliver;
 pub mod event;
 pub mod filter;
 #[cfg(test)]
 mod fixtures;
-pub mod json;
 pub mod registry;
 pub mod rls;
 pub mod row;
 pub mod switch;
 pub mod value;
-pub mod wire;

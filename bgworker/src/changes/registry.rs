@@ -6,10 +6,8 @@
 
 use super::filter::FilterRow;
 use super::filter::{Condition, Op};
-use super::value::{decimal_key, instant, json_string, Kind};
-use super::wire::{ChangeKind, Relation};
-use serde_json::Value;
-use std::borrow::Cow;
+use crate::shared::keys::{index_key, json_key, Kind};
+use crate::shared::wire::{ChangeKind, Relation};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Identifies a channel: its connection, topic, and which join of the
@@ -65,48 +63,6 @@ pub struct Binding {
     pub target: Target,
     pub events: EventFilter,
     pub conditions: Vec<Condition>,
-}
-
-/// A value's canonical form for the equality index, owned: two values
-/// have the same key exactly when [`super::value::compare`] finds them
-/// equal ([`json_key`]).
-pub fn index_key(kind: Kind, json: &str) -> Option<String> {
-    json_key(kind, json).map(Cow::into_owned)
-}
-
-/// The equality-index key of a value given as JSON text (`42`, `"a\"b"`,
-/// `true`, as a captured row has it); None for `null` and for text that is
-/// not a value of the kind. Borrowed from `json` for plain integers and
-/// for strings without escapes, the usual filtered values, so matching a
-/// row costs no allocation.
-pub fn json_key(kind: Kind, json: &str) -> Option<Cow<'_, str>> {
-    let json = json.trim();
-    if json == "null" {
-        return None;
-    }
-    match kind {
-        // NaN and the infinities are JSON strings
-        Kind::Number => match json_string(json) {
-            Some(Cow::Borrowed(text)) => decimal_key(text),
-            Some(Cow::Owned(text)) => decimal_key(&text).map(|k| Cow::Owned(k.into_owned())),
-            None => decimal_key(json),
-        },
-        Kind::Text | Kind::Date => json_string(json),
-        Kind::Uuid => json_string(json).map(|s| match s {
-            s if s.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Owned(s.to_ascii_lowercase()),
-            s => s,
-        }),
-        Kind::Bool => match json {
-            "true" | "false" => Some(Cow::Borrowed(json)),
-            _ => None,
-        },
-        Kind::Timestamp | Kind::Timestamptz => json_string(json)
-            .and_then(|s| instant(&s))
-            .map(|i| Cow::Owned(i.to_string())),
-        Kind::Other => serde_json::from_str::<Value>(json)
-            .ok()
-            .map(|v| Cow::Owned(v.to_string())),
-    }
 }
 
 #[derive(Default)]
@@ -486,8 +442,8 @@ pub fn binding_id(event: &str, schema: Option<&str>, table: Option<&str>, filter
 mod tests {
     use super::*;
     use crate::changes::filter::TextRow;
-    use crate::changes::wire::Column;
-    use serde_json::json;
+    use crate::shared::wire::Column;
+    use serde_json::{json, Value};
 
     fn relation() -> Relation {
         Relation {
@@ -552,56 +508,6 @@ mod tests {
         let index = r.targets.get(&Target::Table(100)).unwrap();
         assert!(index.scan.is_empty());
         assert_eq!(index.by_value["recipient_id"].len(), 1000);
-    }
-
-    #[test]
-    fn json_keys_are_the_keys_of_the_parsed_values() {
-        let cases: &[(Kind, &[&str])] = &[
-            (
-                Kind::Number,
-                &[
-                    "0",
-                    "-0",
-                    "7",
-                    "-100",
-                    "10.0",
-                    "1e1",
-                    "0.5",
-                    "-5e-1",
-                    "1e60",
-                    "\"NaN\"",
-                    "\"-Infinity\"",
-                ],
-            ),
-            (
-                Kind::Text,
-                &[r#""plain""#, r#""a\"b""#, r#""tab\u0009 and \b""#, r#""é""#, "7"],
-            ),
-            (Kind::Uuid, &[r#""AbC-1""#, r#""abc-1""#]),
-            (Kind::Bool, &["true", "false", r#""true""#]),
-            (Kind::Date, &[r#""2025-03-04""#]),
-            (
-                Kind::Timestamptz,
-                &[r#""2025-01-01T01:00:00+01:00""#, r#""2025-01-01T00:00:00+00:00""#],
-            ),
-            (Kind::Other, &[r#"{"b":1, "a":[true]}"#, "[1,2]", r#""x""#]),
-        ];
-        for (kind, texts) in cases {
-            for text in *texts {
-                let parsed: Value = serde_json::from_str(text).unwrap();
-                assert_eq!(
-                    json_key(*kind, text).map(Cow::into_owned),
-                    index_key(*kind, &parsed.to_string()),
-                    "{kind:?} {text}"
-                );
-            }
-        }
-        assert!(matches!(json_key(Kind::Number, "42"), Some(Cow::Borrowed("42"))));
-        assert!(matches!(json_key(Kind::Text, r#""u42""#), Some(Cow::Borrowed("u42"))));
-        assert_eq!(json_key(Kind::Number, "10.0"), json_key(Kind::Number, "10"));
-        assert_eq!(json_key(Kind::Uuid, r#""AB""#), json_key(Kind::Uuid, r#""ab""#));
-        assert_eq!(json_key(Kind::Text, "null"), None);
-        assert_eq!(json_key(Kind::Bool, "1"), None);
     }
 
     #[test]
@@ -860,26 +766,6 @@ mod tests {
         r.unsubscribe(&key(1));
         r.unsubscribe(&key(2));
         assert_eq!(r.row_filter(100), RowFilter::Unbound);
-    }
-
-    #[test]
-    fn index_keys_follow_comparison() {
-        assert_eq!(
-            index_key(Kind::Number, &json!(10).to_string()),
-            index_key(Kind::Number, &json!(10.0).to_string())
-        );
-        assert_ne!(
-            index_key(Kind::Number, &json!(10).to_string()),
-            index_key(Kind::Number, &json!(100).to_string())
-        );
-        assert_eq!(
-            index_key(Kind::Uuid, &json!("AB").to_string()),
-            index_key(Kind::Uuid, &json!("ab").to_string())
-        );
-        assert_eq!(
-            index_key(Kind::Timestamptz, &json!("2025-01-01T01:00:00+01:00").to_string()),
-            index_key(Kind::Timestamptz, &json!("2025-01-01T00:00:00+00:00").to_string())
-        );
     }
 
     #[test]

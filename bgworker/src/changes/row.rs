@@ -3,7 +3,7 @@
 //! stay exact and nothing but the columns asked for is looked at.
 
 use super::filter::FilterRow;
-use super::wire::{Change, ChangeKind, Relation};
+use crate::shared::wire::{Change, ChangeKind, Relation};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -52,7 +52,7 @@ impl<'a> Parsed<'a> {
     /// With only the columns `wanted` (what the subscriptions on the
     /// table filter on): read where the change says each value starts, or,
     /// without that, found by skipping over the rest of the row.
-    pub fn with_columns(change: &'a Change, wanted: &'a Wanted) -> Parsed<'a> {
+    pub fn with_columns(change: &'a Change, wanted: &'a FilterColumns) -> Parsed<'a> {
         let values = match filter_text(change) {
             Some(text) if !wanted.names.is_empty() => wanted.read(text, &change.filter_at),
             _ => Vec::new(),
@@ -78,20 +78,20 @@ impl<'a> Parsed<'a> {
 
 /// The columns matching needs from a relation's rows: their names and,
 /// when each is a column of the relation, their positions in it.
-pub struct Wanted {
+pub struct FilterColumns {
     names: Vec<String>,
     positions: Option<Vec<usize>>,
     /// The relation's column count.
     width: usize,
 }
 
-impl Wanted {
-    pub fn new(names: Vec<String>, relation: &Relation) -> Wanted {
+impl FilterColumns {
+    pub fn new(names: Vec<String>, relation: &Relation) -> FilterColumns {
         let positions = names
             .iter()
             .map(|name| relation.columns.iter().position(|c| c.name == *name))
             .collect();
-        Wanted {
+        FilterColumns {
             names,
             positions,
             width: relation.columns.len(),
@@ -245,7 +245,8 @@ mod tests {
         let row = r#"{"id":7,"na\"me":"x","tags":[1,{"a":"}"}],"doc":{"k":[true,null]},"n":-1.50}"#;
         let insert = change(ChangeKind::Insert, Some(row), None);
         // (none of these is a column of the relation: found by scanning)
-        let wanted = |names: &[&str]| Wanted::new(names.iter().map(|n| n.to_string()).collect(), &relation(vec![0]));
+        let wanted =
+            |names: &[&str]| FilterColumns::new(names.iter().map(|n| n.to_string()).collect(), &relation(vec![0]));
         let some = wanted(&["n", "na\"me", "absent"]);
         let parsed = Parsed::with_columns(&insert, &some);
         assert_eq!(
@@ -267,7 +268,7 @@ mod tests {
     #[test]
     fn values_are_read_where_the_offsets_say() {
         let relation = relation(vec![0]);
-        let wanted = Wanted::new(vec!["blob".into(), "id".into()], &relation);
+        let wanted = FilterColumns::new(vec!["blob".into(), "id".into()], &relation);
         // ROW's values start at 6, 16, 27 and 66
         let mut insert = change(ChangeKind::Insert, Some(ROW), None);
         insert.filter_at = vec![6, 16, 27, 66];
@@ -303,7 +304,7 @@ mod tests {
     #[test]
     fn raw_values_are_the_json_text_at_the_offsets() {
         let relation = relation(vec![0]);
-        let wanted = Wanted::new(vec!["title".into(), "at".into(), "blob".into()], &relation);
+        let wanted = FilterColumns::new(vec!["title".into(), "at".into(), "blob".into()], &relation);
         // values start at 6, 16, 31 and 52; one string has escapes and
         // delimiters inside, one value is a nested object
         let text = r#"{"id":7,"title":"a\"b,}c","at":{"x":[1,"]"]},"blob":null}"#;
@@ -325,7 +326,7 @@ mod tests {
         assert!(wanted.raw_values(&insert).is_none());
         insert.filter_at = vec![6, 16, 31];
         assert!(wanted.raw_values(&insert).is_none());
-        let unknown = Wanted::new(vec!["gone".into()], &relation);
+        let unknown = FilterColumns::new(vec!["gone".into()], &relation);
         insert.filter_at = vec![6, 16, 31, 52];
         assert!(unknown.raw_values(&insert).is_none());
         // DELETE: the old row

@@ -13,7 +13,7 @@
 //! more, and its connection tells the client and closes. A sender never
 //! blocks and never waits for a client.
 
-use crate::protocol::Outbound;
+use crate::server::protocol::Outbound;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -342,7 +342,7 @@ impl Drop for FanoutReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Payload;
+    use crate::server::protocol::Payload;
 
     /// A broadcast of about `bytes` bytes.
     fn msg(bytes: usize) -> Arc<Outbound> {

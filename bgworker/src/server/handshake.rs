@@ -3,9 +3,9 @@
 //! JSON body of `realtime-protocol.md` §1.2.
 
 use super::{ConnectionSlot, Context};
-use crate::jwt::{self, AuthError};
-use crate::protocol::Vsn;
-use crate::stats::Counters;
+use crate::server::jwt::{self, AuthError};
+use crate::server::protocol::Vsn;
+use crate::shared::stats::Counters;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
 use tokio_tungstenite::tungstenite::http::{header, StatusCode};

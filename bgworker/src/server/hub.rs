@@ -2,7 +2,7 @@
 //! Delivering a message costs work proportional to the topic's members.
 
 use super::fanout::{FanoutError, FanoutSender};
-use crate::protocol::Outbound;
+use crate::server::protocol::Outbound;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -4,9 +4,9 @@
 
 use super::fanout::FanoutSender;
 use crate::changes::registry::ChannelKey;
-use crate::join::PostgresChangesBinding;
-use crate::jwt::Claims;
-use crate::wake::Waker;
+use crate::server::join::PostgresChangesBinding;
+use crate::server::jwt::Claims;
+use crate::server::wake::Waker;
 use tokio::sync::oneshot;
 
 /// The network side's handle on the main thread.

@@ -6,8 +6,8 @@
 
 use super::asks::Stage;
 use super::{broadcast_frame, Connection, TOPIC_PREFIX};
-use crate::protocol::{Outbound, Payload, UserBroadcast};
 use crate::server::link::{Authorize, Question};
+use crate::server::protocol::{Outbound, Payload, UserBroadcast};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 
@@ -127,7 +127,7 @@ impl Connection {
     /// says why (`reason` is followed by the topic when it ends with
     /// "topic").
     async fn deny(&mut self, b: UserBroadcast, reason: &str) -> Result<(), WsError> {
-        tracing::debug!(topic = %crate::log::escape(&b.topic), "broadcast refused: {reason}");
+        tracing::debug!(topic = %crate::server::log::escape(&b.topic), "broadcast refused: {reason}");
         let ack = self.channels.get(&b.topic).is_some_and(|c| c.config.broadcast.ack);
         if !ack {
             return Ok(());
@@ -165,7 +165,7 @@ impl Connection {
         }
         let missed = self.ctx.hub.send(&hub_topic, Some(self.id), out);
         if missed > 0 {
-            tracing::debug!(topic = %crate::log::escape(&reply_to.topic), missed, "broadcast skipped members too far behind");
+            tracing::debug!(topic = %crate::server::log::escape(&reply_to.topic), missed, "broadcast skipped members too far behind");
         }
         if ack {
             self.send(&Outbound::reply(&reply_to, "ok", json!({}))).await?;

@@ -7,13 +7,13 @@
 use super::asks::{Answer, Asker, Reply, Stage};
 use super::{Channel, Connection, Private, Subscription, TOPIC_PREFIX};
 use crate::changes::{filter, registry};
-use crate::join::{parse_join, JoinConfig};
-use crate::jwt;
-use crate::log::escape;
-use crate::protocol::{Frame, Outbound, Payload};
 use crate::server::hub::Member;
+use crate::server::join::{parse_join, JoinConfig};
+use crate::server::jwt;
 use crate::server::link::{Authorize, Question, Subscribe};
-use crate::stats::Counters;
+use crate::server::log::escape;
+use crate::server::protocol::{Frame, Outbound, Payload};
+use crate::shared::stats::Counters;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 

@@ -7,10 +7,10 @@
 use super::asks::Stage;
 use super::join::{hub_key, subscription_status};
 use super::{Connection, Private, Subscription, REVALIDATE_EVERY};
-use crate::jwt;
-use crate::protocol::Frame;
 use crate::server::hub::Member;
+use crate::server::jwt;
 use crate::server::link::{Authorize, Permissions, Question};
+use crate::server::protocol::Frame;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;

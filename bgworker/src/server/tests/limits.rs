@@ -46,7 +46,7 @@ async fn slow_server(
     std::sync::mpsc::Receiver<link::Subscribe>,
     std::sync::mpsc::Receiver<ChannelKey>,
 ) {
-    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
     let (link, rx) = link::main_link(waker);
     let (held, unsubscribed) = slow_main(rx);
     let server = TestServer::with_main(settings(SECRET, 10, 10), options, Some(link)).await;
@@ -380,7 +380,7 @@ async fn sockets_past_the_descriptor_capacity_get_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_refreshes_count_as_joins() {
-    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
     let (link, rx) = link::main_link(waker);
     let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = asked.clone();
@@ -442,7 +442,7 @@ async fn token_refreshes_count_as_joins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_identity_is_asked_about_however_busy_the_socket() {
-    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
     let (link, rx) = link::main_link(waker);
     let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = asked.clone();

@@ -2,7 +2,7 @@
 //! clients.
 
 use super::*;
-use crate::jwt::{
+use crate::server::jwt::{
     self,
     tests::{hs256, SECRET},
 };
@@ -445,7 +445,7 @@ fn fake_main(rx: link::MainReceiver, unsubscribed: std::sync::mpsc::Sender<Strin
                     let ids: Vec<u32> = s.bindings.iter().map(|(id, _)| *id).collect();
                     let topic = s.key.topic.clone();
                     s.reply.send(Ok(())).unwrap();
-                    let event = crate::protocol::Outbound::PostgresChanges {
+                    let event = crate::server::protocol::Outbound::PostgresChanges {
                         topic,
                         ids,
                         data: Arc::from(r#"{"type":"INSERT","record":{"id":1}}"#),
@@ -462,7 +462,7 @@ fn fake_main(rx: link::MainReceiver, unsubscribed: std::sync::mpsc::Sender<Strin
 
 #[tokio::test]
 async fn postgres_changes_subscribe_through_the_main_thread() {
-    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
     let (link, rx) = link::main_link(waker);
     let (unsub_tx, unsub_rx) = std::sync::mpsc::channel();
     fake_main(rx, unsub_tx);
@@ -762,7 +762,7 @@ fn user(sub: &str, valid_for: i64) -> String {
 
 #[tokio::test]
 async fn private_channels_follow_their_permissions() {
-    let (waker, _wake_rx) = crate::wake::wake_pair().unwrap();
+    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
     let (link, rx) = link::main_link(waker);
     let rules: Rules = Arc::default();
     let both = link::Permissions {

@@ -97,7 +97,7 @@ pub fn push_datetime(out: &mut Vec<u8>, kind: DateTimeKind, value: i64) -> bool 
     };
     // (days stays within +-2^31 + 10,957 for dates and +-1.1e8 for
     // timestamps: no overflow in the conversion)
-    let (year, month, day) = super::value::civil_from_days(days + PG_EPOCH_DAYS);
+    let (year, month, day) = super::keys::civil_from_days(days + PG_EPOCH_DAYS);
     if !(1..=9999).contains(&year) {
         return false;
     }

@@ -4,9 +4,9 @@
 //!
 //! A table gets a filter slot when every binding on it has an equality
 //! condition on one same column (the worker's equality index, see
-//! `changes::registry`): the slot holds the table, the column, how its
+//! `crate::changes::registry`): the slot holds the table, the column, how its
 //! values compare, and a Bloom filter of the wanted keys
-//! (`registry::json_key` of the values, so a trigger computes the key of a
+//! (`keys::json_key` of the values, so a trigger computes the key of a
 //! row's value from the JSON text it writes, exactly as the worker would).
 //! A false positive only sends a row on to the worker, which matches
 //! exactly; there are no false negatives.
@@ -18,7 +18,7 @@
 //! table, column or kind does, so readers may cache which of their columns
 //! it names.
 
-use crate::changes::value::Kind;
+use crate::shared::keys::Kind;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// Bits of a slot's Bloom filter (two per key): with 1,000 distinct keys

@@ -4,7 +4,7 @@
 //! queue is full, records are dropped and counted rather than blocking a
 //! network thread.
 
-use crate::wake::Waker;
+use crate::server::wake::Waker;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -166,7 +166,7 @@ pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wake::wake_pair;
+    use crate::server::wake::wake_pair;
 
     #[test]
     fn events_reach_the_receiver_and_wake_it() {

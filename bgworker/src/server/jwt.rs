@@ -470,9 +470,9 @@ pub(crate) mod tests {
     }
 
     // A fixed 2048-bit RSA test key (generated once for these tests; not used anywhere else).
-    const RSA_PRIVATE_PEM: &str = include_str!("../tests/keys/rsa_private.pem");
-    const RSA_PUBLIC_PEM: &str = include_str!("../tests/keys/rsa_public.pem");
-    const RSA_JWKS: &str = include_str!("../tests/keys/rsa_jwks.json");
+    const RSA_PRIVATE_PEM: &str = include_str!("../../tests/keys/rsa_private.pem");
+    const RSA_PUBLIC_PEM: &str = include_str!("../../tests/keys/rsa_public.pem");
+    const RSA_JWKS: &str = include_str!("../../tests/keys/rsa_jwks.json");
 
     fn rs256(kid: Option<&str>, claims: Value) -> String {
         let mut h = Header::new(Algorithm::RS256);

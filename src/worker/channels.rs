@@ -1,0 +1,203 @@
+//! The channels subscribed to `postgres_changes`, on the worker's main
+//! thread: active subscriptions, joins waiting for their capture triggers,
+//! what the interest table and key filters say about both, and the system
+//! messages channels are sent when changes were lost or not checked.
+
+use bgworker::changes::deliver::{Subscriber, Viewer};
+use bgworker::changes::registry::{ChannelKey, Registry, RowFilter, Subscription};
+use bgworker::server::fanout::FanoutSender;
+use bgworker::server::protocol::Outbound;
+use bgworker::shared::stats::Counters;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// When a waiting join is given up on.
+pub const JOIN_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// Where a channel's events go, and who it acts as.
+pub struct Sink {
+    pub tx: FanoutSender,
+    pub topic: String,
+    pub subtopic: String,
+    pub viewer: Viewer,
+}
+
+impl Subscriber for Sink {
+    fn viewer(&self) -> &Viewer {
+        &self.viewer
+    }
+}
+
+/// The answer a join waits for: `Ok` once its changes are captured.
+pub type JoinReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// A join waiting for capture triggers to be switched on.
+struct Waiting {
+    key: ChannelKey,
+    reply: JoinReply,
+    since: Instant,
+}
+
+#[derive(Default)]
+pub struct Channels {
+    active: Registry<Sink>,
+    /// Joins validated but not answered yet: some table they cover has its
+    /// capture trigger off and a writer holds the lock needed to switch it
+    /// on. Their interest is published; `admit_waiting` answers them.
+    waiting: Registry<Sink>,
+    replies: Vec<Waiting>,
+    /// Schema name to OID, for the interest table.
+    schema_oids: HashMap<String, u32>,
+    /// The key filter slot of each table that has one (see
+    /// `publish_interest`).
+    filter_slots: HashMap<u32, usize>,
+}
+
+impl Channels {
+    pub fn active(&self) -> &Registry<Sink> {
+        &self.active
+    }
+
+    pub fn has_waiting(&self) -> bool {
+        !self.replies.is_empty()
+    }
+
+    pub fn learn_schemas(&mut self, schemas: impl IntoIterator<Item = (String, u32)>) {
+        self.schema_oids.extend(schemas);
+    }
+
+    /// Adds a validated join to the waiting ones and publishes its
+    /// interest: from now on its tables' commits are captured (once their
+    /// triggers are on).
+    pub fn wait(&mut self, key: ChannelKey, subscription: Subscription<Sink>, reply: JoinReply) {
+        self.waiting.subscribe(key.clone(), subscription);
+        self.replies.push(Waiting {
+            key,
+            reply,
+            since: Instant::now(),
+        });
+        self.publish_interest();
+    }
+
+    /// Ends a channel's subscription, active or waiting (nothing if it has
+    /// none); returns whether an active one ended.
+    pub fn unsubscribe(&mut self, key: &ChannelKey) -> bool {
+        let ended = self.active.unsubscribe(key).is_some();
+        if ended {
+            Counters::decr(&crate::shmem::counters().subscriptions);
+            self.publish_interest();
+        }
+        if self.waiting.unsubscribe(key).is_some() {
+            self.replies.retain(|w| w.key != *key);
+            self.publish_interest();
+        }
+        ended
+    }
+
+    /// Every wanted trigger is on: makes each waiting join active and
+    /// answers it.
+    pub fn admit_waiting(&mut self) {
+        for waiting in std::mem::take(&mut self.replies) {
+            if let Some(subscription) = self.waiting.unsubscribe(&waiting.key) {
+                if self.active.get(&waiting.key).is_none() {
+                    Counters::incr(&crate::shmem::counters().subscriptions);
+                }
+                self.active.subscribe(waiting.key, subscription);
+            }
+            let _ = waiting.reply.send(Ok(()));
+        }
+    }
+
+    /// Some wanted trigger is not on, for the reasons in `busy`: refuses
+    /// the joins that have waited `JOIN_WAIT_LIMIT`.
+    pub fn give_up_late(&mut self, now: Instant, busy: &[String]) {
+        let (late, patient): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.replies)
+            .into_iter()
+            .partition(|w| now.duration_since(w.since) >= JOIN_WAIT_LIMIT);
+        self.replies = patient;
+        if late.is_empty() {
+            return;
+        }
+        for waiting in late {
+            self.waiting.unsubscribe(&waiting.key);
+            let _ = waiting.reply.send(Err(format!(
+                "Unable to subscribe to changes: capture could not be switched on within {} s for {}. Retry later.",
+                JOIN_WAIT_LIMIT.as_secs(),
+                busy.join(", ")
+            )));
+        }
+        self.publish_interest();
+    }
+
+    /// Publishes what the subscriptions and the waiting joins cover: the
+    /// tables and schemas anyone listens to and, for each table whose
+    /// bindings all have an equality condition on one column, the keys
+    /// they want there (capture triggers drop other rows). The filters
+    /// are written before the interest table points at them, and a slot
+    /// is freed only after nothing points at it; a trigger that reads a
+    /// slot meanwhile rewritten for another table sends its row on.
+    fn publish_interest(&mut self) {
+        let (mut tables, mut schemas, mut all) = self.active.interest();
+        let (waiting_tables, waiting_schemas, waiting_all) = self.waiting.interest();
+        tables.extend(waiting_tables);
+        schemas.extend(waiting_schemas);
+        all |= waiting_all;
+        let mut oids: HashSet<u32> = tables.iter().copied().collect();
+        let filters = crate::shmem::key_filters();
+        let mut free: Vec<usize> = (0..filters.len())
+            .rev()
+            .filter(|slot| !self.filter_slots.values().any(|s| s == slot))
+            .collect();
+        let mut slots: HashMap<u32, usize> = HashMap::new();
+        for relid in &oids {
+            let filter = self.active.row_filter(*relid).union(self.waiting.row_filter(*relid));
+            let RowFilter::Keys { column, kind, keys } = filter else {
+                continue;
+            };
+            let Some(slot) = self.filter_slots.get(relid).copied().or_else(|| free.pop()) else {
+                continue; // no slot left: every row of this table goes on
+            };
+            if filters.write(slot, *relid, column, kind, keys) {
+                slots.insert(*relid, slot);
+            }
+        }
+        oids.extend(schemas.iter().filter_map(|s| self.schema_oids.get(s)));
+        crate::shmem::interest().set_with_schemas(&oids, all, !schemas.is_empty(), |oid| slots.get(&oid).copied());
+        for (relid, slot) in &self.filter_slots {
+            if slots.get(relid) != Some(slot) {
+                filters.clear(*slot);
+            }
+        }
+        self.filter_slots = slots;
+    }
+
+    /// Tells each channel that some change it may have wanted could not be
+    /// checked against its privileges or policies (an error, or a check
+    /// over `pg_realtime.check_timeout`; the server log says which) and was
+    /// not delivered.
+    pub fn notify_unchecked(&self, keys: &[&ChannelKey]) {
+        let message = "Some changes could not be checked against this subscription's privileges or row-level \
+                       security policies and were not delivered: refetch to catch up";
+        for key in keys {
+            if let Some(sub) = self.active.get(key) {
+                let _ = sub.sink.tx.force(Arc::new(system_error(&sub.sink, message)));
+            }
+        }
+    }
+
+    /// Tells every channel subscribed to one of `relids` (or to anything,
+    /// with `all`) that changes were lost, so it can refetch.
+    pub fn notify_loss(&self, relids: &[u32], all: bool) {
+        let message = "Some changes may not have been delivered (the realtime queue overflowed, or they were written \
+                       while this subscription was being set up): refetch to catch up";
+        for sink in self.active.sinks_for(relids, all) {
+            let _ = sink.tx.force(Arc::new(system_error(sink, message)));
+        }
+    }
+}
+
+/// A `system` error on a channel, `extension: postgres_changes`.
+fn system_error(sink: &Sink, message: &str) -> Outbound {
+    Outbound::system(None, &sink.topic, "postgres_changes", "error", message, &sink.subtopic)
+}

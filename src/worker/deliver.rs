@@ -1,0 +1,60 @@
+//! Sending a batch of committed transactions to the channels: what goes
+//! where is `bgworker::changes::deliver::plan`'s, with the checks run
+//! through SPI (`access`); this queues each event and tells channels what
+//! was lost or could not be checked.
+
+use super::access::AccessCache;
+use super::channels::Channels;
+use bgworker::changes::deliver;
+use bgworker::changes::registry::ChannelKey;
+use bgworker::server::fanout::{Charge, FanoutError};
+use bgworker::server::protocol::Outbound;
+use bgworker::shared::stats::Counters;
+use bgworker::shared::wire::Transaction;
+use std::sync::Arc;
+
+/// Matches `transactions` (in commit order) against the subscriptions and
+/// queues each channel its events; returns whether a subscription ended
+/// (its connection had closed).
+pub fn deliver(channels: &mut Channels, access: &mut AccessCache, transactions: &[Transaction]) -> bool {
+    let max_record_bytes = crate::gucs::max_record_bytes();
+    let deliver::Plan {
+        lost,
+        frames,
+        sends,
+        unchecked,
+    } = deliver::plan(channels.active(), access, transactions, max_record_bytes);
+    for relids in &lost {
+        channels.notify_loss(relids, false);
+    }
+    // Each frame's memory is counted once against the total, however many
+    // channels it goes to.
+    let mut charges: Vec<Option<Arc<Charge>>> = vec![None; frames.len()];
+    // (connections that closed without their leaves reaching us)
+    let mut gone: Vec<ChannelKey> = Vec::new();
+    let counters = crate::shmem::counters();
+    for send in sends {
+        let data = &frames[send.frame];
+        let charge = charges[send.frame].get_or_insert_with(|| send.sink.tx.charge(data.len()));
+        let out = Outbound::PostgresChanges {
+            topic: send.sink.topic.clone(),
+            ids: send.ids,
+            data: data.clone(),
+        };
+        match send.sink.tx.send_shared(Arc::new(out), charge) {
+            Ok(()) => Counters::incr(&counters.events_delivered),
+            // Too far behind: its connection tells each channel and
+            // closes (`server::fanout`).
+            Err(FanoutError::Full) => Counters::incr(&counters.events_dropped),
+            Err(FanoutError::Closed) => gone.push(send.channel.clone()),
+        }
+    }
+    channels.notify_unchecked(&unchecked);
+    gone.sort();
+    gone.dedup();
+    let mut ended = false;
+    for key in gone {
+        ended |= channels.unsubscribe(&key);
+    }
+    ended
+}
