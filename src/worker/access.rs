@@ -133,15 +133,14 @@ fn read_all(
         .into_iter()
         .map(|(role, relid)| {
             // (an ERROR, say a role dropped meanwhile, is caught)
-            let read = catalog::catching(|| read_grants(&role, relid, names.get(&relid)))
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            let read = catalog::catching(|| read_grants(&role, relid, names.get(&relid))).and_then(|r| Ok(r?));
             let readable = match read {
                 Ok(readable) => Some(readable.map(Arc::new)),
                 Err(e) => {
                     pgrx::warning!(
                         "pg_realtime: could not read what role \"{}\" may see: {}",
                         bgworker::server::log::escape(&role),
-                        bgworker::server::log::escape(&e)
+                        bgworker::server::log::escape(&e.to_string())
                     );
                     None
                 }
@@ -189,7 +188,7 @@ fn run_checks(jobs: Vec<CheckJob>) -> HashMap<CheckKey, Option<HashSet<usize>>> 
                 pgrx::warning!(
                     "pg_realtime: row-level security check failed for role \"{}\": {}",
                     bgworker::server::log::escape(&job.key.role),
-                    bgworker::server::log::escape(&e)
+                    bgworker::server::log::escape(&e.to_string())
                 );
                 None
             }

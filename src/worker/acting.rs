@@ -13,7 +13,7 @@
 //!   AUTHORIZATION` or create temporary objects, and nothing it writes or
 //!   sets outlives the check.
 
-use super::catalog::{self, SpiResult};
+use super::catalog::{self, CatalogError, CatalogResult, SpiResult};
 use super::deadline::Deadline;
 use pgrx::prelude::*;
 use std::panic::UnwindSafe;
@@ -22,32 +22,7 @@ use std::panic::UnwindSafe;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActingRole(pub pg_sys::Oid);
 
-/// Why a token's role claim is not honoured.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RoleRefusal {
-    #[error("Unauthorized: role \"{0}\" of the token does not exist")]
-    Unknown(String),
-    #[error(
-        "Unauthorized: role \"{role}\" of the token may not be used: the role pg_realtime.authenticator names \
-         (\"{authenticator}\") may not become it (GRANT \"{role}\" TO \"{authenticator}\")"
-    )]
-    NotGranted { role: String, authenticator: String },
-    #[error("Unauthorized: role \"{0}\" of the token may not be used: it is the authenticator role itself")]
-    Authenticator(String),
-    #[error("Unauthorized: role \"{0}\" of the token may not be used: it is a superuser")]
-    Superuser(String),
-    #[error(
-        "Realtime is misconfigured: the role pg_realtime.authenticator names (\"{0}\") is a superuser, so it may \
-         become any role; use a role that is not (CREATE ROLE authenticator NOINHERIT LOGIN)"
-    )]
-    SuperuserAuthenticator(String),
-    #[error(
-        "Realtime is not configured: the role pg_realtime.authenticator names (\"{0}\") does not exist. \
-         Create it and grant it the API roles: CREATE ROLE \"{0}\" NOINHERIT LOGIN; \
-         GRANT anon, authenticated, service_role TO \"{0}\";"
-    )]
-    NoAuthenticator(String),
-}
+pub use bgworker::server::errors::RoleRefusal;
 
 /// Whether `pg_realtime.authenticator` may act as `role`. Runs inside a
 /// transaction.
@@ -234,14 +209,14 @@ pub fn quarantine_on_start() {
 /// current user switched to its role in the restricted security context,
 /// all in a subtransaction that is rolled back however `f` ends. A
 /// PostgreSQL error in `f` (a policy that raises, a value that does not
-/// cast, an attempt to change role) comes back as its message.
+/// cast, an attempt to change role) comes back as [`CatalogError::Raised`].
 ///
 /// It may take `pg_realtime.check_timeout` at most (a lock it waits for
 /// too: `lock_timeout`), then it is cancelled like a statement that timed
 /// out: code of a table's owner cannot hold the worker's main thread.
-pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> + UnwindSafe) -> Result<T, String> {
+pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> + UnwindSafe) -> CatalogResult<T> {
     if let Some(why) = refused(identity.subject) {
-        return Err(why);
+        return Err(CatalogError::Refused(why));
     }
     let _noted = checking(identity.subject);
     let role = identity.role;
@@ -265,7 +240,7 @@ pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> 
         let _restricted = Restricted::enter(role);
         f()
     })
-    .and_then(|answer| answer.map_err(|e| e.to_string()));
+    .and_then(|answer| Ok(answer?));
     // Code that waited on this process's latch (pg_sleep, a lock wait)
     // reset it, and with it any wake-up meant for the main loop (a commit
     // that came meanwhile): set it again, so the loop looks once more.

@@ -146,6 +146,6 @@ impl CaptureSwitch {
 
 /// Switches a table's capture triggers in a transaction of its own, so the
 /// worker never holds one table's lock while waiting for another's.
-fn switch(relid: u32, on: bool, wait_ms: i32) -> Result<bool, String> {
+fn switch(relid: u32, on: bool, wait_ms: i32) -> catalog::CatalogResult<bool> {
     catalog::in_transaction(|| catalog::switch_capture(relid, on, wait_ms))
 }

@@ -2,10 +2,12 @@
 //! table published, may a role read it, what type is a column, does a filter
 //! value cast. Every function here runs inside a transaction on the main
 //! thread; the ones that can raise (a value that does not cast) run in a
-//! subtransaction and turn the error into a message.
+//! subtransaction and turn the error into a [`CatalogError`].
 
+use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
 use pgrx::PgTryBuilder;
 
 /// A table as the catalog has it now.
@@ -15,22 +17,47 @@ pub struct Table {
 
 pub type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
-fn text_rows(query: &str, args: Vec<pgrx::datum::DatumWithOid<'_>>) -> SpiResult<Vec<Vec<Option<String>>>> {
-    Spi::connect(|client| texts(client.select(query, None, &args)?))
+/// A catalog question (or code run as a subscriber) that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Spi(#[from] pgrx::spi::Error),
+    /// An ERROR raised inside, caught in a subtransaction: its message.
+    #[error("{0}")]
+    Raised(String),
+    /// Checks of the table are refused for now (`acting::refused`): why.
+    #[error("{0}")]
+    Refused(String),
 }
 
-/// Every value of every row, as text.
-fn texts(table: pgrx::spi::SpiTupleTable<'_>) -> SpiResult<Vec<Vec<Option<String>>>> {
-    let columns = table.columns()?;
-    let mut rows = Vec::new();
-    for row in table {
-        let mut values = Vec::with_capacity(columns);
-        for i in 1..=columns {
-            values.push(row.get::<String>(i)?);
+pub type CatalogResult<T> = Result<T, CatalogError>;
+
+/// The first column of the first row (None: no row, or NULL).
+fn first<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid<'_>]) -> SpiResult<Option<T>> {
+    Spi::connect(|client| match client.select(query, Some(1), args)?.next() {
+        Some(row) => row.get::<T>(1),
+        None => Ok(None),
+    })
+}
+
+/// Each row, read by `read`.
+fn rows<T>(
+    query: &str,
+    args: &[DatumWithOid<'_>],
+    read: impl Fn(&SpiHeapTupleData<'_>) -> SpiResult<Option<T>>,
+) -> SpiResult<Vec<T>> {
+    Spi::connect(|client| {
+        let mut out = Vec::new();
+        for row in client.select(query, None, args)? {
+            out.extend(read(&row)?);
         }
-        rows.push(values);
-    }
-    Ok(rows)
+        Ok(out)
+    })
+}
+
+/// An OID as the extension keeps it.
+fn oid(o: Option<pg_sys::Oid>) -> Option<u32> {
+    o.map(u32::from)
 }
 
 thread_local! {
@@ -42,52 +69,48 @@ thread_local! {
 
 /// The table `schema.name`, if it exists.
 pub fn table(schema: &str, name: &str) -> SpiResult<Option<Table>> {
-    let rows = text_rows(
-        "SELECT c.oid::text FROM pg_catalog.pg_class c \
+    let relid = first::<pg_sys::Oid>(
+        "SELECT c.oid FROM pg_catalog.pg_class c \
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-        vec![schema.into(), name.into()],
+        &[schema.into(), name.into()],
     )?;
-    Ok(rows.into_iter().next().and_then(|r| {
-        Some(Table {
-            relid: r[0].as_deref()?.parse().ok()?,
-        })
-    }))
+    Ok(oid(relid).map(|relid| Table { relid }))
 }
 
 /// Whether the publication has the table (or, without a table, any table of
 /// the schema; with neither, any table). A partitioned table counts when
 /// its partitions are published: their rows are reported under its name.
 pub fn published(publication: &str, schema: Option<&str>, table: Option<&str>) -> SpiResult<bool> {
-    let rows = text_rows(
+    let found = first::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt \
            JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname \
            JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
            JOIN pg_catalog.pg_class r ON r.oid = coalesce(pg_catalog.pg_partition_root(c.oid), c.oid) \
            JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace \
-         WHERE pt.pubname = $1 AND ($2::text IS NULL OR rn.nspname = $2) AND ($3::text IS NULL OR r.relname = $3))::text",
-        vec![publication.into(), schema.into(), table.into()],
+         WHERE pt.pubname = $1 AND ($2::text IS NULL OR rn.nspname = $2) AND ($3::text IS NULL OR r.relname = $3))",
+        &[publication.into(), schema.into(), table.into()],
     )?;
-    Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
+    Ok(found == Some(true))
 }
 
 /// Whether `role` may SELECT any column of the table (what subscribing
 /// needs; deliveries then show only the columns it may SELECT).
 pub fn can_select(role: &str, relid: u32) -> SpiResult<bool> {
-    let rows = text_rows(
-        "SELECT pg_catalog.has_any_column_privilege($1, $2::oid, 'SELECT')::text",
-        vec![role.into(), relid.to_string().into()],
+    let may = first::<bool>(
+        "SELECT pg_catalog.has_any_column_privilege($1, $2, 'SELECT')",
+        &[role.into(), pg_sys::Oid::from(relid).into()],
     )?;
-    Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
+    Ok(may == Some(true))
 }
 
 /// Whether `role` may SELECT the column `name` of the table.
 pub fn can_select_column(role: &str, relid: u32, name: &str) -> SpiResult<bool> {
-    let rows = text_rows(
-        "SELECT pg_catalog.has_column_privilege($1, $2::oid, $3, 'SELECT')::text",
-        vec![role.into(), relid.to_string().into(), name.into()],
+    let may = first::<bool>(
+        "SELECT pg_catalog.has_column_privilege($1, $2, $3, 'SELECT')",
+        &[role.into(), pg_sys::Oid::from(relid).into(), name.into()],
     )?;
-    Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
+    Ok(may == Some(true))
 }
 
 /// What a role may read of a table now.
@@ -105,47 +128,46 @@ pub struct Access {
 /// the caller sets empty (see `clear_search_path`), so they name every
 /// object with its schema.
 pub fn access(role: &str, relid: u32) -> SpiResult<Option<Access>> {
-    let args = || vec![role.into(), relid.to_string().into()];
-    let applies = text_rows(
+    let args = || [role.into(), pg_sys::Oid::from(relid).into()];
+    // (a row, with a NULL in it, whenever the role and table exist)
+    let applies = rows(
         "SELECT (c.relrowsecurity AND NOT r.rolsuper AND NOT r.rolbypassrls \
-                 AND NOT (pg_catalog.pg_has_role(r.oid, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity))::text \
-         FROM pg_catalog.pg_class c, pg_catalog.pg_roles r WHERE r.rolname = $1 AND c.oid = $2::oid",
-        args(),
+                 AND NOT (pg_catalog.pg_has_role(r.oid, c.relowner, 'USAGE') AND NOT c.relforcerowsecurity)) \
+         FROM pg_catalog.pg_class c, pg_catalog.pg_roles r WHERE r.rolname = $1 AND c.oid = $2",
+        &args(),
+        |row| Ok(Some(row.get::<bool>(1)?)),
     )?;
-    let Some(applies) = applies.first().map(|r| r[0].as_deref() == Some("true")) else {
+    let Some(applies) = applies.first().map(|applies| *applies == Some(true)) else {
         return Ok(None);
     };
-    let columns = text_rows(
-        "SELECT a.attname::text, pg_catalog.has_column_privilege($1, a.attrelid, a.attnum, 'SELECT')::text \
-         FROM pg_catalog.pg_attribute a WHERE a.attrelid = $2::oid AND a.attnum > 0 AND NOT a.attisdropped \
+    let columns = rows(
+        "SELECT a.attname::text, pg_catalog.has_column_privilege($1, a.attrelid, a.attnum, 'SELECT') \
+         FROM pg_catalog.pg_attribute a WHERE a.attrelid = $2 AND a.attnum > 0 AND NOT a.attisdropped \
          ORDER BY a.attnum",
-        args(),
-    )?
-    .into_iter()
-    .filter_map(|r| Some((r[0].clone()?, r[1].as_deref() == Some("true"))))
-    .collect();
+        &args(),
+        |row| {
+            let may = row.get::<bool>(2)? == Some(true);
+            Ok(row.get::<String>(1)?.map(|name| (name, may)))
+        },
+    )?;
     let policies = if applies {
         // Policies for SELECT (or ALL) whose roles include PUBLIC or one
         // the role has the privileges of; a policy without USING adds no
         // rows, as in Postgres.
-        let rows = text_rows(
-            "SELECT p.polpermissive::text, pg_catalog.pg_get_expr(p.polqual, p.polrelid) \
-             FROM pg_catalog.pg_policy p WHERE p.polrelid = $2::oid AND p.polcmd IN ('r', '*') \
+        Some(rows(
+            "SELECT p.polpermissive, pg_catalog.pg_get_expr(p.polqual, p.polrelid) \
+             FROM pg_catalog.pg_policy p WHERE p.polrelid = $2 AND p.polcmd IN ('r', '*') \
              AND p.polqual IS NOT NULL \
              AND EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) pr \
                          WHERE pr = 0 OR pg_catalog.pg_has_role($1, pr, 'USAGE'))",
-            args(),
-        )?;
-        Some(
-            rows.into_iter()
-                .filter_map(|r| {
-                    Some(bgworker::changes::rls::Policy {
-                        permissive: r[0].as_deref() == Some("true"),
-                        using: r[1].clone()?,
-                    })
-                })
-                .collect(),
-        )
+            &args(),
+            |row| {
+                let permissive = row.get::<bool>(1)? == Some(true);
+                Ok(row
+                    .get::<String>(2)?
+                    .map(|using| bgworker::changes::rls::Policy { permissive, using }))
+            },
+        )?)
     } else {
         None
     };
@@ -183,28 +205,33 @@ pub struct ColumnType {
 }
 
 pub fn column(relid: u32, name: &str) -> SpiResult<Option<ColumnType>> {
-    let rows = text_rows(
-        "SELECT t.typname::text, t.oid::text, pg_catalog.format_type(a.atttypid, a.atttypmod) \
+    let found = rows(
+        "SELECT t.typname::text, t.oid, pg_catalog.format_type(a.atttypid, a.atttypmod) \
          FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
-         WHERE a.attrelid = $1::oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-        vec![relid.to_string().into(), name.into()],
+         WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+        &[pg_sys::Oid::from(relid).into(), name.into()],
+        |row| {
+            let (typname, type_oid, sql_type) = (row.get::<String>(1)?, oid(row.get(2)?), row.get::<String>(3)?);
+            Ok(typname
+                .zip(type_oid)
+                .zip(sql_type)
+                .map(|((typname, type_oid), sql_type)| ColumnType {
+                    typname,
+                    type_oid,
+                    sql_type,
+                }))
+        },
     )?;
-    Ok(rows.into_iter().next().and_then(|r| {
-        Some(ColumnType {
-            typname: r[0].clone()?,
-            type_oid: r[1].as_deref()?.parse().ok()?,
-            sql_type: r[2].clone()?,
-        })
-    }))
+    Ok(found.into_iter().next())
 }
 
 /// OIDs of schemas by name (for the interest table).
 pub fn schema_oid(name: &str) -> SpiResult<Option<u32>> {
-    let rows = text_rows(
-        "SELECT oid::text FROM pg_catalog.pg_namespace WHERE nspname = $1",
-        vec![name.into()],
+    let found = first::<pg_sys::Oid>(
+        "SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1",
+        &[name.into()],
     )?;
-    Ok(rows.into_iter().next().and_then(|r| r[0].as_deref()?.parse().ok()))
+    Ok(oid(found))
 }
 
 /// `values` cast to `sql_type` and rendered as JSON the way captured rows
@@ -235,27 +262,27 @@ pub fn release_session_locks() -> SpiResult<()> {
     Spi::run("SELECT pg_catalog.pg_advisory_unlock_all()")
 }
 
-/// Runs `f` in a subtransaction; a Postgres error in it becomes `Err` with
-/// its message and leaves the surrounding transaction usable.
-pub fn catching<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+/// Runs `f` in a subtransaction; a Postgres error in it becomes
+/// [`CatalogError::Raised`] and leaves the surrounding transaction usable.
+pub fn catching<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> CatalogResult<T> {
     subtransaction(f, true)
 }
 
 /// Runs `f` in a transaction of its own, an ERROR in it caught
-/// ([`catching`]): a failure of either kind comes back as its message.
+/// ([`catching`]).
 pub fn in_transaction<T>(
     f: impl FnOnce() -> SpiResult<T> + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> Result<T, String> {
-    pgrx::bgworkers::BackgroundWorker::transaction(move || catching(f)).and_then(|r| r.map_err(|e| e.to_string()))
+) -> CatalogResult<T> {
+    pgrx::bgworkers::BackgroundWorker::transaction(move || catching(f)).and_then(|r| Ok(r?))
 }
 
 /// Like [`catching`], but whatever `f` did is rolled back even when it
 /// succeeds: for probes that write only to ask.
-pub fn rolled_back<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+pub fn rolled_back<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> CatalogResult<T> {
     subtransaction(f, false)
 }
 
-fn subtransaction<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> Result<T, String> {
+fn subtransaction<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> CatalogResult<T> {
     // SAFETY: the main thread, inside a transaction; the memory context and
     // resource owner are restored whichever way the subtransaction ends, as
     // PL/pgSQL does around an exception block.
@@ -287,10 +314,10 @@ fn subtransaction<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool)
         // SAFETY: rolls back the subtransaction begun above.
         unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
         restore();
-        Err(match error {
+        Err(CatalogError::Raised(match error {
             CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
             CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
-        })
+        }))
     })
     .execute()
 }
@@ -357,8 +384,8 @@ pub fn insert_message(topic: &str, extension: &str) -> SpiResult<()> {
 pub fn captured() -> SpiResult<Vec<bgworker::changes::switch::Captured>> {
     // (the capture function found by name, not as a constant OID: the
     // plan outlives a DROP and CREATE EXTENSION)
-    const QUERY: &str = "SELECT c.oid::text, c.relnamespace::text, pg_catalog.format('%I.%I', n.nspname, c.relname), \
-                pg_catalog.bool_and(p.tgenabled <> 'D')::text, pg_catalog.bool_or(p.tgenabled <> 'D')::text \
+    const QUERY: &str = "SELECT c.oid, c.relnamespace, pg_catalog.format('%I.%I', n.nspname, c.relname), \
+                pg_catalog.bool_and(p.tgenabled <> 'D'), pg_catalog.bool_or(p.tgenabled <> 'D') \
          FROM pg_catalog.pg_trigger t \
          JOIN pg_catalog.pg_proc f ON f.oid = t.tgfoid AND f.proname = 'capture_changes' \
          JOIN pg_catalog.pg_namespace fn ON fn.oid = f.pronamespace AND fn.nspname = 'realtime' \
@@ -368,36 +395,43 @@ pub fn captured() -> SpiResult<Vec<bgworker::changes::switch::Captured>> {
            OR p.tgrelid IN (SELECT relid FROM pg_catalog.pg_partition_tree(c.oid))) \
          WHERE t.tgparentid = 0 \
          GROUP BY c.oid, c.relnamespace, n.nspname, c.relname";
-    let rows = Spi::connect(|client| {
+    Spi::connect(|client| {
         CAPTURED_PLAN.with(|plan| {
             let mut plan = plan.borrow_mut();
             if plan.is_none() {
                 *plan = Some(client.prepare(QUERY, &[])?.keep());
             }
-            texts(client.select(plan.as_ref().expect("prepared above"), None, &[])?)
+            let mut out = Vec::new();
+            for row in client.select(plan.as_ref().expect("prepared above"), None, &[])? {
+                out.extend(captured_table(&row)?);
+            }
+            Ok(out)
         })
-    })?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| {
-            Some(bgworker::changes::switch::Captured {
-                relid: r[0].as_deref()?.parse().ok()?,
-                namespace: r[1].as_deref()?.parse().ok()?,
-                name: r[2].clone()?,
-                all_on: r[3].as_deref() == Some("true"),
-                any_on: r[4].as_deref() == Some("true"),
-            })
-        })
-        .collect())
+    })
+}
+
+fn captured_table(row: &SpiHeapTupleData<'_>) -> SpiResult<Option<bgworker::changes::switch::Captured>> {
+    let (relid, namespace, name) = (oid(row.get(1)?), oid(row.get(2)?), row.get::<String>(3)?);
+    let (all_on, any_on) = (row.get::<bool>(4)? == Some(true), row.get::<bool>(5)? == Some(true));
+    Ok(relid
+        .zip(namespace)
+        .zip(name)
+        .map(|((relid, namespace), name)| bgworker::changes::switch::Captured {
+            relid,
+            namespace,
+            name,
+            all_on,
+            any_on,
+        }))
 }
 
 /// Switches a table's capture triggers on or off (`realtime.switch_capture`):
 /// false when a transaction holding a conflicting lock on it is still
 /// running (after `wait_ms`, or at once with 0).
 pub fn switch_capture(relid: u32, on: bool, wait_ms: i32) -> SpiResult<bool> {
-    let rows = text_rows(
-        "SELECT realtime.switch_capture($1::pg_catalog.oid, $2, $3)::text",
-        vec![relid.to_string().into(), on.into(), wait_ms.into()],
+    let switched = first::<bool>(
+        "SELECT realtime.switch_capture($1, $2, $3)",
+        &[pg_sys::Oid::from(relid).into(), on.into(), wait_ms.into()],
     )?;
-    Ok(rows.first().and_then(|r| r[0].as_deref()) == Some("true"))
+    Ok(switched == Some(true))
 }

@@ -5,6 +5,7 @@
 
 use bgworker::changes::deliver::{Subscriber, Viewer};
 use bgworker::changes::registry::{ChannelKey, Registry, RowFilter, Subscription};
+use bgworker::server::errors::SubscribeError;
 use bgworker::server::fanout::FanoutSender;
 use bgworker::server::protocol::Outbound;
 use bgworker::shared::stats::Counters;
@@ -30,7 +31,7 @@ impl Subscriber for Sink {
 }
 
 /// The answer a join waits for: `Ok` once its changes are captured.
-pub type JoinReply = tokio::sync::oneshot::Sender<Result<(), String>>;
+pub type JoinReply = tokio::sync::oneshot::Sender<Result<(), SubscribeError>>;
 
 /// A join waiting for capture triggers to be switched on.
 struct Waiting {
@@ -121,11 +122,10 @@ impl Channels {
         }
         for waiting in late {
             self.waiting.unsubscribe(&waiting.key);
-            let _ = waiting.reply.send(Err(format!(
-                "Unable to subscribe to changes: capture could not be switched on within {} s for {}. Retry later.",
-                JOIN_WAIT_LIMIT.as_secs(),
-                busy.join(", ")
-            )));
+            let _ = waiting.reply.send(Err(SubscribeError::CaptureOff {
+                secs: JOIN_WAIT_LIMIT.as_secs(),
+                busy: busy.join(", "),
+            }));
         }
         self.publish_interest();
     }

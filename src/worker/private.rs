@@ -5,7 +5,8 @@
 //! (`acting`); everything is rolled back, so no row is ever kept.
 
 use super::acting::{self, Identity};
-use super::catalog;
+use super::catalog::{self, CatalogResult};
+use bgworker::server::errors::AuthorizeError;
 use bgworker::server::link::{Authorize, Permissions, Question};
 use pgrx::bgworkers::BackgroundWorker;
 
@@ -28,9 +29,9 @@ pub fn authorize(request: Authorize) {
         Err(e) => {
             pgrx::warning!(
                 "pg_realtime: could not check a private channel's permissions: {}",
-                bgworker::server::log::escape(&e)
+                bgworker::server::log::escape(&e.to_string())
             );
-            Err("Realtime was unable to connect to the project database".to_owned())
+            Err(AuthorizeError::NoDatabase)
         }
     };
     let _ = reply.send(answer);
@@ -43,16 +44,13 @@ fn answer(
     claims_json: &str,
     subtopic: &str,
     question: Question,
-) -> Result<Result<Permissions, String>, String> {
+) -> CatalogResult<Result<Permissions, AuthorizeError>> {
     if let Some(why) = acting::refused(bgworker::shared::quarantine::PRIVATE_PROBES) {
-        return Ok(Err(format!(
-            "Realtime could not check this channel's permissions: {why}"
-        )));
+        return Ok(Err(AuthorizeError::Refused(why)));
     }
-    let role = match acting::resolve(&claims.role) {
-        Ok(Ok(role)) => role,
-        Ok(Err(refusal)) => return Ok(Err(refusal.to_string())),
-        Err(e) => return Err(e.to_string()),
+    let role = match acting::resolve(&claims.role)? {
+        Ok(role) => role,
+        Err(refusal) => return Ok(Err(refusal.into())),
     };
     let identity = Identity {
         role,
@@ -77,12 +75,11 @@ fn answer(
 /// Which extensions the identity may read on the topic. An error while
 /// acting as it (no privilege on the table, a policy that raises) is a
 /// denial; an error inserting the probes is the database's.
-fn read(identity: &Identity<'_>, subtopic: &str) -> Result<Permissions, String> {
+fn read(identity: &Identity<'_>, subtopic: &str) -> CatalogResult<Permissions> {
     let seen = catalog::rolled_back(|| {
         let ids = catalog::insert_probes(subtopic)?;
         Ok::<_, pgrx::spi::Error>(acting::as_identity(identity, || catalog::visible_probes(&ids)).unwrap_or_default())
-    })
-    .and_then(|r| r.map_err(|e| e.to_string()))?;
+    })??;
     Ok(Permissions {
         broadcast: seen.iter().any(|e| e == "broadcast"),
         presence: seen.iter().any(|e| e == "presence"),

@@ -10,51 +10,32 @@ use bgworker::changes::deliver::Viewer;
 use bgworker::changes::filter::{self, Condition, ParsedCondition};
 use bgworker::changes::registry::{Binding, EventFilter, Target};
 use bgworker::changes::value::{self, Kind};
+use bgworker::server::errors::{BindingProblem, Params, SubscribeError};
 use bgworker::server::join::PostgresChangesBinding;
 use serde_json::Value;
 
-/// The parameters as Supabase lists them in its messages.
-fn params(b: &PostgresChangesBinding) -> String {
-    format!(
-        "[event: {}, schema: {}, table: {}, filters: [{}], select: nil]",
-        b.event,
-        b.schema.as_deref().unwrap_or("nil"),
-        b.table.as_deref().unwrap_or("nil"),
-        b.filter.as_deref().unwrap_or("")
-    )
+fn invalid(b: &PostgresChangesBinding, problem: BindingProblem) -> SubscribeError {
+    SubscribeError::Invalid {
+        params: Params::of(b),
+        problem,
+    }
 }
 
-fn refused(b: &PostgresChangesBinding, why: &str) -> String {
-    format!(
-        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {why}",
-        params(b)
-    )
-}
-
-fn not_enabled(b: &PostgresChangesBinding) -> String {
-    format!(
-        "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
-        params(b)
-    )
-}
-
-fn spi(e: pgrx::spi::Error) -> String {
-    format!("Realtime was unable to check the subscription: {e}")
+fn unchecked(e: impl std::fmt::Display) -> SubscribeError {
+    SubscribeError::Unchecked(e.to_string())
 }
 
 /// Validates a channel's bindings for the subscriber; returns them ready
-/// for the registry, or the message of the `system` error. Runs inside a
+/// for the registry, or the `system` error for the client. Runs inside a
 /// transaction; a PostgreSQL error in it (a column dropped meanwhile, say)
 /// is reported like any other reason.
-pub fn validate(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<Vec<Binding>, String> {
-    catalog::catching(|| checked(bindings, who)).and_then(|r| r)
+pub fn validate(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<Vec<Binding>, SubscribeError> {
+    catalog::catching(|| checked(bindings, who)).unwrap_or_else(|e| Err(SubscribeError::Postgres(e.to_string())))
 }
 
-fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<Vec<Binding>, String> {
-    catalog::clear_search_path().map_err(spi)?;
-    let role = acting::resolve(&who.role)
-        .map_err(spi)?
-        .map_err(|refusal| refusal.to_string())?;
+fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<Vec<Binding>, SubscribeError> {
+    catalog::clear_search_path().map_err(unchecked)?;
+    let role = acting::resolve(&who.role).map_err(unchecked)??;
     let identity = Identity {
         role,
         role_name: &who.role,
@@ -89,11 +70,12 @@ fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<V
                 let _noted = acting::checking(c.relid);
                 let _timed = acting::Timed::start(c.relid, crate::gucs::check_timeout_ms());
                 catalog::catching(|| catalog::cast_all_to_json(&c.values, &c.sql_type))
-                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .and_then(|r| Ok(r?))
+                    .map_err(|e| e.to_string())
             })
             .collect::<Vec<_>>())
     })
-    .map_err(|e| format!("Realtime was unable to check the subscription: {e}"))?;
+    .map_err(unchecked)?;
     let _ = catalog::release_session_locks();
     let mut cast = cast.into_iter();
     let mut out = Vec::with_capacity(bindings.len());
@@ -114,26 +96,21 @@ fn checked(bindings: &[(u32, PostgresChangesBinding)], who: &Viewer) -> Result<V
 }
 
 /// What one binding covers, and its filter's conditions.
-fn target(b: &PostgresChangesBinding, publication: &str, role: &str) -> Result<(Target, Vec<Uncast>), String> {
+fn target(b: &PostgresChangesBinding, publication: &str, role: &str) -> Result<(Target, Vec<Uncast>), SubscribeError> {
     let schema = match (&b.schema, &b.table) {
-        (None, None) => {
-            return Err(format!(
-                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
-                params(b)
-            ))
-        }
+        (None, None) => return Err(SubscribeError::NoTarget(Params::of(b))),
         (None, Some(_)) => "public".to_owned(),
         (Some(s), _) => s.clone(),
     };
-    let parsed = filter::parse(b.filter.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
+    let parsed = filter::parse(b.filter.as_deref().unwrap_or(""))?;
     let table = b.table.clone().filter(|t| t != "*" && schema != "*");
     let Some(table) = table else {
         let schema_filter = (schema != "*").then_some(schema.as_str());
-        if !catalog::published(publication, schema_filter, None).map_err(spi)? {
-            return Err(not_enabled(b));
+        if !catalog::published(publication, schema_filter, None).map_err(unchecked)? {
+            return Err(SubscribeError::NotPublished(Params::of(b)));
         }
         if !parsed.is_empty() {
-            return Err(refused(b, "filters need an explicit table"));
+            return Err(invalid(b, BindingProblem::FilterWithoutTable));
         }
         let target = if schema == "*" {
             Target::All
@@ -142,17 +119,15 @@ fn target(b: &PostgresChangesBinding, publication: &str, role: &str) -> Result<(
         };
         return Ok((target, Vec::new()));
     };
-    let Some(found) = catalog::table(&schema, &table).map_err(spi)? else {
-        return Err(refused(b, &format!("relation \"{schema}.{table}\" does not exist")));
+    let Some(found) = catalog::table(&schema, &table).map_err(unchecked)? else {
+        return Err(invalid(b, BindingProblem::NoSuchTable { schema, table }));
     };
-    if !catalog::published(publication, Some(&schema), Some(&table)).map_err(spi)? {
-        return Err(not_enabled(b));
+    if !catalog::published(publication, Some(&schema), Some(&table)).map_err(unchecked)? {
+        return Err(SubscribeError::NotPublished(Params::of(b)));
     }
-    if !catalog::can_select(role, found.relid).map_err(spi)? {
-        return Err(refused(
-            b,
-            &format!("permission denied: role \"{role}\" cannot SELECT from \"{schema}.{table}\""),
-        ));
+    if !catalog::can_select(role, found.relid).map_err(unchecked)? {
+        let role = role.to_owned();
+        return Err(invalid(b, BindingProblem::CannotSelect { role, schema, table }));
     }
     let conditions = parsed
         .into_iter()
@@ -180,18 +155,27 @@ impl Uncast {
         self,
         b: &PostgresChangesBinding,
         cast: Result<Vec<Option<String>>, String>,
-    ) -> Result<Condition, String> {
-        let invalid = |e: &str| refused(b, &format!("invalid value for filter {}: {e}", self.column));
+    ) -> Result<Condition, SubscribeError> {
+        let not_cast = |why: &str| {
+            let column = self.column.clone();
+            invalid(
+                b,
+                BindingProblem::InvalidValue {
+                    column,
+                    why: why.into(),
+                },
+            )
+        };
         let values = cast
-            .map_err(|e| invalid(&e))?
+            .map_err(|e| not_cast(&e))?
             .into_iter()
             .map(|v| {
                 v.map(|json| normalise(self.kind, json))
-                    .ok_or_else(|| invalid("the value did not cast"))
+                    .ok_or_else(|| not_cast("the value did not cast"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if values.len() != self.values.len() {
-            return Err(invalid("the value did not cast"));
+            return Err(not_cast("the value did not cast"));
         }
         Ok(Condition {
             column: self.column,
@@ -210,30 +194,21 @@ fn condition(
     relid: u32,
     table: &str,
     condition: ParsedCondition,
-) -> Result<Uncast, String> {
-    let Some(column) = catalog::column(relid, &condition.column).map_err(spi)? else {
-        return Err(refused(b, &format!("invalid column for filter {}", condition.column)));
+) -> Result<Uncast, SubscribeError> {
+    let Some(column) = catalog::column(relid, &condition.column).map_err(unchecked)? else {
+        return Err(invalid(b, BindingProblem::NoSuchColumn(condition.column)));
     };
     // A filter on a column the role may not read would tell it that
     // column's values.
-    if !catalog::can_select_column(role, relid, &condition.column).map_err(spi)? {
-        return Err(refused(
-            b,
-            &format!(
-                "permission denied: role \"{role}\" cannot SELECT column {} of \"{table}\"",
-                condition.column
-            ),
-        ));
+    if !catalog::can_select_column(role, relid, &condition.column).map_err(unchecked)? {
+        let (role, table) = (role.to_owned(), table.to_owned());
+        let column = condition.column;
+        return Err(invalid(b, BindingProblem::CannotSelectColumn { role, column, table }));
     }
     let kind = Kind::of_type_oid(column.type_oid);
     if condition.op.is_ordering() && !kind.is_ordered() {
-        return Err(refused(
-            b,
-            &format!(
-                "filter on {} of type {}: only eq, neq and in are supported",
-                condition.column, column.typname
-            ),
-        ));
+        let (column, typname) = (condition.column, column.typname);
+        return Err(invalid(b, BindingProblem::NotOrdered { column, typname }));
     }
     Ok(Uncast {
         relid,

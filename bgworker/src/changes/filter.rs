@@ -95,7 +95,7 @@ impl FilterRow for TextRow {
 }
 
 /// A filter that cannot be used. `Display` is the client-facing message.
-#[derive(Debug, Error, Clone, PartialEq)]
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FilterError {
     #[error("Error parsing `filter` params: {0}")]
     Parse(String),

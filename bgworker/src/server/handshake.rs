@@ -4,7 +4,7 @@
 
 use super::{ConnectionSlot, Context};
 use crate::server::jwt::{self, AuthError};
-use crate::server::protocol::Vsn;
+use crate::server::protocol::{ProtocolError, Vsn};
 use crate::shared::stats::Counters;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request};
@@ -23,19 +23,35 @@ pub struct Accepted {
     pub _slot: ConnectionSlot,
 }
 
-/// Why an upgrade was refused: the HTTP status and the `error` message.
-#[derive(Debug)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub message: String,
+/// Why an upgrade was refused: `Display` is the `error` of the JSON body,
+/// [`HandshakeError::status`] the HTTP status.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("Not found")]
+    NotFound,
+    #[error(transparent)]
+    Vsn(#[from] ProtocolError),
+    #[error("{}", .0.handshake_message())]
+    Token(#[from] AuthError),
+    #[error("Too many connected users")]
+    TooManyUsers,
 }
 
-impl Refusal {
+impl HandshakeError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HandshakeError::NotFound => StatusCode::NOT_FOUND,
+            HandshakeError::Vsn(_) => StatusCode::BAD_REQUEST,
+            HandshakeError::Token(_) => StatusCode::UNAUTHORIZED,
+            HandshakeError::TooManyUsers => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
     /// The HTTP response: `{"error": message}` with the status.
     pub fn response(&self) -> ErrorResponse {
-        let body = serde_json::json!({ "error": self.message }).to_string();
+        let body = serde_json::json!({ "error": self.to_string() }).to_string();
         let mut response = ErrorResponse::new(Some(body));
-        *response.status_mut() = self.status;
+        *response.status_mut() = self.status();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
@@ -44,22 +60,18 @@ impl Refusal {
     }
 }
 
-/// Checks an upgrade request.
-pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, Refusal> {
-    let refuse = |status: StatusCode, message: &str| {
-        Counters::incr(&ctx.counters.handshakes_refused);
-        Refusal {
-            status,
-            message: message.to_owned(),
-        }
-    };
+/// Checks an upgrade request; each refusal is counted.
+pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, HandshakeError> {
+    checked(ctx, request).inspect_err(|_| Counters::incr(&ctx.counters.handshakes_refused))
+}
+
+fn checked(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, HandshakeError> {
     let path = request.uri().path().trim_end_matches('/');
     if !PATHS.contains(&path) {
-        return Err(refuse(StatusCode::NOT_FOUND, "Not found"));
+        return Err(HandshakeError::NotFound);
     }
     let query = request.uri().query().unwrap_or("");
-    let vsn = Vsn::from_param(query_param(query, "vsn").as_deref())
-        .map_err(|e| refuse(StatusCode::BAD_REQUEST, &e.to_string()))?;
+    let vsn = Vsn::from_param(query_param(query, "vsn").as_deref())?;
     let token = request
         .headers()
         .get("x-api-key")
@@ -68,12 +80,10 @@ pub fn check(ctx: &Arc<Context>, request: &Request) -> Result<Accepted, Refusal>
         .or_else(|| query_param(query, "apikey"))
         .unwrap_or_default();
     let settings = ctx.settings();
-    settings.verifier.verify(&token, jwt::now()).map_err(|e: AuthError| {
+    settings.verifier.verify(&token, jwt::now()).inspect_err(|e| {
         tracing::debug!(error = %e, "upgrade refused");
-        refuse(StatusCode::UNAUTHORIZED, &e.handshake_message())
     })?;
-    let slot = ConnectionSlot::acquire(ctx, settings.max_connections)
-        .ok_or_else(|| refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users"))?;
+    let slot = ConnectionSlot::acquire(ctx, settings.max_connections).ok_or(HandshakeError::TooManyUsers)?;
     Ok(Accepted {
         vsn,
         token,
@@ -180,5 +190,32 @@ mod tests {
         assert_eq!(query_param(q, "flag").as_deref(), Some(""));
         assert_eq!(query_param(q, "missing"), None);
         assert_eq!(query_param("a=%zz%4", "a").as_deref(), Some("%zz%4"));
+    }
+
+    #[test]
+    fn refusals_have_their_status_and_message() {
+        let cases = [
+            (HandshakeError::NotFound, StatusCode::NOT_FOUND, "Not found"),
+            (
+                HandshakeError::TooManyUsers,
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many connected users",
+            ),
+            (
+                HandshakeError::Token(AuthError::Expired(3)),
+                StatusCode::UNAUTHORIZED,
+                "Token has expired",
+            ),
+        ];
+        for (error, status, message) in cases {
+            assert_eq!(error.status(), status);
+            assert_eq!(error.to_string(), message);
+            let response = error.response();
+            assert_eq!(response.status(), status);
+            let body: serde_json::Value = serde_json::from_str(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"], message);
+        }
+        let vsn = HandshakeError::from(Vsn::from_param(Some("9.0.0")).unwrap_err());
+        assert_eq!(vsn.status(), StatusCode::BAD_REQUEST);
     }
 }

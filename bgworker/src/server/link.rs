@@ -4,6 +4,7 @@
 
 use super::fanout::FanoutSender;
 use crate::changes::registry::ChannelKey;
+use crate::server::errors::{AuthorizeError, SubscribeError};
 use crate::server::join::PostgresChangesBinding;
 use crate::server::jwt::Claims;
 use crate::server::wake::Waker;
@@ -70,8 +71,8 @@ pub struct Authorize {
     pub subtopic: String,
     pub claims: Claims,
     pub question: Question,
-    /// `Err` is a message for the client (the database could not answer).
-    pub reply: oneshot::Sender<Result<Permissions, String>>,
+    /// `Err` is why the permissions are not known, for the client.
+    pub reply: oneshot::Sender<Result<Permissions, AuthorizeError>>,
 }
 
 /// A channel's `postgres_changes` subscription.
@@ -84,6 +85,6 @@ pub struct Subscribe {
     pub claims: Claims,
     /// Where the channel's events go.
     pub sink: FanoutSender,
-    /// `Err` is the `system` error message for the client.
-    pub reply: oneshot::Sender<Result<(), String>>,
+    /// `Err` is the `system` error for the client.
+    pub reply: oneshot::Sender<Result<(), SubscribeError>>,
 }

@@ -2,7 +2,8 @@
 //! about: each question is a future in [`Asks`], polled by the connection's
 //! loop beside its socket, so no answer is ever waited for in line.
 
-use super::super::link::{Authorize, MainLink, MainRequest, Permissions, Question, Subscribe};
+use crate::server::errors::{AskError, AuthorizeError, SubscribeError};
+use crate::server::link::{Authorize, MainLink, MainRequest, Permissions, Question, Subscribe};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, Stream};
 use futures_util::FutureExt;
@@ -10,9 +11,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::oneshot;
-
-/// What the client hears when the main thread cannot answer.
-pub const NO_DATABASE: &str = "Realtime was unable to connect to the project database";
 
 /// Why a channel asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,11 +24,11 @@ pub enum Stage {
 #[derive(Debug)]
 pub enum Reply {
     /// May the identity read the private topic (`Question::Read`)?
-    Read(Result<Permissions, String>),
+    Read(Result<Permissions, AuthorizeError>),
     /// Is the postgres_changes subscription in place?
-    Subscribed(Result<(), String>),
+    Subscribed(Result<(), SubscribeError>),
     /// May it broadcast on the private topic?
-    Write(Result<bool, String>),
+    Write(Result<bool, AuthorizeError>),
 }
 
 /// An answer, with what it is about: the channel (topic and join), the
@@ -79,18 +77,11 @@ impl Asks {
         &mut self,
         main: Option<&MainLink>,
         asker: Asker,
-        request: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Subscribe,
+        request: impl FnOnce(oneshot::Sender<Result<(), SubscribeError>>) -> Subscribe,
     ) {
         let (reply, answer) = oneshot::channel();
         let sent = main.map(|m| m.send(MainRequest::Subscribe(request(reply))));
-        let timed_out = format!(
-            "Timed out after {}ms waiting for the postgres_changes subscription",
-            self.timeout.as_millis()
-        );
-        let unavailable = main
-            .is_none()
-            .then(|| "postgres_changes is not available: the server runs without a database".to_owned());
-        self.push(asker, sent, unavailable, answer, timed_out, Reply::Subscribed);
+        self.push(asker, sent, answer, Reply::Subscribed);
     }
 
     /// Asks the main thread what the channel's identity may do on its
@@ -99,7 +90,7 @@ impl Asks {
         &mut self,
         main: Option<&MainLink>,
         asker: Asker,
-        request: impl FnOnce(oneshot::Sender<Result<Permissions, String>>) -> Authorize,
+        request: impl FnOnce(oneshot::Sender<Result<Permissions, AuthorizeError>>) -> Authorize,
     ) {
         let (reply, answer) = oneshot::channel();
         let question = {
@@ -108,33 +99,30 @@ impl Asks {
             let sent = main.map(|m| m.send(MainRequest::Authorize(request)));
             (question, sent)
         };
-        let timed_out = "Query was cancelled, please try again".to_owned();
         match question.0 {
-            Question::Read => self.push(asker, question.1, None, answer, timed_out, Reply::Read),
-            Question::Write(_) => self.push(asker, question.1, None, answer, timed_out, |r| {
-                Reply::Write(r.map(|p| p.broadcast))
-            }),
+            Question::Read => self.push(asker, question.1, answer, Reply::Read),
+            Question::Write(_) => self.push(asker, question.1, answer, |r| Reply::Write(r.map(|p| p.broadcast))),
         }
     }
 
-    fn push<T: Send + 'static>(
+    /// Waits for `answer` (if the question was `sent`: None without a
+    /// worker, false when it is gone) at most `timeout`.
+    fn push<T: Send + 'static, E: AskError>(
         &mut self,
         asker: Asker,
         sent: Option<bool>,
-        unavailable: Option<String>,
-        answer: oneshot::Receiver<Result<T, String>>,
-        timed_out: String,
-        reply: impl FnOnce(Result<T, String>) -> Reply + Send + 'static,
+        answer: oneshot::Receiver<Result<T, E>>,
+        reply: impl FnOnce(Result<T, E>) -> Reply + Send + 'static,
     ) {
         let timeout = self.timeout;
         let future = async move {
             let result = match sent {
-                None => Err(unavailable.unwrap_or_else(|| NO_DATABASE.to_owned())),
-                Some(false) => Err(NO_DATABASE.to_owned()),
+                None => Err(E::no_worker()),
+                Some(false) => Err(E::no_database()),
                 Some(true) => match tokio::time::timeout(timeout, answer).await {
                     Ok(Ok(result)) => result,
-                    Ok(Err(_)) => Err(NO_DATABASE.to_owned()),
-                    Err(_) => Err(timed_out),
+                    Ok(Err(_)) => Err(E::no_database()),
+                    Err(_) => Err(E::timed_out(timeout.as_millis())),
                 },
             };
             Answer {

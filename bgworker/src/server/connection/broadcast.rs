@@ -6,6 +6,7 @@
 
 use super::asks::Stage;
 use super::{broadcast_frame, Connection, TOPIC_PREFIX};
+use crate::server::errors::AuthorizeError;
 use crate::server::link::{Authorize, Question};
 use crate::server::protocol::{Outbound, Payload, UserBroadcast};
 use serde_json::json;
@@ -93,7 +94,7 @@ impl Connection {
         topic: &str,
         join: u64,
         identity: u64,
-        allowed: Result<bool, String>,
+        allowed: Result<bool, AuthorizeError>,
     ) -> Result<(), WsError> {
         let Some(channel) = self.channels.get_mut(topic).filter(|c| c.join == join) else {
             return Ok(());

@@ -7,6 +7,7 @@
 use super::asks::{Answer, Asker, Reply, Stage};
 use super::{Channel, Connection, Private, Subscription, TOPIC_PREFIX};
 use crate::changes::{filter, registry};
+use crate::server::errors::{JoinRefusal, OverLimit, SubscribeError};
 use crate::server::hub::Member;
 use crate::server::join::{parse_join, JoinConfig};
 use crate::server::jwt;
@@ -41,10 +42,15 @@ pub(super) fn binding_ids(config: &JoinConfig) -> Vec<u32> {
 }
 
 /// The `system` message that reports a postgres_changes (re)subscription.
-pub(super) fn subscription_status(join_ref: &str, topic: &str, subtopic: &str, result: Result<(), String>) -> Outbound {
+pub(super) fn subscription_status(
+    join_ref: &str,
+    topic: &str,
+    subtopic: &str,
+    result: Result<(), SubscribeError>,
+) -> Outbound {
     let (status, message) = match result {
         Ok(()) => ("ok", "Subscribed to PostgreSQL".to_owned()),
-        Err(message) => ("error", message),
+        Err(e) => ("error", e.to_string()),
     };
     Outbound::system(Some(join_ref), topic, "postgres_changes", status, &message, subtopic)
 }
@@ -59,9 +65,7 @@ impl Connection {
         if !self.joins.take(limits.joins_per_second_per_connection, now)
             || !self.ctx.joins.take(limits.joins_per_second, now)
         {
-            return self
-                .refuse_join(&frame, "ClientJoinRateLimitReached: Too many joins per second")
-                .await;
+            return self.refuse_join(&frame, &JoinRefusal::TooManyJoins.to_string()).await;
         }
         // A second join of a joined (or joining) topic replaces the first.
         if let Some(old) = self.remove_channel(&frame.topic) {
@@ -70,7 +74,7 @@ impl Connection {
         }
         let channel = match self.admit(&frame, &subtopic) {
             Ok(channel) => channel,
-            Err(reason) => return self.refuse_join(&frame, &reason).await,
+            Err(reason) => return self.refuse_join(&frame, &reason.to_string()).await,
         };
         if channel.config.private {
             let asker = self.asker(&frame.topic, &channel, Stage::Join);
@@ -147,7 +151,7 @@ impl Connection {
             return self.finish_join(channel, frame, None).await;
         }
         if let Some(problem) = self.over_binding_limits(&channel.config) {
-            return self.finish_join(channel, frame, Some(Err(problem))).await;
+            return self.finish_join(channel, frame, Some(Err(problem.into()))).await;
         }
         self.ask_subscribe(&frame.topic.clone(), &mut channel, Stage::Join);
         self.joining.insert(frame.topic.clone(), (channel, frame));
@@ -156,39 +160,37 @@ impl Connection {
 
     /// Why a join's postgres_changes bindings are more than one join may
     /// ask of the main thread (`Limits`), if they are.
-    pub(super) fn over_binding_limits(&self, config: &JoinConfig) -> Option<String> {
+    pub(super) fn over_binding_limits(&self, config: &JoinConfig) -> Option<OverLimit> {
         let limits = &self.ctx.settings().limits;
-        let prefix = "Unable to subscribe to changes with given parameters";
         let bindings = config.postgres_changes.len();
         if bindings > limits.max_bindings_per_join {
-            return Some(format!(
-                "{prefix}: {bindings} postgres_changes bindings in one join, more than pg_realtime.max_bindings_per_join ({})",
-                limits.max_bindings_per_join
-            ));
+            return Some(OverLimit::Bindings {
+                count: bindings,
+                max: limits.max_bindings_per_join,
+            });
         }
         let mut in_all = 0;
         for f in config.postgres_changes.iter().filter_map(|b| b.filter.as_deref()) {
             if f.len() > limits.max_filter_bytes {
-                return Some(format!(
-                    "{prefix}: a filter of {} bytes, more than pg_realtime.max_filter_bytes ({})",
-                    f.len(),
-                    limits.max_filter_bytes
-                ));
+                return Some(OverLimit::FilterBytes {
+                    bytes: f.len(),
+                    max: limits.max_filter_bytes,
+                });
             }
             let conditions = filter::parse(f).map_or(0, |c| c.len());
             if conditions > limits.max_filter_conditions {
-                return Some(format!(
-                    "{prefix}: a filter of {conditions} conditions, more than pg_realtime.max_filter_conditions ({})",
-                    limits.max_filter_conditions
-                ));
+                return Some(OverLimit::FilterConditions {
+                    count: conditions,
+                    max: limits.max_filter_conditions,
+                });
             }
             in_all += conditions;
         }
         if in_all > limits.max_conditions_per_join {
-            return Some(format!(
-                "{prefix}: {in_all} filter conditions in one join, more than pg_realtime.max_conditions_per_join ({})",
-                limits.max_conditions_per_join
-            ));
+            return Some(OverLimit::JoinConditions {
+                count: in_all,
+                max: limits.max_conditions_per_join,
+            });
         }
         None
     }
@@ -200,7 +202,7 @@ impl Connection {
         &mut self,
         mut channel: Channel,
         frame: Frame,
-        subscription: Option<Result<(), String>>,
+        subscription: Option<Result<(), SubscribeError>>,
     ) -> Result<(), WsError> {
         let ids = binding_ids(&channel.config);
         let postgres_changes: Vec<Value> = channel
@@ -262,7 +264,7 @@ impl Connection {
                         self.subscribe_then_finish(channel, frame).await
                     }
                     Ok(_) => self.refuse_join(&frame, &no_read_permission(&channel.subtopic)).await,
-                    Err(message) => self.refuse_join(&frame, &message).await,
+                    Err(e) => self.refuse_join(&frame, &e.to_string()).await,
                 }
             }
             (Stage::Join, Reply::Subscribed(result)) => {
@@ -304,13 +306,13 @@ impl Connection {
     }
 
     /// Decides what needs only the frame; `Err` is the reply's `reason`.
-    fn admit(&mut self, frame: &Frame, subtopic: &str) -> Result<Channel, String> {
+    fn admit(&mut self, frame: &Frame, subtopic: &str) -> Result<Channel, JoinRefusal> {
         if subtopic.is_empty() {
-            return Err("TopicNameRequired: You must provide a topic name".into());
+            return Err(JoinRefusal::TopicNameRequired);
         }
         let settings = self.ctx.settings();
         if self.channels.len() + self.joining.len() >= settings.max_channels_per_connection {
-            return Err("ChannelRateLimitReached: Too many channels".into());
+            return Err(JoinRefusal::TooManyChannels);
         }
         let payload = match &frame.payload {
             Payload::Json(v) => v.clone(),
@@ -327,10 +329,7 @@ impl Connection {
             );
         }
         let token = request.access_token.unwrap_or_else(|| self.accepted.token.clone());
-        let claims = settings
-            .verifier
-            .verify(&token, jwt::now())
-            .map_err(|e| e.join_reason())?;
+        let claims = settings.verifier.verify(&token, jwt::now())?;
         let join = self.next_join;
         self.next_join += 1;
         Ok(Channel {

@@ -7,6 +7,7 @@
 use super::asks::Stage;
 use super::join::{hub_key, subscription_status};
 use super::{Connection, Private, Subscription, REVALIDATE_EVERY};
+use crate::server::errors::{AuthorizeError, SubscribeError};
 use crate::server::hub::Member;
 use crate::server::jwt;
 use crate::server::link::{Authorize, Permissions, Question};
@@ -132,7 +133,7 @@ impl Connection {
                         self.unsubscribe(topic, channel.join);
                         channel.subscription = Subscription::None;
                     }
-                    let status = subscription_status(channel.join_ref(), topic, &channel.subtopic, Err(problem));
+                    let status = subscription_status(channel.join_ref(), topic, &channel.subtopic, Err(problem.into()));
                     let _ = self.fanout_tx.force(std::sync::Arc::new(status));
                 }
             }
@@ -148,7 +149,7 @@ impl Connection {
         topic: &str,
         join: u64,
         identity: u64,
-        read: Result<Permissions, String>,
+        read: Result<Permissions, AuthorizeError>,
     ) -> Result<(), WsError> {
         let Some(channel) = self
             .channels
@@ -169,7 +170,7 @@ impl Connection {
                 };
                 return self.end_channel_with(topic, &message).await;
             }
-            Err(message) => return self.end_channel_with(topic, &message).await,
+            Err(e) => return self.end_channel_with(topic, &e.to_string()).await,
         };
         let (id, tx) = (self.id, self.fanout_tx.clone());
         let hub = &self.ctx.hub;
@@ -205,7 +206,7 @@ impl Connection {
         topic: &str,
         join: u64,
         identity: u64,
-        result: Result<(), String>,
+        result: Result<(), SubscribeError>,
     ) -> Result<(), WsError> {
         let Some(channel) = self.channels.get_mut(topic).filter(|c| c.join == join) else {
             return Ok(());
