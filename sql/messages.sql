@@ -1,4 +1,4 @@
--- Private channels (realtime-protocol.md §6.4): who may join, read and write
+-- Private channels (docs/protocol.md, "Private channels"): who may join, read and write
 -- a private topic is decided by row-level security policies on
 -- realtime.messages, written by the DBA, using realtime.topic() and the
 -- extension column. The worker probes them as the channel's identity

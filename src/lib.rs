@@ -1,6 +1,6 @@
 //! pg_realtime: live database updates over WebSockets, served from inside
 //! PostgreSQL. This crate is the thin Postgres layer; the protocol, JWT and
-//! WebSocket server live in the pgrx-free `bgworker/` crate (`realtime`).
+//! WebSocket server live in the pgrx-free `bgworker/` crate.
 
 use pgrx::prelude::*;
 

@@ -1,6 +1,6 @@
 //! Private channels on the main thread: what an identity may do on a topic,
 //! from the row-level security policies on `realtime.messages`
-//! (`realtime-protocol.md` §6.4). Probe rows are inserted by the worker and
+//! (`docs/protocol.md`, "Private channels"). Probe rows are inserted by the worker and
 //! selected back, or inserted, as the subscriber in its restricted context
 //! (`acting`); everything is rolled back, so no row is ever kept.
 

@@ -1,5 +1,5 @@
 //! Turning a captured row change into the `data` of a `postgres_changes`
-//! event (`realtime-protocol.md` §3.1): typed records, `columns`, the
+//! event (`docs/protocol.md`, "Change events"): typed records, `columns`, the
 //! replica identity in `old_record`, UTC timestamps, and the size limit.
 //! Built once per change and shared by every channel it is delivered to.
 //! Values go out as the JSON text they were captured as (so numbers stay

@@ -1,5 +1,5 @@
 //! `postgres_changes` filters: `column=[not.]op.value`, joined by `,` (AND),
-//! as realtime-js's filter builder writes them (`realtime-protocol.md` §3.2).
+//! as realtime-js's filter builder writes them (`docs/protocol.md`, "Filters").
 //! Parsing is pure; turning each value into the column's type happens at join
 //! time against the catalog (the worker's main thread), and matching
 //! ([`Condition::matches`]) compares with the column type's semantics.

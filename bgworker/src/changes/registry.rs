@@ -2,7 +2,7 @@
 //! Bindings are indexed by relation (or schema, or all), and bindings with
 //! an equality condition by the value they want, so delivering an event
 //! costs work proportional to the subscriptions it matches, not to all the
-//! subscriptions on its table (invariant 5).
+//! subscriptions on its table (`docs/architecture.md`, invariant 5).
 
 use super::filter::FilterRow;
 use super::filter::{Condition, Op};

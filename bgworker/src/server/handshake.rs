@@ -1,6 +1,6 @@
 //! The HTTP upgrade: path, `vsn`, the `apikey` token and the connection
 //! limit are checked before a WebSocket exists. Refusals carry the status and
-//! JSON body of `realtime-protocol.md` §1.2.
+//! JSON body of `docs/protocol.md`, "Connecting".
 
 use super::{ConnectionSlot, Context};
 use crate::server::jwt::{self, AuthError};

@@ -1,5 +1,5 @@
-//! The `phx_join` payload: channel config and token (`realtime-protocol.md`
-//! §2.2). Like Supabase, an invalid config does not fail the join: the bad
+//! The `phx_join` payload: channel config and token (`docs/protocol.md`,
+//! "Joining"). Like Supabase, an invalid config does not fail the join: the bad
 //! part falls back to its default and a warning says what was ignored.
 
 use serde_json::{Map, Value};

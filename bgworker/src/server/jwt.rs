@@ -1,5 +1,5 @@
 //! JWT verification for the handshake `apikey` and channel `access_token`s
-//! (`realtime-protocol.md` §1.2, §6). HS256/384/512 verify against
+//! (`docs/protocol.md`, "Connecting", "Tokens"). HS256/384/512 verify against
 //! `pg_realtime.jwt_secret` (or an `oct` key of the JWKS found by `kid`);
 //! RS*/PS*/ES*/EdDSA only against a JWKS key found by `kid`. A key is only
 //! ever used with its own algorithm family, which rules out algorithm

@@ -43,7 +43,7 @@ pub enum MainRequest {
     /// The channel left or its connection closed.
     Unsubscribe(ChannelKey),
     /// A private channel's permissions, from the policies on
-    /// `realtime.messages` (`realtime-protocol.md` §6.4).
+    /// `realtime.messages` (`docs/protocol.md`, "Private channels").
     Authorize(Authorize),
 }
 

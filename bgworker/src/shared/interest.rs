@@ -1,6 +1,6 @@
 //! Which relations (or schemas) anyone subscribes to, in shared memory: the
 //! realtime worker is the only writer, capture triggers read it without a
-//! lock and return at once when nobody listens (invariant 5).
+//! lock and return at once when nobody listens (`docs/architecture.md`, invariant 5).
 //!
 //! Open addressing over atomic words: a slot holds an OID, an "active"
 //! bit and, for a table of whose rows only some keys are wanted, its key

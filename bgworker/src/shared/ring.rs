@@ -8,7 +8,7 @@
 //! in reservation order and stops at the first one not yet ready: its writer
 //! wakes the reader again when it is done. A writer never waits for the
 //! reader: when the ring is full the record is refused and the loss is
-//! recorded, so a commit is never blocked or failed (invariant 4).
+//! recorded, so a commit is never blocked or failed (`docs/architecture.md`, invariant 4).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 

@@ -1,4 +1,4 @@
-//! A client's broadcasts (`realtime-protocol.md` §4): fanned out to the
+//! A client's broadcasts (`docs/protocol.md`, "Broadcast"): fanned out to the
 //! topic's members (back to the sender with `self: true`), `ok` replies
 //! with `ack: true`. On a private channel the first one asks the main
 //! thread for write permission; broadcasts sent meanwhile are held (a

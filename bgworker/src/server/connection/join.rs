@@ -1,4 +1,4 @@
-//! Joining a channel (`realtime-protocol.md` §2.2): the rate limits, the
+//! Joining a channel (`docs/protocol.md`, "Joining"): the rate limits, the
 //! checks that need nothing but the frame (topic, channel limit, config
 //! limits, token), then what needs the main thread — a private channel's
 //! read permission, then the postgres_changes subscription — asked without

@@ -1,5 +1,5 @@
 //! One WebSocket connection: its channels, their tokens and expiry timers,
-//! and the Phoenix events of `realtime-protocol.md` §1.5, §2 and §6.
+//! and the Phoenix events of `docs/protocol.md` ("Heartbeat", "Channels", "Tokens").
 //!
 //! The loop never waits for the worker's main thread: what a join, a token
 //! refresh or a private broadcast asks of it is in flight (`asks`) while

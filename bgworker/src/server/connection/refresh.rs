@@ -1,4 +1,4 @@
-//! `access_token` (`realtime-protocol.md` §6.2): no reply; a bad token ends
+//! `access_token` (`docs/protocol.md`, "Refreshing the token"): no reply; a bad token ends
 //! the channel; a new identity is authorized again (a private channel's
 //! read permission first, then the postgres_changes subscription), the
 //! answers acted on when they come. Until then the channel keeps what it

@@ -1,7 +1,7 @@
 //! Phoenix channel frames as realtime-js speaks them: the vsn 1.0.0 JSON
 //! object serializer, the vsn 2.0.0 JSON array serializer, and the vsn 2.0.0
 //! binary kinds (0 push and 3 user broadcast inbound, 4 user broadcast
-//! outbound). See `realtime-protocol.md` §1.3. What a frame carries is
+//! outbound). See `docs/protocol.md`, "Frames". What a frame carries is
 //! here; reading frames is `decode`'s, writing them `encode`'s.
 //! Broadcast payloads pass through as the JSON text the client sent,
 //! never parsed into a tree: exact, and a few bytes of memory per byte.
@@ -189,7 +189,7 @@ impl Outbound {
         })
     }
 
-    /// A `system` message on a channel (`realtime-protocol.md` §2.5):
+    /// A `system` message on a channel (`docs/protocol.md`, "System messages"):
     /// `extension` is `system` or `postgres_changes`, `status` `ok` or
     /// `error`. `join_ref` is the channel's, or `None` for fan-out.
     pub fn system(
