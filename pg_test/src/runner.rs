@@ -7,6 +7,15 @@ use std::time::Instant;
 
 pub type Test<C> = (&'static str, fn(&C));
 
+/// The tests of a suite, each named after its function:
+/// `tests![a, b]` is `[("a", a), ("b", b)]`.
+#[macro_export]
+macro_rules! tests {
+    ($($test:ident),* $(,)?) => {
+        [$((stringify!($test), $test as fn(&_))),*]
+    };
+}
+
 /// Runs `tests` against `ctx` and exits non-zero if any failed. `filter`
 /// (the first command-line argument, as with cargo test) selects by substring.
 pub fn run<C>(ctx: C, tests: &[Test<C>]) {

@@ -74,79 +74,31 @@ fn main() {
     c.psql(SETUP);
     c.wait_for_websocket(Duration::from_secs(10));
     let rt = runtime();
-    let tests: &[Test<Ctx>] = &[
-        (
-            "no_encoding_work_without_subscribers",
-            no_encoding_work_without_subscribers,
-        ),
-        (
-            "rows_no_filter_wants_are_dropped_by_the_trigger",
-            rows_no_filter_wants_are_dropped_by_the_trigger,
-        ),
-        (
-            "insert_update_delete_with_typed_values",
-            insert_update_delete_with_typed_values,
-        ),
-        (
-            "rollback_and_savepoint_rollback_are_never_delivered",
-            rollback_and_savepoint_rollback_are_never_delivered,
-        ),
-        (
-            "prepare_transaction_with_captured_changes_fails",
-            prepare_transaction_with_captured_changes_fails,
-        ),
-        (
-            "commit_order_across_concurrent_sessions",
-            commit_order_across_concurrent_sessions,
-        ),
-        (
-            "ten_thousand_row_transaction_complete_and_in_order",
-            ten_thousand_row_transaction_complete_and_in_order,
-        ),
-        ("every_filter_operator_per_type", every_filter_operator_per_type),
-        ("delete_is_filtered_on_the_old_row", delete_is_filtered_on_the_old_row),
-        ("event_kinds_and_schema_wildcards", event_kinds_and_schema_wildcards),
-        (
-            "bad_bindings_are_refused_and_the_socket_stays",
-            bad_bindings_are_refused_and_the_socket_stays,
-        ),
-        (
-            "row_level_security_decides_each_delivery",
-            row_level_security_decides_each_delivery,
-        ),
-        ("column_privileges_hide_columns", column_privileges_hide_columns),
-        (
-            "policies_reading_other_tables_see_them_at_check_time",
-            policies_reading_other_tables_see_them_at_check_time,
-        ),
-        ("bad_channel_tokens_get_nothing", bad_channel_tokens_get_nothing),
-        ("expiry_closes_the_channel", expiry_closes_the_channel),
-        (
-            "partitioned_tables_are_reported_under_their_name",
-            partitioned_tables_are_reported_under_their_name,
-        ),
-        (
-            "token_refresh_switches_the_identity",
-            token_refresh_switches_the_identity,
-        ),
-        (
-            "records_over_max_record_bytes_keep_small_fields",
-            records_over_max_record_bytes_keep_small_fields,
-        ),
-        ("overflow_is_signalled", overflow_is_signalled),
-        (
-            "writes_before_a_join_that_commit_after_it_are_signalled",
-            writes_before_a_join_that_commit_after_it_are_signalled,
-        ),
-        (
-            "writes_for_a_key_before_its_join_that_commit_after_it_are_signalled",
-            writes_for_a_key_before_its_join_that_commit_after_it_are_signalled,
-        ),
-        ("publication_sync_for_each_ddl_form", publication_sync_for_each_ddl_form),
-        (
-            "idle_tables_have_capture_switched_off_until_a_join",
-            idle_tables_have_capture_switched_off_until_a_join,
-        ),
+    let tests: &[Test<Ctx>] = &pg_realtime_e2e::tests![
+        no_encoding_work_without_subscribers,
+        rows_no_filter_wants_are_dropped_by_the_trigger,
+        insert_update_delete_with_typed_values,
+        rollback_and_savepoint_rollback_are_never_delivered,
+        prepare_transaction_with_captured_changes_fails,
+        commit_order_across_concurrent_sessions,
+        ten_thousand_row_transaction_complete_and_in_order,
+        every_filter_operator_per_type,
+        delete_is_filtered_on_the_old_row,
+        event_kinds_and_schema_wildcards,
+        bad_bindings_are_refused_and_the_socket_stays,
+        row_level_security_decides_each_delivery,
+        column_privileges_hide_columns,
+        policies_reading_other_tables_see_them_at_check_time,
+        bad_channel_tokens_get_nothing,
+        expiry_closes_the_channel,
+        partitioned_tables_are_reported_under_their_name,
+        token_refresh_switches_the_identity,
+        records_over_max_record_bytes_keep_small_fields,
+        overflow_is_signalled,
+        writes_before_a_join_that_commit_after_it_are_signalled,
+        writes_for_a_key_before_its_join_that_commit_after_it_are_signalled,
+        publication_sync_for_each_ddl_form,
+        idle_tables_have_capture_switched_off_until_a_join,
     ];
     runner::run(Ctx { c, rt }, tests);
 }

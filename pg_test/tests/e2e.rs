@@ -28,53 +28,20 @@ fn main() {
     cluster.psql("CREATE EXTENSION pg_realtime");
     cluster.wait_for_websocket(WAIT);
     let rt = runtime();
-    let tests: &[Test<Ctx>] = &[
-        (
-            "supabase_js_subscribes_and_heartbeats",
-            supabase_js_subscribes_and_heartbeats,
-        ),
-        (
-            "forged_and_expired_apikeys_never_subscribe",
-            forged_and_expired_apikeys_never_subscribe,
-        ),
-        (
-            "refused_upgrade_has_status_and_json_body",
-            refused_upgrade_has_status_and_json_body,
-        ),
-        (
-            "vsn1_raw_client_gets_heartbeat_replies",
-            vsn1_raw_client_gets_heartbeat_replies,
-        ),
-        (
-            "malformed_frames_are_counted_and_the_socket_stays",
-            malformed_frames_are_counted_and_the_socket_stays,
-        ),
-        (
-            "reload_rotates_the_secret_without_dropping_connections",
-            reload_rotates_the_secret_without_dropping_connections,
-        ),
-        ("network_threads_block_signals", network_threads_block_signals),
-        (
-            "terminated_worker_restarts_and_cluster_stays",
-            terminated_worker_restarts_and_cluster_stays,
-        ),
-        (
-            "worker_error_restarts_the_worker_not_the_cluster",
-            worker_error_restarts_the_worker_not_the_cluster,
-        ),
-        (
-            "create_extension_warns_when_not_preloaded",
-            create_extension_warns_when_not_preloaded,
-        ),
-        (
-            "fast_shutdown_with_clients_connected",
-            fast_shutdown_with_clients_connected,
-        ),
-        ("readme_snippet_reaches_subscribed", readme_snippet_reaches_subscribed),
-        (
-            "make_run_demo_serves_and_stops_on_ctrl_c",
-            make_run_demo_serves_and_stops_on_ctrl_c,
-        ),
+    let tests: &[Test<Ctx>] = &pg_realtime_e2e::tests![
+        supabase_js_subscribes_and_heartbeats,
+        forged_and_expired_apikeys_never_subscribe,
+        refused_upgrade_has_status_and_json_body,
+        vsn1_raw_client_gets_heartbeat_replies,
+        malformed_frames_are_counted_and_the_socket_stays,
+        reload_rotates_the_secret_without_dropping_connections,
+        network_threads_block_signals,
+        terminated_worker_restarts_and_cluster_stays,
+        worker_error_restarts_the_worker_not_the_cluster,
+        create_extension_warns_when_not_preloaded,
+        fast_shutdown_with_clients_connected,
+        readme_snippet_reaches_subscribed,
+        make_run_demo_serves_and_stops_on_ctrl_c,
     ];
     runner::run(Ctx { cluster, rt }, tests);
 }

@@ -43,23 +43,11 @@ fn main() {
     c.psql(SETUP);
     c.wait_for_websocket(Duration::from_secs(10));
     let rt = runtime();
-    let tests: &[Test<Ctx>] = &[
-        (
-            "a_reader_that_stops_costs_bounded_memory",
-            a_reader_that_stops_costs_bounded_memory,
-        ),
-        (
-            "a_storm_of_joins_does_not_hold_back_delivery",
-            a_storm_of_joins_does_not_hold_back_delivery,
-        ),
-        (
-            "a_join_never_queues_for_a_writers_lock",
-            a_join_never_queues_for_a_writers_lock,
-        ),
-        (
-            "client_sockets_run_out_before_postgres_descriptors",
-            client_sockets_run_out_before_postgres_descriptors,
-        ),
+    let tests: &[Test<Ctx>] = &pg_realtime_e2e::tests![
+        a_reader_that_stops_costs_bounded_memory,
+        a_storm_of_joins_does_not_hold_back_delivery,
+        a_join_never_queues_for_a_writers_lock,
+        client_sockets_run_out_before_postgres_descriptors,
     ];
     runner::run(Ctx { c, rt }, tests);
 }

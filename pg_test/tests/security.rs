@@ -89,65 +89,22 @@ fn main() {
     c.psql(HER_TOPICS);
     c.wait_for_websocket(Duration::from_secs(10));
     let rt = runtime();
-    let tests: &[Test<Ctx>] = &[
-        (
-            "a_domain_check_on_a_filtered_column_runs_as_the_subscriber",
-            a_domain_check_on_a_filtered_column_runs_as_the_subscriber,
-        ),
-        (
-            "a_policy_cannot_undo_the_subscribers_role",
-            a_policy_cannot_undo_the_subscribers_role,
-        ),
-        (
-            "role_claims_are_honoured_as_postgrest_honours_them",
-            role_claims_are_honoured_as_postgrest_honours_them,
-        ),
-        (
-            "revoking_a_role_from_the_authenticator_stops_its_deliveries",
-            revoking_a_role_from_the_authenticator_stops_its_deliveries,
-        ),
-        (
-            "a_missing_authenticator_refuses_joins_and_says_how_to_fix_it",
-            a_missing_authenticator_refuses_joins_and_says_how_to_fix_it,
-        ),
-        (
-            "capture_changes_refuses_anything_but_after_row",
-            capture_changes_refuses_anything_but_after_row,
-        ),
-        (
-            "internal_functions_are_for_superusers",
-            internal_functions_are_for_superusers,
-        ),
-        ("types_are_known_by_oid_not_name", types_are_known_by_oid_not_name),
-        (
-            "a_private_probe_runs_as_the_subscriber",
-            a_private_probe_runs_as_the_subscriber,
-        ),
-        (
-            "a_membership_without_set_is_not_enough",
-            a_membership_without_set_is_not_enough,
-        ),
-        (
-            "a_slow_policy_is_cancelled_and_its_subscribers_told",
-            a_slow_policy_is_cancelled_and_its_subscribers_told,
-        ),
-        (
-            "a_private_policy_helper_sees_the_databases_search_path",
-            a_private_policy_helper_sees_the_databases_search_path,
-        ),
-        // (last: they restart the worker)
-        (
-            "a_policy_that_ends_the_worker_is_refused_after",
-            a_policy_that_ends_the_worker_is_refused_after,
-        ),
-        (
-            "a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster",
-            a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster,
-        ),
-        (
-            "the_worker_ignores_a_search_path_set_for_the_database",
-            the_worker_ignores_a_search_path_set_for_the_database,
-        ),
+    let tests: &[Test<Ctx>] = &pg_realtime_e2e::tests![
+        a_domain_check_on_a_filtered_column_runs_as_the_subscriber,
+        a_policy_cannot_undo_the_subscribers_role,
+        role_claims_are_honoured_as_postgrest_honours_them,
+        revoking_a_role_from_the_authenticator_stops_its_deliveries,
+        a_missing_authenticator_refuses_joins_and_says_how_to_fix_it,
+        capture_changes_refuses_anything_but_after_row,
+        internal_functions_are_for_superusers,
+        types_are_known_by_oid_not_name,
+        a_private_probe_runs_as_the_subscriber,
+        a_membership_without_set_is_not_enough,
+        a_slow_policy_is_cancelled_and_its_subscribers_told,
+        a_private_policy_helper_sees_the_databases_search_path,
+        a_policy_that_ends_the_worker_is_refused_after,
+        a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster,
+        the_worker_ignores_a_search_path_set_for_the_database,
     ];
     runner::run(Ctx { c, rt }, tests);
 }

@@ -40,16 +40,10 @@ fn main() {
         c.psql(&format!("SET client_min_messages = error; {sql}"));
     }
     c.wait_for_websocket(Duration::from_secs(10));
-    let tests: &[Test<Ctx>] = &[
-        (
-            "marketplace_patterns_with_supabase_js",
-            marketplace_patterns_with_supabase_js,
-        ),
-        (
-            "each_user_receives_only_rows_its_policies_allow",
-            each_user_receives_only_rows_its_policies_allow,
-        ),
-        ("private_order_channel_members_only", private_order_channel_members_only),
+    let tests: &[Test<Ctx>] = &pg_realtime_e2e::tests![
+        marketplace_patterns_with_supabase_js,
+        each_user_receives_only_rows_its_policies_allow,
+        private_order_channel_members_only,
     ];
     runner::run(Ctx { c }, tests);
 }
