@@ -1293,6 +1293,9 @@ fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
 /// writer still running when the join comes keeps it waiting until it has
 /// finished (it wrote without the trigger); one that outlasts the join's
 /// limit gets the join refused, and the socket stays.
+///
+/// (Longer than a screen: one scenario whose steps each start from the
+/// state the previous one left, on one cluster.)
 fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
     let c = Cluster::start_with(ClusterConfig {
         settings: vec!["pg_realtime.capture_idle_timeout = '1s'".into()],

@@ -415,6 +415,8 @@ fn wait_for_line(
 /// `make run`'s demo script (the extension is installed already): it serves
 /// the marketplace demo, its printed snippet and tokens work, and Ctrl-C
 /// stops the cluster.
+///
+/// (Longer than a screen: one run of the script, checked step by step.)
 fn make_run_demo_serves_and_stops_on_ctrl_c(ctx: &Ctx) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

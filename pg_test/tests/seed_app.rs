@@ -161,6 +161,12 @@ fn marketplace_patterns_with_supabase_js(ctx: &Ctx) {
     assert_eq!(updates[0]["new"]["message"], "Glazing started");
 }
 
+/// Four seed-app users subscribed through supabase-js, then inserts,
+/// updates and deletes of rows belonging to different users: each receives
+/// exactly the events its policies allow, in order.
+///
+/// (Longer than a screen: the writes and each user's expected events are
+/// read best side by side.)
 fn each_user_receives_only_rows_its_policies_allow(ctx: &Ctx) {
     // A second buyer with an order made by another supplier, so that every
     // user has rows the others must not see.

@@ -29,6 +29,8 @@ fn int(
     GucRegistry::define_int_guc(name, short, c"", setting, min, i32::MAX, GucContext::Sighup, flags);
 }
 
+/// Registers the limits. (Longer than a screen only because it is a list:
+/// one `int` call per setting, in the README's order.)
 pub fn define() {
     int(
         c"pg_realtime.max_pending_bytes",

@@ -30,17 +30,27 @@ pub static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CStr
 /// the worker anyway.
 pub fn define(preloading: bool) {
     if preloading {
-        GucRegistry::define_int_guc(
-            c"pg_realtime.port",
-            c"TCP port the realtime WebSocket server listens on.",
-            c"",
-            &PORT,
-            1,
-            65535,
-            GucContext::Postmaster,
-            GucFlags::default(),
-        );
-        GucRegistry::define_string_guc(
+        define_postmaster();
+    }
+    define_tokens();
+    define_serving();
+    limits::define();
+}
+
+/// The settings fixed at server start: where the server listens, the ring's
+/// size and the database served.
+fn define_postmaster() {
+    GucRegistry::define_int_guc(
+        c"pg_realtime.port",
+        c"TCP port the realtime WebSocket server listens on.",
+        c"",
+        &PORT,
+        1,
+        65535,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
             c"pg_realtime.listen_addresses",
             c"Addresses the realtime WebSocket server listens on.",
             c"Same syntax as listen_addresses: a comma-separated list of host names or IP addresses, '*' for all, empty for none.",
@@ -48,25 +58,28 @@ pub fn define(preloading: bool) {
             GucContext::Postmaster,
             GucFlags::default(),
         );
-        GucRegistry::define_int_guc(
-            c"pg_realtime.queue_size",
-            c"Shared memory for committed changes on their way to subscribers.",
-            c"A commit never waits for it: when it is full, the changes are dropped and their subscribers told to refetch.",
-            &QUEUE_SIZE_KB,
-            64,
-            4 * 1024 * 1024,
-            GucContext::Postmaster,
-            GucFlags::UNIT_KB,
-        );
-        GucRegistry::define_string_guc(
-            c"pg_realtime.database",
-            c"The database whose changes the realtime worker serves.",
-            c"",
-            &DATABASE,
-            GucContext::Postmaster,
-            GucFlags::default(),
-        );
-    }
+    GucRegistry::define_int_guc(
+        c"pg_realtime.queue_size",
+        c"Shared memory for committed changes on their way to subscribers.",
+        c"A commit never waits for it: when it is full, the changes are dropped and their subscribers told to refetch.",
+        &QUEUE_SIZE_KB,
+        64,
+        4 * 1024 * 1024,
+        GucContext::Postmaster,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_realtime.database",
+        c"The database whose changes the realtime worker serves.",
+        c"",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
+
+/// How client tokens are verified and which roles they may act as.
+fn define_tokens() {
     GucRegistry::define_string_guc(
         c"pg_realtime.jwt_secret",
         c"Secret that HS256/HS384/HS512 client tokens are signed with.",
@@ -92,18 +105,22 @@ pub fn define(preloading: bool) {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
-        c"pg_realtime.publication",
-        c"Publication whose tables are captured for postgres_changes.",
-        c"",
-        &PUBLICATION,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
         c"pg_realtime.authenticator",
         c"Role whose memberships decide which roles a token may act as.",
         c"As with PostgREST: a token's role claim is honoured only if this role may SET ROLE to it (PostgreSQL 16 and later; a member of it before), and never for this role itself or a superuser.",
         &AUTHENTICATOR,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// What is captured and how much the server takes on: reloadable.
+fn define_serving() {
+    GucRegistry::define_string_guc(
+        c"pg_realtime.publication",
+        c"Publication whose tables are captured for postgres_changes.",
+        c"",
+        &PUBLICATION,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -147,7 +164,6 @@ pub fn define(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    limits::define();
 }
 
 fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {

@@ -15,26 +15,21 @@ mod deliver;
 mod drain;
 mod fds;
 mod listen;
+mod network;
 mod postgres_changes;
 mod private;
 mod subscribe;
 
-use bgworker::server::link::main_link;
 use bgworker::server::log::{forwarder, LogReceiver};
 use bgworker::server::wake::{wake_pair, WakeReceiver};
-use bgworker::server::{self, Context, Options};
+use bgworker::server::Context;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// How long after an error exit the postmaster restarts the worker.
 const RESTART_AFTER: Duration = Duration::from_secs(5);
-/// Network threads for the WebSocket server.
-const NETWORK_THREADS: usize = 2;
-/// After SIGTERM, how long clients get to receive their close frames.
-const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
 /// How long the main thread works through network requests (joins, say)
 /// before it drains the change ring again: a storm of joins holds
 /// delivery back by about this much at a time (a single request may take
@@ -66,6 +61,46 @@ pub fn register() {
 pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&crate::gucs::database()), None);
+    prepare_session();
+
+    let (waker, wake_rx) = wake_pair().unwrap_or_else(|e| error!("pg_realtime: cannot create the wake-up socket: {e}"));
+    let (logger, logs) = forwarder(waker.clone(), network_log_level(), 4096);
+    // Only this process's network threads log through it.
+    let _ = tracing::subscriber::set_global_default(logger);
+
+    let started = network::Network::start(&waker);
+
+    let events = Events::new(wake_rx.fd());
+    let mut main = MainLoop {
+        events,
+        wake_rx,
+        logs,
+        ctx: started.ctx,
+        changes: postgres_changes::PostgresChanges::new(started.requests),
+    };
+    while main.wait() {
+        if started.network.has_stopped() {
+            main.forward_logs();
+            error!("pg_realtime: the WebSocket server stopped unexpectedly");
+        }
+    }
+
+    // SIGTERM (pg_ctl stop, pg_terminate_backend): close every socket with
+    // 1001, then leave.
+    started.network.stop();
+    main.forward_logs();
+    log!("pg_realtime: worker stopped");
+    // Exit code 0 would unregister the worker for good; with 1 the
+    // postmaster restarts it (after pg_terminate_backend, say), except when
+    // the whole server is shutting down.
+    // SAFETY: proc_exit runs Postgres's exit callbacks and never returns.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+/// Sets the worker's session up before it serves anyone: its time zone and
+/// search_path, the check deadline, the quarantine it inherits, its latch,
+/// and an empty interest table.
+fn prepare_session() {
     // Filter values are rendered by this session: timestamps in UTC, like
     // the events themselves.
     // An empty search_path for the whole session: the worker's own
@@ -85,69 +120,6 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
     crate::shmem::set_worker_latch();
     // Whatever subscribers the previous worker had are gone with it.
     crate::shmem::interest().set(&Default::default(), false);
-
-    let (waker, wake_rx) = wake_pair().unwrap_or_else(|e| error!("pg_realtime: cannot create the wake-up socket: {e}"));
-    let (logger, logs) = forwarder(waker.clone(), network_log_level(), 4096);
-    // Only this process's network threads log through it.
-    let _ = tracing::subscriber::set_global_default(logger);
-
-    let (settings, problem) = crate::gucs::server_settings();
-    report_settings(&settings, problem);
-    let addresses = crate::gucs::listen_addresses();
-    let listeners = listen::bind(&addresses, crate::gucs::port());
-    if listeners.is_empty() && !addresses.trim().is_empty() {
-        error!("pg_realtime: could not listen on any of pg_realtime.listen_addresses = '{addresses}'");
-    }
-
-    let runtime = bgworker::server::runtime::build(NETWORK_THREADS, block_all_signals)
-        .unwrap_or_else(|e| error!("pg_realtime: cannot start the network threads: {e}"));
-    let (link, requests) = main_link(waker.clone());
-    let max_connections = settings.max_connections;
-    let ctx = Context::new(settings, Options::default(), crate::shmem::counters(), Some(link));
-    ctx.set_socket_capacity(fds::client_socket_capacity(max_connections));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = {
-        let _entered = runtime.enter();
-        let listeners = listeners
-            .into_iter()
-            .filter_map(|l| tokio::net::TcpListener::from_std(l).ok())
-            .collect::<Vec<_>>();
-        let ctx = ctx.clone();
-        let waker = waker.clone();
-        runtime.spawn(async move {
-            server::run(listeners, ctx, shutdown_rx).await;
-            // Wake the main loop: the server ending is news to it.
-            waker.wake();
-        })
-    };
-
-    let events = Events::new(wake_rx.fd());
-    let mut main = MainLoop {
-        events,
-        wake_rx,
-        logs,
-        ctx,
-        changes: postgres_changes::PostgresChanges::new(requests),
-    };
-    while main.wait() {
-        if server.is_finished() {
-            main.forward_logs();
-            error!("pg_realtime: the WebSocket server stopped unexpectedly");
-        }
-    }
-
-    // SIGTERM (pg_ctl stop, pg_terminate_backend): close every socket with
-    // 1001, then leave.
-    let _ = shutdown_tx.send(true);
-    let _ = runtime.block_on(async { tokio::time::timeout(SHUTDOWN_GRACE, server).await });
-    runtime.shutdown_timeout(Duration::from_millis(200));
-    main.forward_logs();
-    log!("pg_realtime: worker stopped");
-    // Exit code 0 would unregister the worker for good; with 1 the
-    // postmaster restarts it (after pg_terminate_backend, say), except when
-    // the whole server is shutting down.
-    // SAFETY: proc_exit runs Postgres's exit callbacks and never returns.
-    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// The main loop's wait: its latch, the wake-up socket, postmaster death.
@@ -287,7 +259,7 @@ impl MainLoop {
             }
         }
         let (settings, problem) = crate::gucs::server_settings();
-        report_settings(&settings, problem);
+        network::report_settings(&settings, problem);
         self.ctx.update_settings(settings);
         self.logs.set_max_level(network_log_level());
         log!("pg_realtime: configuration reloaded");
@@ -321,28 +293,5 @@ fn network_log_level() -> tracing::Level {
         tracing::Level::DEBUG
     } else {
         tracing::Level::INFO
-    }
-}
-
-fn report_settings(settings: &server::Settings, problem: Option<String>) {
-    if let Some(problem) = problem {
-        warning!("pg_realtime: {problem}; tokens that need it are refused until it is fixed");
-    }
-    if !settings.verifier.has_keys() {
-        warning!(
-            "pg_realtime: neither pg_realtime.jwt_secret nor pg_realtime.jwks is set; every WebSocket connection will be refused"
-        );
-    }
-}
-
-/// Runs first on every runtime thread: block all signals there, so that
-/// Postgres's handlers (which touch process state) only run on the main thread.
-fn block_all_signals() {
-    // SAFETY: sigfillset initialises a local set; pthread_sigmask changes
-    // only the calling thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }

@@ -86,7 +86,7 @@ fn kind_of(code: u64) -> Option<Kind> {
 
 /// What a slot says about a table, as a reader caches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
+pub struct KeyColumn {
     pub generation: u64,
     pub name: String,
     pub kind: Kind,
@@ -138,7 +138,7 @@ impl<'a> KeyFilters<'a> {
 
     /// The column and kind `slot` filters `relid` on, if it describes
     /// that table (readers cache it by `generation`).
-    pub fn column(&self, slot: usize, relid: u32) -> Option<Column> {
+    pub fn column(&self, slot: usize, relid: u32) -> Option<KeyColumn> {
         let (table, generation, kind, name) = self.read(slot, || {
             let mut name = [0u8; NAME_WORDS * 8];
             for (i, chunk) in name.chunks_mut(8).enumerate() {
@@ -155,7 +155,7 @@ impl<'a> KeyFilters<'a> {
             return None;
         }
         let len = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-        Some(Column {
+        Some(KeyColumn {
             generation,
             name: String::from_utf8(name[..len].to_vec()).ok()?,
             kind: kind_of(kind)?,
@@ -177,7 +177,7 @@ impl<'a> KeyFilters<'a> {
         seen.unwrap_or(true)
     }
 
-    /// The slot's generation now (readers check their cached [`Column`]
+    /// The slot's generation now (readers check their cached [`KeyColumn`]
     /// against it); `u64::MAX` for a slot out of range.
     pub fn generation(&self, slot: usize) -> u64 {
         if slot >= self.len() {

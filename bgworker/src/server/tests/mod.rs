@@ -760,6 +760,8 @@ fn user(sub: &str, valid_for: i64) -> String {
     )
 }
 
+/// (Longer than a screen: it plays the main thread's side of each join
+/// in turn, so the asks and answers read in order.)
 #[tokio::test]
 async fn private_channels_follow_their_permissions() {
     let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
