@@ -7,8 +7,8 @@
 //!    the row, encodes it into the transaction's record, registers with the
 //!    commit fence and publishes the record into the change ring at commit.
 //!    The extension's backend code uses this module and no other.
-//! 2. [`changes`]: the worker's `postgres_changes` logic. It decodes
-//!    records, matches rows against the subscription registry, decides per
+//! 2. [`changes`]: the worker's `postgres_changes` logic. It matches the
+//!    rows of decoded records against the subscription registry, decides per
 //!    subscriber what row-level security lets through and builds the event
 //!    frames; it also decides which capture triggers should be on.
 //! 3. [`server`]: the network side. The WebSocket handshake, connections

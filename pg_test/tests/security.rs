@@ -102,6 +102,7 @@ fn main() {
         a_membership_without_set_is_not_enough,
         a_slow_policy_is_cancelled_and_its_subscribers_told,
         a_private_policy_helper_sees_the_databases_search_path,
+        // (last: they restart the worker)
         a_policy_that_ends_the_worker_is_refused_after,
         a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster,
         the_worker_ignores_a_search_path_set_for_the_database,

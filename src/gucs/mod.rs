@@ -51,13 +51,13 @@ fn define_postmaster() {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
-            c"pg_realtime.listen_addresses",
-            c"Addresses the realtime WebSocket server listens on.",
-            c"Same syntax as listen_addresses: a comma-separated list of host names or IP addresses, '*' for all, empty for none.",
-            &LISTEN_ADDRESSES,
-            GucContext::Postmaster,
-            GucFlags::default(),
-        );
+        c"pg_realtime.listen_addresses",
+        c"Addresses the realtime WebSocket server listens on.",
+        c"Same syntax as listen_addresses: a comma-separated list of host names or IP addresses, '*' for all, empty for none.",
+        &LISTEN_ADDRESSES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"pg_realtime.queue_size",
         c"Shared memory for committed changes on their way to subscribers.",

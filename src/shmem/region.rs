@@ -24,16 +24,19 @@ const FENCE_SLOTS: usize = 256;
 const FILTER_SLOTS: usize = 64;
 
 /// A type the region may hold at an offset: `repr(C)` (or transparent),
-/// made of atomics only (every process reads and writes it, without a
-/// lock), with no pointer, and valid when all zero (the region starts
-/// zeroed).
+/// made of atomics (every process reads and writes it, without a lock)
+/// and of padding that nothing reads or writes, with no pointer, aligned
+/// to at most 8 bytes (`at` checks it), and valid when all zero (the
+/// region starts zeroed).
 ///
 /// # Safety
 /// Implement it only for types that are all of that.
 unsafe trait SharedZeroed {}
 
-// SAFETY: each is `repr(C)` of atomics only, and all zero is its initial
-// state (see their definitions in `bgworker::shared::ring` and `bgworker::shared::interest`).
+// SAFETY: each is `repr(C)` of atomics and never-touched padding words,
+// and all zero is its initial state; their definitions in
+// `bgworker::shared::ring` and `bgworker::shared::interest` say they must
+// stay so.
 unsafe impl SharedZeroed for RingHeader {}
 // SAFETY: as above.
 unsafe impl SharedZeroed for InterestHeader {}
@@ -138,8 +141,11 @@ impl ChangesRegion {
 
     /// The `T` at byte `offset` of the region.
     fn at<T: SharedZeroed>(&self, offset: usize) -> &'static T {
-        // SAFETY: as in `words`; `T: SharedZeroed` is laid out in C order,
-        // made of atomics only, and valid when zeroed.
+        const { assert!(std::mem::align_of::<T>() <= 8, "the region's offsets are 8-aligned") };
+        debug_assert_eq!(offset % std::mem::align_of::<T>(), 0);
+        // SAFETY: as in `words` (alignment checked above); `T: SharedZeroed`
+        // is laid out in C order, made of atomics and untouched padding,
+        // and valid when zeroed.
         unsafe { &*(self.base().add(offset) as *const T) }
     }
 

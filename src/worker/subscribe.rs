@@ -9,9 +9,10 @@ use super::catalog;
 use bgworker::changes::deliver::Viewer;
 use bgworker::changes::filter::{self, Condition, ParsedCondition};
 use bgworker::changes::registry::{Binding, EventFilter, Target};
-use bgworker::changes::value::{self, Kind};
+use bgworker::changes::value;
 use bgworker::server::errors::{BindingProblem, Params, SubscribeError};
 use bgworker::server::join::PostgresChangesBinding;
+use bgworker::shared::keys::{self, Kind};
 use serde_json::Value;
 
 fn invalid(b: &PostgresChangesBinding, problem: BindingProblem) -> SubscribeError {
@@ -224,7 +225,7 @@ fn condition(
 /// A filter value's JSON text, compared with captured values as the worker
 /// normalises them (timestamps to UTC).
 fn normalise(kind: Kind, json: String) -> String {
-    match (kind, value::json_string(&json)) {
+    match (kind, keys::json_string(&json)) {
         (Kind::Timestamptz, Some(s)) => Value::String(value::timestamptz_to_utc(&s)).to_string(),
         _ => json,
     }

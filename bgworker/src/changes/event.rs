@@ -9,7 +9,8 @@
 use super::row::fields;
 #[cfg(test)]
 use super::row::Parsed;
-use super::value::{json_string, timestamptz_to_utc, type_oid};
+use super::value::timestamptz_to_utc;
+use crate::shared::keys::{json_string, type_oid};
 use crate::shared::wire::{Change, ChangeKind, Relation};
 use serde_json::Value;
 use std::borrow::Cow;

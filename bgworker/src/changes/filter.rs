@@ -4,7 +4,8 @@
 //! time against the catalog (the worker's main thread), and matching
 //! ([`Condition::matches`]) compares with the column type's semantics.
 
-use super::value::{compare, Kind};
+use super::value::compare;
+use crate::shared::keys::Kind;
 #[cfg(test)]
 use serde_json::Value;
 use std::cmp::Ordering;

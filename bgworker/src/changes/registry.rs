@@ -105,7 +105,7 @@ impl<S> Default for Registry<S> {
 }
 
 /// Which rows of a table its bindings may want, for the capture trigger to
-/// drop the others before they are sent (`crate::prefilter`).
+/// drop the others before they are sent (`crate::shared::prefilter`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowFilter<'a> {
     /// No binding names the table.

@@ -3,8 +3,7 @@
 //! case-insensitively, booleans, dates, and timestamps as instants whatever
 //! their UTC offset; and timestamps rewritten in UTC for clients.
 
-use crate::shared::keys::{civil_from_days, instant, Decimal};
-pub use crate::shared::keys::{json_string, type_oid, Kind};
+use crate::shared::keys::{civil_from_days, instant, json_string, Decimal, Kind};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::cmp::Ordering;

@@ -140,7 +140,7 @@ pub enum SubscribeError {
     TimedOut(u128),
     #[error("postgres_changes is not available: the server runs without a database")]
     NoWorker,
-    #[error("Realtime was unable to connect to the project database")]
+    #[error("{}", NO_DATABASE)]
     NoDatabase,
 }
 
@@ -169,7 +169,7 @@ pub enum AuthorizeError {
     Refused(String),
     #[error("Query was cancelled, please try again")]
     TimedOut,
-    #[error("Realtime was unable to connect to the project database")]
+    #[error("{}", NO_DATABASE)]
     NoDatabase,
 }
 

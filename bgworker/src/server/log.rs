@@ -67,7 +67,10 @@ pub struct LogReceiver {
 impl LogReceiver {
     /// The most verbose level forwarded from now on.
     pub fn set_max_level(&self, level: Level) {
-        self.max_level.store(level_number(level), Ordering::Relaxed);
+        if self.max_level.swap(level_number(level), Ordering::Relaxed) != level_number(level) {
+            // Call sites cache whether they are enabled: ask them again.
+            tracing::callsite::rebuild_interest_cache();
+        }
     }
 
     /// Pending records, and how many were dropped since the last call.
@@ -101,9 +104,27 @@ impl Subscriber for Forwarder {
         level_number(*metadata.level()) <= self.max_level.load(Ordering::Relaxed)
     }
 
-    // (asked each time, not cached per call site: the level can change)
-    fn register_callsite(&self, _metadata: &'static Metadata<'static>) -> tracing::subscriber::Interest {
-        tracing::subscriber::Interest::sometimes()
+    // Cached per call site, so a disabled `debug!` costs one load; the
+    // cache is rebuilt when the level changes (`set_max_level`).
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        if self.enabled(metadata) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(
+            match self.max_level.load(Ordering::Relaxed) {
+                0 => Level::ERROR,
+                1 => Level::WARN,
+                2 => Level::INFO,
+                3 => Level::DEBUG,
+                _ => Level::TRACE,
+            }
+            .into(),
+        )
     }
 
     fn new_span(&self, _span: &Attributes<'_>) -> Id {

@@ -4,7 +4,7 @@
 //!
 //! Open addressing over atomic words: a slot holds an OID, an "active"
 //! bit and, for a table of whose rows only some keys are wanted, its key
-//! filter's slot (`crate::prefilter`), so one look-up tells a trigger
+//! filter's slot (`crate::shared::prefilter`), so one look-up tells a trigger
 //! both. Slots are never emptied, only deactivated, so probe chains stay
 //! intact for lock-free readers. If the table fills up, `all` is set and
 //! every relation counts as interesting: safe, merely slower.
@@ -29,6 +29,11 @@ pub enum Wanted {
 }
 
 /// The shared part beside the slots.
+///
+/// It lives in shared memory, which the extension maps as this type
+/// (`src/shmem/region.rs`, `SharedZeroed`): keep it `repr(C)`, made of
+/// atomics and of padding nothing reads or writes, without pointers,
+/// aligned to at most 8 bytes, and valid when all zero.
 #[derive(Debug, Default)]
 #[repr(C)]
 pub struct InterestHeader {

@@ -20,6 +20,11 @@ const RECORD_HEADER_WORDS: u64 = 3;
 pub const LOST_RELATIONS: usize = 64;
 
 /// The ring's shared state, beside its words.
+///
+/// It lives in shared memory, which the extension maps as this type
+/// (`src/shmem/region.rs`, `SharedZeroed`): keep it `repr(C)`, made of
+/// atomics and of padding nothing reads or writes, without pointers,
+/// aligned to at most 8 bytes, and valid when all zero.
 #[derive(Debug)]
 #[repr(C)]
 pub struct RingHeader {

@@ -33,7 +33,7 @@ pub struct Column {
     /// `pg_type.typname` (`int4`, `_text`, ...), for clients.
     pub typname: String,
     /// The type's OID, for everything that depends on the type
-    /// (`value::Kind::of_type_oid`).
+    /// (`keys::Kind::of_type_oid`).
     pub type_oid: u32,
 }
 

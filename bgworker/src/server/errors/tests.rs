@@ -39,7 +39,10 @@ fn subscribe_errors_read_as_supabase_writes_them() {
         SubscribeError::TimedOut(8000).to_string(),
         "Timed out after 8000ms waiting for the postgres_changes subscription"
     );
-    assert_eq!(SubscribeError::NoDatabase.to_string(), NO_DATABASE);
+    assert_eq!(
+        SubscribeError::NoDatabase.to_string(),
+        "Realtime was unable to connect to the project database"
+    );
 }
 
 #[test]
@@ -108,7 +111,10 @@ fn authorize_errors_read_as_supabase_writes_them() {
         AuthorizeError::TimedOut.to_string(),
         "Query was cancelled, please try again"
     );
-    assert_eq!(AuthorizeError::no_database().to_string(), NO_DATABASE);
+    assert_eq!(
+        AuthorizeError::no_database().to_string(),
+        "Realtime was unable to connect to the project database"
+    );
     // without a worker there is no database to ask either
     assert_eq!(AuthorizeError::no_worker(), AuthorizeError::NoDatabase);
     assert_eq!(
