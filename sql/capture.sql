@@ -24,12 +24,32 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     AND (p.pubinsert OR p.pubupdate OR p.pubdelete)
 $$;
 
+-- The tables whose TRUNCATE is reported: every captured table, and each
+-- partition of a captured partitioned table (a partition truncated on its
+-- own fires only its own statement triggers).
+CREATE FUNCTION realtime.wanted_truncates()
+RETURNS TABLE (relid oid)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT w.relid FROM realtime.wanted_captures() w
+  UNION
+  -- (pg_partition_tree lists nothing for a table that is not partitioned)
+  SELECT t.relid
+  FROM realtime.wanted_captures() w
+  CROSS JOIN LATERAL pg_partition_tree(w.relid) t
+  JOIN pg_class c ON c.oid = t.relid
+  WHERE c.relkind IN ('r', 'p')
+$$;
+
 CREATE FUNCTION realtime.sync_captured_tables() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   capture oid := 'realtime.capture_changes()'::regprocedure;
+  truncate_fn oid := 'realtime.capture_truncate()'::regprocedure;
   r record;
 BEGIN
+  -- The ALTER TABLE below fires the event trigger that runs this function
+  -- (realtime.on_ddl): told to skip, it does not recurse once per table.
+  PERFORM set_config('realtime_sync.running', 'on', true);
   -- Remove triggers no longer wanted, or wanted for other actions (not
   -- the clones of a partitioned table's trigger on its partitions: they
   -- come and go with it).
@@ -51,7 +71,29 @@ BEGIN
     -- bench/run.sh) than the trigger function's own early return.
     EXECUTE format('CREATE TRIGGER pg_realtime_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION realtime.capture_changes()',
                    r.events, r.relid::regclass);
+    -- ALWAYS: rows applied by logical replication (session_replication_role
+    -- = replica) are captured too, so a subscriber database serves what its
+    -- publisher sends.
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_realtime_capture', r.relid::regclass);
   END LOOP;
+
+  -- The same for the TRUNCATE triggers (never switched off: they cost
+  -- nothing per row).
+  FOR r IN
+    SELECT t.tgrelid, t.tgname FROM pg_trigger t
+    WHERE t.tgfoid = truncate_fn AND t.tgrelid NOT IN (SELECT w.relid FROM realtime.wanted_truncates() w)
+  LOOP
+    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.tgrelid::regclass);
+  END LOOP;
+  FOR r IN
+    SELECT w.relid FROM realtime.wanted_truncates() w
+    WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = w.relid AND t.tgfoid = truncate_fn)
+  LOOP
+    EXECUTE format('CREATE TRIGGER pg_realtime_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_truncate()',
+                   r.relid::regclass);
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_realtime_truncate', r.relid::regclass);
+  END LOOP;
+  PERFORM set_config('realtime_sync.running', '', true);
   PERFORM realtime.captures_changed();
 END
 $$;
@@ -62,6 +104,9 @@ COMMENT ON FUNCTION realtime.sync_captured_tables() IS
 CREATE FUNCTION realtime.on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  IF current_setting('realtime_sync.running', true) = 'on' THEN
+    RETURN;  -- DDL the sync itself runs
+  END IF;
   PERFORM realtime.sync_captured_tables();
 END
 $$;
@@ -110,7 +155,7 @@ BEGIN
   IF EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = relid AND tgname = 'pg_realtime_capture'
              AND tgfoid = 'realtime.capture_changes()'::regprocedure) THEN
     EXECUTE format('ALTER TABLE %s %s TRIGGER pg_realtime_capture', relid::regclass,
-                   CASE WHEN fire THEN 'ENABLE' ELSE 'DISABLE' END);
+                   CASE WHEN fire THEN 'ENABLE ALWAYS' ELSE 'DISABLE' END);
   END IF;
   RETURN true;
 EXCEPTION WHEN lock_not_available THEN
@@ -127,9 +172,11 @@ SELECT realtime.sync_captured_tables();
 -- read the counters (pg_monitor may).
 REVOKE EXECUTE ON FUNCTION realtime.sync_captured_tables() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.wanted_captures() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.wanted_truncates() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.switch_capture(oid, boolean, int) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.captures_changed() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.capture_changes() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.capture_truncate() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.interested(oid) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.stats() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION realtime.stats() TO pg_monitor;

@@ -157,6 +157,9 @@ impl Cluster {
             format!("pg_realtime.port = {ws_port}"),
             "pg_realtime.listen_addresses = '127.0.0.1'".into(),
             format!("pg_realtime.jwt_secret = '{SECRET}'"),
+            // Suites read the frames after SUBSCRIBED: no restart notice
+            // unless a test asks for one (its settings come later and win).
+            "pg_realtime.restart_notice_window = 0".into(),
         ];
         if config.preload {
             conf.push("shared_preload_libraries = 'pg_realtime'".into());
@@ -308,6 +311,20 @@ impl Cluster {
     pub fn worker_pid(&self) -> Option<i32> {
         let out = self.psql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_realtime'");
         out.lines().next().and_then(|l| l.trim().parse().ok())
+    }
+
+    /// Waits (30 s at most) for a realtime worker other than `old` to run
+    /// and serve WebSockets; returns its pid.
+    pub fn wait_for_a_new_worker(&self, old: i32) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(pid) = self.worker_pid().filter(|p| *p != old) {
+                self.wait_for_websocket(Duration::from_secs(30));
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no new worker");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until the WebSocket port accepts TCP connections.

@@ -54,11 +54,13 @@ GRANT SELECT ON teams, team_posts TO authenticated;
 CREATE TABLE unpublished (id bigserial PRIMARY KEY);
 CREATE TABLE keyed (id int PRIMARY KEY, owner int, tag text);
 CREATE TABLE keyed_late (id int PRIMARY KEY, owner int);
+-- published, and nobody ever subscribes to it
+CREATE TABLE unwatched (id int PRIMARY KEY);
 GRANT SELECT ON items, quiet, counter, late_rows, secret_rows, unpublished, keyed, keyed_late TO authenticated, admin_bypass;
 GRANT SELECT (id, shown) ON partial TO authenticated;
 GRANT SELECT (shown) ON keyless_view TO authenticated;
 CREATE PUBLICATION supabase_realtime FOR TABLE items, quiet, counter, late_rows, secret_rows, partial, keyless_view,
-  team_posts, keyed, keyed_late;
+  team_posts, keyed, keyed_late, unwatched;
 "#;
 
 fn main() {
@@ -80,6 +82,8 @@ fn main() {
         insert_update_delete_with_typed_values,
         rollback_and_savepoint_rollback_are_never_delivered,
         prepare_transaction_with_captured_changes_fails,
+        rows_applied_as_a_replica_are_captured,
+        an_update_that_reveals_a_row_keeps_its_old_values_hidden,
         commit_order_across_concurrent_sessions,
         ten_thousand_row_transaction_complete_and_in_order,
         every_filter_operator_per_type,
@@ -99,6 +103,9 @@ fn main() {
         writes_for_a_key_before_its_join_that_commit_after_it_are_signalled,
         publication_sync_for_each_ddl_form,
         idle_tables_have_capture_switched_off_until_a_join,
+        a_truncate_is_told_at_commit_in_commit_order,
+        joins_after_a_worker_restart_are_told_to_refetch,
+        a_stuck_committer_holds_back_only_a_ring_of_changes,
     ];
     runner::run(Ctx { c, rt }, tests);
 }
@@ -367,10 +374,43 @@ fn prepare_transaction_with_captured_changes_fails(ctx: &Ctx) {
         assert_eq!(ctx.c.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");
         assert_eq!(ctx.c.psql("SELECT count(*) FROM keyed WHERE id = -1"), "0");
     });
+    // and when nobody listened to the table: someone may join before
+    // COMMIT PREPARED, and nothing would tell them
+    assert_eq!(ctx.c.psql("SELECT realtime.interested('unwatched'::regclass)"), "f");
+    let out = ctx
+        .c
+        .psql_output("BEGIN; INSERT INTO unwatched VALUES (1); PREPARE TRANSACTION 'rt3';");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot PREPARE a transaction"), "{stderr}");
+    assert_eq!(ctx.c.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");
     // tables nobody captures can still use two-phase commit
     ctx.c
         .psql("BEGIN; INSERT INTO unpublished DEFAULT VALUES; PREPARE TRANSACTION 'ok';");
     ctx.c.psql("COMMIT PREPARED 'ok'");
+}
+
+/// The capture triggers fire ALWAYS: rows a logical replication apply
+/// worker writes (session_replication_role = replica) reach subscribers,
+/// so a pg_realtime on a subscriber database serves what its publisher
+/// sends.
+fn rows_applied_as_a_replica_are_captured(ctx: &Ctx) {
+    assert_eq!(
+        ctx.c.psql(
+            "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'quiet'::regclass AND tgname = 'pg_realtime_capture'"
+        ),
+        "A"
+    );
+    ctx.rt.block_on(async {
+        let (mut client, _) = subscriber(
+            ctx,
+            "replica",
+            json!([{"event": "INSERT", "schema": "public", "table": "quiet"}]),
+        )
+        .await;
+        ctx.c
+            .psql("SET session_replication_role = replica; INSERT INTO quiet (n) VALUES (-300)");
+        assert_eq!(record(&client.event().await)["n"], -300);
+    });
 }
 
 fn commit_order_across_concurrent_sessions(ctx: &Ctx) {
@@ -698,6 +738,36 @@ async fn owners_until_fence(client: &mut Client) -> Vec<String> {
             row["owner"].as_str().unwrap_or("?")
         ));
     }
+}
+
+/// With REPLICA IDENTITY FULL, an UPDATE's old row is checked against the
+/// subscriber's policies like the new one: a row that becomes visible
+/// shows only its primary key in `old_record`.
+fn an_update_that_reveals_a_row_keeps_its_old_values_hidden(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let alice = member("alice", Some("red"));
+        let mut client = Client::connect(ctx.c.ws_port, &alice).await;
+        let binding = json!([{"event": "*", "schema": "public", "table": "secret_rows"}]);
+        let j = client.join("reveal", binding, &alice).await;
+        assert_eq!(j.system.unwrap()[4]["status"], "ok");
+        let id = ctx.c.psql(
+            "INSERT INTO secret_rows (owner, team) VALUES ('dave', 'blue') RETURNING id;
+             UPDATE secret_rows SET team = 'red' WHERE owner = 'dave' AND team = 'blue';",
+        );
+        let id: i64 = id.lines().next().unwrap().trim().parse().unwrap();
+        // the INSERT was not hers to see: the UPDATE comes first
+        let e = client.event().await;
+        let data = &e[4]["data"];
+        assert_eq!(data["type"], "UPDATE", "{e}");
+        assert_eq!(data["record"]["team"], "red");
+        assert_eq!(data["old_record"], json!({ "id": id }), "{e}");
+        // a row she saw before and after keeps its whole old image
+        ctx.c
+            .psql(&format!("UPDATE secret_rows SET owner = 'erin' WHERE id = {id}"));
+        let e = client.event().await;
+        assert_eq!(e[4]["data"]["old_record"]["owner"], "dave", "{e}");
+        assert_eq!(e[4]["data"]["old_record"]["team"], "red", "{e}");
+    });
 }
 
 fn row_level_security_decides_each_delivery(ctx: &Ctx) {
@@ -1360,6 +1430,11 @@ fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
         assert_eq!(out.next().unwrap().unwrap(), "committed");
         let (mut tree, _) = join.await.unwrap();
         assert_eq!(active(&c), "plain:1 tree:1 tree_eu:1 tree_us:1");
+        // switched on ALWAYS, as created: replicated rows fire it too
+        assert_eq!(
+            c.psql("SELECT string_agg(DISTINCT tgenabled::text, '') FROM pg_trigger WHERE tgname = 'pg_realtime_capture'"),
+            "A"
+        );
         c.psql("INSERT INTO tree VALUES (2, 'us')");
         let event = tree.event().await;
         assert_eq!(event[4]["data"]["table"], "tree");
@@ -1404,5 +1479,232 @@ fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
         assert_eq!(record(&client.event().await)["v"], 3);
         drop(stdin);
         assert!(session.wait().unwrap().success());
+    });
+}
+
+/// What a subscriber hears next: `event <id>` or `notice <message>`.
+async fn heard(client: &mut Client) -> String {
+    loop {
+        let frame = client.recv().await;
+        match frame[3].as_str() {
+            Some("postgres_changes") => return format!("event {}", record(&frame)["id"]),
+            Some("system") => return format!("notice {}", frame[4]["message"].as_str().unwrap_or("?")),
+            _ => continue,
+        }
+    }
+}
+
+/// A TRUNCATE of a captured table reaches its subscribers as a `system`
+/// error naming the table, at commit and in order with the transaction's
+/// other changes; never when rolled back (or in a rolled-back savepoint);
+/// a partitioned table's TRUNCATE, or one partition's, once, under the
+/// root's name; and PREPARE TRANSACTION after one is refused.
+fn a_truncate_is_told_at_commit_in_commit_order(_ctx: &Ctx) {
+    let c = Cluster::start_with(ClusterConfig {
+        settings: vec!["pg_realtime.capture_idle_timeout = 0".into()],
+        ..ClusterConfig::default()
+    });
+    c.psql(
+        "CREATE EXTENSION pg_realtime; CREATE ROLE authenticated NOLOGIN;
+         CREATE ROLE authenticator NOINHERIT LOGIN; GRANT authenticated TO authenticator;
+         CREATE TABLE t (id int PRIMARY KEY);
+         CREATE TABLE tree (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE tree_eu PARTITION OF tree FOR VALUES IN ('eu');
+         GRANT SELECT ON t, tree TO authenticated;
+         CREATE PUBLICATION supabase_realtime FOR TABLE t, tree WITH (publish_via_partition_root = true);
+         -- a partition attached after the publication gets its trigger too
+         CREATE TABLE tree_us PARTITION OF tree FOR VALUES IN ('us');",
+    );
+    assert_eq!(
+        c.psql("SELECT string_agg(tgrelid::regclass::text || ':' || tgenabled::text, ' ' ORDER BY tgrelid::regclass::text) FROM pg_trigger WHERE tgname = 'pg_realtime_truncate'"),
+        "t:A tree:A tree_eu:A tree_us:A"
+    );
+    c.wait_for_websocket(Duration::from_secs(10));
+    let notice =
+        |table: &str| format!("notice Table public.{table} was truncated: its rows are gone, refetch to catch up");
+    runtime().block_on(async {
+        // an INSERT-only subscriber is told too: the rows it has are gone
+        let (mut t, _) = subscriber_at(
+            c.ws_port,
+            "t",
+            json!([{"event": "INSERT", "schema": "public", "table": "t"}]),
+        )
+        .await;
+        let (mut tree, _) = subscriber_at(
+            c.ws_port,
+            "tree",
+            json!([{"event": "*", "schema": "public", "table": "tree"}]),
+        )
+        .await;
+        c.psql("BEGIN; INSERT INTO t VALUES (1); TRUNCATE t; INSERT INTO t VALUES (2); COMMIT;");
+        assert_eq!(heard(&mut t).await, "event 1");
+        assert_eq!(heard(&mut t).await, notice("t"));
+        assert_eq!(heard(&mut t).await, "event 2");
+        // rolled back, or in a rolled-back savepoint: nothing
+        c.psql("BEGIN; TRUNCATE t; ROLLBACK;");
+        c.psql("BEGIN; SAVEPOINT s; TRUNCATE t; ROLLBACK TO s; INSERT INTO t VALUES (3); COMMIT;");
+        assert_eq!(heard(&mut t).await, "event 3");
+        // the partitioned table, then one partition: once each, as the root
+        c.psql("TRUNCATE tree");
+        c.psql("TRUNCATE tree_us");
+        c.psql("INSERT INTO tree VALUES (5, 'eu')");
+        assert_eq!(heard(&mut tree).await, notice("tree"));
+        assert_eq!(heard(&mut tree).await, notice("tree"));
+        assert_eq!(heard(&mut tree).await, "event 5");
+        // two-phase commit would lose it
+        let out = c.psql_output("BEGIN; TRUNCATE t; PREPARE TRANSACTION 'tr';");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cannot PREPARE a transaction"), "{stderr}");
+        c.psql("INSERT INTO t VALUES (4)");
+        assert_eq!(heard(&mut t).await, "event 4");
+    });
+}
+
+/// Joins the `t` table's changes and returns the message that follows
+/// SUBSCRIBED, if it comes before an event `sentinel` inserts.
+async fn after_subscribed(c: &Cluster, topic: &str, sentinel: i32) -> Option<String> {
+    let (mut client, _) = subscriber_at(
+        c.ws_port,
+        topic,
+        json!([{"event": "INSERT", "schema": "public", "table": "t"}]),
+    )
+    .await;
+    c.psql(&format!("INSERT INTO t VALUES ({sentinel})"));
+    match heard(&mut client).await {
+        event if event == format!("event {sentinel}") => None,
+        notice => {
+            assert_eq!(heard(&mut client).await, format!("event {sentinel}"));
+            Some(notice)
+        }
+    }
+}
+
+/// For pg_realtime.restart_notice_window after the worker starts, each
+/// postgres_changes join is told, after SUBSCRIBED, when the worker started
+/// and to refetch: what was committed while it was down is gone. A worker
+/// killed (a FATAL exit) is back within about a second, and says so again.
+fn joins_after_a_worker_restart_are_told_to_refetch(_ctx: &Ctx) {
+    let c = Cluster::start_with(ClusterConfig {
+        settings: vec!["pg_realtime.restart_notice_window = '10min'".into()],
+        ..ClusterConfig::default()
+    });
+    c.psql(
+        "CREATE EXTENSION pg_realtime; CREATE ROLE authenticated NOLOGIN;
+         CREATE ROLE authenticator NOINHERIT LOGIN; GRANT authenticated TO authenticator;
+         CREATE TABLE t (id int PRIMARY KEY); GRANT SELECT ON t TO authenticated;
+         CREATE PUBLICATION supabase_realtime FOR TABLE t;",
+    );
+    c.wait_for_websocket(Duration::from_secs(10));
+    let rt = runtime();
+    let started_at = |notice: &str| {
+        let rest = notice
+            .strip_prefix("notice The realtime server started at ")
+            .unwrap_or_else(|| panic!("{notice}"));
+        assert!(rest.ends_with("refetch to catch up"), "{notice}");
+        // (ISO times of one format compare as strings)
+        rest.split_once("Z: ")
+            .map(|(at, _)| at.to_owned())
+            .unwrap_or_else(|| panic!("{notice}"))
+    };
+    let first = rt
+        .block_on(after_subscribed(&c, "before", 1))
+        .expect("a restart notice");
+    let worker = c.worker_pid().expect("the worker runs");
+    c.psql(&format!("SELECT pg_terminate_backend({worker})"));
+    let began = std::time::Instant::now();
+    c.wait_for_a_new_worker(worker);
+    eprintln!("a new worker after {:?}", began.elapsed());
+    let second = rt.block_on(after_subscribed(&c, "after", 2)).expect("a restart notice");
+    assert!(started_at(&second) > started_at(&first), "{first} / {second}");
+    // past the window: none
+    c.psql("ALTER SYSTEM SET pg_realtime.restart_notice_window = 0");
+    c.psql("SELECT pg_reload_conf()");
+    let mut sentinel = 2;
+    eventually("the reload is applied", Duration::from_secs(10), || {
+        sentinel += 1;
+        rt.block_on(after_subscribed(&c, "later", sentinel)).is_none()
+    });
+}
+
+/// A committer stuck between its commit record and publishing (here: a
+/// synchronous standby that never answers) holds later commits back, but
+/// in the ring, not in the worker: once the ring is full, the commits that
+/// do not fit are announced to their subscribers as lost, while the stuck
+/// one still waits. Released, it is delivered first, then the later ones,
+/// in commit order.
+fn a_stuck_committer_holds_back_only_a_ring_of_changes(_ctx: &Ctx) {
+    let c = Cluster::start_with(ClusterConfig {
+        settings: vec![
+            "pg_realtime.capture_idle_timeout = 0".into(),
+            "pg_realtime.queue_size = '64kB'".into(),
+            "synchronous_standby_names = 'ghost'".into(),
+            // only the session that asks for it waits for the standby
+            "synchronous_commit = local".into(),
+        ],
+        ..ClusterConfig::default()
+    });
+    c.psql(
+        "CREATE EXTENSION pg_realtime; CREATE ROLE authenticated NOLOGIN;
+         CREATE ROLE authenticator NOINHERIT LOGIN; GRANT authenticated TO authenticator;
+         CREATE TABLE t (id int PRIMARY KEY, pad text); GRANT SELECT ON t TO authenticated;
+         CREATE PUBLICATION supabase_realtime FOR TABLE t;",
+    );
+    c.wait_for_websocket(Duration::from_secs(10));
+    runtime().block_on(async {
+        let (mut client, _) = subscriber_at(
+            c.ws_port,
+            "t",
+            json!([{"event": "INSERT", "schema": "public", "table": "t"}]),
+        )
+        .await;
+        use std::io::Write;
+        let mut stuck = c.psql_session();
+        let mut stdin = stuck.stdin.take().unwrap();
+        writeln!(stdin, "SET synchronous_commit = on; INSERT INTO t VALUES (0, 'stuck');").unwrap();
+        eventually("the commit waits for the standby", Duration::from_secs(10), || {
+            c.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'") == "1"
+        });
+        // 2,000 commits of about 200 bytes each: far more than 64 kB
+        c.psql(
+            "DO $$ BEGIN FOR i IN 1..2000 LOOP
+               INSERT INTO t VALUES (i, repeat('x', 100)); COMMIT;
+             END LOOP; END $$",
+        );
+        let notice = heard(&mut client).await;
+        assert!(
+            notice.starts_with("notice Some changes may not have been delivered"),
+            "{notice}"
+        );
+        assert!(c.stat("transactions_lost") > 0);
+        // the standby "answers": the stuck commit goes first, then the rest
+        c.psql("ALTER SYSTEM SET synchronous_standby_names = ''");
+        c.psql("SELECT pg_reload_conf()");
+        // (each drain while the ring overflowed told it once more)
+        let overflowed = |heard: &str| heard.starts_with("notice Some changes may not have been delivered");
+        let mut first = heard(&mut client).await;
+        while overflowed(&first) {
+            first = heard(&mut client).await;
+        }
+        assert_eq!(first, "event 0");
+        c.psql("INSERT INTO t VALUES (5000, 'sentinel')");
+        let mut last = 0;
+        loop {
+            let heard = heard(&mut client).await;
+            if overflowed(&heard) {
+                continue;
+            }
+            let id: i64 = heard
+                .strip_prefix("event ")
+                .unwrap_or_else(|| panic!("{heard}"))
+                .parse()
+                .unwrap();
+            assert!(id > last, "{id} after {last}");
+            last = id;
+            if id == 5000 {
+                break;
+            }
+        }
+        drop(stdin);
+        assert!(stuck.wait().unwrap().success());
     });
 }

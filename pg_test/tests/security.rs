@@ -358,6 +358,10 @@ fn capture_changes_refuses_anything_but_after_row(ctx: &Ctx) {
            FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_changes();
          CREATE TRIGGER too_early BEFORE INSERT ON public.before_row
            FOR EACH ROW EXECUTE FUNCTION realtime.capture_changes();
+         CREATE TRIGGER by_row AFTER INSERT ON public.before_row
+           FOR EACH ROW EXECUTE FUNCTION realtime.capture_truncate();
+         CREATE TRIGGER before_truncate BEFORE TRUNCATE ON public.stmt
+           FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_truncate();
          GRANT SELECT ON public.stmt, public.before_row TO anon;",
     );
     ctx.rt.block_on(async {
@@ -374,6 +378,20 @@ fn capture_changes_refuses_anything_but_after_row(ctx: &Ctx) {
                 stderr.contains("realtime.capture_changes() must be fired AFTER INSERT, UPDATE or DELETE FOR EACH ROW")
                     && stderr.contains(trigger),
                 "{table}: {stderr}"
+            );
+        }
+        c.psql("DROP TRIGGER too_early ON public.before_row");
+        for (sql, trigger) in [
+            ("INSERT INTO public.before_row VALUES (1)", "by_row"),
+            ("TRUNCATE public.stmt", "before_truncate"),
+        ] {
+            let out = c.psql_output(sql);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{sql}: went through");
+            assert!(
+                stderr.contains("realtime.capture_truncate() must be fired AFTER TRUNCATE FOR EACH STATEMENT")
+                    && stderr.contains(trigger),
+                "{sql}: {stderr}"
             );
         }
     });
@@ -397,6 +415,13 @@ fn internal_functions_are_for_superusers(ctx: &Ctx) {
     );
     assert!(
         !ok && err.contains("permission denied for function realtime.capture_changes"),
+        "{ok} {err}"
+    );
+    let (ok, err) = as_mallory(
+        "CREATE TRIGGER mine AFTER TRUNCATE ON mallory.notes FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_truncate()",
+    );
+    assert!(
+        !ok && err.contains("permission denied for function realtime.capture_truncate"),
         "{ok} {err}"
     );
     for call in [
@@ -569,7 +594,7 @@ fn the_worker_ignores_a_search_path_set_for_the_database(ctx: &Ctx) {
     c.psql(&format!("SELECT pg_terminate_backend({old})"));
     // the postmaster starts a new worker (after its restart time), which
     // connects with the database's search_path
-    wait_for_a_new_worker(c, old);
+    c.wait_for_a_new_worker(old);
     ctx.rt.block_on(async {
         // a private join resolves the role with a name = text comparison
         let mut client = Client::connect(c.ws_port, &anon()).await;
@@ -641,7 +666,7 @@ fn a_policy_that_ends_the_worker_is_refused_after(ctx: &Ctx) {
         let (texts, _) = client.frames_until_close().await;
         assert!(texts.iter().all(|t| !t.contains("lit")), "{texts:?}");
     });
-    let restarted = wait_for_a_new_worker(c, worker);
+    let restarted = c.wait_for_a_new_worker(worker);
     ctx.rt.block_on(async {
         let mut client = Client::connect(c.ws_port, &anon()).await;
         let (status, message) = subscribe(&mut client, "fused-again", fused, &anon()).await;
@@ -669,19 +694,6 @@ fn a_policy_that_ends_the_worker_is_refused_after(ctx: &Ctx) {
         log.contains("the previous worker ended while running code of mallory.fused"),
         "{log}"
     );
-}
-
-/// Waits for the postmaster to start a worker other than `old`; returns it.
-fn wait_for_a_new_worker(c: &Cluster, old: i32) -> i32 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Some(pid) = c.worker_pid().filter(|p| *p != old) {
-            c.wait_for_websocket(std::time::Duration::from_secs(30));
-            return pid;
-        }
-        assert!(std::time::Instant::now() < deadline, "no new worker");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }
 
 /// A policy that catches its own cancel and goes on waiting cannot hold
@@ -724,7 +736,7 @@ fn a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster(ctx: &Ctx) {
         let (texts, _) = client.frames_until_close().await;
         assert!(texts.iter().all(|t| !t.contains("never decided")), "{texts:?}");
     });
-    wait_for_a_new_worker(c, worker);
+    c.wait_for_a_new_worker(worker);
     eprintln!("a new worker after {:?}", began.elapsed());
     assert_eq!(c.psql("SELECT pg_postmaster_start_time()"), started);
     let log = c.log();

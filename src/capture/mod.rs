@@ -26,6 +26,7 @@ mod described;
 pub(crate) mod encode;
 mod skips;
 mod trigger;
+mod truncate;
 mod txn;
 
 // The publication sync (triggers on exactly the published tables), its event
@@ -33,7 +34,7 @@ mod txn;
 extension_sql_file!(
     "../../sql/capture.sql",
     name = "capture_sql",
-    requires = [capture_changes, captures_changed],
+    requires = [capture_changes, capture_truncate, captures_changed],
     finalize
 );
 

@@ -91,11 +91,11 @@ impl Skips {
         }
     }
 
-    /// Whether a key filter dropped any row. (Such rows make PREPARE
-    /// TRANSACTION refused: had a subscriber for one of their keys joined
-    /// before COMMIT PREPARED, nothing would tell it.)
-    pub(super) fn any_keyed(&self) -> bool {
-        !self.keyed.is_empty()
+    /// Whether nothing was skipped. (Skipped rows make PREPARE TRANSACTION
+    /// refused, as captured ones do: had a subscriber that wants them
+    /// joined before COMMIT PREPARED, nothing would tell it.)
+    pub(super) fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.keyed.is_empty()
     }
 
     /// At commit: tells the subscribers who may have missed skipped rows

@@ -60,7 +60,7 @@ fn capture_changes<'a>(
 
 /// The row change a trigger call reports.
 struct Fired {
-    kind: ChangeKind,
+    kind: RowChange,
     /// The relation it is reported as, and its schema.
     relid: u32,
     namespace: u32,
@@ -76,20 +76,39 @@ impl Fired {
     /// (the first one encoded either way).
     fn probed(&self) -> pg_sys::HeapTuple {
         match self.kind {
-            ChangeKind::Insert | ChangeKind::Delete => self.trigtuple,
-            ChangeKind::Update => self.newtuple,
+            RowChange::Insert | RowChange::Delete => self.trigtuple,
+            RowChange::Update => self.newtuple,
         }
     }
 }
 
-fn change_kind(trigger: &PgTrigger<'_>) -> Option<ChangeKind> {
+/// What a row trigger call reports (a TRUNCATE has no row:
+/// `super::truncate`).
+#[derive(Clone, Copy)]
+enum RowChange {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl RowChange {
+    fn wire(self) -> ChangeKind {
+        match self {
+            RowChange::Insert => ChangeKind::Insert,
+            RowChange::Update => ChangeKind::Update,
+            RowChange::Delete => ChangeKind::Delete,
+        }
+    }
+}
+
+fn change_kind(trigger: &PgTrigger<'_>) -> Option<RowChange> {
     let event = trigger.event();
     if event.fired_by_insert() {
-        Some(ChangeKind::Insert)
+        Some(RowChange::Insert)
     } else if event.fired_by_update() {
-        Some(ChangeKind::Update)
+        Some(RowChange::Update)
     } else if event.fired_by_delete() {
-        Some(ChangeKind::Delete)
+        Some(RowChange::Delete)
     } else {
         None
     }
@@ -105,12 +124,21 @@ fn refuse_unless_after_row(trigger: &PgTrigger<'_>) {
     {
         return;
     }
+    refuse(
+        trigger,
+        "realtime.capture_changes()",
+        "AFTER INSERT, UPDATE or DELETE FOR EACH ROW",
+    );
+}
+
+/// Raises the ERROR for a capture trigger attached some other way than
+/// `realtime.sync_captured_tables()` does: `function` must be fired as
+/// `expected`.
+pub(super) fn refuse(trigger: &PgTrigger<'_>, function: &str, expected: &str) {
     let name = trigger.name().unwrap_or("?");
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-        format!(
-            "realtime.capture_changes() must be fired AFTER INSERT, UPDATE or DELETE FOR EACH ROW (trigger \"{name}\")"
-        ),
+        format!("{function} must be fired {expected} (trigger \"{name}\")"),
         "capture_changes",
     )
     .set_hint("pg_realtime attaches it to published tables itself; drop this trigger.")
@@ -164,7 +192,7 @@ unsafe fn encode_change(
     deformed_first: bool,
 ) {
     let (rows, at, deformed) = (&mut txn.changes.rows, &mut txn.scratch.at, &mut txn.scratch.deformed);
-    wire::begin_change(rows, relation, fired.kind);
+    wire::begin_change(rows, relation, fired.kind.wire());
     let probed = fired.probed();
     let mut row = |rows: &mut Vec<u8>, tuple| {
         wire::put_row(rows, |out| {
@@ -184,15 +212,15 @@ unsafe fn encode_change(
         }
     };
     match fired.kind {
-        ChangeKind::Insert => {
+        RowChange::Insert => {
             row(rows, fired.trigtuple);
             wire::put_no_row(rows);
         }
-        ChangeKind::Update => {
+        RowChange::Update => {
             row(rows, fired.newtuple);
             row(rows, fired.trigtuple);
         }
-        ChangeKind::Delete => {
+        RowChange::Delete => {
             wire::put_no_row(rows);
             row(rows, fired.trigtuple);
         }

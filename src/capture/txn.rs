@@ -5,7 +5,7 @@
 use super::encode;
 use super::skips::Skips;
 use bgworker::shared::stats::Counters;
-use bgworker::shared::wire::{self, Header};
+use bgworker::shared::wire::{self, ChangeKind, Header};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use std::cell::RefCell;
@@ -100,15 +100,48 @@ impl Changes {
     /// record's list. The mark comes first: if encoding raises an ERROR that
     /// a savepoint catches, its rollback cuts the partial change off.
     pub(super) fn start(&mut self, relation: &Rc<[u8]>, subxact: pg_sys::SubTransactionId) -> u16 {
-        let position = match self.relations.iter().position(|r| Rc::ptr_eq(r, relation)) {
-            Some(i) => i,
+        let position = self.position(relation);
+        self.marks.push((self.rows.len(), subxact));
+        position
+    }
+
+    /// Where `relation` sits in the record's list of relations, added if
+    /// it is not there yet.
+    fn position(&mut self, relation: &Rc<[u8]>) -> u16 {
+        match self.relations.iter().position(|r| Rc::ptr_eq(r, relation)) {
+            Some(i) => i as u16,
             None => {
                 self.relations.push(Rc::clone(relation));
-                self.relations.len() - 1
+                (self.relations.len() - 1) as u16
             }
-        };
+        }
+    }
+
+    /// Adds a TRUNCATE of `relid` (described by `relation`), unless the
+    /// change before it is the same TRUNCATE in the same subtransaction: a
+    /// partitioned table and its partitions, each reported as the root
+    /// (each with its own copy of the root's description), fire one after
+    /// the other for one statement.
+    pub(super) fn truncated(&mut self, relid: u32, relation: &Rc<[u8]>, subxact: pg_sys::SubTransactionId) {
+        if !self.touched.contains(&relid) {
+            self.touched.push(relid);
+        }
+        if self.overflowed {
+            return;
+        }
+        let repeated = self.marks.last().is_some_and(|(start, sub)| {
+            *sub == subxact
+                && wire::truncated_relation(&self.rows[*start..])
+                    .is_some_and(|p| *self.relations[p as usize] == **relation)
+        });
+        if repeated {
+            return;
+        }
+        let position = self.position(relation);
         self.marks.push((self.rows.len(), subxact));
-        position as u16
+        wire::begin_change(&mut self.rows, position, ChangeKind::Truncate);
+        wire::put_no_row(&mut self.rows);
+        wire::put_no_row(&mut self.rows);
     }
 
     /// Drops the changes (more than the ring could ever hold: no unbounded
@@ -184,7 +217,7 @@ pub(super) fn note_skipped(relid: u32, namespace: u32) {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_PREPARE if TXN.with(|t| !t.borrow().is_empty() || t.borrow().skips.any_keyed()) => {
+        XACT_EVENT_PRE_PREPARE if TXN.with(|t| !t.borrow().is_empty() || !t.borrow().skips.is_empty()) => {
             TXN.with(|t| finish(&mut t.borrow_mut()));
             refuse_prepare();
         }

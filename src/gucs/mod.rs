@@ -23,6 +23,7 @@ pub static MAX_CHANNELS_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new
 pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static MAX_RECORD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static CAPTURE_IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static RESTART_NOTICE_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"authenticator"));
 
 /// Registers the settings. Postmaster-context settings may only be created
@@ -155,6 +156,16 @@ fn define_serving() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
+        c"pg_realtime.restart_notice_window",
+        c"For how long after the realtime worker starts a postgres_changes join is told to refetch.",
+        c"Changes committed while the worker was down were not delivered, and a client cannot resume: joins in this window get a system message, after SUBSCRIBED, naming the start time. 0 sends none.",
+        &RESTART_NOTICE_WINDOW_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"pg_realtime.max_channels_per_connection",
         c"Channels one WebSocket connection may join.",
         c"",
@@ -225,6 +236,7 @@ pub fn server_settings() -> (Settings, Option<String>) {
         max_connections: MAX_CONNECTIONS.get() as usize,
         max_channels_per_connection: MAX_CHANNELS_PER_CONNECTION.get() as usize,
         limits: limits::limits(),
+        restart_notice_window: std::time::Duration::from_secs(RESTART_NOTICE_WINDOW_S.get().max(0) as u64),
     };
     (settings, problem)
 }

@@ -198,6 +198,6 @@ impl Channels {
 }
 
 /// A `system` error on a channel, `extension: postgres_changes`.
-fn system_error(sink: &Sink, message: &str) -> Outbound {
+pub fn system_error(sink: &Sink, message: &str) -> Outbound {
     Outbound::system(None, &sink.topic, "postgres_changes", "error", message, &sink.subtopic)
 }

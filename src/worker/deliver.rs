@@ -4,8 +4,8 @@
 //! was lost or could not be checked.
 
 use super::access::AccessCache;
-use super::channels::Channels;
-use bgworker::changes::deliver;
+use super::channels::{system_error, Channels};
+use bgworker::changes::deliver::{self, SendKind};
 use bgworker::changes::registry::ChannelKey;
 use bgworker::server::fanout::{Charge, FanoutError};
 use bgworker::server::protocol::Outbound;
@@ -35,6 +35,16 @@ pub fn deliver(channels: &mut Channels, access: &mut AccessCache, transactions: 
     let counters = crate::shmem::counters();
     for send in sends {
         let data = &frames[send.frame];
+        if send.kind == SendKind::Notice {
+            // Tiny, and it must not be lost: sent within the notices'
+            // allowance over the byte budget. (Full: that connection is
+            // told it fell behind, and closes.)
+            let notice = Arc::new(system_error(send.sink, data));
+            if let Err(FanoutError::Closed) = send.sink.tx.force(notice) {
+                gone.push(send.channel.clone());
+            }
+            continue;
+        }
         let charge = charges[send.frame].get_or_insert_with(|| send.sink.tx.charge(data.len()));
         let out = Outbound::PostgresChanges {
             topic: send.sink.topic.clone(),

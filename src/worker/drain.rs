@@ -1,10 +1,13 @@
 //! Taking committed transactions out of the change ring in commit order
 //! (`docs/architecture.md`, "Life of a row"): only what committed below
-//! every commit still in flight, the rest held until the stragglers have
-//! published.
+//! every commit still in flight; the rest stays in the ring until the
+//! stragglers have published, so a committer stuck between its commit
+//! record and publishing (a synchronous standby that never answers) holds
+//! back at most the ring's worth, after which commits overflow and their
+//! subscribers are told.
 
 use bgworker::shared::ring::Losses;
-use bgworker::shared::wire::{RelationCache, Transaction};
+use bgworker::shared::wire::{self, RelationCache, Transaction};
 use pgrx::pg_sys;
 
 /// The most the worker keeps, from one drain to the next, of its record
@@ -14,9 +17,6 @@ const KEEP_BATCH: usize = 16 * 1024;
 
 #[derive(Default)]
 pub struct Drain {
-    /// Transactions drained but not yet deliverable: a transaction with a
-    /// lower commit LSN may still be about to publish.
-    held: Vec<Transaction>,
     /// Relation descriptions decoded before, reused while unchanged.
     relation_cache: RelationCache,
     /// Kept from drain to drain, so that a batch allocates no buffer the
@@ -29,8 +29,8 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// Takes everything the ring holds; returns what the ring lost since
-    /// the last call and the transactions deliverable now, in commit-LSN
+    /// Takes what the ring holds that is deliverable now; returns what the
+    /// ring lost since the last call and those transactions, in commit-LSN
     /// order (hand the vector back with [`Drain::recycle`]).
     pub fn take(&mut self) -> (Losses, Vec<Transaction>) {
         // The WAL insert position, then the fence, then the ring. A
@@ -42,24 +42,31 @@ impl Drain {
         let position = unsafe { pg_sys::GetXLogInsertRecPtr() };
         let watermark = crate::shmem::fence().deliverable(position);
         let ring = crate::shmem::ring();
-        let (held, cache) = (&mut self.held, &mut self.relation_cache);
-        ring.drain(&mut self.scratch, |_, bytes| {
+        let mut batch = std::mem::take(&mut self.batch);
+        let cache = &mut self.relation_cache;
+        let mut unreadable = false;
+        // Below every commit still in flight: deliverable. The rest stays
+        // in the ring: a transaction with a lower commit LSN may still be
+        // about to publish (it wakes the worker when it leaves the fence).
+        // (A record too short to say is taken, and found unreadable.)
+        let deliverable = |head: &[u8]| wire::peek_commit_lsn(head).is_none_or(|lsn| lsn < watermark);
+        ring.drain_where(&mut self.scratch, deliverable, |_, bytes| {
             match Transaction::decode_cached(bytes, cache) {
-                Ok(t) => held.push(t),
-                Err(e) => pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}"),
+                Ok(t) => batch.push(t),
+                Err(e) => {
+                    // Whose changes it held is unknown: everyone is told.
+                    pgrx::warning!("pg_realtime: dropped an unreadable change record: {e}");
+                    unreadable = true;
+                }
             }
         });
         if self.scratch.capacity() > KEEP_SCRATCH_BYTES {
             self.scratch = Vec::new();
         }
-        let losses = ring.take_losses();
-        let mut batch = std::mem::take(&mut self.batch);
-        // Deliver in commit-LSN order what is below every commit still in
-        // flight; hold the rest until the stragglers have published (they
-        // wake the worker when they leave the fence).
-        self.held.sort_by_key(|t| t.commit_lsn);
-        let ready = self.held.partition_point(|t| t.commit_lsn < watermark);
-        batch.extend(self.held.drain(..ready));
+        let mut losses = ring.take_losses();
+        losses.all |= unreadable;
+        // The ring is in publishing order; deliveries go in commit order.
+        batch.sort_by_key(|t| t.commit_lsn);
         (losses, batch)
     }
 

@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long after an error exit the postmaster restarts the worker.
-const RESTART_AFTER: Duration = Duration::from_secs(5);
+/// (Short: changes committed while it is down are lost, and realtime-js on
+/// Node's built-in WebSocket does not retry a refused connection.)
+const RESTART_AFTER: Duration = Duration::from_secs(1);
 /// How long the main thread works through network requests (joins, say)
 /// before it drains the change ring again: a storm of joins holds
 /// delivery back by about this much at a time (a single request may take

@@ -147,7 +147,7 @@ impl PostgresChanges {
     /// how many transactions there were.
     pub fn drain(&mut self) -> usize {
         let (losses, batch) = self.drain.take();
-        if losses.records > 0 {
+        if losses.needs_notice() {
             self.channels.notify_loss(&losses.relations, losses.all);
         }
         let ready = batch.len();

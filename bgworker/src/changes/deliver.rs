@@ -6,7 +6,7 @@
 //! visible columns. The worker supplies the checks (through SPI, as the
 //! subscriber) by implementing [`Access`], and sends what [`plan`] returns.
 
-use super::event::{self, Visible};
+use super::event::{self, OldImage, Visible};
 use super::registry::{ChannelKey, Registry};
 use super::row::{FilterColumns, Parsed};
 use crate::shared::wire::{ChangeKind, Relation, Transaction};
@@ -99,18 +99,38 @@ pub trait Access {
 }
 
 /// One event for one channel: its binding ids and its `data`
-/// (an index into [`Plan::frames`]).
+/// (an index into [`Plan::frames`]); or a notice whose message is there.
 #[derive(Debug)]
 pub struct Send<'r, S> {
     pub channel: &'r ChannelKey,
     pub sink: &'r S,
     pub ids: Vec<u32>,
     pub frame: usize,
+    pub kind: SendKind,
+}
+
+/// What a [`Send`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendKind {
+    /// A `postgres_changes` event; the frame is its `data`.
+    Event,
+    /// A `system` error telling the channel to refetch (a TRUNCATE); the
+    /// frame is its message.
+    Notice,
+}
+
+/// The notice a TRUNCATE sends every channel subscribed to the table.
+pub fn truncated_message(relation: &Relation) -> String {
+    format!(
+        "Table {}.{} was truncated: its rows are gone, refetch to catch up",
+        relation.schema, relation.table
+    )
 }
 
 /// What a batch sends, in order: the loss notices (one per transaction
-/// too large to keep, with the tables it touched), then the events, then a
-/// notice to each channel some change could not be checked for.
+/// too large to keep, with the tables it touched), then the events and
+/// TRUNCATE notices in commit order, then a notice to each channel some
+/// change could not be checked for.
 #[derive(Debug)]
 pub struct Plan<'r, S> {
     pub lost: Vec<Vec<u32>>,
@@ -121,10 +141,17 @@ pub struct Plan<'r, S> {
     pub unchecked: Vec<&'r ChannelKey>,
 }
 
-/// A change that matched at least one subscription in this batch.
+/// A change that matched at least one subscription in this batch, or
+/// the old image of one, which is checked as a row of its own.
 struct MatchedRow {
     txn: usize,
     change: usize,
+    /// Whether this stands for the change's old row (of an UPDATE).
+    before: bool,
+    /// For an UPDATE whose `old_record` shows more than the primary key
+    /// (`REPLICA IDENTITY FULL`): the row standing for its old image, which
+    /// a subscriber's row-level security must let through too.
+    old: Option<usize>,
 }
 
 /// A match waiting for its checks: a channel and the row it wants.
@@ -149,15 +176,49 @@ impl<'t, S> Matched<'t, '_, S> {
         &txn.relations[txn.changes[r.change].relation as usize]
     }
 
-    /// The row as of the commit: the old one for DELETE.
+    /// Whether the row stands for a TRUNCATE (no row to check: its
+    /// subscribers are told).
+    fn is_truncate(&self, row: usize) -> bool {
+        let r = &self.rows[row];
+        self.transactions[r.txn].changes[r.change].kind == ChangeKind::Truncate
+    }
+
+    /// The row checked: as of the commit (the old one for DELETE), or
+    /// the old one an UPDATE replaced.
     fn image(&self, row: usize) -> &'t str {
         let r = &self.rows[row];
         let change = &self.transactions[r.txn].changes[r.change];
         let image = match change.kind {
             ChangeKind::Delete => change.old.as_deref(),
+            _ if r.before => change.old.as_deref(),
             _ => change.record.as_deref(),
         };
         image.unwrap_or("{}")
+    }
+
+    /// Adds the change as a matched row (and its old image, if that must
+    /// be checked too); returns the row.
+    fn push_row(&mut self, txn: usize, change: usize) -> usize {
+        let t = &self.transactions[txn];
+        let c = &t.changes[change];
+        let relation = &t.relations[c.relation as usize];
+        let shows_more_than_key = relation.identity.iter().any(|i| !relation.primary_key.contains(i));
+        let old = (c.kind == ChangeKind::Update && c.old.is_some() && shows_more_than_key).then(|| {
+            self.rows.push(MatchedRow {
+                txn,
+                change,
+                before: true,
+                old: None,
+            });
+            self.rows.len() - 1
+        });
+        self.rows.push(MatchedRow {
+            txn,
+            change,
+            before: false,
+            old,
+        });
+        self.rows.len() - 1
     }
 }
 
@@ -211,6 +272,18 @@ fn match_changes<'t, 'r, S>(
         }
         for (c, change) in txn.changes.iter().enumerate() {
             let relation = &txn.relations[change.relation as usize];
+            if change.kind == ChangeKind::Truncate {
+                let row = matched.push_row(t, c);
+                for (channel, sink) in registry.subscribed_to(relation) {
+                    matched.pending.push(Pending {
+                        channel,
+                        sink,
+                        ids: Vec::new(),
+                        row,
+                    });
+                }
+                continue;
+            }
             let at = match filtered.iter().position(|(relid, _)| *relid == relation.relid) {
                 Some(at) => at,
                 None => {
@@ -234,8 +307,7 @@ fn match_changes<'t, 'r, S>(
             if matches.is_empty() {
                 continue;
             }
-            matched.rows.push(MatchedRow { txn: t, change: c });
-            let row = matched.rows.len() - 1;
+            let row = matched.push_row(t, c);
             for m in matches {
                 matched.pending.push(Pending {
                     channel: m.channel,
@@ -255,6 +327,7 @@ fn read_stale<S: Subscriber>(access: &mut impl Access, matched: &Matched<'_, '_,
     let stale: HashSet<RoleTable> = matched
         .pending
         .iter()
+        .filter(|p| !matched.is_truncate(p.row))
         .filter_map(|p| {
             let role = &p.sink.viewer().role;
             let relid = matched.relation(p.row).relid;
@@ -280,7 +353,7 @@ fn check_rows<S: Subscriber>(
     matched: &Matched<'_, '_, S>,
 ) -> HashMap<CheckKey, Option<HashSet<usize>>> {
     let mut groups: HashMap<CheckKey, CheckGroup> = HashMap::new();
-    for p in &matched.pending {
+    for p in matched.pending.iter().filter(|p| !matched.is_truncate(p.row)) {
         let viewer = p.sink.viewer();
         let relid = matched.relation(p.row).relid;
         if access.grants(&viewer.role, relid).is_some_and(Grants::checks_rows) {
@@ -296,7 +369,7 @@ fn check_rows<S: Subscriber>(
                     rows: BTreeSet::new(),
                 })
                 .rows
-                .insert(p.row);
+                .extend(std::iter::once(p.row).chain(matched.rows[p.row].old));
         }
     }
     if groups.is_empty() {
@@ -316,16 +389,32 @@ fn build_sends<'r, S: Subscriber>(
     visible: &HashMap<CheckKey, Option<HashSet<usize>>>,
     max_record_bytes: usize,
 ) {
-    let mut frames: HashMap<(usize, Visible), usize> = HashMap::new();
+    let mut frames: HashMap<(usize, Visible, OldImage), usize> = HashMap::new();
+    let mut notices: HashMap<usize, usize> = HashMap::new();
     for p in std::mem::take(&mut matched.pending) {
         let viewer = p.sink.viewer();
         let relation = matched.relation(p.row);
+        if matched.is_truncate(p.row) {
+            let frame = *notices.entry(p.row).or_insert_with(|| {
+                plan.frames.push(Arc::from(truncated_message(relation)));
+                plan.frames.len() - 1
+            });
+            plan.sends.push(Send {
+                channel: p.channel,
+                sink: p.sink,
+                ids: p.ids,
+                frame,
+                kind: SendKind::Notice,
+            });
+            continue;
+        }
         let Some(grants) = access.grants(&viewer.role, relation.relid) else {
             if unreadable.contains(&(viewer.role.clone(), relation.relid)) {
                 plan.unchecked.push(p.channel);
             }
             continue;
         };
+        let mut old = OldImage::Identity;
         if grants.checks_rows() {
             let key = CheckKey {
                 role: viewer.role.clone(),
@@ -333,7 +422,12 @@ fn build_sends<'r, S: Subscriber>(
                 relid: relation.relid,
             };
             match visible.get(&key) {
-                Some(Some(seen)) if seen.contains(&p.row) => {}
+                Some(Some(seen)) if seen.contains(&p.row) => {
+                    // a row that became visible: its old values stay hidden
+                    if matched.rows[p.row].old.is_some_and(|o| !seen.contains(&o)) {
+                        old = OldImage::PrimaryKey;
+                    }
+                }
                 Some(None) => {
                     plan.unchecked.push(p.channel);
                     continue;
@@ -344,24 +438,28 @@ fn build_sends<'r, S: Subscriber>(
         let Some(columns) = grants.visible(relation) else {
             continue;
         };
-        let frame = *frames.entry((p.row, columns)).or_insert_with_key(|(row, columns)| {
-            let r = &matched.rows[*row];
-            let txn = &matched.transactions[r.txn];
-            let data = event::data(
-                &txn.changes[r.change],
-                relation,
-                txn.commit_time_us,
-                max_record_bytes,
-                columns,
-            );
-            plan.frames.push(Arc::from(data));
-            plan.frames.len() - 1
-        });
+        let frame = *frames
+            .entry((p.row, columns, old))
+            .or_insert_with_key(|(row, columns, old)| {
+                let r = &matched.rows[*row];
+                let txn = &matched.transactions[r.txn];
+                let data = event::data(
+                    &txn.changes[r.change],
+                    relation,
+                    txn.commit_time_us,
+                    max_record_bytes,
+                    columns,
+                    *old,
+                );
+                plan.frames.push(Arc::from(data));
+                plan.frames.len() - 1
+            });
         plan.sends.push(Send {
             channel: p.channel,
             sink: p.sink,
             ids: p.ids,
             frame,
+            kind: SendKind::Event,
         });
     }
 }

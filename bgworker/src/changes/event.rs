@@ -23,6 +23,17 @@ pub const ERROR_TOO_LARGE: &str = "Error 413: Payload Too Large";
 pub const ERROR_NO_PRIMARY_KEY: &str = "Error 400: Bad Request, no primary key";
 pub const ERROR_UNAUTHORIZED: &str = "Error 401: Unauthorized";
 
+/// How much of an UPDATE's or DELETE's old row `old_record` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OldImage {
+    /// Its replica identity (the primary key, or with `REPLICA IDENTITY
+    /// FULL` every column).
+    Identity,
+    /// Only its primary key: the subscriber's row-level security hides the
+    /// old row, though not the new one.
+    PrimaryKey,
+}
+
 /// Which of a relation's columns a subscriber's role may SELECT.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Visible {
@@ -119,14 +130,16 @@ fn quoted(s: &str) -> String {
 }
 
 /// The serialized `data` object of a change, with only the columns in
-/// `visible`. A role that may not read the whole primary key gets the
-/// `Error 401: Unauthorized` form, without values.
+/// `visible` (and of the old row, only what `old` says). A role that may
+/// not read the whole primary key gets the `Error 401: Unauthorized` form,
+/// without values.
 pub fn data(
     change: &Change,
     relation: &Relation,
     commit_time_us: i64,
     max_record_bytes: usize,
     visible: &Visible,
+    old: OldImage,
 ) -> String {
     let kind = change.kind;
     let mut data = Object::new();
@@ -156,8 +169,11 @@ pub fn data(
         data.raw("record", &record_json(record, max_record_bytes, &mut problems));
     }
     if kind != ChangeKind::Insert {
-        let identity = |i: usize| relation.identity.contains(&(i as u16));
-        let old_record = shown(relation, visible, change.old.as_deref(), &identity);
+        let shows = |i: usize| match old {
+            OldImage::Identity => relation.identity.contains(&(i as u16)),
+            OldImage::PrimaryKey => relation.primary_key.contains(&(i as u16)),
+        };
+        let old_record = shown(relation, visible, change.old.as_deref(), &shows);
         data.raw("old_record", &record_json(old_record, max_record_bytes, &mut problems));
     }
     problems.dedup();
@@ -217,7 +233,14 @@ fn record_json(record: Vec<(&str, Cow<'_, str>)>, max_bytes: usize, problems: &m
 pub fn build(relation: &Relation, change: &Change, commit_time_us: i64, max_record_bytes: usize) -> Event {
     Event {
         kind: change.kind,
-        data: data(change, relation, commit_time_us, max_record_bytes, &Visible::All),
+        data: data(
+            change,
+            relation,
+            commit_time_us,
+            max_record_bytes,
+            &Visible::All,
+            OldImage::Identity,
+        ),
         filter_row: Parsed::new(change).to_json(),
     }
 }
@@ -323,7 +346,15 @@ mod tests {
         let change = change(ChangeKind::Update, Some(ROW), Some(old));
         let parsed = Parsed::new(&change);
         let visible = Visible::Only(vec![true, true, false, false]);
-        let d: Value = serde_json::from_str(&super::data(&change, &relation, 0, 1 << 20, &visible)).unwrap();
+        let d: Value = serde_json::from_str(&super::data(
+            &change,
+            &relation,
+            0,
+            1 << 20,
+            &visible,
+            OldImage::Identity,
+        ))
+        .unwrap();
         assert_eq!(d["record"], json!({"id": 7, "title": "new"}));
         assert_eq!(d["old_record"], json!({"id": 7, "title": "old"}));
         assert_eq!(
@@ -339,7 +370,15 @@ mod tests {
         let relation = relation(vec![0]);
         let change = change(ChangeKind::Insert, Some(ROW), None);
         let visible = Visible::Only(vec![false, true, true, true]);
-        let d: Value = serde_json::from_str(&super::data(&change, &relation, 0, 1 << 20, &visible)).unwrap();
+        let d: Value = serde_json::from_str(&super::data(
+            &change,
+            &relation,
+            0,
+            1 << 20,
+            &visible,
+            OldImage::Identity,
+        ))
+        .unwrap();
         assert_eq!(d["errors"], json!([ERROR_UNAUTHORIZED]));
         assert!(d.get("record").is_none());
         assert!(d.get("columns").is_none());

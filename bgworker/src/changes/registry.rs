@@ -275,6 +275,23 @@ impl<S> Registry<S> {
             .collect()
     }
 
+    /// The channels with a binding that covers `relation` (its table, its
+    /// schema, or everything), whatever their event and row filters: who
+    /// must hear of a TRUNCATE.
+    pub fn subscribed_to(&self, relation: &Relation) -> Vec<(&ChannelKey, &S)> {
+        self.channels
+            .iter()
+            .filter(|(_, sub)| {
+                sub.bindings.iter().any(|b| match &b.target {
+                    Target::Table(r) => *r == relation.relid,
+                    Target::Schema(s) => *s == relation.schema,
+                    Target::All => true,
+                })
+            })
+            .map(|(key, sub)| (key, &sub.sink))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.channels.len()
     }

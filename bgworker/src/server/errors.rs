@@ -11,6 +11,16 @@ use std::fmt;
 use thiserror::Error;
 
 /// What the client hears when the main thread cannot answer.
+/// The restart notice (`Context::restart_notice`) for a server that
+/// started at `started_us` (microseconds since the Unix epoch).
+pub fn restarted(started_us: i64) -> String {
+    format!(
+        "The realtime server started at {}: changes committed while it was down may not have been delivered; \
+         refetch to catch up",
+        crate::changes::event::commit_timestamp(started_us)
+    )
+}
+
 pub const NO_DATABASE: &str = "Realtime was unable to connect to the project database";
 
 /// A binding's parameters as Supabase lists them in its messages.

@@ -44,6 +44,10 @@ pub struct Settings {
     /// Channels one connection may join.
     pub max_channels_per_connection: usize,
     pub limits: Limits,
+    /// For how long after the server started a postgres_changes join is
+    /// told, after SUBSCRIBED, that changes committed before may not have
+    /// been delivered (`pg_realtime.restart_notice_window`).
+    pub restart_notice_window: Duration,
 }
 
 /// What one client may ask of the server, each a `pg_realtime.*`
@@ -140,6 +144,9 @@ pub struct Context {
     /// The worker's main thread, for `postgres_changes`; without it (unit
     /// tests of the protocol alone) such joins are refused.
     main: Option<MainLink>,
+    /// When the server started: the wall-clock time clients are told, and
+    /// the monotonic one the restart notice's window is measured from.
+    started: (std::time::SystemTime, std::time::Instant),
 }
 
 impl Context {
@@ -163,7 +170,23 @@ impl Context {
             socket_capacity: AtomicUsize::new(usize::MAX),
             next_id: AtomicU64::new(1),
             hub: Hub::default(),
+            started: (std::time::SystemTime::now(), std::time::Instant::now()),
         })
+    }
+
+    /// The notice a postgres_changes join gets after SUBSCRIBED while the
+    /// server is younger than `restart_notice_window`: what was committed
+    /// while it was down cannot be delivered, and the protocol has no way
+    /// to resume, so the client is told to refetch.
+    pub fn restart_notice(&self) -> Option<String> {
+        let (wall, monotonic) = self.started;
+        if monotonic.elapsed() >= self.settings().restart_notice_window {
+            return None;
+        }
+        let micros = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        Some(errors::restarted(micros))
     }
 
     /// Applies reloaded settings; connections and channels stay as they are,

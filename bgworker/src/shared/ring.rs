@@ -6,7 +6,9 @@
 //! Writers reserve space under a short spin lock (a few loads and stores),
 //! copy their record outside it, then mark it ready. The reader takes records
 //! in reservation order and stops at the first one not yet ready: its writer
-//! wakes the reader again when it is done. A writer never waits for the
+//! wakes the reader again when it is done. The reader may also leave a
+//! record in place for later (one it may not deliver yet) and take those
+//! after it; space comes back to writers only past the records it left. A writer never waits for the
 //! reader: when the ring is full the record is refused and the loss is
 //! recorded, so a commit is never blocked or failed (`docs/architecture.md`, invariant 4).
 
@@ -14,6 +16,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Set in a record's first word once its payload is complete.
 const READY: u64 = 1 << 63;
+/// Set by the reader in a ready record's first word when it took the
+/// record while an earlier one stays in the ring (`drain_where`).
+const TAKEN: u64 = 1 << 62;
+/// How much of a record's payload `drain_where` shows to decide.
+pub const PEEK_BYTES: usize = 16;
 /// Words before the payload: length/state, sequence number, byte length.
 const RECORD_HEADER_WORDS: u64 = 3;
 /// Relations whose losses are tracked one by one; beyond that, "all".
@@ -86,6 +93,14 @@ pub struct Losses {
     pub relations: Vec<u32>,
     /// Too many relations to list: treat every relation as affected.
     pub all: bool,
+}
+
+impl Losses {
+    /// Whether some subscriber must be told: a relation was noted (or all
+    /// were), whatever the count read with it.
+    pub fn needs_notice(&self) -> bool {
+        self.all || !self.relations.is_empty()
+    }
 }
 
 impl<'a> ChangeRing<'a> {
@@ -195,14 +210,18 @@ impl<'a> ChangeRing<'a> {
         std::hint::black_box(self.word(end - 1).load(Ordering::Relaxed));
     }
 
-    /// Notes that a record touching `relations` was lost.
+    /// Notes that a record touching `relations` was lost: the relations
+    /// first, then the count, so a reader that sees the count sees them.
+    /// A reader may still take the relations before the count (between the
+    /// two): which is why subscribers are told by the relations
+    /// (`Losses::needs_notice`), never by the count.
     pub fn record_loss(&self, relations: impl IntoIterator<Item = u32>) {
-        self.header.lost_records.fetch_add(1, Ordering::Relaxed);
         for rel in relations {
             if !self.note_lost_relation(rel) {
                 self.header.lost_all.store(1, Ordering::Release);
             }
         }
+        self.header.lost_records.fetch_add(1, Ordering::Release);
     }
 
     fn note_lost_relation(&self, rel: u32) -> bool {
@@ -238,39 +257,78 @@ impl<'a> ChangeRing<'a> {
     /// stops at the first record still being written. Reader only. Each
     /// payload is copied out into `scratch`, which the caller keeps from
     /// drain to drain: no allocation per record.
-    pub fn drain(&self, scratch: &mut Vec<u8>, mut f: impl FnMut(u64, &[u8])) -> usize {
-        let mut count = 0;
+    pub fn drain(&self, scratch: &mut Vec<u8>, f: impl FnMut(u64, &[u8])) -> usize {
+        self.drain_where(scratch, |_| true, f)
+    }
+
+    /// As [`ChangeRing::drain`], but only the records `take` accepts, shown
+    /// their first [`PEEK_BYTES`] (fewer for a shorter record): the others
+    /// stay in the ring, in place, for a later drain, so what the reader
+    /// may not use yet is bounded by the ring's size, not the reader's
+    /// memory. A record taken ahead of one left is marked taken, and its
+    /// space goes back to writers once every record before it is taken.
+    pub fn drain_where(
+        &self,
+        scratch: &mut Vec<u8>,
+        mut take: impl FnMut(&[u8]) -> bool,
+        mut f: impl FnMut(u64, &[u8]),
+    ) -> usize {
+        let (mut count, mut passed) = (0, 0);
         let mut tail = self.header.tail.load(Ordering::Relaxed);
         let head = self.header.head.load(Ordering::Acquire);
-        while tail < head {
-            let first = self.word(tail).load(Ordering::Acquire);
+        let mut pos = tail;
+        // Whether every record from the tail to `pos` has been taken.
+        let mut prefix = true;
+        while pos < head {
+            let first = self.word(pos).load(Ordering::Acquire);
             if first & READY == 0 {
                 break;
             }
-            let need = first & !READY;
-            let seq = self.word(tail + 1).load(Ordering::Relaxed);
-            let len = self.word(tail + 2).load(Ordering::Relaxed) as usize;
-            scratch.clear();
-            scratch.reserve(len.div_ceil(8) * 8);
-            let start = self.index(tail + RECORD_HEADER_WORDS);
-            let words = self.words[start..].iter().chain(self.words.iter());
-            for word in words.take(len.div_ceil(8)) {
-                scratch.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            let need = first & !(READY | TAKEN);
+            if first & TAKEN == 0 {
+                let len = self.word(pos + 2).load(Ordering::Relaxed) as usize;
+                self.copy_payload(pos, len.min(PEEK_BYTES), scratch);
+                if take(scratch) {
+                    let seq = self.word(pos + 1).load(Ordering::Relaxed);
+                    self.copy_payload(pos, len, scratch);
+                    f(seq, scratch);
+                    count += 1;
+                    if !prefix {
+                        // (only the reader writes a ready record's first word)
+                        self.word(pos).store(first | TAKEN, Ordering::Relaxed);
+                    }
+                } else {
+                    prefix = false;
+                }
             }
-            scratch.truncate(len);
-            // Clear the state word so a stale READY is never read again.
-            self.word(tail).store(0, Ordering::Relaxed);
-            tail += need;
-            count += 1;
-            // Space goes back to writers now and then, not per record: the
-            // tail's cache line stays with the reader meanwhile.
-            if count % 64 == 0 {
-                self.header.tail.store(tail, Ordering::Release);
+            if prefix {
+                // Clear the state word so a stale READY is never read again.
+                self.word(pos).store(0, Ordering::Relaxed);
+                tail = pos + need;
+                passed += 1;
+                // Space goes back to writers now and then, not per record:
+                // the tail's cache line stays with the reader meanwhile.
+                if passed % 64 == 0 {
+                    self.header.tail.store(tail, Ordering::Release);
+                }
             }
-            f(seq, scratch);
+            pos += need;
         }
         self.header.tail.store(tail, Ordering::Release);
         count
+    }
+
+    /// Copies the first `len` payload bytes of the record at `pos` into
+    /// `out` (cleared first).
+    fn copy_payload(&self, pos: u64, len: usize, out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(len.div_ceil(8) * 8);
+        let start = self.index(pos + RECORD_HEADER_WORDS);
+        let words = self.words[start..].iter().chain(self.words.iter());
+        for word in words.take(len.div_ceil(8)) {
+            out.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        }
+        out.truncate(len);
     }
 
     /// Bytes reserved and not yet consumed.
@@ -351,6 +409,84 @@ mod tests {
         let losses = r.take_losses();
         assert!(losses.all);
         assert_eq!(losses.relations.len(), LOST_RELATIONS);
+    }
+
+    /// Records left in the ring stay there, in place, until taken; those
+    /// taken past them are not handed out again; the space comes back once
+    /// the records before it are taken; and a ring full behind a left
+    /// record refuses writers, as any full ring does.
+    #[test]
+    fn records_left_in_place_are_taken_later_and_only_once() {
+        let o = owned(32);
+        let r = ring(&o);
+        for payload in [b"a1", b"b2", b"c3"] {
+            r.publish(payload).unwrap();
+        }
+        let used = r.used_bytes();
+        let mut got = Vec::new();
+        let not_a = |peek: &[u8]| peek != b"a1";
+        assert_eq!(
+            r.drain_where(&mut Vec::new(), not_a, |seq, p| got.push((seq, p.to_vec()))),
+            2
+        );
+        assert_eq!(got, vec![(1, b"b2".to_vec()), (2, b"c3".to_vec())]);
+        assert_eq!(r.used_bytes(), used, "nothing is given back while a1 stays");
+        // full behind it: 3 records of 4 words in 32, and room for 5 more
+        let mut accepted = 0;
+        while r.publish(&[7; 8]).is_ok() {
+            accepted += 1;
+        }
+        assert_eq!(accepted, 5);
+        got.clear();
+        assert_eq!(r.drain(&mut Vec::new(), |seq, p| got.push((seq, p.to_vec()))), 6);
+        assert_eq!(got[0], (0, b"a1".to_vec()));
+        assert_eq!(
+            got.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            vec![0, 3, 4, 5, 6, 7]
+        );
+        assert_eq!(r.used_bytes(), 0);
+        assert_eq!(r.publish(b"again"), Ok(8));
+    }
+
+    /// `take` sees at most PEEK_BYTES of a payload.
+    #[test]
+    fn take_sees_the_head_of_each_record() {
+        let o = owned(64);
+        let r = ring(&o);
+        r.publish(&[1; 40]).unwrap();
+        r.publish(b"short").unwrap();
+        let mut seen = Vec::new();
+        r.drain_where(
+            &mut Vec::new(),
+            |peek| {
+                seen.push(peek.to_vec());
+                true
+            },
+            |_, _| {},
+        );
+        assert_eq!(seen, vec![vec![1; PEEK_BYTES], b"short".to_vec()]);
+    }
+
+    /// A reader that takes the losses while a writer is between noting the
+    /// relations and counting the record still tells the relations'
+    /// subscribers; the count, read later, asks nothing more.
+    #[test]
+    fn a_loss_taken_half_recorded_still_needs_notice() {
+        let o = owned(16);
+        let r = ring(&o);
+        // the writer's first half: the relation, not yet the count
+        assert!(r.note_lost_relation(10));
+        let losses = r.take_losses();
+        assert_eq!((losses.records, losses.relations.clone()), (0, vec![10]));
+        assert!(losses.needs_notice());
+        // the second half, taken on the next drain
+        r.header.lost_records.fetch_add(1, Ordering::Release);
+        let losses = r.take_losses();
+        assert_eq!(losses.records, 1);
+        assert!(!losses.needs_notice());
+        // a whole loss
+        r.record_loss([11]);
+        assert!(r.take_losses().needs_notice());
     }
 
     /// Many writers, one reader: every record arrives whole, exactly once,

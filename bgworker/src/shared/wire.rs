@@ -14,6 +14,9 @@ pub enum ChangeKind {
     Insert,
     Update,
     Delete,
+    /// The relation was truncated: no rows (its subscribers are told to
+    /// refetch).
+    Truncate,
 }
 
 impl ChangeKind {
@@ -22,6 +25,7 @@ impl ChangeKind {
             ChangeKind::Insert => "INSERT",
             ChangeKind::Update => "UPDATE",
             ChangeKind::Delete => "DELETE",
+            ChangeKind::Truncate => "TRUNCATE",
         }
     }
 }
@@ -149,6 +153,7 @@ impl Transaction {
                 0 => ChangeKind::Insert,
                 1 => ChangeKind::Update,
                 2 => ChangeKind::Delete,
+                3 => ChangeKind::Truncate,
                 _ => return Err(WireError(r.pos)),
             };
             let record = r.opt_string()?;
@@ -172,6 +177,12 @@ impl Transaction {
             overflowed,
         })
     }
+}
+
+/// The commit LSN of the record whose first bytes are `head` (at least
+/// 13: overflow flag, xid, LSN), as [`encode_record`] writes it.
+pub fn peek_commit_lsn(head: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(head.get(5..13)?.try_into().ok()?))
 }
 
 /// A transaction record's fixed fields, for [`encode_record`].
@@ -219,7 +230,18 @@ pub fn begin_change(out: &mut Vec<u8>, relation: u16, kind: ChangeKind) {
         ChangeKind::Insert => 0,
         ChangeKind::Update => 1,
         ChangeKind::Delete => 2,
+        ChangeKind::Truncate => 3,
     });
+}
+
+/// The relation (index into the record's relations) of the change
+/// encoded at the start of `change` (by [`begin_change`]), if it is a
+/// TRUNCATE.
+pub fn truncated_relation(change: &[u8]) -> Option<u16> {
+    match change {
+        [lo, hi, 3, ..] => Some(u16::from_le_bytes([*lo, *hi])),
+        _ => None,
+    }
 }
 
 /// Writes a row, as `write` appends its JSON text to `out`, behind its
@@ -467,9 +489,36 @@ mod tests {
                     old: Some("{}".into()),
                     filter_at: vec![],
                 },
+                Change {
+                    relation: 0,
+                    kind: ChangeKind::Truncate,
+                    record: None,
+                    old: None,
+                    filter_at: vec![],
+                },
             ],
             overflowed: false,
         }
+    }
+
+    #[test]
+    fn the_commit_lsn_is_read_from_the_head() {
+        let bytes = sample().encode();
+        assert_eq!(peek_commit_lsn(&bytes[..16]), Some(sample().commit_lsn));
+        assert_eq!(peek_commit_lsn(&bytes[..12]), None);
+    }
+
+    #[test]
+    fn a_truncate_is_known_by_its_head() {
+        let mut out = Vec::new();
+        begin_change(&mut out, 2, ChangeKind::Truncate);
+        put_no_row(&mut out);
+        put_no_row(&mut out);
+        assert_eq!(truncated_relation(&out), Some(2));
+        let mut delete = Vec::new();
+        begin_change(&mut delete, 2, ChangeKind::Delete);
+        assert_eq!(truncated_relation(&delete), None);
+        assert_eq!(truncated_relation(&[]), None);
     }
 
     #[test]

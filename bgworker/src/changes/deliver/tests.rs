@@ -300,6 +300,119 @@ fn a_delete_is_checked_against_the_row_it_removed() {
     assert_eq!(data["old_record"]["id"], 4);
 }
 
+/// An UPDATE of `id` from `from`'s row to `to`'s, on a table with
+/// `REPLICA IDENTITY FULL` when `full`.
+fn handover(id: u32, from: &str, to: &str, full: bool) -> Transaction {
+    let update = Change {
+        relation: 0,
+        kind: ChangeKind::Update,
+        record: Some(row(id, to)),
+        old: Some(row(id, from)),
+        filter_at: Vec::new(),
+    };
+    let mut t = txn(1, NOTES, vec![update]);
+    if full {
+        let mut relation = (*t.relations[0]).clone();
+        relation.identity = vec![0, 1, 2];
+        t.relations[0] = Arc::new(relation);
+    }
+    t
+}
+
+#[test]
+fn an_old_row_the_subscriber_may_not_see_shows_only_its_key() {
+    let mut registry = Registry::default();
+    subscribe(&mut registry, 1, NOTES, "authenticated", "alice");
+    subscribe(&mut registry, 2, NOTES, "authenticated", "bob");
+    let mut access = FakeAccess::default();
+    access.grant("authenticated", NOTES, &["id", "owner", "secret"], true);
+    let old_record = |plan: &Plan<'_, Sink>, send: usize| {
+        serde_json::from_str::<Value>(&plan.frames[plan.sends[send].frame]).unwrap()["old_record"].clone()
+    };
+    // bob's row becomes alice's: alice sees it now, but not what it was;
+    // bob no longer sees it at all
+    let batch = [handover(7, "bob", "alice", true)];
+    let planned = plan(&registry, &mut access, &batch, 1 << 20);
+    assert_eq!(sent(&planned), vec![(1, 7)]);
+    assert_eq!(old_record(&planned, 0), serde_json::json!({"id": 7}));
+    // both images were checked, in one query per identity
+    assert_eq!(access.checks.len(), 2);
+    assert_eq!(access.checks[0].1, vec![row(7, "bob"), row(7, "alice")]);
+    // a row alice saw before and after keeps its whole old image
+    let batch = [handover(8, "alice", "alice", true)];
+    let planned = plan(&registry, &mut access, &batch, 1 << 20);
+    assert_eq!(old_record(&planned, 0)["secret"], "s8");
+    assert_eq!(old_record(&planned, 0)["owner"], "alice");
+    // without FULL the old image is the key anyway: only the new row is
+    // checked
+    access.checks.clear();
+    let batch = [handover(9, "bob", "alice", false)];
+    let planned = plan(&registry, &mut access, &batch, 1 << 20);
+    assert_eq!(old_record(&planned, 0), serde_json::json!({"id": 9}));
+    assert_eq!(access.checks[0].1, vec![row(9, "alice")]);
+}
+
+#[test]
+fn a_truncate_tells_every_channel_of_its_table_in_commit_order() {
+    let mut registry = Registry::default();
+    subscribe(&mut registry, 1, NOTES, "authenticated", "alice");
+    subscribe(&mut registry, 2, OTHER, "authenticated", "alice");
+    // an INSERT-only binding with a row filter is told too: its rows are gone
+    let binding = Binding {
+        id: 6,
+        target: Target::Table(NOTES),
+        events: EventFilter::Only(ChangeKind::Insert),
+        conditions: Vec::new(),
+    };
+    let viewer = Viewer {
+        role: Arc::from("authenticated"),
+        claims: Arc::from(r#"{"sub":"bob"}"#),
+        sub: Some("bob".into()),
+    };
+    registry.subscribe(
+        key(3),
+        Subscription {
+            bindings: vec![binding],
+            sink: Sink(viewer),
+        },
+    );
+    let mut access = FakeAccess::default();
+    access.grant("authenticated", NOTES, &["id", "owner", "secret"], true);
+    let truncate = Change {
+        relation: 0,
+        kind: ChangeKind::Truncate,
+        record: None,
+        old: None,
+        filter_at: Vec::new(),
+    };
+    let batch = [
+        txn(1, NOTES, vec![insert(1, "alice")]),
+        txn(2, NOTES, vec![truncate, insert(2, "alice")]),
+    ];
+    let plan = plan(&registry, &mut access, &batch, 1 << 20);
+    let order: Vec<(u64, SendKind)> = plan.sends.iter().map(|s| (s.channel.connection, s.kind)).collect();
+    assert_eq!(
+        order,
+        [
+            (1, SendKind::Event),
+            (1, SendKind::Notice),
+            (3, SendKind::Notice),
+            (1, SendKind::Event)
+        ]
+    );
+    let notice = &plan.frames[plan.sends[1].frame];
+    assert_eq!(
+        notice.as_ref(),
+        "Table public.notes was truncated: its rows are gone, refetch to catch up"
+    );
+    // one message for both channels, and no row checked for it
+    assert_eq!(plan.sends[1].frame, plan.sends[2].frame);
+    assert!(access
+        .checks
+        .iter()
+        .all(|(_, images)| !images.contains(&"{}".to_string())));
+}
+
 #[test]
 fn grants_show_the_columns_a_role_may_select() {
     let relation = notes(NOTES);

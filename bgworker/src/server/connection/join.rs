@@ -242,8 +242,20 @@ impl Connection {
                 .await?;
         }
         if let Some(result) = subscription {
+            let subscribed = result.is_ok();
             self.send(&subscription_status(&join_ref, &frame.topic, &subtopic, result))
                 .await?;
+            if let Some(notice) = self.ctx.restart_notice().filter(|_| subscribed) {
+                let notice = Outbound::system(
+                    Some(&join_ref),
+                    &frame.topic,
+                    "postgres_changes",
+                    "error",
+                    &notice,
+                    &subtopic,
+                );
+                self.send(&notice).await?;
+            }
         }
         Ok(())
     }

@@ -34,6 +34,7 @@ fn settings(secret: &str, max_connections: usize, max_channels: usize) -> Settin
         max_connections,
         max_channels_per_connection: max_channels,
         limits: Limits::default(),
+        restart_notice_window: Duration::ZERO,
     }
 }
 
@@ -499,6 +500,51 @@ async fn postgres_changes_subscribe_through_the_main_thread() {
     send(&mut c, json!(["1", "2", "realtime:a", "phx_leave", {}])).await;
     assert_eq!(recv(&mut c).await[4]["status"], "ok");
     assert_eq!(unsub_rx.recv_timeout(WAIT).unwrap(), "realtime:a");
+    server.stop().await;
+}
+
+/// For `restart_notice_window` after the server started, a postgres_changes
+/// join hears, right after SUBSCRIBED, that changes committed before may be
+/// missing; a re-subscription after a token refresh does not (the channel
+/// was live), and past the window nobody does (the other tests).
+#[tokio::test]
+async fn joins_soon_after_a_start_are_told_to_refetch() {
+    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
+    let (link, rx) = link::main_link(waker);
+    let (unsub_tx, _unsub_rx) = std::sync::mpsc::channel();
+    fake_main(rx, unsub_tx);
+    let settings = Settings {
+        restart_notice_window: Duration::from_secs(600),
+        ..settings(SECRET, 10, 10)
+    };
+    let server = TestServer::with_main(settings, Options::default(), Some(link)).await;
+    let mut c = server.connect().await;
+    let binding = json!({"event": "INSERT", "schema": "public", "table": "t"});
+    join(
+        &mut c,
+        "1",
+        "realtime:a",
+        json!({"config": {"postgres_changes": [binding]}}),
+    )
+    .await;
+    assert_eq!(recv(&mut c).await[4]["message"], "Subscribed to PostgreSQL");
+    let notice = recv(&mut c).await;
+    assert_eq!(notice[0], "1");
+    assert_eq!(notice[3], "system");
+    assert_eq!(notice[4]["extension"], "postgres_changes");
+    assert_eq!(notice[4]["status"], "error");
+    let message = notice[4]["message"].as_str().unwrap();
+    assert!(message.starts_with("The realtime server started at 20"), "{message}");
+    assert!(message.ends_with("refetch to catch up"), "{message}");
+    assert_eq!(recv(&mut c).await[3], "postgres_changes");
+    let other = hs256(SECRET, json!({"role": "service_role", "exp": jwt::now() + 60}));
+    send(
+        &mut c,
+        json!(["1", "3", "realtime:a", "access_token", {"access_token": other}]),
+    )
+    .await;
+    assert_eq!(recv(&mut c).await[4]["message"], "Subscribed to PostgreSQL");
+    assert_eq!(recv(&mut c).await[3], "postgres_changes");
     server.stop().await;
 }
 
