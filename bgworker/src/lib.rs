@@ -18,5 +18,6 @@
 #![deny(unsafe_code)]
 
 pub mod changes;
+pub mod fuzzing;
 pub mod server;
 pub mod shared;

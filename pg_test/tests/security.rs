@@ -424,9 +424,13 @@ fn internal_functions_are_for_superusers(ctx: &Ctx) {
         !ok && err.contains("permission denied for function realtime.capture_truncate"),
         "{ok} {err}"
     );
+    // nor make the publication sync skip her DDL
+    let (ok, err) = as_mallory("SET pg_realtime.syncing = on");
+    assert!(!ok && err.contains("permission denied to set parameter"), "{ok} {err}");
     for call in [
         "SELECT * FROM realtime.stats()",
         "SELECT realtime.interested('mallory.notes'::regclass)",
+        "SELECT realtime.syncing()",
     ] {
         let (ok, err) = as_mallory(call);
         assert!(!ok && err.contains("permission denied for function"), "{call}: {err}");

@@ -34,7 +34,7 @@ mod txn;
 extension_sql_file!(
     "../../sql/capture.sql",
     name = "capture_sql",
-    requires = [capture_changes, capture_truncate, captures_changed],
+    requires = [capture_changes, capture_truncate, captures_changed, syncing],
     finalize
 );
 
@@ -49,6 +49,15 @@ fn captures_changed() {
         bgworker::shared::stats::Counters::incr(&crate::shmem::counters().capture_syncs);
         crate::shmem::wake_worker();
     }
+}
+
+/// Whether `realtime.sync_captured_tables()` is running in this
+/// transaction (`pg_realtime.syncing`); for its event trigger, which
+/// calling this loads the library for, so the setting is the real,
+/// superuser-only one and never a placeholder some role set.
+#[pg_extern(stable)]
+fn syncing() -> bool {
+    crate::gucs::SYNCING.get()
 }
 
 /// Whether anyone subscribes to the relation (or its schema), as the

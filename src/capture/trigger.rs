@@ -163,7 +163,7 @@ unsafe fn buffer(txn: &mut TxnBuffer, described: &Described, probe: Option<(Prob
         }
         None => false,
     };
-    txn.changes.count(fired.relid);
+    txn.changes.count(fired.relid, &described.relation);
     if txn.changes.overflowed {
         return;
     }

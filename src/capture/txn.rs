@@ -86,12 +86,16 @@ impl TxnBuffer {
 }
 
 impl Changes {
-    /// Counts a row of `relid` as captured (encoded now, or lost to an
-    /// overflow).
-    pub(super) fn count(&mut self, relid: u32) {
+    /// Counts a row of `relid` (described by `relation`) as captured:
+    /// encoded now, or lost to an overflow, whose record then still lists
+    /// the relation, for its subscribers to be told.
+    pub(super) fn count(&mut self, relid: u32, relation: &Rc<[u8]>) {
         self.encoded += 1;
         if !self.touched.contains(&relid) {
             self.touched.push(relid);
+        }
+        if self.overflowed {
+            self.position(relation);
         }
     }
 
@@ -127,6 +131,7 @@ impl Changes {
             self.touched.push(relid);
         }
         if self.overflowed {
+            self.position(relation);
             return;
         }
         let repeated = self.marks.last().is_some_and(|(start, sub)| {
@@ -218,8 +223,22 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_PREPARE if TXN.with(|t| !t.borrow().is_empty() || !t.borrow().skips.is_empty()) => {
-            TXN.with(|t| finish(&mut t.borrow_mut()));
-            refuse_prepare();
+            TXN.with(|t| {
+                let mut txn = t.borrow_mut();
+                if replicating() {
+                    // A logical replication apply worker preparing a
+                    // two-phase subscription's transaction: refusing would
+                    // stall replication for good, so its changes are
+                    // announced as lost instead (README, "Logical replication").
+                    let skipped = txn.skips.tables();
+                    crate::shmem::ring().record_loss(txn.changes.touched.iter().copied().chain(skipped));
+                    crate::shmem::wake_worker();
+                }
+                finish(&mut txn);
+            });
+            if !replicating() {
+                refuse_prepare();
+            }
         }
         XACT_EVENT_PRE_COMMIT => TXN.with(|t| enter_fence(&mut t.borrow_mut())),
         XACT_EVENT_COMMIT => TXN.with(|t| {
@@ -244,6 +263,14 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         }),
         _ => {}
     }
+}
+
+/// Whether this session applies replicated changes
+/// (`session_replication_role = replica`, as logical replication's apply
+/// workers run).
+fn replicating() -> bool {
+    // SAFETY: a plain read of this backend's setting.
+    unsafe { pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 }
 }
 
 fn refuse_prepare() {

@@ -24,6 +24,9 @@ pub static QUEUE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static MAX_RECORD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 pub static CAPTURE_IDLE_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static RESTART_NOTICE_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// Internal: on while `realtime.sync_captured_tables()` runs (see
+/// `sql/capture.sql`). Superuser-only, so no role can make the sync skip.
+pub static SYNCING: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static AUTHENTICATOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"authenticator"));
 
 /// Registers the settings. Postmaster-context settings may only be created
@@ -117,6 +120,14 @@ fn define_tokens() {
 
 /// What is captured and how much the server takes on: reloadable.
 fn define_serving() {
+    GucRegistry::define_bool_guc(
+        c"pg_realtime.syncing",
+        c"Internal: set while realtime.sync_captured_tables() runs.",
+        c"Its own ALTER TABLE statements fire the event trigger that runs it; this tells that trigger to skip them.",
+        &SYNCING,
+        GucContext::Suset,
+        GucFlags::NO_SHOW_ALL,
+    );
     GucRegistry::define_string_guc(
         c"pg_realtime.publication",
         c"Publication whose tables are captured for postgres_changes.",

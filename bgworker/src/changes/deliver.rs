@@ -327,7 +327,6 @@ fn read_stale<S: Subscriber>(access: &mut impl Access, matched: &Matched<'_, '_,
     let stale: HashSet<RoleTable> = matched
         .pending
         .iter()
-        .filter(|p| !matched.is_truncate(p.row))
         .filter_map(|p| {
             let role = &p.sink.viewer().role;
             let relid = matched.relation(p.row).relid;
@@ -394,7 +393,18 @@ fn build_sends<'r, S: Subscriber>(
     for p in std::mem::take(&mut matched.pending) {
         let viewer = p.sink.viewer();
         let relation = matched.relation(p.row);
+        let Some(grants) = access.grants(&viewer.role, relation.relid) else {
+            if unreadable.contains(&(viewer.role.clone(), relation.relid)) {
+                plan.unchecked.push(p.channel);
+            }
+            continue;
+        };
         if matched.is_truncate(p.row) {
+            // (named only to a role that may still read the table: a
+            // schema-wide binding covers tables it may not)
+            if grants.visible(relation).is_none() {
+                continue;
+            }
             let frame = *notices.entry(p.row).or_insert_with(|| {
                 plan.frames.push(Arc::from(truncated_message(relation)));
                 plan.frames.len() - 1
@@ -408,12 +418,6 @@ fn build_sends<'r, S: Subscriber>(
             });
             continue;
         }
-        let Some(grants) = access.grants(&viewer.role, relation.relid) else {
-            if unreadable.contains(&(viewer.role.clone(), relation.relid)) {
-                plan.unchecked.push(p.channel);
-            }
-            continue;
-        };
         let mut old = OldImage::Identity;
         if grants.checks_rows() {
             let key = CheckKey {

@@ -20,6 +20,7 @@ pub mod wake;
 use crate::server::jwt::Verifier;
 use crate::shared::stats::Counters;
 use futures_util::FutureExt;
+pub(crate) use handshake::query_param;
 use hub::Hub;
 use link::MainLink;
 use parking_lot::RwLock;
