@@ -13,7 +13,7 @@ PG ?=
 PGTEST_MAJORS := $(if $(PG),$(PG),14 15 16 17 18)
 E2E_MAJORS := $(if $(PG),$(PG),14 15 18)
 
-.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching fuzz clean
+.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching bench-soak fuzz clean
 
 deps:
 	scripts/install-deps.sh
@@ -75,6 +75,12 @@ bench-instructions: install-release
 ## RLS-checked delivery throughput against no RLS (see bench/README.md).
 bench-rls: install-release
 	cargo bench -p pg_realtime_e2e --bench rls
+
+## Five minutes of writers and rejoining subscribers, then every
+## subscription's events checked (bench/README.md, "Soak"); SOAK_SECONDS,
+## SOAK_RATE, SOAK_SUBSCRIBERS change it.
+bench-soak: install-release
+	cargo bench -p pg_realtime_e2e --bench soak
 
 ## The worker ruling out a change nobody wants: raw pre-check against
 ## parse-and-match, in one process (see bench/README.md).

@@ -92,6 +92,21 @@ impl Client {
         }
     }
 
+    /// The next text frame within `wait` (None: none came), or why the
+    /// socket ended; never panics (for the soak, where servers may close).
+    pub async fn recv_or_end(&mut self, wait: Duration) -> Result<Option<Value>, String> {
+        loop {
+            let Ok(next) = tokio::time::timeout(wait, self.ws.next()).await else {
+                return Ok(None);
+            };
+            match next {
+                Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).map(Some).map_err(|e| e.to_string()),
+                Some(Ok(Message::Binary(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
+                other => return Err(format!("{other:?}")),
+            }
+        }
+    }
+
     /// The next text frame, skipping nothing.
     pub async fn recv(&mut self) -> Value {
         self.recv_within(WAIT).await.expect("a frame in time")

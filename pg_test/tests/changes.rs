@@ -766,11 +766,13 @@ fn an_update_that_reveals_a_row_keeps_its_old_values_hidden(ctx: &Ctx) {
         let binding = json!([{"event": "*", "schema": "public", "table": "secret_rows"}]);
         let j = client.join("reveal", binding, &alice).await;
         assert_eq!(j.system.unwrap()[4]["status"], "ok");
-        let id = ctx.c.psql(
-            "INSERT INTO secret_rows (owner, team) VALUES ('dave', 'blue') RETURNING id;
-             UPDATE secret_rows SET team = 'red' WHERE owner = 'dave' AND team = 'blue';",
-        );
-        let id: i64 = id.lines().next().unwrap().trim().parse().unwrap();
+        // (two calls: psql before 15 prints only a -c string's last result)
+        let id = ctx
+            .c
+            .psql("INSERT INTO secret_rows (owner, team) VALUES ('dave', 'blue') RETURNING id");
+        let id: i64 = id.trim().parse().unwrap();
+        ctx.c
+            .psql(&format!("UPDATE secret_rows SET team = 'red' WHERE id = {id}"));
         // the INSERT was not hers to see: the UPDATE comes first
         let e = client.event().await;
         let data = &e[4]["data"];
