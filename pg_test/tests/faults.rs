@@ -112,7 +112,8 @@ fn wait_until_serving(c: &Cluster, old: i32) {
 /// socket closed, and the rejoin hears, after SUBSCRIBED, that changes
 /// may be missing (before the restart notice, a worker killed during a
 /// burst left its subscribers with part of it and no word).
-fn killed_mid_burst(ctx: &Ctx, kill: impl FnOnce(&Cluster, i32)) {
+/// Returns how many of the burst's 3,000 commits were made.
+fn killed_mid_burst(ctx: &Ctx, kill: impl FnOnce(&Cluster, i32)) -> i64 {
     let c = cluster(&["pg_realtime.restart_notice_window = '10min'"]);
     ctx.rt.block_on(async {
         let mut client = subscribed(&c, "before", "t").await;
@@ -123,11 +124,20 @@ fn killed_mid_burst(ctx: &Ctx, kill: impl FnOnce(&Cluster, i32)) {
             .starts_with("notice The realtime server started at"));
         let worker = c.worker_pid().expect("the worker runs");
         let writer = burst(&c, 3000, 0);
-        // mid-burst: some events have arrived
+        // mid-burst: some events have arrived, the writer is still going
         assert_eq!(client.heard().await, "event 1");
+        assert!(!writer.is_finished(), "the burst ended before the kill");
         kill(&c, worker);
-        let (_, code) = client.frames_until_close().await;
-        eprintln!("the socket closed with {code:?}");
+        // what arrived before the close: a prefix of the burst, in order
+        let (texts, code) = client.frames_until_close().await;
+        let ids: Vec<i64> = texts
+            .iter()
+            .filter_map(|t| serde_json::from_str::<Value>(t).ok())
+            .filter(|f| f[3] == "postgres_changes")
+            .filter_map(|f| f[4]["data"]["record"]["id"].as_i64())
+            .collect();
+        assert!(ids.iter().enumerate().all(|(i, id)| *id == i as i64 + 2), "{ids:?}");
+        eprintln!("{} more events, then the socket closed with {code:?}", ids.len());
         writer.join().unwrap();
         wait_until_serving(&c, worker);
         let mut again = subscribed(&c, "after", "t").await;
@@ -136,28 +146,33 @@ fn killed_mid_burst(ctx: &Ctx, kill: impl FnOnce(&Cluster, i32)) {
         c.psql("INSERT INTO t VALUES (100000)");
         assert_eq!(again.heard().await, "event 100000");
     });
+    c.psql("SELECT count(*) FROM t WHERE id <= 3000").parse().unwrap()
 }
 
 fn a_worker_terminated_mid_burst_is_announced_on_rejoin(ctx: &Ctx) {
-    killed_mid_burst(ctx, |c, worker| {
+    let committed = killed_mid_burst(ctx, |c, worker| {
         c.psql(&format!("SELECT pg_terminate_backend({worker})"));
     });
+    // the writer went on while the worker was down: those are gone
+    assert_eq!(committed, 3000);
 }
 
 fn a_worker_killed_mid_burst_is_announced_after_the_crash_restart(ctx: &Ctx) {
-    killed_mid_burst(ctx, |c, worker| {
+    let committed = killed_mid_burst(ctx, |c, worker| {
         let killed = std::process::Command::new("kill")
             .args(["-KILL", &worker.to_string()])
             .status()
             .unwrap();
         assert!(killed.success());
-        // the postmaster treats it as a crash: every backend restarts
+        // the postmaster treats it as a crash: every backend restarts,
+        // the writer's too, so the burst is cut short
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.log().contains("terminated by signal 9") {
             assert!(Instant::now() < deadline, "no crash in the log:\n{}", c.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     });
+    assert!(committed < 3000, "the burst was not cut short: {committed}");
 }
 
 /// Lines a child prints, read on a thread of its own.
@@ -193,38 +208,51 @@ fn next_line(
     }
 }
 
-/// A supabase-js client (Node, `ws` transport) connected when the cluster
-/// stops and starts again comes back to SUBSCRIBED by itself within 15 s,
-/// hears the restart notice, and receives later commits.
+/// supabase-js clients (Node, `ws` transport) connected when the cluster
+/// stops and starts again come back to SUBSCRIBED by themselves within
+/// 15 s, hear the restart notice, and receive later commits.
 fn supabase_js_clients_come_back_after_a_cluster_restart(_ctx: &Ctx) {
     let mut c = cluster(&["pg_realtime.restart_notice_window = '10min'"]);
-    let mut child = std::process::Command::new(node())
-        .arg(js_dir().join("restart.mjs"))
-        .current_dir(js_dir())
-        .env("SUPABASE_URL", c.http_url())
-        .env("KEY", user())
-        .env("STOP_ID", "2")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(&mut child);
-    let mut seen = Vec::new();
-    next_line(&rx, Duration::from_secs(20), &mut seen, |l| l == "STATUS SUBSCRIBED");
+    // two clients, each a Node process of its own
+    let mut clients: Vec<_> = (0..2)
+        .map(|_| {
+            let mut child = std::process::Command::new(node())
+                .arg(js_dir().join("restart.mjs"))
+                .current_dir(js_dir())
+                .env("SUPABASE_URL", c.http_url())
+                .env("KEY", user())
+                .env("STOP_ID", "2")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let rx = lines_of(&mut child);
+            (child, rx, Vec::new())
+        })
+        .collect();
+    let wait_all =
+        |clients: &mut Vec<(std::process::Child, mpsc::Receiver<String>, Vec<String>)>, within, line: &str| {
+            for (_, rx, seen) in clients.iter_mut() {
+                next_line(rx, within, seen, |l| l == line);
+            }
+        };
+    wait_all(&mut clients, Duration::from_secs(20), "STATUS SUBSCRIBED");
     c.psql("INSERT INTO t VALUES (1)");
-    next_line(&rx, Duration::from_secs(10), &mut seen, |l| l == "EVENT 1");
+    wait_all(&mut clients, Duration::from_secs(10), "EVENT 1");
     c.pg_ctl_stop();
     c.pg_ctl_start();
     c.wait_for_websocket(Duration::from_secs(10));
     let back = Instant::now();
-    next_line(&rx, Duration::from_secs(15), &mut seen, |l| l == "STATUS SUBSCRIBED");
-    eprintln!("SUBSCRIBED again {:?} after the cluster was up", back.elapsed());
-    let notice = next_line(&rx, Duration::from_secs(5), &mut seen, |l| {
-        l.starts_with("SYSTEM error")
-    });
-    assert!(notice.contains("The realtime server started at"), "{notice}");
+    wait_all(&mut clients, Duration::from_secs(15), "STATUS SUBSCRIBED");
+    eprintln!("both SUBSCRIBED again {:?} after the cluster was up", back.elapsed());
+    for (_, rx, seen) in clients.iter_mut() {
+        let notice = next_line(rx, Duration::from_secs(5), seen, |l| l.starts_with("SYSTEM error"));
+        assert!(notice.contains("The realtime server started at"), "{notice}");
+    }
     c.psql("INSERT INTO t VALUES (2)");
-    next_line(&rx, Duration::from_secs(10), &mut seen, |l| l == "EVENT 2");
-    assert!(child.wait().unwrap().success());
+    wait_all(&mut clients, Duration::from_secs(10), "EVENT 2");
+    for (mut child, _, _) in clients {
+        assert!(child.wait().unwrap().success());
+    }
 }
 
 /// A transaction too large for a 64 kB ring is lost aloud: the

@@ -91,18 +91,6 @@ impl Skips {
         }
     }
 
-    /// Every relation with rows skipped, either way.
-    pub(super) fn tables(&self) -> Vec<u32> {
-        let mut relids: Vec<u32> = self
-            .tables
-            .iter()
-            .map(|(r, _)| *r)
-            .chain(self.keyed.iter().map(|s| s.relid))
-            .collect();
-        relids.dedup();
-        relids
-    }
-
     /// Whether nothing was skipped. (Skipped rows make PREPARE TRANSACTION
     /// refused, as captured ones do: had a subscriber that wants them
     /// joined before COMMIT PREPARED, nothing would tell it.)

@@ -223,22 +223,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_PREPARE if TXN.with(|t| !t.borrow().is_empty() || !t.borrow().skips.is_empty()) => {
-            TXN.with(|t| {
-                let mut txn = t.borrow_mut();
-                if replicating() {
-                    // A logical replication apply worker preparing a
-                    // two-phase subscription's transaction: refusing would
-                    // stall replication for good, so its changes are
-                    // announced as lost instead (README, "Logical replication").
-                    let skipped = txn.skips.tables();
-                    crate::shmem::ring().record_loss(txn.changes.touched.iter().copied().chain(skipped));
-                    crate::shmem::wake_worker();
-                }
-                finish(&mut txn);
-            });
-            if !replicating() {
-                refuse_prepare();
-            }
+            // Refused in every session, a logical replication apply worker's
+            // too: announcing the loss now would come before COMMIT PREPARED,
+            // and a subscriber joining in between would never hear of it. A
+            // clear error beats a silent gap (README, "Logical replication").
+            TXN.with(|t| finish(&mut t.borrow_mut()));
+            refuse_prepare();
         }
         XACT_EVENT_PRE_COMMIT => TXN.with(|t| enter_fence(&mut t.borrow_mut())),
         XACT_EVENT_COMMIT => TXN.with(|t| {
@@ -263,14 +253,6 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         }),
         _ => {}
     }
-}
-
-/// Whether this session applies replicated changes
-/// (`session_replication_role = replica`, as logical replication's apply
-/// workers run).
-fn replicating() -> bool {
-    // SAFETY: a plain read of this backend's setting.
-    unsafe { pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 }
 }
 
 fn refuse_prepare() {

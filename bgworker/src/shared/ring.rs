@@ -158,7 +158,7 @@ impl<'a> ChangeRing<'a> {
             return Err(PublishError::Full);
         }
         let seq = self.header.next_seq.fetch_add(1, Ordering::Relaxed);
-        // Not ready yet: the reader stops here until the copy is done.
+        // Not ready yet: the reader passes over it until the copy is done.
         self.word(head).store(need, Ordering::Relaxed);
         self.header.head.store(head + need, Ordering::Release);
         self.unlock();
@@ -252,8 +252,10 @@ impl<'a> ChangeRing<'a> {
         }
     }
 
-    /// Hands every ready record, in order, to `f` (sequence number, payload);
-    /// one still being written is passed over, for a later drain. Reader only. Each
+    /// Hands every ready record, in reservation order, to `f` (sequence
+    /// number, payload); one still being written is passed over, for a
+    /// later drain (so this is not commit order: the worker orders by the
+    /// commit fence, `src/worker/drain.rs`). Reader only. Each
     /// payload is copied out into `scratch`, which the caller keeps from
     /// drain to drain: no allocation per record.
     pub fn drain(&self, scratch: &mut Vec<u8>, f: impl FnMut(u64, &[u8])) -> usize {
@@ -282,7 +284,7 @@ impl<'a> ChangeRing<'a> {
         while pos < head {
             let first = self.word(pos).load(Ordering::Acquire);
             let need = first & !(READY | TAKEN);
-            if need == 0 {
+            if need < RECORD_HEADER_WORDS || pos + need > head {
                 break; // (a reserved record always has its length: never)
             }
             if first & READY == 0 {
