@@ -320,15 +320,18 @@ impl Cluster {
     }
 
     /// Waits (30 s at most) for a realtime worker other than `old` to run
-    /// and serve WebSockets; returns its pid.
+    /// and serve WebSockets, through crash recovery (while the cluster
+    /// refuses connections); returns its pid.
     pub fn wait_for_a_new_worker(&self, old: i32) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(pid) = self.worker_pid().filter(|p| *p != old) {
+            let out = self.psql_output("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_realtime'");
+            let pid: Option<i32> = String::from_utf8_lossy(&out.stdout).trim().parse().ok();
+            if let Some(pid) = pid.filter(|p| out.status.success() && *p != old) {
                 self.wait_for_websocket(Duration::from_secs(30));
                 return pid;
             }
-            assert!(Instant::now() < deadline, "no new worker");
+            assert!(Instant::now() < deadline, "no new worker:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -92,22 +92,6 @@ fn burst(c: &Cluster, n: i32, pad: usize) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// Polls until the cluster answers and its worker (not `old`) serves
-/// WebSockets again, through crash recovery.
-fn wait_until_serving(c: &Cluster, old: i32) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = c.psql_output("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_realtime'");
-        let pid: Option<i32> = String::from_utf8_lossy(&out.stdout).trim().parse().ok();
-        if out.status.success() && pid.is_some_and(|p| p != old) {
-            c.wait_for_websocket(Duration::from_secs(30));
-            return;
-        }
-        assert!(Instant::now() < deadline, "the worker did not come back:\n{}", c.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Kills the worker while a burst of commits runs, then rejoins: the
 /// socket closed, and the rejoin hears, after SUBSCRIBED, that changes
 /// may be missing (before the restart notice, a worker killed during a
@@ -139,7 +123,7 @@ fn killed_mid_burst(ctx: &Ctx, kill: impl FnOnce(&Cluster, i32)) -> i64 {
         assert!(ids.iter().enumerate().all(|(i, id)| *id == i as i64 + 2), "{ids:?}");
         eprintln!("{} more events, then the socket closed with {code:?}", ids.len());
         writer.join().unwrap();
-        wait_until_serving(&c, worker);
+        c.wait_for_a_new_worker(worker);
         let mut again = subscribed(&c, "after", "t").await;
         let notice = again.heard().await;
         assert!(notice.starts_with("notice The realtime server started at"), "{notice}");

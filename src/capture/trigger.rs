@@ -20,7 +20,7 @@ fn capture_changes<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
     // Anything else has no row (a statement trigger's tuple is NULL) or
     // its own meaning for the return value: refused whoever attached it.
-    refuse_unless_after_row(trigger);
+    let kind = after_row_change(trigger);
     if !crate::preloaded() {
         return Ok(None);
     }
@@ -33,9 +33,6 @@ fn capture_changes<'a>(
         txn::note_skipped(relid.to_u32(), namespace.to_u32());
         return Ok(None);
     }
-    let Some(kind) = change_kind(trigger) else {
-        return Ok(None);
-    };
     txn::ensure_callbacks();
     // SAFETY: as above; `relid` is what reported_as returned.
     let described = unsafe { described::described(rel, relid) };
@@ -114,15 +111,14 @@ fn change_kind(trigger: &PgTrigger<'_>) -> Option<RowChange> {
     }
 }
 
-/// Raises an ERROR unless the trigger fired AFTER an INSERT, UPDATE or
-/// DELETE, FOR EACH ROW: the only way `realtime.sync_captured_tables()`
-/// attaches it.
-fn refuse_unless_after_row(trigger: &PgTrigger<'_>) {
-    if matches!(trigger.level(), PgTriggerLevel::Row)
-        && matches!(trigger.when(), Ok(PgTriggerWhen::After))
-        && change_kind(trigger).is_some()
-    {
-        return;
+/// The row change the trigger reports; an ERROR unless it fired AFTER an
+/// INSERT, UPDATE or DELETE, FOR EACH ROW: the only way
+/// `realtime.sync_captured_tables()` attaches it.
+fn after_row_change(trigger: &PgTrigger<'_>) -> RowChange {
+    let after_row =
+        matches!(trigger.level(), PgTriggerLevel::Row) && matches!(trigger.when(), Ok(PgTriggerWhen::After));
+    if let Some(kind) = change_kind(trigger).filter(|_| after_row) {
+        return kind;
     }
     refuse(
         trigger,
@@ -134,7 +130,7 @@ fn refuse_unless_after_row(trigger: &PgTrigger<'_>) {
 /// Raises the ERROR for a capture trigger attached some other way than
 /// `realtime.sync_captured_tables()` does: `function` must be fired as
 /// `expected`.
-pub(super) fn refuse(trigger: &PgTrigger<'_>, function: &str, expected: &str) {
+pub(super) fn refuse(trigger: &PgTrigger<'_>, function: &str, expected: &str) -> ! {
     let name = trigger.name().unwrap_or("?");
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
@@ -143,6 +139,7 @@ pub(super) fn refuse(trigger: &PgTrigger<'_>, function: &str, expected: &str) {
     )
     .set_hint("pg_realtime attaches it to published tables itself; drop this trigger.")
     .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR does not return")
 }
 
 /// Adds the change to the transaction's buffer, unless a key filter drops

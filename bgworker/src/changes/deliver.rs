@@ -141,6 +141,19 @@ pub struct Plan<'r, S> {
     pub unchecked: Vec<&'r ChannelKey>,
 }
 
+impl<'r, S> Plan<'r, S> {
+    /// Sends `frame` to the channel `p` waits for.
+    fn push(&mut self, p: Pending<'r, S>, frame: usize, kind: SendKind) {
+        self.sends.push(Send {
+            channel: p.channel,
+            sink: p.sink,
+            ids: p.ids,
+            frame,
+            kind,
+        });
+    }
+}
+
 /// A change that matched at least one subscription in this batch, or
 /// the old image of one, which is checked as a row of its own.
 struct MatchedRow {
@@ -409,13 +422,7 @@ fn build_sends<'r, S: Subscriber>(
                 plan.frames.push(Arc::from(truncated_message(relation)));
                 plan.frames.len() - 1
             });
-            plan.sends.push(Send {
-                channel: p.channel,
-                sink: p.sink,
-                ids: p.ids,
-                frame,
-                kind: SendKind::Notice,
-            });
+            plan.push(p, frame, SendKind::Notice);
             continue;
         }
         let mut old = OldImage::Identity;
@@ -458,13 +465,7 @@ fn build_sends<'r, S: Subscriber>(
                 plan.frames.push(Arc::from(data));
                 plan.frames.len() - 1
             });
-        plan.sends.push(Send {
-            channel: p.channel,
-            sink: p.sink,
-            ids: p.ids,
-            frame,
-            kind: SendKind::Event,
-        });
+        plan.push(p, frame, SendKind::Event);
     }
 }
 

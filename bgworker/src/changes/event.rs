@@ -339,6 +339,11 @@ mod tests {
         assert!(d.get("record").is_none());
     }
 
+    /// `data` as a role that sees `visible`, the old row whole.
+    fn shown_data(change: &Change, relation: &Relation, visible: &Visible) -> Value {
+        serde_json::from_str(&super::data(change, relation, 0, 1 << 20, visible, OldImage::Identity)).unwrap()
+    }
+
     #[test]
     fn only_visible_columns_are_shown() {
         let old = r#"{"id":7,"title":"old","at":null,"blob":"\\x00"}"#;
@@ -346,15 +351,7 @@ mod tests {
         let change = change(ChangeKind::Update, Some(ROW), Some(old));
         let parsed = Parsed::new(&change);
         let visible = Visible::Only(vec![true, true, false, false]);
-        let d: Value = serde_json::from_str(&super::data(
-            &change,
-            &relation,
-            0,
-            1 << 20,
-            &visible,
-            OldImage::Identity,
-        ))
-        .unwrap();
+        let d = shown_data(&change, &relation, &visible);
         assert_eq!(d["record"], json!({"id": 7, "title": "new"}));
         assert_eq!(d["old_record"], json!({"id": 7, "title": "old"}));
         assert_eq!(
@@ -370,15 +367,7 @@ mod tests {
         let relation = relation(vec![0]);
         let change = change(ChangeKind::Insert, Some(ROW), None);
         let visible = Visible::Only(vec![false, true, true, true]);
-        let d: Value = serde_json::from_str(&super::data(
-            &change,
-            &relation,
-            0,
-            1 << 20,
-            &visible,
-            OldImage::Identity,
-        ))
-        .unwrap();
+        let d = shown_data(&change, &relation, &visible);
         assert_eq!(d["errors"], json!([ERROR_UNAUTHORIZED]));
         assert!(d.get("record").is_none());
         assert!(d.get("columns").is_none());

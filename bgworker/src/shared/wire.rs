@@ -501,6 +501,23 @@ mod tests {
         }
     }
 
+    /// Writes the `record` fuzz target's seeds (`fuzz/corpus/record/`):
+    /// these samples as a backend encodes them.
+    /// (`cargo test -p bgworker write_record_seeds -- --ignored`)
+    #[test]
+    #[ignore]
+    fn write_record_seeds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/record");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("four_kinds"), sample().encode()).unwrap();
+        let overflowed = Transaction {
+            changes: vec![],
+            overflowed: true,
+            ..sample()
+        };
+        std::fs::write(dir.join("overflowed"), overflowed.encode()).unwrap();
+    }
+
     #[test]
     fn the_commit_lsn_is_read_from_the_head() {
         let bytes = sample().encode();

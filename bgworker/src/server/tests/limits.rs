@@ -32,6 +32,29 @@ fn slow_main(
     (held, unsubscribed)
 }
 
+/// A main thread that subscribes everything, noting the role each
+/// subscription was asked for, in order; and its wake-up socket's end,
+/// to keep while the server runs.
+fn role_recording_main() -> (
+    link::MainLink,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    crate::server::wake::WakeReceiver,
+) {
+    let (waker, wake_rx) = crate::server::wake::wake_pair().unwrap();
+    let (link, rx) = link::main_link(waker);
+    let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = asked.clone();
+    std::thread::spawn(move || {
+        while let Ok(request) = rx.recv() {
+            if let link::MainRequest::Subscribe(s) = request {
+                seen.lock().unwrap().push(s.claims.role.clone());
+                let _ = s.reply.send(Ok(()));
+            }
+        }
+    });
+    (link, asked, wake_rx)
+}
+
 fn with_limits(limits: Limits) -> Settings {
     Settings {
         limits,
@@ -380,18 +403,7 @@ async fn sockets_past_the_descriptor_capacity_get_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_refreshes_count_as_joins() {
-    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
-    let (link, rx) = link::main_link(waker);
-    let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = asked.clone();
-    std::thread::spawn(move || {
-        while let Ok(request) = rx.recv() {
-            if let link::MainRequest::Subscribe(s) = request {
-                seen.lock().unwrap().push(s.claims.role.clone());
-                let _ = s.reply.send(Ok(()));
-            }
-        }
-    });
+    let (link, asked, _wake_rx) = role_recording_main();
     let limits = Limits {
         joins_per_second_per_connection: 5,
         ..Limits::default()
@@ -442,18 +454,7 @@ async fn token_refreshes_count_as_joins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_identity_is_asked_about_however_busy_the_socket() {
-    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
-    let (link, rx) = link::main_link(waker);
-    let asked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = asked.clone();
-    std::thread::spawn(move || {
-        while let Ok(request) = rx.recv() {
-            if let link::MainRequest::Subscribe(s) = request {
-                seen.lock().unwrap().push(s.claims.role.clone());
-                let _ = s.reply.send(Ok(()));
-            }
-        }
-    });
+    let (link, asked, _wake_rx) = role_recording_main();
     let limits = Limits {
         joins_per_second_per_connection: 2,
         ..Limits::default()
