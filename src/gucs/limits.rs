@@ -16,6 +16,10 @@ pub static MAX_FILTER_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_JOINS_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(50);
 pub static MAX_JOINS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_CONDITIONS_PER_JOIN: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static MAX_PAYLOAD_KB: GucSetting<i32> = GucSetting::<i32>::new(3000);
+pub static MAX_MESSAGES_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static MAX_PRESENCE_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static MAX_PRESENCE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static CHECK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 /// An integer setting the worker reads on reload.
@@ -112,6 +116,34 @@ pub fn define() {
         1,
         GucFlags::default(),
     );
+    int(
+        c"pg_realtime.max_payload_size",
+        c"Bytes of one broadcast's or presence track's payload (plus 500 bytes of slack); larger broadcasts are refused.",
+        &MAX_PAYLOAD_KB,
+        1,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"pg_realtime.max_messages_per_second_per_connection",
+        c"Broadcasts and presence messages a second one WebSocket connection may send; past it the channel is closed.",
+        &MAX_MESSAGES_PER_SECOND_PER_CONNECTION,
+        1,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_realtime.max_presence_per_second_per_connection",
+        c"Presence messages a second one WebSocket connection may send; past it the channel is closed.",
+        &MAX_PRESENCE_PER_SECOND_PER_CONNECTION,
+        1,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_realtime.max_presence_bytes",
+        c"Bytes of presence state over all topics; tracks past it are refused.",
+        &MAX_PRESENCE_KB,
+        64,
+        GucFlags::UNIT_KB,
+    );
 }
 
 fn count(setting: &GucSetting<i32>) -> usize {
@@ -136,5 +168,9 @@ pub fn limits() -> Limits {
         max_filter_bytes: count(&MAX_FILTER_BYTES),
         joins_per_second_per_connection: MAX_JOINS_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         joins_per_second: MAX_JOINS_PER_SECOND.get().max(1) as u32,
+        max_payload_bytes: count(&MAX_PAYLOAD_KB) * 1024,
+        messages_per_second_per_connection: MAX_MESSAGES_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
+        presence_per_second_per_connection: MAX_PRESENCE_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
+        max_presence_bytes: count(&MAX_PRESENCE_KB) * 1024,
     }
 }

@@ -41,21 +41,28 @@ impl Hub {
     /// charged once against the total however many queue it. Returns how
     /// many members were too far behind and missed it.
     pub fn send(&self, topic: &str, except: Option<u64>, message: Outbound) -> usize {
-        let message = Arc::new(message);
         let topics = self.topics.read();
-        let Some(first) = topics.get(topic).and_then(|m| m.first()) else {
-            return 0;
-        };
-        let charge = first.tx.charge(message.weight());
-        topics[topic]
-            .iter()
-            .filter(|m| Some(m.connection) != except)
-            .filter(|m| m.tx.send_shared(message.clone(), &charge) == Err(FanoutError::Full))
-            .count()
+        topics.get(topic).map_or(0, |members| send_to(members, except, message))
     }
 
     #[cfg(test)]
     pub fn members(&self, topic: &str) -> usize {
         self.topics.read().get(topic).map_or(0, Vec::len)
     }
+}
+
+/// Queues `message` for each of `members` but `except`, its bytes charged
+/// once against the total. Returns how many were too far behind and
+/// missed it (their connections are told and closed: `fanout`).
+pub fn send_to(members: &[Member], except: Option<u64>, message: Outbound) -> usize {
+    let Some(first) = members.first() else {
+        return 0;
+    };
+    let message = Arc::new(message);
+    let charge = first.tx.charge(message.weight());
+    members
+        .iter()
+        .filter(|m| Some(m.connection) != except)
+        .filter(|m| m.tx.send_shared(message.clone(), &charge) == Err(FanoutError::Full))
+        .count()
 }

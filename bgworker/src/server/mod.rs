@@ -12,6 +12,7 @@ pub mod join;
 pub mod jwt;
 pub mod link;
 pub mod log;
+pub mod presence;
 pub mod protocol;
 pub mod rate;
 pub mod runtime;
@@ -75,6 +76,15 @@ pub struct Limits {
     /// Joins a second, per connection and over all of them.
     pub joins_per_second_per_connection: u32,
     pub joins_per_second: u32,
+    /// Bytes of one broadcast's or presence track's payload (500 bytes of
+    /// slack on top, as Supabase has).
+    pub max_payload_bytes: usize,
+    /// Broadcasts and presence messages a second one connection may send.
+    pub messages_per_second_per_connection: u32,
+    /// Presence messages a second one connection may send.
+    pub presence_per_second_per_connection: u32,
+    /// Bytes of presence state over all topics.
+    pub max_presence_bytes: usize,
 }
 
 impl Default for Limits {
@@ -90,6 +100,10 @@ impl Default for Limits {
             max_filter_bytes: 4096,
             joins_per_second_per_connection: 50,
             joins_per_second: 1000,
+            max_payload_bytes: 3000 * 1024,
+            messages_per_second_per_connection: 1000,
+            presence_per_second_per_connection: 10,
+            max_presence_bytes: 64 << 20,
         }
     }
 }
@@ -136,6 +150,7 @@ pub struct Context {
     socket_capacity: AtomicUsize,
     next_id: AtomicU64,
     hub: Hub,
+    presences: presence::Presences,
     /// Bytes waiting for clients, per connection and in total.
     budget: Arc<fanout::Budget>,
     /// Joins a second over all connections.
@@ -171,6 +186,7 @@ impl Context {
             socket_capacity: AtomicUsize::new(usize::MAX),
             next_id: AtomicU64::new(1),
             hub: Hub::default(),
+            presences: presence::Presences::default(),
             started: (std::time::SystemTime::now(), std::time::Instant::now()),
         })
     }

@@ -81,6 +81,17 @@ counters! {
     /// Attempts to switch a capture trigger on that found the table locked
     /// by a writer (retried until the join gives up).
     capture_lock_retries,
+    /// Broadcasts fanned out (from clients, over HTTP, from the database).
+    broadcasts_sent,
+    /// Broadcasts refused: over `pg_realtime.max_payload_size`, or no
+    /// write permission on a private channel.
+    broadcasts_refused,
+    /// Channels closed for sending too fast
+    /// (`pg_realtime.max_messages_per_second_per_connection`,
+    /// `pg_realtime.max_presence_per_second_per_connection`).
+    rate_limited,
+    /// Presence tracks and re-tracks applied.
+    presence_tracks,
 }
 
 impl Counters {

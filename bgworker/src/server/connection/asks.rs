@@ -27,8 +27,9 @@ pub enum Reply {
     Read(Result<Permissions, AuthorizeError>),
     /// Is the postgres_changes subscription in place?
     Subscribed(Result<(), SubscribeError>),
-    /// May it broadcast on the private topic?
-    Write(Result<bool, AuthorizeError>),
+    /// May it broadcast (`broadcast`) or track presence (`presence`) on
+    /// the private topic?
+    Write(&'static str, Result<bool, AuthorizeError>),
 }
 
 /// An answer, with what it is about: the channel (topic and join), the
@@ -101,7 +102,18 @@ impl Asks {
         };
         match question.0 {
             Question::Read => self.push(asker, question.1, answer, Reply::Read),
-            Question::Write(_) => self.push(asker, question.1, answer, |r| Reply::Write(r.map(|p| p.broadcast))),
+            Question::Write(extension) => self.push(asker, question.1, answer, move |r| {
+                Reply::Write(
+                    extension,
+                    r.map(|p| {
+                        if extension == "presence" {
+                            p.presence
+                        } else {
+                            p.broadcast
+                        }
+                    }),
+                )
+            }),
         }
     }
 

@@ -5,10 +5,12 @@
 //! bounded few) and sent or refused, in order, once it answers.
 
 use super::asks::Stage;
+use super::presence::PAYLOAD_SLACK;
 use super::{broadcast_frame, Connection, TOPIC_PREFIX};
 use crate::server::errors::AuthorizeError;
 use crate::server::link::{Authorize, Question};
 use crate::server::protocol::{Outbound, Payload, UserBroadcast};
+use crate::shared::stats::Counters;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 
@@ -25,20 +27,34 @@ pub(super) struct Held {
     asked_for: Option<u64>,
 }
 
+/// What a broadcast holds in memory while it waits.
 fn size(b: &UserBroadcast) -> usize {
-    b.event.len()
-        + match &b.payload {
-            Payload::Text(t) => t.get().len(),
-            Payload::Binary(bytes) => bytes.len(),
-            Payload::Json(_) => 64,
-        }
+    b.event.len() + payload_size(b).max(64)
+}
+
+/// The bytes of a broadcast's payload, as `pg_realtime.max_payload_size` counts them.
+fn payload_size(b: &UserBroadcast) -> usize {
+    match &b.payload {
+        Payload::Text(t) => t.get().len(),
+        Payload::Binary(bytes) => bytes.len(),
+        Payload::Json(v) => serde_json::to_vec(v).map_or(0, |v| v.len()),
+    }
 }
 
 impl Connection {
     pub(super) async fn on_user_broadcast(&mut self, b: UserBroadcast) -> Result<(), WsError> {
         let topic = b.topic.clone();
-        let Some(channel) = self.channels.get_mut(&topic) else {
+        if !self.channels.contains_key(&topic) {
             return self.unmatched(&broadcast_frame(&b)).await;
+        }
+        if !self.within_message_rate() {
+            return self.shut_channel(&topic, "Too many messages per second").await;
+        }
+        if payload_size(&b) > self.ctx.settings().limits.max_payload_bytes + PAYLOAD_SLACK {
+            return self.refuse_oversized(b).await;
+        }
+        let Some(channel) = self.channels.get_mut(&topic) else {
+            return Ok(());
         };
         match channel.private.map(|p| p.broadcast_write) {
             None | Some(Some(true)) => self.fan_out(b).await,
@@ -124,10 +140,27 @@ impl Connection {
         Ok(())
     }
 
+    /// A broadcast over the payload limit is dropped; with `ack: true` the
+    /// reply says `payload_size_exceeded`, as Supabase's does.
+    async fn refuse_oversized(&mut self, b: UserBroadcast) -> Result<(), WsError> {
+        Counters::incr(&self.ctx.counters.broadcasts_refused);
+        let ack = self.channels.get(&b.topic).is_some_and(|c| c.config.broadcast.ack);
+        if !ack {
+            return Ok(());
+        }
+        self.send(&Outbound::reply(
+            &broadcast_frame(&b),
+            "error",
+            json!("payload_size_exceeded"),
+        ))
+        .await
+    }
+
     /// Refuses a broadcast: dropped, and with `ack: true` an error reply
     /// says why (`reason` is followed by the topic when it ends with
     /// "topic").
     async fn deny(&mut self, b: UserBroadcast, reason: &str) -> Result<(), WsError> {
+        Counters::incr(&self.ctx.counters.broadcasts_refused);
         tracing::debug!(topic = %crate::server::log::escape(&b.topic), "broadcast refused: {reason}");
         let ack = self.channels.get(&b.topic).is_some_and(|c| c.config.broadcast.ack);
         if !ack {
@@ -164,6 +197,7 @@ impl Connection {
         if include_self {
             self.send(&out).await?;
         }
+        Counters::incr(&self.ctx.counters.broadcasts_sent);
         let missed = self.ctx.hub.send(&hub_topic, Some(self.id), out);
         if missed > 0 {
             tracing::debug!(topic = %crate::server::log::escape(&reply_to.topic), missed, "broadcast skipped members too far behind");

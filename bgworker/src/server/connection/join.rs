@@ -227,19 +227,19 @@ impl Connection {
         }
         Counters::incr(&self.ctx.counters.channels_joined);
         let join_ref = channel.join_ref().to_owned();
-        let (presence, subtopic) = (channel.config.presence.enabled, channel.subtopic.clone());
+        let hears_presence = channel.config.presence.enabled && channel.private.is_none_or(|p| p.read.presence);
+        let subtopic = channel.subtopic.clone();
         self.channels.insert(frame.topic.clone(), channel);
+        // (listening first: diffs after the state queue behind the reply)
+        let presence_state = hears_presence.then(|| self.listen_presence(&frame.topic)).flatten();
         self.send(&Outbound::reply(
             &frame,
             "ok",
             json!({ "postgres_changes": postgres_changes }),
         ))
         .await?;
-        if presence {
-            // Nobody can be tracked yet (presence is not supported), so
-            // the state is truthfully empty; realtime-js waits for it.
-            self.send(&Outbound::push(&join_ref, &frame.topic, "presence_state", json!({})))
-                .await?;
+        if let Some(state) = presence_state {
+            self.send(&state).await?;
         }
         if let Some(result) = subscription {
             let subscribed = result.is_ok();
@@ -272,6 +272,7 @@ impl Connection {
                         channel.private = Some(Private {
                             read,
                             broadcast_write: None,
+                            presence_write: None,
                         });
                         self.subscribe_then_finish(channel, frame).await
                     }
@@ -301,7 +302,11 @@ impl Connection {
                 self.on_refresh_subscribed(&answer.topic, answer.join, answer.identity, result)
                     .await
             }
-            (_, Reply::Write(allowed)) => {
+            (_, Reply::Write("presence", allowed)) => {
+                self.on_presence_write_answer(&answer.topic, answer.join, answer.identity, allowed)
+                    .await
+            }
+            (_, Reply::Write(_, allowed)) => {
                 self.on_write_answer(&answer.topic, answer.join, answer.identity, allowed)
                     .await
             }
@@ -344,6 +349,7 @@ impl Connection {
         let claims = settings.verifier.verify(&token, jwt::now())?;
         let join = self.next_join;
         self.next_join += 1;
+        let presence = super::presence::ChannelPresence::new(&request.config.presence.key);
         Ok(Channel {
             join,
             join_ref: frame.join_ref.clone(),
@@ -356,6 +362,7 @@ impl Connection {
             private: None,
             hub_key: None,
             held: Default::default(),
+            presence,
             pending: None,
         })
     }

@@ -11,6 +11,7 @@
 mod asks;
 mod broadcast;
 mod join;
+mod presence;
 mod refresh;
 
 use super::fanout::{FanoutReceiver, FanoutSender, Overflow, Received};
@@ -86,6 +87,10 @@ pub async fn serve(
         ctx.settings().limits.joins_per_second_per_connection,
         std::time::Instant::now(),
     );
+    let limits = &ctx.settings().limits;
+    let now = std::time::Instant::now();
+    let messages = super::rate::Bucket::new(limits.messages_per_second_per_connection, now);
+    let presence_rate = super::rate::Bucket::new(limits.presence_per_second_per_connection, now);
     let asks = Asks::new(ctx.options.ask_timeout);
     let mut conn = Connection {
         id,
@@ -98,6 +103,8 @@ pub async fn serve(
         fanout_tx: tx,
         asks,
         joins,
+        messages,
+        presence_rate,
         next_join: 1,
         revalidate_at: None,
     };
@@ -133,6 +140,7 @@ struct Channel {
     hub_key: Option<String>,
     /// Broadcasts waiting for the first answer about write permission.
     held: broadcast::Held,
+    presence: presence::ChannelPresence,
     /// A new identity (token and claims) the main thread is still to be
     /// asked about (the join rate limits did not allow it yet).
     pending: Option<(String, Claims)>,
@@ -144,6 +152,7 @@ struct Channel {
 struct Private {
     read: super::link::Permissions,
     broadcast_write: Option<bool>,
+    presence_write: Option<bool>,
 }
 
 impl Channel {
@@ -174,6 +183,10 @@ struct Connection {
     asks: Asks,
     /// This connection's share of joins a second.
     joins: super::rate::Bucket,
+    /// Broadcasts and presence messages it may send a second, and
+    /// presence messages alone.
+    messages: super::rate::Bucket,
+    presence_rate: super::rate::Bucket,
     next_join: u64,
     /// When channels waiting with a new identity are tried again (a
     /// deadline, so that other traffic does not put it off).
@@ -415,9 +428,10 @@ impl Connection {
             "phx_leave" => self.leave(frame).await,
             "access_token" => self.refresh_token(frame).await,
             "presence" => {
-                let reason = "presence is not supported by this version of pg_realtime";
-                self.send(&Outbound::reply(&frame, "error", json!({ "reason": reason })))
-                    .await
+                if !self.within_message_rate() {
+                    return self.shut_channel(&frame.topic, "Too many messages per second").await;
+                }
+                self.on_presence(frame).await
             }
             // Unknown channel events are ignored without reply, as Supabase does.
             _ => Ok(()),
@@ -455,6 +469,7 @@ impl Connection {
         if let Some(key) = &channel.hub_key {
             self.ctx.hub.leave(key, self.id);
         }
+        self.leave_presence(&channel.presence);
         if channel.subscription != Subscription::None {
             self.unsubscribe(topic, channel.join);
         }
@@ -509,10 +524,17 @@ impl Connection {
     }
 
     async fn end_channel_with(&mut self, topic: &str, message: &str) -> Result<(), WsError> {
+        if self.channels.contains_key(topic) || self.joining.contains_key(topic) {
+            Counters::incr(&self.ctx.counters.tokens_rejected);
+        }
+        self.shut_channel(topic, message).await
+    }
+
+    /// Ends a channel with a `system` error saying why, then `phx_close`.
+    async fn shut_channel(&mut self, topic: &str, message: &str) -> Result<(), WsError> {
         let Some(channel) = self.remove_channel(topic) else {
             return Ok(());
         };
-        Counters::incr(&self.ctx.counters.tokens_rejected);
         let system = Outbound::system(
             Some(channel.join_ref()),
             topic,
@@ -523,6 +545,18 @@ impl Connection {
         );
         self.send(&system).await?;
         self.send(&Outbound::close(channel.join_ref(), topic)).await
+    }
+
+    /// Takes one of the connection's messages a second
+    /// (`pg_realtime.max_messages_per_second_per_connection`); false when
+    /// it is over, and the channel is closed.
+    fn within_message_rate(&mut self) -> bool {
+        let rate = self.ctx.settings().limits.messages_per_second_per_connection;
+        let within = self.messages.take(rate, std::time::Instant::now());
+        if !within {
+            Counters::incr(&self.ctx.counters.rate_limited);
+        }
+        within
     }
 
     /// Logs a refused join, its client strings escaped.

@@ -91,6 +91,7 @@ impl Connection {
         if let Some(private) = &mut channel.private {
             // what the old identity was allowed to write no longer counts
             private.broadcast_write = None;
+            private.presence_write = None;
         }
         self.revalidate(topic);
     }
@@ -180,6 +181,7 @@ impl Connection {
         channel.private = Some(Private {
             read,
             broadcast_write: None,
+            presence_write: None,
         });
         match (&channel.hub_key, read.broadcast) {
             (Some(key), false) => {
@@ -192,6 +194,18 @@ impl Connection {
                 channel.hub_key = Some(key);
             }
             _ => {}
+        }
+        let hears_presence = channel.config.presence.enabled && read.presence;
+        match (channel.presence.listening.take(), hears_presence) {
+            (Some(key), false) => self.ctx.presences.unlisten(&key, id),
+            (Some(key), true) => channel.presence.listening = Some(key),
+            (None, true) => {
+                // (it starts from a state, as after a join)
+                if let Some(state) = self.listen_presence(topic) {
+                    self.send(&state).await?;
+                }
+            }
+            (None, false) => {}
         }
         self.resubscribe(topic);
         Ok(())

@@ -189,6 +189,17 @@ impl Outbound {
         })
     }
 
+    /// A push whose payload is JSON text already (`presence_state`).
+    pub fn push_text(join_ref: &str, topic: &str, event: &str, payload: JsonText) -> Outbound {
+        Outbound::Frame(Frame {
+            join_ref: Some(join_ref.to_owned()),
+            msg_ref: None,
+            topic: topic.to_owned(),
+            event: event.to_owned(),
+            payload: Payload::Text(payload),
+        })
+    }
+
     /// A `system` message on a channel (`docs/protocol.md`, "System messages"):
     /// `extension` is `system` or `postgres_changes`, `status` `ok` or
     /// `error`. `join_ref` is the channel's, or `None` for fan-out.

@@ -1,0 +1,218 @@
+//! A channel's presence (`docs/protocol.md`, "Presence"): `track` and
+//! `untrack` against the shared state (`server::presence`), within the
+//! per-connection rate and the payload limit; on a private channel the
+//! first one asks for the `presence` write permission, and what is sent
+//! meanwhile is held (a bounded few) and applied, in order, once it is known.
+
+use super::asks::Stage;
+use super::join::hub_key;
+use super::Connection;
+use crate::server::errors::AuthorizeError;
+use crate::server::hub::Member;
+use crate::server::link::{Authorize, Question};
+use crate::server::protocol::{Frame, Outbound};
+use crate::shared::stats::Counters;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+
+/// Presence messages held while a private channel's write permission is asked.
+const MAX_HELD: usize = 8;
+
+/// Bytes a payload may have over `pg_realtime.max_payload_size`, as Supabase allows.
+pub(super) const PAYLOAD_SLACK: usize = 500;
+
+/// A channel's presence: its key, what it hears, what it has tracked.
+#[derive(Default)]
+pub(super) struct ChannelPresence {
+    /// The key its meta goes under: the join's, or one the server made.
+    pub key: String,
+    /// The hub key whose presence it hears, while it does.
+    pub listening: Option<String>,
+    /// The hub key it is tracked on, while it is.
+    pub tracked: Option<String>,
+    /// Messages waiting for the write permission, and the identity it was
+    /// asked for.
+    held: Vec<Frame>,
+    asked_for: Option<u64>,
+}
+
+impl ChannelPresence {
+    /// The presence of a new join: `key` as configured, else a UUID.
+    pub fn new(key: &str) -> ChannelPresence {
+        let key = if key.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            key.to_owned()
+        };
+        ChannelPresence {
+            key,
+            ..Default::default()
+        }
+    }
+}
+
+impl Connection {
+    /// Starts hearing the channel's presence; the state to send after the
+    /// join reply is returned.
+    pub(super) fn listen_presence(&mut self, topic: &str) -> Option<Outbound> {
+        let channel = self.channels.get_mut(topic)?;
+        let key = hub_key(topic, channel.private.is_some());
+        let member = Member {
+            connection: self.id,
+            tx: self.fanout_tx.clone(),
+        };
+        let state = self.ctx.presences.listen(&key, topic, member);
+        channel.presence.listening = Some(key);
+        Some(Outbound::push_text(channel.join_ref(), topic, "presence_state", state))
+    }
+
+    /// Leaves the presence of a channel being removed: it stops hearing,
+    /// then its meta leaves (the others hear that).
+    pub(super) fn leave_presence(&self, presence: &ChannelPresence) {
+        if let Some(key) = &presence.listening {
+            self.ctx.presences.unlisten(key, self.id);
+        }
+        if let Some(key) = &presence.tracked {
+            self.ctx.presences.untrack(key, self.id);
+        }
+    }
+
+    pub(super) async fn on_presence(&mut self, frame: Frame) -> Result<(), WsError> {
+        let rate = self.ctx.settings().limits.presence_per_second_per_connection;
+        if !self.presence_rate.take(rate, std::time::Instant::now()) {
+            Counters::incr(&self.ctx.counters.rate_limited);
+            return self
+                .shut_channel(&frame.topic, "Client presence rate limit exceeded")
+                .await;
+        }
+        let Some(channel) = self.channels.get_mut(&frame.topic) else {
+            return Ok(());
+        };
+        match channel.private.map(|p| p.presence_write) {
+            None | Some(Some(true)) => self.apply_presence(frame).await,
+            Some(Some(false)) => {
+                let reason = "Unauthorized: You do not have permissions to track presence on this Channel topic";
+                self.presence_error(&frame, reason).await
+            }
+            Some(None) => {
+                if channel.presence.held.len() >= MAX_HELD {
+                    let reason = "Too many presence messages are waiting for this channel's write permission";
+                    return self.presence_error(&frame, reason).await;
+                }
+                channel.presence.held.push(frame.clone());
+                self.ask_presence_write(&frame.topic);
+                Ok(())
+            }
+        }
+    }
+
+    fn ask_presence_write(&mut self, topic: &str) {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return;
+        };
+        if channel.presence.asked_for == Some(channel.identity) {
+            return;
+        }
+        channel.presence.asked_for = Some(channel.identity);
+        let (subtopic, claims) = (channel.subtopic.clone(), channel.claims.clone());
+        let asker = self.asker(topic, &self.channels[topic], Stage::Join);
+        self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
+            subtopic,
+            claims,
+            question: Question::Write("presence"),
+            reply,
+        });
+    }
+
+    /// The `presence` write permission came: held messages are applied or
+    /// refused in order. An answer for a replaced identity asks again.
+    pub(super) async fn on_presence_write_answer(
+        &mut self,
+        topic: &str,
+        join: u64,
+        identity: u64,
+        allowed: Result<bool, AuthorizeError>,
+    ) -> Result<(), WsError> {
+        let Some(channel) = self.channels.get_mut(topic).filter(|c| c.join == join) else {
+            return Ok(());
+        };
+        if channel.identity != identity {
+            if !channel.presence.held.is_empty() {
+                self.ask_presence_write(topic);
+            }
+            return Ok(());
+        }
+        let allowed = allowed.unwrap_or(false);
+        if let Some(private) = &mut channel.private {
+            private.presence_write = Some(allowed);
+        }
+        let held = std::mem::take(&mut channel.presence.held);
+        for frame in held {
+            if allowed {
+                self.apply_presence(frame).await?;
+            } else {
+                let reason = "Unauthorized: You do not have permissions to track presence on this Channel topic";
+                self.presence_error(&frame, reason).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `track` (a payload object) or `untrack`, the event named in any case.
+    async fn apply_presence(&mut self, frame: Frame) -> Result<(), WsError> {
+        let body = frame.payload.as_object();
+        let event = body
+            .and_then(|b| b.get("event"))
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase);
+        let Some(channel) = self.channels.get_mut(&frame.topic) else {
+            return Ok(());
+        };
+        match event.as_deref() {
+            Some("track") => {
+                let Some(payload) = body.and_then(|b| b.get("payload")).and_then(Value::as_object) else {
+                    return self
+                        .presence_error(&frame, "Presence track payload must be a map")
+                        .await;
+                };
+                let limits = &self.ctx.settings().limits;
+                let bytes = serde_json::to_vec(payload).map_or(0, |v| v.len());
+                if bytes > limits.max_payload_bytes + PAYLOAD_SLACK {
+                    return self.shut_channel(&frame.topic, "Track message size exceeded").await;
+                }
+                let key = hub_key(&frame.topic, channel.private.is_some());
+                let tracked = self.ctx.presences.track(
+                    &key,
+                    &frame.topic,
+                    &channel.presence.key,
+                    self.id,
+                    payload,
+                    limits.max_presence_bytes,
+                );
+                match tracked {
+                    Ok(()) => {
+                        Counters::incr(&self.ctx.counters.presence_tracks);
+                        channel.presence.tracked = Some(key);
+                        self.send(&Outbound::reply(&frame, "ok", json!({}))).await
+                    }
+                    Err(e) => self.presence_error(&frame, &e.to_string()).await,
+                }
+            }
+            Some("untrack") => {
+                if let Some(key) = channel.presence.tracked.take() {
+                    self.ctx.presences.untrack(&key, self.id);
+                }
+                self.send(&Outbound::reply(&frame, "ok", json!({}))).await
+            }
+            _ => {
+                self.presence_error(&frame, "Presence event must be track or untrack")
+                    .await
+            }
+        }
+    }
+
+    async fn presence_error(&mut self, frame: &Frame, reason: &str) -> Result<(), WsError> {
+        self.send(&Outbound::reply(frame, "error", json!({ "reason": reason })))
+            .await
+    }
+}
