@@ -9,6 +9,7 @@ mod capture;
 mod gucs;
 mod hooks;
 mod shmem;
+mod subxact;
 mod unguarded;
 mod worker;
 

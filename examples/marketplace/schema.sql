@@ -200,3 +200,22 @@ create policy order_channel_read on realtime.messages for select to authenticate
   using (extension in ('broadcast', 'presence') and public.order_topic_member());
 create policy order_channel_write on realtime.messages for insert to authenticated
   with check (extension in ('broadcast', 'presence') and public.order_topic_member());
+
+-- Order updates also go to the order's private channel as a broadcast, as
+-- Supabase's "Broadcast from the database" has it: members of
+-- 'order:<order id>' get each update at commit, in commit order, as
+-- {record, old_record, operation, table, schema, id}. (SECURITY DEFINER:
+-- the trigger may send whoever writes the update.)
+create or replace function public.broadcast_order_update() returns trigger
+language plpgsql security definer set search_path = public as $$
+begin
+  perform realtime.broadcast_changes(
+    'order:' || coalesce(new.order_id, old.order_id)::text,
+    tg_op, tg_op, tg_table_name, tg_table_schema, new, old);
+  return null;
+end
+$$;
+
+drop trigger if exists order_updates_broadcast on public.order_updates;
+create trigger order_updates_broadcast after insert or update or delete on public.order_updates
+  for each row execute function public.broadcast_order_update();

@@ -119,7 +119,8 @@ impl Client {
                     self.last_text = t.to_string();
                     return Some(serde_json::from_str(&t).unwrap());
                 }
-                Some(Ok(Message::Binary(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
+                Some(Ok(Message::Binary(b))) => return Some(kind4_as_json(&b)),
+                Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
                 other => panic!("socket ended: {other:?}"),
             }
         }
@@ -148,6 +149,27 @@ impl Client {
         Joined { reply, ids, system }
     }
 
+    /// Joins `topic` with this `config` as `token`; returns the reply.
+    pub async fn join_with(&mut self, topic: &str, config: Value, token: &str) -> Value {
+        let r = self.next_ref.to_string();
+        self.next_ref += 1;
+        let topic = format!("realtime:{topic}");
+        self.send(json!([r, r, topic, "phx_join", {"config": config, "access_token": token}]))
+            .await;
+        self.recv().await
+    }
+
+    /// The next broadcast's message, `{type, event, payload, meta?}`
+    /// (other frames are skipped).
+    pub async fn broadcast(&mut self) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame[3] == "broadcast" {
+                return frame[4].clone();
+            }
+        }
+    }
+
     /// The next postgres_changes event (other frames are skipped).
     pub async fn event(&mut self) -> Value {
         loop {
@@ -166,6 +188,7 @@ impl Client {
             match frame[3].as_str() {
                 Some("postgres_changes") => return format!("event {}", frame[4]["data"]["record"]["id"]),
                 Some("system") => return format!("notice {}", frame[4]["message"].as_str().unwrap_or("?")),
+                Some("broadcast") => return format!("broadcast {} {}", frame[4]["event"], frame[4]["payload"]),
                 _ => continue,
             }
         }
@@ -208,4 +231,27 @@ impl Client {
             }
         }
     }
+}
+
+/// A binary kind-4 broadcast as the JSON array form of the same message
+/// (`[null, null, topic, "broadcast", {type, event, payload, meta?}]`); a
+/// binary payload is `{"bytes": [..]}`.
+pub fn kind4_as_json(frame: &[u8]) -> Value {
+    assert!(frame.len() >= 5 && frame[0] == 4, "not a kind-4 frame: {frame:?}");
+    let (topic_len, event_len, meta_len) = (frame[1] as usize, frame[2] as usize, frame[3] as usize);
+    let text = |from: usize, len: usize| String::from_utf8(frame[from..from + len].to_vec()).unwrap();
+    let topic = text(5, topic_len);
+    let event = text(5 + topic_len, event_len);
+    let meta_at = 5 + topic_len + event_len;
+    let body = &frame[meta_at + meta_len..];
+    let payload = if frame[4] == 1 {
+        serde_json::from_slice(body).unwrap()
+    } else {
+        json!({ "bytes": body })
+    };
+    let mut message = json!({"type": "broadcast", "event": event, "payload": payload});
+    if meta_len > 0 {
+        message["meta"] = serde_json::from_str(&text(meta_at, meta_len)).unwrap();
+    }
+    json!([null, null, topic, "broadcast", message])
 }

@@ -13,20 +13,248 @@ const MAX_PAYLOAD_KB: usize = 64;
 
 struct Ctx {
     cluster: Cluster,
+    rt: tokio::runtime::Runtime,
 }
 
 fn main() {
     let cluster = Cluster::start_with(ClusterConfig {
-        settings: vec![format!("pg_realtime.max_payload_size = '{MAX_PAYLOAD_KB}kB'")],
+        settings: vec![
+            format!("pg_realtime.max_payload_size = '{MAX_PAYLOAD_KB}kB'"),
+            // small, for a transaction of broadcasts to overflow it
+            "pg_realtime.queue_size = '1MB'".into(),
+            "max_prepared_transactions = 2".into(),
+        ],
         ..Default::default()
     });
     cluster.psql("CREATE EXTENSION pg_realtime");
+    cluster.psql(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text);
+         CREATE PUBLICATION supabase_realtime FOR TABLE notes;
+         CREATE ROLE authenticated NOLOGIN;
+         CREATE ROLE authenticator NOINHERIT LOGIN;
+         GRANT authenticated TO authenticator;
+         GRANT SELECT ON notes TO authenticated;
+         CREATE ROLE sender LOGIN;
+         GRANT INSERT ON notes TO sender;
+         CREATE POLICY sender_may_send_to_allowed ON realtime.messages FOR INSERT TO sender
+           WITH CHECK (realtime.topic() = 'allowed' AND extension = 'broadcast');",
+    );
     cluster.wait_for_websocket(WAIT);
     let tests: &[Test<Ctx>] = &pg_realtime_e2e::tests![
         supabase_js_broadcast_self_ack_binary_and_vsn1,
         supabase_js_presence_syncs_tabs_and_leaves,
+        database_broadcasts_go_at_commit_in_commit_order,
+        database_broadcasts_from_concurrent_sessions_follow_commit_order,
+        bad_sends_warn_and_the_transaction_goes_on,
+        sends_follow_the_insert_policies_on_realtime_messages,
+        prepare_after_a_send_is_refused,
+        a_lost_database_broadcast_is_announced,
     ];
-    runner::run(Ctx { cluster }, tests);
+    runner::run(Ctx { cluster, rt: runtime() }, tests);
+}
+
+/// A raw client joined to public `topic` with a postgres_changes binding
+/// on `notes`.
+async fn listener(ctx: &Ctx, topic: &str) -> pg_realtime_e2e::client::Client {
+    let tok = token("authenticated", 600);
+    let mut client = pg_realtime_e2e::client::Client::connect(ctx.cluster.ws_port, &tok).await;
+    let joined = client
+        .join(
+            topic,
+            json!([{"event": "*", "schema": "public", "table": "notes"}]),
+            &tok,
+        )
+        .await;
+    assert_eq!(joined.system.unwrap()[4]["status"], "ok");
+    client
+}
+
+/// `realtime.send` of `{"n": n}` on public `topic`.
+fn send_sql(n: i64, topic: &str) -> String {
+    format!("SELECT realtime.send('{{\"n\": {n}}}', 'note', '{topic}', false);")
+}
+
+fn database_broadcasts_go_at_commit_in_commit_order(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let mut client = listener(ctx, "room").await;
+        let c = &ctx.cluster;
+        c.psql(&format!(
+            "BEGIN; INSERT INTO notes VALUES (1, 'a'); {} COMMIT;",
+            send_sql(1, "room")
+        ));
+        c.psql(&format!("BEGIN; {} ROLLBACK;", send_sql(2, "room")));
+        c.psql(&format!(
+            "BEGIN; SAVEPOINT s; {} ROLLBACK TO s; INSERT INTO notes VALUES (2, 'b'); COMMIT;",
+            send_sql(3, "room")
+        ));
+        // a transaction that only broadcasts
+        c.psql(&send_sql(4, "room"));
+        c.psql("INSERT INTO notes VALUES (3, 'sentinel')");
+        let mut heard = Vec::new();
+        let mut first = None;
+        while heard.last().map(String::as_str) != Some("event 3") {
+            let frame = client.recv().await;
+            if frame[3] == "broadcast" && first.is_none() {
+                first = Some(frame.clone());
+            }
+            if ["broadcast", "postgres_changes"].contains(&frame[3].as_str().unwrap()) {
+                heard.push(match frame[3].as_str() {
+                    Some("broadcast") => format!("broadcast {}", frame[4]["payload"]["n"]),
+                    _ => format!("event {}", frame[4]["data"]["record"]["id"]),
+                });
+            }
+        }
+        assert_eq!(heard, ["event 1", "broadcast 1", "event 2", "broadcast 4", "event 3"]);
+        // the payload gets an id, the same as meta.id
+        let first = first.unwrap();
+        let id = first[4]["meta"]["id"].as_str().unwrap();
+        assert_eq!(id.len(), 36, "{first}");
+        assert_eq!(first[4]["payload"]["id"], id, "{first}");
+        assert_eq!(first[4]["event"], "note");
+    });
+}
+
+fn database_broadcasts_from_concurrent_sessions_follow_commit_order(ctx: &Ctx) {
+    use std::io::{BufRead, Write};
+    ctx.rt.block_on(async {
+        let mut client = listener(ctx, "order").await;
+        let c = &ctx.cluster;
+        let mut session = c.psql_session();
+        let mut stdin = session.stdin.take().unwrap();
+        let mut out = std::io::BufReader::new(session.stdout.take().unwrap()).lines();
+        // sent first, committed last
+        let mut until = |line: &str| {
+            // (a void result prints an empty line first)
+            while out.next().unwrap().unwrap() != line {}
+        };
+        writeln!(stdin, "BEGIN; {} \\echo sent", send_sql(1, "order")).unwrap();
+        until("sent");
+        c.psql(&send_sql(2, "order"));
+        writeln!(stdin, "COMMIT; \\echo committed").unwrap();
+        until("committed");
+        drop(stdin);
+        session.wait().unwrap();
+        let order: Vec<i64> = next_broadcasts(&mut client, 2)
+            .await
+            .iter()
+            .map(|b| b["payload"]["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(order, [2, 1]);
+    });
+}
+
+/// The next `n` broadcasts' messages (`{type, event, payload, meta}`);
+/// other frames are skipped.
+async fn next_broadcasts(client: &mut pg_realtime_e2e::client::Client, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let frame = client.recv().await;
+        if frame[3] == "broadcast" {
+            out.push(frame[4].clone());
+        }
+    }
+    out
+}
+
+/// What the channel hears next: `broadcast <n>`, `event <id>` or
+/// `notice <extension>: <message>`.
+async fn heard(client: &mut pg_realtime_e2e::client::Client) -> String {
+    loop {
+        let frame = client.recv().await;
+        match frame[3].as_str() {
+            Some("broadcast") => return format!("broadcast {}", frame[4]["payload"]["n"]),
+            Some("postgres_changes") => return format!("event {}", frame[4]["data"]["record"]["id"]),
+            Some("system") => return format!("notice {}: {}", frame[4]["extension"], frame[4]["message"]),
+            _ => continue,
+        }
+    }
+}
+
+fn bad_sends_warn_and_the_transaction_goes_on(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let mut client = listener(ctx, "bad").await;
+        let c = &ctx.cluster;
+        let big = MAX_PAYLOAD_KB * 1024 + 1000;
+        for (call, warning) in [
+            ("realtime.send('{}', 'e', '', false)", "the topic is empty"),
+            ("realtime.send('{}', NULL, 'bad', false)", "the event is null"),
+            ("realtime.send('{}', 'e', 'bad', NULL)", "private is null"),
+            (
+                &format!("realtime.send(jsonb_build_object('blob', repeat('x', {big})), 'e', 'bad', false)") as &str,
+                "more than pg_realtime.max_payload_size",
+            ),
+        ] {
+            let out = c.psql_output(&format!(
+                "BEGIN; SELECT {call}; INSERT INTO notes VALUES (100, 'after'); COMMIT;"
+            ));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{call}: {stderr}");
+            let line = stderr.lines().find(|l| l.contains("WarnSendingBroadcastMessage: "));
+            assert!(line.is_some_and(|l| l.contains(warning)), "{call}: {stderr}");
+            // the transaction committed: its row arrives, and nothing before it
+            assert_eq!(heard(&mut client).await, "event 100");
+            c.psql("DELETE FROM notes WHERE id = 100");
+            assert!(heard(&mut client).await.starts_with("event "), "the delete");
+        }
+    });
+}
+
+fn sends_follow_the_insert_policies_on_realtime_messages(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let mut allowed = listener(ctx, "allowed").await;
+        let mut other = listener(ctx, "other").await;
+        let c = &ctx.cluster;
+        // as a role the policies apply to: allowed on 'allowed' only
+        let out = c.psql_output(&format!(
+            "SET ROLE sender; {} {} RESET ROLE; {}",
+            send_sql(1, "other"),
+            send_sql(2, "allowed"),
+            send_sql(3, "other")
+        ));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("WarnSendingBroadcastMessage: permission denied"),
+            "{stderr}"
+        );
+        assert_eq!(heard(&mut allowed).await, "broadcast 2");
+        // the refused one never came: the superuser's, sent after it, is first
+        assert_eq!(heard(&mut other).await, "broadcast 3");
+    });
+}
+
+fn prepare_after_a_send_is_refused(ctx: &Ctx) {
+    let out = ctx
+        .cluster
+        .psql_output(&format!("BEGIN; {} PREPARE TRANSACTION 'p';", send_sql(1, "prepared")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot PREPARE a transaction"), "{stderr}");
+    assert_eq!(ctx.cluster.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");
+}
+
+fn a_lost_database_broadcast_is_announced(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let mut client = listener(ctx, "flood").await;
+        let mut bystander = listener(ctx, "calm").await;
+        let c = &ctx.cluster;
+        let lost = c.stat("transactions_lost");
+        // 40 broadcasts of 60 kB in one transaction: more than the 1 MB ring
+        c.psql(
+            "SELECT realtime.send(jsonb_build_object('blob', repeat('x', 60000)), 'big', 'flood', false) \
+                FROM generate_series(1, 40)",
+        );
+        assert_eq!(c.stat("transactions_lost"), lost + 1);
+        c.psql(&send_sql(1, "flood"));
+        c.psql(&send_sql(1, "calm"));
+        let notice = heard(&mut client).await;
+        assert!(
+            notice.starts_with(r#"notice "broadcast": "Some broadcasts from the database may not"#),
+            "{notice}"
+        );
+        assert_eq!(heard(&mut client).await, "broadcast 1");
+        assert_eq!(heard(&mut bystander).await, "broadcast 1");
+    });
 }
 
 fn js_env(cluster: &Cluster) -> Vec<(&'static str, String)> {

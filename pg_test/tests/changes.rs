@@ -344,7 +344,7 @@ fn prepare_transaction_with_captured_changes_fails(ctx: &Ctx) {
             .psql_output("BEGIN; INSERT INTO quiet (n) VALUES (-100); PREPARE TRANSACTION 'rt';");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains("cannot PREPARE a transaction that changed tables captured by pg_realtime"),
+            stderr.contains("cannot PREPARE a transaction that changed tables captured by pg_realtime or sent"),
             "{stderr}"
         );
         assert_eq!(ctx.c.psql("SELECT count(*) FROM pg_prepared_xacts"), "0");

@@ -44,6 +44,7 @@ fn main() {
         marketplace_patterns_with_supabase_js,
         each_user_receives_only_rows_its_policies_allow,
         private_order_channel_members_only,
+        order_updates_broadcast_to_the_private_order_channel,
     ];
     runner::run(Ctx { c }, tests);
 }
@@ -339,4 +340,58 @@ fn private_order_channel_members_only(ctx: &Ctx) {
         )),
         "{result}"
     );
+}
+
+fn order_updates_broadcast_to_the_private_order_channel(ctx: &Ctx) {
+    use pg_realtime_e2e::client::Client;
+    let order = "aaaaaaaa-0000-0000-0000-000000000004";
+    ctx.c.psql(&format!(
+        "INSERT INTO orders (id, buyer_id, title) VALUES ('{order}', '{BUYER}', 'jugs');
+         INSERT INTO supplier_orders (id, order_id, supplier_id)
+           VALUES ('bbbbbbbb-0000-0000-0000-000000000004', '{order}', '{SUPPLIER}');"
+    ));
+    let topic = format!("order:{order}");
+    let private = serde_json::json!({"private": true});
+    runtime().block_on(async {
+        let mut members = Vec::new();
+        for user in [BUYER, SUPPLIER] {
+            let key = user_token(user);
+            let mut client = Client::connect(ctx.c.ws_port, &key).await;
+            let reply = client.join_with(&topic, private.clone(), &key).await;
+            assert_eq!(reply[4]["status"], "ok", "{reply}");
+            members.push(client);
+        }
+        let outsider_key = user_token(OTHER_BUYER);
+        let mut outsider = Client::connect(ctx.c.ws_port, &outsider_key).await;
+        let refused = outsider.join_with(&topic, private.clone(), &outsider_key).await;
+        assert_eq!(refused[4]["status"], "error", "{refused}");
+        // the public channel of the same name is another topic
+        let mut public = Client::connect(ctx.c.ws_port, &outsider_key).await;
+        let joined = public.join_with(&topic, serde_json::json!({}), &outsider_key).await;
+        assert_eq!(joined[4]["status"], "ok");
+
+        // the app's backend posts the supplier's update: the trigger sends it
+        ctx.c.psql(&format!(
+            "INSERT INTO order_updates (order_id, stage, message, completion_percentage, created_by)
+               VALUES ('{order}', 'glazing', 'glaze on', 60, '{SUPPLIER}')"
+        ));
+        for member in &mut members {
+            let b = member.broadcast().await;
+            assert_eq!(b["event"], "INSERT", "{b}");
+            let p = &b["payload"];
+            assert_eq!(
+                (&p["operation"], &p["table"], &p["schema"]),
+                (&"INSERT".into(), &"order_updates".into(), &"public".into()),
+                "{b}"
+            );
+            assert_eq!(p["record"]["message"], "glaze on", "{b}");
+            assert_eq!(p["old_record"], Value::Null, "{b}");
+            assert_eq!(p["id"], b["meta"]["id"], "{b}");
+        }
+        // the public channel heard none of it: a public send made after is its first
+        ctx.c.psql(&format!(
+            "SELECT realtime.send('{{\"n\": 1}}', 'sentinel', '{topic}', false)"
+        ));
+        assert_eq!(public.broadcast().await["event"], "sentinel");
+    });
 }

@@ -24,6 +24,7 @@
 
 mod described;
 pub(crate) mod encode;
+mod send;
 mod skips;
 mod trigger;
 mod truncate;

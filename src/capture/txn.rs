@@ -54,7 +54,14 @@ pub(super) struct Changes {
     /// Rows encoded, added to the shared counter once per transaction
     /// rather than per row (it is a cache line every backend writes).
     encoded: u64,
+    /// The topics broadcast to (`wire::topic_loss_id`), to be told if
+    /// their broadcasts are lost; past `MAX_TOPICS`, `many_topics`.
+    topics: Vec<u32>,
+    many_topics: bool,
 }
+
+/// Topics one transaction's loss is told to by name; past it, everyone.
+const MAX_TOPICS: usize = 64;
 
 /// Buffers reused from row to row and commit to commit.
 #[derive(Default)]
@@ -149,6 +156,41 @@ impl Changes {
         wire::put_no_row(&mut self.rows);
     }
 
+    /// Adds a broadcast sent from SQL in subtransaction `subxact`
+    /// (`texts`: topic, event, id), unless the transaction overflowed.
+    pub(super) fn broadcast(
+        &mut self,
+        private: bool,
+        binary: bool,
+        texts: [&str; 3],
+        payload: &[u8],
+        subxact: pg_sys::SubTransactionId,
+    ) {
+        let id = wire::topic_loss_id(texts[0], private);
+        if !self.topics.contains(&id) {
+            if self.topics.len() < MAX_TOPICS {
+                self.topics.push(id);
+            } else {
+                self.many_topics = true;
+            }
+        }
+        if self.overflowed {
+            return;
+        }
+        self.marks.push((self.rows.len(), subxact));
+        wire::put_broadcast(&mut self.rows, private, binary, texts, payload);
+    }
+
+    /// Notes in the ring that this transaction's changes and broadcasts
+    /// were lost, for their subscribers to be told.
+    fn record_loss(&self, ring: &bgworker::shared::ring::ChangeRing<'_>, relations: bool) {
+        let relids = relations.then_some(&self.touched).into_iter().flatten();
+        if self.many_topics {
+            ring.record_loss_of_all();
+        }
+        ring.record_loss(relids.chain(&self.topics).copied());
+    }
+
     /// Drops the changes (more than the ring could ever hold: no unbounded
     /// backend memory), keeping which relations were written, to report the
     /// loss at commit.
@@ -180,6 +222,8 @@ impl Changes {
         self.overflowed = false;
         self.touched.clear();
         self.encoded = 0;
+        self.topics.clear();
+        self.many_topics = false;
     }
 }
 
@@ -239,7 +283,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                 // is caught and counted as a loss instead.
                 let published = std::panic::catch_unwind(AssertUnwindSafe(|| publish(&mut txn)));
                 if published.is_err() {
-                    crate::shmem::ring().record_loss(txn.changes.touched.iter().copied());
+                    txn.changes.record_loss(&crate::shmem::ring(), true);
                     Counters::incr(&crate::shmem::counters().transactions_lost);
                 }
             }
@@ -258,10 +302,10 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
 fn refuse_prepare() {
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-        "cannot PREPARE a transaction that changed tables captured by pg_realtime",
+        "cannot PREPARE a transaction that changed tables captured by pg_realtime or sent a realtime broadcast",
         "capture_changes",
     )
-    .set_detail("Two-phase commit is not supported for realtime changes; they would be lost.")
+    .set_detail("Two-phase commit is not supported for realtime changes and broadcasts; they would be lost.")
     .set_hint("Commit the transaction normally, or remove the table from the realtime publication.")
     .report(PgLogLevel::ERROR);
 }
@@ -287,10 +331,15 @@ fn enter_fence(txn: &mut TxnBuffer) {
     // Before the commit record, whose LSN will be above the end of this
     // transaction's last WAL record: a backend-local variable, read without
     // the WAL insertion lock the insert position needs. (A captured change
-    // implies a WAL record; were it 0, the fence would hold every later
-    // commit until this one leaves.)
+    // implies a WAL record. A transaction that only broadcast has written
+    // none: the insert position bounds its commit record then; a bound of
+    // 0 would hold every later commit until this one leaves.)
     // SAFETY: plain reads of this backend's globals.
-    let (bound, hint) = unsafe { (pg_sys::XactLastRecEnd, pg_sys::MyProcPid as usize) };
+    let (mut bound, hint) = unsafe { (pg_sys::XactLastRecEnd, pg_sys::MyProcPid as usize) };
+    if bound == 0 {
+        // SAFETY: reads the WAL insert position (under its spinlock).
+        bound = unsafe { pg_sys::GetXLogInsertRecPtr() };
+    }
     txn.fence_ticket = Some(crate::shmem::fence().enter(bound, hint));
 }
 
@@ -338,9 +387,13 @@ fn publish(txn: &mut TxnBuffer) {
     wire::encode_record(record, &header, &changes.relations, changes.marks.len(), &changes.rows);
     match ring.publish(record) {
         Ok(_) if !changes.overflowed => Counters::incr(&counters.transactions_published),
-        Ok(_) => Counters::incr(&counters.transactions_lost),
+        Ok(_) => {
+            // (the record names the relations; the topics are noted here)
+            changes.record_loss(&ring, false);
+            Counters::incr(&counters.transactions_lost);
+        }
         Err(_) => {
-            ring.record_loss(changes.touched.iter().copied());
+            changes.record_loss(&ring, true);
             Counters::incr(&counters.transactions_lost);
         }
     }

@@ -168,9 +168,14 @@ pub fn limits() -> Limits {
         max_filter_bytes: count(&MAX_FILTER_BYTES),
         joins_per_second_per_connection: MAX_JOINS_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         joins_per_second: MAX_JOINS_PER_SECOND.get().max(1) as u32,
-        max_payload_bytes: count(&MAX_PAYLOAD_KB) * 1024,
+        max_payload_bytes: max_payload_bytes(),
         messages_per_second_per_connection: MAX_MESSAGES_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         presence_per_second_per_connection: MAX_PRESENCE_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         max_presence_bytes: count(&MAX_PRESENCE_KB) * 1024,
     }
+}
+
+/// `pg_realtime.max_payload_size` in bytes, which `realtime.send` checks too.
+pub fn max_payload_bytes() -> usize {
+    count(&MAX_PAYLOAD_KB) * 1024
 }

@@ -4,7 +4,7 @@
 
 mod limits;
 
-pub use limits::check_timeout_ms;
+pub use limits::{check_timeout_ms, max_payload_bytes};
 
 use bgworker::server::jwt::Verifier;
 use bgworker::server::Settings;

@@ -5,10 +5,8 @@
 //! subtransaction and turn the error into a [`CatalogError`].
 
 use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
-use pgrx::PgTryBuilder;
 
 /// A table as the catalog has it now.
 pub struct Table {
@@ -283,43 +281,7 @@ pub fn rolled_back<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Catalog
 }
 
 fn subtransaction<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> CatalogResult<T> {
-    // SAFETY: the main thread, inside a transaction; the memory context and
-    // resource owner are restored whichever way the subtransaction ends, as
-    // PL/pgSQL does around an exception block.
-    let (context, owner) = unsafe {
-        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(saved.0);
-        saved
-    };
-    // SAFETY: puts back the context and owner saved above, on this thread.
-    let restore = move || unsafe {
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-    };
-    PgTryBuilder::new(move || {
-        let value = f();
-        // SAFETY: ends the subtransaction begun above.
-        unsafe {
-            if keep {
-                pg_sys::ReleaseCurrentSubTransaction();
-            } else {
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
-            }
-        }
-        restore();
-        Ok(value)
-    })
-    .catch_others(move |error| {
-        // SAFETY: rolls back the subtransaction begun above.
-        unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
-        restore();
-        Err(CatalogError::Raised(match error {
-            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
-            CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
-        }))
-    })
-    .execute()
+    crate::subxact::run(f, keep).map_err(CatalogError::Raised)
 }
 
 /// Inserts a private topic's probe rows (`broadcast` and `presence`) as

@@ -9,14 +9,43 @@ use bgworker::changes::deliver::{self, SendKind};
 use bgworker::changes::registry::ChannelKey;
 use bgworker::server::fanout::{Charge, FanoutError};
 use bgworker::server::protocol::Outbound;
+use bgworker::server::Context;
 use bgworker::shared::stats::Counters;
 use bgworker::shared::wire::Transaction;
 use std::sync::Arc;
 
+/// Delivers `transactions` (in commit order): each one's postgres_changes
+/// events, then its broadcasts from the database, before the next one's.
+/// Returns whether a subscription ended (its connection had closed).
+pub fn deliver(
+    channels: &mut Channels,
+    access: &mut AccessCache,
+    server: &Context,
+    transactions: &[Transaction],
+) -> bool {
+    let mut ended = false;
+    let mut start = 0;
+    // (runs of transactions without broadcasts are planned together)
+    for (i, t) in transactions.iter().enumerate() {
+        if t.broadcasts.is_empty() {
+            continue;
+        }
+        ended |= deliver_changes(channels, access, &transactions[start..=i]);
+        for b in &t.broadcasts {
+            server.broadcast_from_database(b);
+        }
+        start = i + 1;
+    }
+    if start < transactions.len() {
+        ended |= deliver_changes(channels, access, &transactions[start..]);
+    }
+    ended
+}
+
 /// Matches `transactions` (in commit order) against the subscriptions and
 /// queues each channel its events; returns whether a subscription ended
 /// (its connection had closed).
-pub fn deliver(channels: &mut Channels, access: &mut AccessCache, transactions: &[Transaction]) -> bool {
+fn deliver_changes(channels: &mut Channels, access: &mut AccessCache, transactions: &[Transaction]) -> bool {
     let max_record_bytes = crate::gucs::max_record_bytes();
     let deliver::Plan {
         lost,

@@ -77,8 +77,8 @@ pub extern "C-unwind" fn pg_realtime_worker_main(_arg: pg_sys::Datum) {
         events,
         wake_rx,
         logs,
+        changes: postgres_changes::PostgresChanges::new(started.requests, started.ctx.clone()),
         ctx: started.ctx,
-        changes: postgres_changes::PostgresChanges::new(started.requests),
     };
     while main.wait() {
         if started.network.has_stopped() {

@@ -13,12 +13,15 @@ use super::{catalog, deliver, subscribe};
 use bgworker::changes::deliver::Viewer;
 use bgworker::changes::registry::{ChannelKey, Subscription, Target};
 use bgworker::server::link::{MainReceiver, MainRequest, Subscribe};
+use bgworker::server::Context;
 use pgrx::bgworkers::BackgroundWorker;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct PostgresChanges {
     requests: MainReceiver,
+    /// The server, for broadcasts from the database.
+    server: Arc<Context>,
     channels: Channels,
     /// What each role may read of each table.
     access: AccessCache,
@@ -27,9 +30,10 @@ pub struct PostgresChanges {
 }
 
 impl PostgresChanges {
-    pub fn new(requests: MainReceiver) -> PostgresChanges {
+    pub fn new(requests: MainReceiver, server: Arc<Context>) -> PostgresChanges {
         PostgresChanges {
             requests,
+            server,
             channels: Channels::default(),
             access: AccessCache::default(),
             capture: CaptureSwitch::default(),
@@ -149,9 +153,10 @@ impl PostgresChanges {
         let (losses, batch) = self.drain.take();
         if losses.needs_notice() {
             self.channels.notify_loss(&losses.relations, losses.all);
+            self.server.announce_broadcast_loss(&losses.relations, losses.all);
         }
         let ready = batch.len();
-        if ready > 0 && deliver::deliver(&mut self.channels, &mut self.access, &batch) {
+        if ready > 0 && deliver::deliver(&mut self.channels, &mut self.access, &self.server, &batch) {
             self.capture.unsettle();
         }
         self.drain.recycle(batch);

@@ -7,6 +7,26 @@ use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+const PRIVATE_PREFIX: &str = "private\u{0}";
+
+/// The hub key of a topic (`realtime:room`): private and public channels
+/// of the same name never hear each other.
+pub fn hub_key(topic: &str, private: bool) -> String {
+    if private {
+        format!("{PRIVATE_PREFIX}{topic}")
+    } else {
+        topic.to_owned()
+    }
+}
+
+/// The topic and whether it is private, from a hub key.
+pub fn topic_of(key: &str) -> (&str, bool) {
+    match key.strip_prefix(PRIVATE_PREFIX) {
+        Some(topic) => (topic, true),
+        None => (key, false),
+    }
+}
+
 /// A connection's fan-out queue and its id.
 #[derive(Clone, Debug)]
 pub struct Member {
@@ -43,6 +63,23 @@ impl Hub {
     pub fn send(&self, topic: &str, except: Option<u64>, message: Outbound) -> usize {
         let topics = self.topics.read();
         topics.get(topic).map_or(0, |members| send_to(members, except, message))
+    }
+
+    /// Queues, within the notices' allowance, a message for every member
+    /// of each topic `wanted` picks (by its topic and privacy), made by
+    /// `message` from the topic: for what must not be lost.
+    pub fn notify(&self, wanted: impl Fn(&str, bool) -> bool, message: impl Fn(&str) -> Outbound) {
+        let topics = self.topics.read();
+        for (key, members) in topics.iter() {
+            let (topic, private) = topic_of(key);
+            if !wanted(topic, private) {
+                continue;
+            }
+            let notice = Arc::new(message(topic));
+            for member in members {
+                let _ = member.tx.force(notice.clone());
+            }
+        }
     }
 
     #[cfg(test)]

@@ -4,6 +4,7 @@
 //! its main thread where errors can be reported to Postgres.
 
 mod connection;
+mod database;
 pub mod errors;
 pub mod fanout;
 mod handshake;

@@ -223,6 +223,12 @@ impl<'a> ChangeRing<'a> {
         self.header.lost_records.fetch_add(1, Ordering::Release);
     }
 
+    /// Notes that a loss concerns every relation and topic (too many to
+    /// list); the record is counted by the `record_loss` that follows.
+    pub fn record_loss_of_all(&self) {
+        self.header.lost_all.store(1, Ordering::Release);
+    }
+
     fn note_lost_relation(&self, rel: u32) -> bool {
         for slot in &self.header.lost_relations {
             match slot.compare_exchange(0, rel, Ordering::AcqRel, Ordering::Acquire) {

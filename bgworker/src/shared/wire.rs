@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use thiserror::Error;
 
+mod broadcast;
+pub use broadcast::{put_broadcast, topic_loss_id, DbBroadcast, DbPayload};
+
 /// Kinds of row change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -84,6 +87,8 @@ pub struct Transaction {
     /// Shared: the worker keeps decoded descriptions (see [`RelationCache`]).
     pub relations: Vec<Arc<Relation>>,
     pub changes: Vec<Change>,
+    /// Broadcasts sent from SQL, in the order they were sent.
+    pub broadcasts: Vec<DbBroadcast>,
     /// The transaction's changes could not all be kept (larger than the
     /// per-transaction limit): `changes` is empty, `relations` lists what it
     /// touched, so their subscribers can be told to refetch.
@@ -107,8 +112,12 @@ impl Transaction {
         for change in &self.changes {
             change.encode_into(&mut changes);
         }
+        for broadcast in &self.broadcasts {
+            broadcast.encode_into(&mut changes);
+        }
         let mut out = Vec::new();
-        encode_record(&mut out, &header, &relations, self.changes.len(), &changes);
+        let count = self.changes.len() + self.broadcasts.len();
+        encode_record(&mut out, &header, &relations, count, &changes);
         out
     }
 
@@ -144,12 +153,18 @@ impl Transaction {
         // Sized up front, but never beyond what the bytes left could hold
         // (11 bytes per change at least), whatever a damaged count says.
         let mut changes = Vec::with_capacity((count as usize).min((bytes.len() - r.pos) / 11));
+        let mut broadcasts = Vec::new();
         for _ in 0..count {
             let relation = r.u16()?;
+            let kind = r.u8()?;
+            if relation == broadcast::NO_RELATION && kind == broadcast::KIND {
+                broadcasts.push(broadcast::read(&mut r)?);
+                continue;
+            }
             if relation as usize >= relations.len() {
                 return Err(WireError(r.pos));
             }
-            let kind = match r.u8()? {
+            let kind = match kind {
                 0 => ChangeKind::Insert,
                 1 => ChangeKind::Update,
                 2 => ChangeKind::Delete,
@@ -174,6 +189,7 @@ impl Transaction {
             commit_time_us,
             relations,
             changes,
+            broadcasts,
             overflowed,
         })
     }
@@ -497,6 +513,7 @@ mod tests {
                     filter_at: vec![],
                 },
             ],
+            broadcasts: Vec::new(),
             overflowed: false,
         }
     }
@@ -548,6 +565,66 @@ mod tests {
             ..sample()
         };
         assert_eq!(Transaction::decode(&overflow.encode()), Ok(overflow));
+    }
+
+    #[test]
+    fn broadcasts_ride_with_the_changes() {
+        let json = DbBroadcast {
+            topic: "order:7".into(),
+            event: "UPDATE".into(),
+            id: "3f1c5a9e-0000-4000-8000-000000000001".into(),
+            private: true,
+            payload: DbPayload::Json(r#"{"id":"3f1c5a9e-0000-4000-8000-000000000001","n":1}"#.into()),
+        };
+        let binary = DbBroadcast {
+            private: false,
+            payload: DbPayload::Binary(vec![0, 255, 7]),
+            ..json.clone()
+        };
+        let t = Transaction {
+            broadcasts: vec![json.clone(), binary],
+            ..sample()
+        };
+        assert_eq!(Transaction::decode(&t.encode()), Ok(t.clone()));
+        // a broadcast between row changes, as a backend writes them
+        let relations: Vec<Vec<u8>> = t.relations.iter().map(|r| r.encode()).collect();
+        let mut changes = Vec::new();
+        t.changes[0].encode_into(&mut changes);
+        let at = changes.len();
+        put_broadcast(
+            &mut changes,
+            true,
+            false,
+            ["order:7", "UPDATE", &json.id],
+            br#"{"n":1}"#,
+        );
+        let broadcast_bytes = changes.len() - at;
+        t.changes[1].encode_into(&mut changes);
+        let mut out = Vec::new();
+        encode_record(&mut out, &Header::default(), &relations, 3, &changes);
+        let decoded = Transaction::decode(&out).unwrap();
+        assert_eq!(decoded.changes, t.changes[..2]);
+        assert_eq!(decoded.broadcasts[0].payload, DbPayload::Json(r#"{"n":1}"#.into()));
+        // a broadcast cut short anywhere, or JSON that is not UTF-8, is an error
+        let start = out.len() - changes.len() + at;
+        for end in start..start + broadcast_bytes {
+            let mut cut = Vec::new();
+            encode_record(
+                &mut cut,
+                &Header::default(),
+                &relations,
+                2,
+                &changes[..end - (out.len() - changes.len())],
+            );
+            assert!(Transaction::decode(&cut).is_err(), "cut at {end}");
+        }
+        let mut bad = Vec::new();
+        put_broadcast(&mut bad, false, false, ["t", "e", "i"], &[0xff]);
+        encode_record(&mut out, &Header::default(), &relations, 1, &bad);
+        assert!(Transaction::decode(&out).is_err());
+        // loss ids keep public and private apart and are never 0
+        assert_ne!(json.loss_id(), topic_loss_id("order:7", false));
+        assert!(topic_loss_id("", false) & 0x8000_0000 != 0);
     }
 
     #[test]

@@ -48,6 +48,7 @@ fn txn(lsn: u64, relid: u32, changes: Vec<Change>) -> Transaction {
         commit_time_us: 1_700_000_000_000_000,
         relations: vec![notes(relid)],
         changes,
+        broadcasts: Vec::new(),
         overflowed: false,
     }
 }

@@ -18,15 +18,7 @@ use crate::shared::stats::Counters;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 
-/// The hub key of a topic: private and public channels of the same name
-/// never hear each other.
-pub(super) fn hub_key(topic: &str, private: bool) -> String {
-    if private {
-        format!("private\u{0}{topic}")
-    } else {
-        topic.to_owned()
-    }
-}
+pub(super) use crate::server::hub::hub_key;
 
 pub(super) fn no_read_permission(subtopic: &str) -> String {
     format!("Unauthorized: You do not have permissions to read from this Channel topic: {subtopic}")
