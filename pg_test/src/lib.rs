@@ -421,6 +421,32 @@ pub fn node() -> PathBuf {
     node
 }
 
+/// Runs `pg_test/py/<script>` with the official Python client
+/// (`scripts/install-deps.sh` puts it in /var/cache/pg_realtime/python);
+/// returns its stdout, which must end well.
+pub fn python_ok(script: &str, env: &[(&str, String)]) -> String {
+    let packages = std::env::var("PG_REALTIME_PYTHON").unwrap_or_else(|_| "/var/cache/pg_realtime/python".into());
+    assert!(
+        Path::new(&packages).join("realtime").exists(),
+        "the Python client is missing from {packages}: run `make deps`"
+    );
+    let dir = js_dir().parent().unwrap().join("py");
+    let out = Command::new("python3")
+        .arg(dir.join(script))
+        .env("PYTHONPATH", &packages)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Runs `pg_test/js/<script>` under Node 22 with `env`; returns its output.
 pub fn run_node(script: &str, env: &[(&str, String)]) -> Output {
     let mut cmd = Command::new(node());

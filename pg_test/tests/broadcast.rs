@@ -37,12 +37,18 @@ fn main() {
          CREATE ROLE sender LOGIN;
          GRANT INSERT ON notes TO sender;
          CREATE POLICY sender_may_send_to_allowed ON realtime.messages FOR INSERT TO sender
-           WITH CHECK (realtime.topic() = 'allowed' AND extension = 'broadcast');",
+           WITH CHECK (realtime.topic() = 'allowed' AND extension = 'broadcast');
+         CREATE POLICY writable_read ON realtime.messages FOR SELECT TO authenticated
+           USING (realtime.topic() = 'writable');
+         CREATE POLICY writable_write ON realtime.messages FOR INSERT TO authenticated
+           WITH CHECK (realtime.topic() = 'writable');",
     );
     cluster.wait_for_websocket(WAIT);
     let tests: &[Test<Ctx>] = &pg_realtime_e2e::tests![
         supabase_js_broadcast_self_ack_binary_and_vsn1,
         supabase_js_presence_syncs_tabs_and_leaves,
+        supabase_js_http_broadcast_and_fallback,
+        python_client_broadcast_and_presence,
         database_broadcasts_go_at_commit_in_commit_order,
         database_broadcasts_from_concurrent_sessions_follow_commit_order,
         bad_sends_warn_and_the_transaction_goes_on,
@@ -301,6 +307,54 @@ fn supabase_js_broadcast_self_ack_binary_and_vsn1(ctx: &Ctx) {
     assert_eq!(got["c"][0]["payload"], got["b"][0]["payload"]);
     assert_eq!(got["b"][1]["payload"], json!({"bytes": [0, 1, 255]}));
     assert_eq!(ctx.cluster.stat("broadcasts_refused"), refused + 1);
+}
+
+fn supabase_js_http_broadcast_and_fallback(ctx: &Ctx) {
+    let forged = token_with(
+        "not-the-secret-not-the-secret-not-the-secret",
+        json!({"role": "authenticated", "exp": now() + 600}),
+    );
+    let mut env = js_env(&ctx.cluster);
+    env.push(("USER_KEY", token("authenticated", 600)));
+    env.push(("FORGED_KEY", forged));
+    let result = last_json(&node_ok("http.mjs", &env));
+    assert_eq!(
+        result["sends"],
+        json!({"fallback": "ok", "http_json": true, "http_bytes": true, "private_ok": true,
+               "private_locked": "rejected: Unauthorized", "end": true, "end_private": true}),
+        "{result}"
+    );
+    assert_eq!(
+        result["forged"],
+        json!({"fallback": "error", "http": "rejected: Unauthorized"}),
+        "{result}"
+    );
+    let got = &result["got"];
+    assert_eq!(
+        events(&got["room"]),
+        ["fallback", "http_json", "http_bytes", "end"],
+        "{result}"
+    );
+    assert_eq!(got["room"][0]["payload"], json!({"n": 1}));
+    assert_eq!(got["room"][2]["payload"], json!({"bytes": [7, 8]}));
+    assert_eq!(events(&got["writable"]), ["private_ok", "end"], "{result}");
+}
+
+fn python_client_broadcast_and_presence(ctx: &Ctx) {
+    let url = format!("ws://127.0.0.1:{}/realtime/v1", ctx.cluster.ws_port);
+    let out = python_ok(
+        "broadcast_presence.py",
+        &[("REALTIME_URL", url), ("ANON_KEY", token("anon", 600))],
+    );
+    let result = last_json(&out);
+    assert_eq!(result["presence"]["tracked"], json!(["alice", "bob"]), "{result}");
+    assert_eq!(result["presence"]["after_untrack"], json!(["alice"]), "{result}");
+    let got = &result["got"];
+    // self on for both: each hears its own broadcasts too
+    for who in ["alice", "bob"] {
+        assert_eq!(events(&got[who]), ["hello", "reply", "end"], "{who}: {result}");
+    }
+    assert_eq!(got["bob"][0]["payload"], json!({"n": 1}));
 }
 
 fn supabase_js_presence_syncs_tabs_and_leaves(ctx: &Ctx) {

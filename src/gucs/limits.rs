@@ -20,6 +20,7 @@ pub static MAX_PAYLOAD_KB: GucSetting<i32> = GucSetting::<i32>::new(3000);
 pub static MAX_MESSAGES_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_PRESENCE_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static MAX_PRESENCE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static MAX_HTTP_BROADCASTS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static CHECK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 /// An integer setting the worker reads on reload.
@@ -144,6 +145,13 @@ pub fn define() {
         64,
         GucFlags::UNIT_KB,
     );
+    int(
+        c"pg_realtime.max_http_broadcasts_per_second",
+        c"Messages a second over all HTTP broadcast requests; past it they are answered 429.",
+        &MAX_HTTP_BROADCASTS_PER_SECOND,
+        1,
+        GucFlags::default(),
+    );
 }
 
 fn count(setting: &GucSetting<i32>) -> usize {
@@ -172,6 +180,7 @@ pub fn limits() -> Limits {
         messages_per_second_per_connection: MAX_MESSAGES_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         presence_per_second_per_connection: MAX_PRESENCE_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         max_presence_bytes: count(&MAX_PRESENCE_KB) * 1024,
+        http_broadcasts_per_second: MAX_HTTP_BROADCASTS_PER_SECOND.get().max(1) as u32,
     }
 }
 

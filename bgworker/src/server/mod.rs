@@ -8,6 +8,7 @@ mod database;
 pub mod errors;
 pub mod fanout;
 mod handshake;
+mod http;
 mod hub;
 pub mod join;
 pub mod jwt;
@@ -86,6 +87,8 @@ pub struct Limits {
     pub presence_per_second_per_connection: u32,
     /// Bytes of presence state over all topics.
     pub max_presence_bytes: usize,
+    /// Messages a second over all HTTP broadcast requests.
+    pub http_broadcasts_per_second: u32,
 }
 
 impl Default for Limits {
@@ -105,6 +108,7 @@ impl Default for Limits {
             messages_per_second_per_connection: 1000,
             presence_per_second_per_connection: 10,
             max_presence_bytes: 64 << 20,
+            http_broadcasts_per_second: 10_000,
         }
     }
 }
@@ -156,6 +160,8 @@ pub struct Context {
     budget: Arc<fanout::Budget>,
     /// Joins a second over all connections.
     joins: rate::SharedBucket,
+    /// Messages a second over all HTTP broadcasts.
+    http_broadcasts: rate::SharedBucket,
     /// Log lines a second about what clients do wrong.
     log_lines: rate::SharedBucket,
     /// The worker's main thread, for `postgres_changes`; without it (unit
@@ -178,6 +184,7 @@ impl Context {
             main,
             budget: fanout::Budget::new(limits.max_pending_bytes, limits.max_pending_bytes_total),
             joins: rate::SharedBucket::new(limits.joins_per_second),
+            http_broadcasts: rate::SharedBucket::new(limits.http_broadcasts_per_second),
             log_lines: rate::SharedBucket::new(LOG_LINES_PER_SECOND),
             settings: RwLock::new(Arc::new(settings)),
             options,

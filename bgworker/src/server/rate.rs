@@ -22,12 +22,17 @@ impl Bucket {
     /// Takes a token if one is there, refilling at `rate` a second (the
     /// rate may change between calls: a configuration reload).
     pub fn take(&mut self, rate: u32, now: Instant) -> bool {
-        let rate = f64::from(rate);
+        self.take_n(1, rate, now)
+    }
+
+    /// Takes `n` tokens if that many are there (none otherwise).
+    pub fn take_n(&mut self, n: u32, rate: u32, now: Instant) -> bool {
+        let (n, rate) = (f64::from(n), f64::from(rate));
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * rate).min(rate);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -46,6 +51,10 @@ impl SharedBucket {
 
     pub fn take(&self, rate: u32, now: Instant) -> bool {
         self.0.lock().take(rate, now)
+    }
+
+    pub fn take_n(&self, n: u32, rate: u32, now: Instant) -> bool {
+        self.0.lock().take_n(n, rate, now)
     }
 }
 

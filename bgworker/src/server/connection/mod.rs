@@ -16,6 +16,7 @@ mod refresh;
 
 use super::fanout::{FanoutReceiver, FanoutSender, Overflow, Received};
 use super::handshake::{self, Accepted};
+use super::http;
 use super::link::MainRequest;
 use super::{Context, HandshakeSlot};
 use crate::changes::registry::ChannelKey;
@@ -54,6 +55,25 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
     gate: HandshakeSlot,
 ) {
+    let deadline = Instant::now() + ctx.options.handshake_timeout;
+    let mut stream = stream;
+    let head = match tokio::time::timeout_at(deadline, http::read_head(&mut stream)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "request refused");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "request timed out");
+            return;
+        }
+    };
+    if head.method != "GET" {
+        // (an HTTP broadcast, a preflight: answered within the same bounds)
+        http::serve(head, stream, &ctx, deadline).await;
+        return;
+    }
+    let stream = http::Prefixed::new(head.raw, stream);
     let config = WebSocketConfig::default()
         .max_message_size(Some(ctx.options.max_frame_bytes))
         .max_frame_size(Some(ctx.options.max_frame_bytes));
@@ -68,7 +88,7 @@ pub async fn serve(
         Err(refusal) => Err(refusal.response()),
     };
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
-    let ws = match tokio::time::timeout(ctx.options.handshake_timeout, upgrade).await {
+    let ws = match tokio::time::timeout_at(deadline, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "upgrade failed");
@@ -173,7 +193,7 @@ struct Connection {
     id: u64,
     peer: SocketAddr,
     ctx: Arc<Context>,
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<http::Prefixed>,
     accepted: Accepted,
     channels: HashMap<String, Channel>,
     /// Channels whose join waits for the main thread, with the join frame
