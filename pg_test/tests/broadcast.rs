@@ -39,7 +39,7 @@ fn main() {
          CREATE POLICY sender_may_send_to_allowed ON realtime.messages FOR INSERT TO sender
            WITH CHECK (realtime.topic() = 'allowed' AND extension = 'broadcast');
          CREATE POLICY writable_read ON realtime.messages FOR SELECT TO authenticated
-           USING (realtime.topic() = 'writable');
+           USING (realtime.topic() IN ('writable', 'replayroom'));
          CREATE POLICY writable_write ON realtime.messages FOR INSERT TO authenticated
            WITH CHECK (realtime.topic() = 'writable');",
     );
@@ -49,6 +49,7 @@ fn main() {
         supabase_js_presence_syncs_tabs_and_leaves,
         supabase_js_http_broadcast_and_fallback,
         python_client_broadcast_and_presence,
+        supabase_js_replays_database_broadcasts_after_a_rejoin,
         database_broadcasts_go_at_commit_in_commit_order,
         database_broadcasts_from_concurrent_sessions_follow_commit_order,
         bad_sends_warn_and_the_transaction_goes_on,
@@ -338,6 +339,47 @@ fn supabase_js_http_broadcast_and_fallback(ctx: &Ctx) {
     assert_eq!(got["room"][0]["payload"], json!({"n": 1}));
     assert_eq!(got["room"][2]["payload"], json!({"bytes": [7, 8]}));
     assert_eq!(events(&got["writable"]), ["private_ok", "end"], "{result}");
+}
+
+fn supabase_js_replays_database_broadcasts_after_a_rejoin(ctx: &Ctx) {
+    use std::io::{BufRead, Write};
+    let c = &ctx.cluster;
+    let since = c.psql("SELECT (extract(epoch FROM now()) * 1000)::bigint");
+    for n in 1..=3 {
+        c.psql(&format!("SELECT realtime.send('{{\"n\": {n}}}', 'note', 'replayroom')"));
+    }
+    let mut env = js_env(c);
+    env.push(("USER_KEY", token("authenticated", 600)));
+    env.push(("SINCE", since));
+    let mut child = std::process::Command::new(node())
+        .arg(js_dir().join("replay.mjs"))
+        .current_dir(js_dir())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "JOINED");
+    // sent while it is joined: live, once
+    c.psql("SELECT realtime.send('{\"n\": 4}', 'note', 'replayroom')");
+    writeln!(child.stdin.as_mut().unwrap(), "GO").unwrap();
+    let last = lines.map_while(Result::ok).last().unwrap_or_default();
+    assert!(child.wait().unwrap().success(), "replay.mjs failed");
+    let result: Value = serde_json::from_str(&last).unwrap();
+    let seen = |round: &str| -> Vec<(i64, bool)> {
+        result[round]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["payload"]["n"].as_i64().unwrap(), m["meta"]["replayed"] == true))
+            .collect()
+    };
+    // the newest two (limit 2), oldest first, then the live one
+    assert_eq!(seen("first"), [(2, true), (3, true), (4, false)], "{result}");
+    // joined again: the newest two, which now include the live one
+    assert_eq!(seen("rejoined"), [(3, true), (4, true)], "{result}");
+    assert_eq!(result["first"][0]["meta"]["id"], result["first"][0]["payload"]["id"]);
 }
 
 fn python_client_broadcast_and_presence(ctx: &Ctx) {

@@ -21,6 +21,9 @@ pub static MAX_MESSAGES_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting:
 pub static MAX_PRESENCE_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static MAX_PRESENCE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 pub static MAX_HTTP_BROADCASTS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static REPLAY_MAX_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static REPLAY_MAX_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+pub static REPLAY_MAX_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(72 * 3600);
 pub static CHECK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 /// An integer setting the worker reads on reload.
@@ -152,6 +155,27 @@ pub fn define() {
         1,
         GucFlags::default(),
     );
+    int(
+        c"pg_realtime.replay_max_messages",
+        c"Broadcasts from the database to private topics kept for replay, over all topics; the oldest go first.",
+        &REPLAY_MAX_MESSAGES,
+        0,
+        GucFlags::default(),
+    );
+    int(
+        c"pg_realtime.replay_max_bytes",
+        c"Memory the broadcasts kept for replay may take; the oldest go first.",
+        &REPLAY_MAX_KB,
+        0,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"pg_realtime.replay_max_age",
+        c"How long a broadcast is kept for replay.",
+        &REPLAY_MAX_AGE_S,
+        0,
+        GucFlags::UNIT_S,
+    );
 }
 
 fn count(setting: &GucSetting<i32>) -> usize {
@@ -181,6 +205,11 @@ pub fn limits() -> Limits {
         presence_per_second_per_connection: MAX_PRESENCE_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         max_presence_bytes: count(&MAX_PRESENCE_KB) * 1024,
         http_broadcasts_per_second: MAX_HTTP_BROADCASTS_PER_SECOND.get().max(1) as u32,
+        replay: bgworker::server::replay::Bounds {
+            max_messages: count(&REPLAY_MAX_MESSAGES),
+            max_bytes: count(&REPLAY_MAX_KB) * 1024,
+            max_age_ms: i64::from(REPLAY_MAX_AGE_S.get().max(0)) * 1000,
+        },
     }
 }
 

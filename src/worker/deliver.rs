@@ -32,7 +32,7 @@ pub fn deliver(
         }
         ended |= deliver_changes(channels, access, &transactions[start..=i]);
         for b in &t.broadcasts {
-            server.broadcast_from_database(b);
+            server.broadcast_from_database(b, t.commit_time_us);
         }
         start = i + 1;
     }

@@ -5,17 +5,46 @@
 
 use super::hub::hub_key;
 use super::protocol::{JsonText, Outbound, Payload};
+use super::replay::Stored;
 use super::Context;
 use crate::shared::stats::Counters;
 use crate::shared::wire::{topic_loss_id, DbBroadcast, DbPayload};
 use serde_json::json;
+use std::sync::Arc;
+
+/// Milliseconds since the Unix epoch, now.
+pub(super) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 const TOPIC_PREFIX: &str = "realtime:";
 
 impl Context {
+    /// Sends `b` (committed at `commit_time_us`) to its topic's members,
+    /// and keeps it for replay if its topic is private.
+    pub fn broadcast_from_database(&self, b: &DbBroadcast, commit_time_us: i64) {
+        if !b.private {
+            self.fan_out_from_database(b);
+            return;
+        }
+        let stored = Stored {
+            topic: b.topic.clone(),
+            event: b.event.clone(),
+            id: b.id.clone(),
+            at_ms: commit_time_us / 1000,
+            payload: Arc::new(b.payload.clone()),
+        };
+        let bounds = self.settings().limits.replay;
+        self.replay.deliver_and_keep(stored, bounds, now_ms(), || {
+            self.fan_out_from_database(b);
+        });
+    }
+
     /// Sends `b` to its topic's members; returns how many were too far
     /// behind to take it (they are told and disconnected: `fanout`).
-    pub fn broadcast_from_database(&self, b: &DbBroadcast) -> usize {
+    pub(super) fn fan_out_from_database(&self, b: &DbBroadcast) -> usize {
         let payload = match &b.payload {
             DbPayload::Json(text) => match JsonText::parse(text.clone()) {
                 Ok(text) => Payload::Text(text),

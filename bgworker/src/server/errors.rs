@@ -164,6 +164,8 @@ pub enum JoinRefusal {
     TooManyChannels,
     #[error("ClientJoinRateLimitReached: Too many joins per second")]
     TooManyJoins,
+    #[error("UnableToReplayMessages: Replay is not allowed for public channels")]
+    ReplayOnPublic,
     /// The join's `access_token` was refused.
     #[error("{}", .0.join_reason())]
     Token(#[from] AuthError),

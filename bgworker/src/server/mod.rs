@@ -4,7 +4,7 @@
 //! its main thread where errors can be reported to Postgres.
 
 mod connection;
-mod database;
+pub(crate) mod database;
 pub mod errors;
 pub mod fanout;
 mod handshake;
@@ -17,6 +17,7 @@ pub mod log;
 pub mod presence;
 pub mod protocol;
 pub mod rate;
+pub mod replay;
 pub mod runtime;
 pub mod wake;
 
@@ -89,6 +90,8 @@ pub struct Limits {
     pub max_presence_bytes: usize,
     /// Messages a second over all HTTP broadcast requests.
     pub http_broadcasts_per_second: u32,
+    /// What the replay store keeps of private broadcasts from the database.
+    pub replay: replay::Bounds,
 }
 
 impl Default for Limits {
@@ -109,6 +112,11 @@ impl Default for Limits {
             presence_per_second_per_connection: 10,
             max_presence_bytes: 64 << 20,
             http_broadcasts_per_second: 10_000,
+            replay: replay::Bounds {
+                max_messages: 10_000,
+                max_bytes: 16 << 20,
+                max_age_ms: 72 * 3600 * 1000,
+            },
         }
     }
 }
@@ -156,6 +164,7 @@ pub struct Context {
     next_id: AtomicU64,
     hub: Hub,
     presences: presence::Presences,
+    replay: replay::ReplayStore,
     /// Bytes waiting for clients, per connection and in total.
     budget: Arc<fanout::Budget>,
     /// Joins a second over all connections.
@@ -195,6 +204,7 @@ impl Context {
             next_id: AtomicU64::new(1),
             hub: Hub::default(),
             presences: presence::Presences::default(),
+            replay: replay::ReplayStore::default(),
             started: (std::time::SystemTime::now(), std::time::Instant::now()),
         })
     }

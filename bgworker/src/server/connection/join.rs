@@ -14,6 +14,7 @@ use crate::server::jwt;
 use crate::server::link::{Authorize, Question, Subscribe};
 use crate::server::log::escape;
 use crate::server::protocol::{Frame, Outbound, Payload};
+use crate::server::replay;
 use crate::shared::stats::Counters;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::error::Error as WsError;
@@ -208,13 +209,34 @@ impl Connection {
                 Value::Object(entry)
             })
             .collect();
+        let mut replayed = Vec::new();
         if channel.private.is_none_or(|p| p.read.broadcast) {
             let key = hub_key(&frame.topic, channel.private.is_some());
             let member = Member {
                 connection: self.id,
                 tx: self.fanout_tx.clone(),
             };
-            self.ctx.hub.join(&key, member);
+            let hub = &self.ctx.hub;
+            match channel
+                .config
+                .broadcast
+                .replay
+                .as_ref()
+                .filter(|_| channel.private.is_some())
+            {
+                Some(asked) => {
+                    let bounds = self.ctx.settings().limits.replay;
+                    let cutoff = crate::server::database::now_ms() - bounds.max_age_ms;
+                    let limit = replay::limit(asked.limit);
+                    replayed =
+                        self.ctx
+                            .replay
+                            .join_and_replay(&channel.subtopic, asked.since_ms, limit, cutoff, || {
+                                hub.join(&key, member)
+                            });
+                }
+                None => hub.join(&key, member),
+            }
             channel.hub_key = Some(key);
         }
         Counters::incr(&self.ctx.counters.channels_joined);
@@ -230,6 +252,9 @@ impl Connection {
             json!({ "postgres_changes": postgres_changes }),
         ))
         .await?;
+        for message in &replayed {
+            self.send(&message.replayed(&join_ref, &frame.topic)).await?;
+        }
         if let Some(state) = presence_state {
             self.send(&state).await?;
         }
@@ -260,6 +285,10 @@ impl Connection {
                     return Ok(());
                 };
                 match read {
+                    // (a replay needs the broadcasts themselves)
+                    Ok(read) if channel.config.broadcast.replay.is_some() && !read.broadcast => {
+                        self.refuse_join(&frame, &no_read_permission(&channel.subtopic)).await
+                    }
                     Ok(read) if read.broadcast || read.presence => {
                         channel.private = Some(Private {
                             read,
@@ -336,6 +365,9 @@ impl Connection {
                 escape(warning),
                 if request.warnings.len() > 1 { " (and more)" } else { "" }
             );
+        }
+        if request.config.broadcast.replay.is_some() && !request.config.private {
+            return Err(JoinRefusal::ReplayOnPublic);
         }
         let token = request.access_token.unwrap_or_else(|| self.accepted.token.clone());
         let claims = settings.verifier.verify(&token, jwt::now())?;
