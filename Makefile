@@ -13,7 +13,7 @@ PG ?=
 PGTEST_MAJORS := $(if $(PG),$(PG),14 15 16 17 18)
 E2E_MAJORS := $(if $(PG),$(PG),14 15 18)
 
-.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching bench-soak fuzz clean
+.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching bench-soak bench-broadcast fuzz clean
 
 deps:
 	scripts/install-deps.sh
@@ -83,6 +83,11 @@ bench-soak: install-release
 	cargo bench -p pg_realtime_e2e --bench soak
 
 ## The worker ruling out a change nobody wants: raw pre-check against
+## Broadcast fan-out to 1,000 and 10,000 subscribers beside a bare
+## tokio-tungstenite relay (bench/README.md, "Broadcast").
+bench-broadcast: install-release
+	cargo bench -p pg_realtime_e2e --bench broadcast
+
 ## parse-and-match, in one process (see bench/README.md).
 bench-matching:
 	cargo bench -p bgworker --bench matching

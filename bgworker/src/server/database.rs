@@ -60,6 +60,7 @@ impl Context {
             event: b.event.clone(),
             metadata: Some(json!({ "id": b.id })),
             payload,
+            encoded: Default::default(),
         };
         Counters::incr(&self.counters.broadcasts_sent);
         self.hub.send(&key, None, out)

@@ -344,14 +344,15 @@ mod tests {
     use super::*;
     use crate::server::protocol::Payload;
 
-    /// A broadcast of about `bytes` bytes.
+    /// A message of about `bytes` bytes.
     fn msg(bytes: usize) -> Arc<Outbound> {
-        Arc::new(Outbound::Broadcast {
+        Arc::new(Outbound::Frame(crate::server::protocol::Frame {
+            join_ref: None,
+            msg_ref: None,
             topic: "realtime:t".into(),
             event: "e".into(),
-            metadata: None,
             payload: Payload::Binary(vec![0; bytes]),
-        })
+        }))
     }
 
     async fn next(rx: &mut FanoutReceiver) -> Received {

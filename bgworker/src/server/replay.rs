@@ -79,6 +79,7 @@ impl Stored {
                 event: self.event.clone(),
                 metadata: Some(meta),
                 payload: Payload::Binary(bytes.clone()),
+                encoded: Default::default(),
             },
         }
     }

@@ -193,6 +193,7 @@ impl Connection {
             event: b.event,
             metadata: None,
             payload: b.payload,
+            encoded: Default::default(),
         };
         if include_self {
             self.send(&out).await?;

@@ -244,6 +244,7 @@ fn fan_out(
             event,
             metadata,
             payload,
+            encoded: Default::default(),
         },
     );
 }

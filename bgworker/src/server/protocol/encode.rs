@@ -39,34 +39,38 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
             event,
             metadata,
             payload,
-        } => {
-            if vsn == Vsn::V2 {
-                if let Some(bytes) = encode_user_broadcast(topic, event, metadata.as_ref(), payload) {
-                    return Some(WsMessage::Binary(Bytes::from(bytes)));
-                }
-            }
-            // vsn 1.0.0, or a field too long for kind 4: JSON text, which
-            // realtime-js decodes to the same message. Binary payloads have
-            // no JSON form.
-            let mut body = format!(
-                r#"{{"type":"broadcast","event":{},"payload":{}"#,
-                Value::from(event.as_str()),
-                payload_text(payload)?
-            );
-            if let Some(meta) = metadata {
-                body.push_str(&format!(r#","meta":{meta}"#));
-            }
-            body.push('}');
-            Some(WsMessage::Text(Utf8Bytes::from(frame_text(
-                vsn,
-                None,
-                None,
-                topic,
-                "broadcast",
-                &body,
-            ))))
+            encoded,
+        } => encoded.get_or_build(vsn, || encode_broadcast(vsn, topic, event, metadata.as_ref(), payload)),
+    }
+}
+
+/// A broadcast's frame for one serializer.
+fn encode_broadcast(
+    vsn: Vsn,
+    topic: &str,
+    event: &str,
+    metadata: Option<&Value>,
+    payload: &Payload,
+) -> Option<WsMessage> {
+    if vsn == Vsn::V2 {
+        if let Some(bytes) = encode_user_broadcast(topic, event, metadata, payload) {
+            return Some(WsMessage::Binary(Bytes::from(bytes)));
         }
     }
+    // vsn 1.0.0, or a field too long for kind 4: JSON text, which
+    // realtime-js decodes to the same message. Binary payloads have no
+    // JSON form.
+    let mut body = format!(
+        r#"{{"type":"broadcast","event":{},"payload":{}"#,
+        Value::from(event),
+        payload_text(payload)?
+    );
+    if let Some(meta) = metadata {
+        body.push_str(&format!(r#","meta":{meta}"#));
+    }
+    body.push('}');
+    let text = frame_text(vsn, None, None, topic, "broadcast", &body);
+    Some(WsMessage::Text(Utf8Bytes::from(text)))
 }
 
 /// A payload's JSON text. The server never pushes raw binary frames
@@ -191,6 +195,7 @@ mod tests {
             event: "cur".into(),
             metadata: Some(json!({"id": "x"})),
             payload: text(r#"{"x":1}"#),
+            encoded: Default::default(),
         };
         let WsMessage::Binary(b) = encode(Vsn::V2, &out).unwrap() else {
             panic!()
@@ -210,6 +215,7 @@ mod tests {
             event: "e".into(),
             metadata: None,
             payload: Payload::Binary(vec![1]),
+            encoded: Default::default(),
         };
         assert!(encode(Vsn::V1, &out).is_none());
         let json_out = Outbound::Broadcast {
@@ -217,6 +223,7 @@ mod tests {
             event: "e".into(),
             metadata: None,
             payload: text(r#"{"a":1}"#),
+            encoded: Default::default(),
         };
         let WsMessage::Text(t) = encode(Vsn::V1, &json_out).unwrap() else {
             panic!()
@@ -233,6 +240,7 @@ mod tests {
             event: "e".into(),
             metadata: None,
             payload: text(r#"{"a":1}"#),
+            encoded: Default::default(),
         };
         let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else {
             panic!()
@@ -247,6 +255,7 @@ mod tests {
             event: "e".into(),
             metadata: None,
             payload: Payload::Binary(vec![1]),
+            encoded: Default::default(),
         };
         assert!(encode(Vsn::V2, &binary).is_none());
     }
@@ -259,6 +268,7 @@ mod tests {
             event: "e\"q".into(),
             metadata: None,
             payload: text(exact),
+            encoded: Default::default(),
         };
         let WsMessage::Text(t) = encode(Vsn::V1, &out).unwrap() else {
             panic!()

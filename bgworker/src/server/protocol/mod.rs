@@ -156,6 +156,10 @@ pub enum Outbound {
         event: String,
         metadata: Option<Value>,
         payload: Payload,
+        /// Its frames, built once for every socket of each serializer it
+        /// is sent to (a broadcast to 10,000 members is encoded twice at
+        /// most, not 10,000 times).
+        encoded: Encoded,
     },
     /// A `postgres_changes` event: `data` is serialized once per change and
     /// shared by every channel it goes to; `ids` are this channel's bindings.
@@ -164,6 +168,41 @@ pub enum Outbound {
         ids: Vec<u32>,
         data: Arc<str>,
     },
+}
+
+/// The frames of a message once built, per serializer (`None` inside: it
+/// has no form for that serializer). Clones start empty; every two are
+/// equal (it is a cache, not content).
+#[derive(Default)]
+pub struct Encoded([std::sync::OnceLock<Option<tokio_tungstenite::tungstenite::Message>>; 2]);
+
+impl Encoded {
+    pub fn get_or_build(
+        &self,
+        vsn: Vsn,
+        build: impl FnOnce() -> Option<tokio_tungstenite::tungstenite::Message>,
+    ) -> Option<tokio_tungstenite::tungstenite::Message> {
+        let slot = &self.0[usize::from(vsn == Vsn::V2)];
+        slot.get_or_init(build).clone()
+    }
+}
+
+impl Clone for Encoded {
+    fn clone(&self) -> Self {
+        Encoded::default()
+    }
+}
+
+impl PartialEq for Encoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Encoded")
+    }
 }
 
 impl Outbound {
@@ -251,7 +290,11 @@ impl Outbound {
                     event,
                     metadata,
                     payload,
-                } => topic.len() + event.len() + metadata.as_ref().map_or(0, json_len) + payload_weight(payload),
+                    ..
+                } => {
+                    // (twice: its frame, once built, is held beside it)
+                    2 * (topic.len() + event.len() + metadata.as_ref().map_or(0, json_len) + payload_weight(payload))
+                }
                 Outbound::PostgresChanges { topic, ids, data } => topic.len() + ids.len() * 11 + data.len(),
             }
     }
@@ -314,8 +357,10 @@ pub(crate) mod tests {
             event: "e".into(),
             metadata: None,
             payload: Payload::Text(text),
+            encoded: Default::default(),
         };
-        assert!((100_001..100_200).contains(&big.weight()), "{}", big.weight());
+        // (the payload, and the frame built from it)
+        assert!((200_002..200_400).contains(&big.weight()), "{}", big.weight());
         let notice = Outbound::system(None, "realtime:t", "system", "error", "m", "t");
         assert!(notice.weight() < 256, "{}", notice.weight());
         assert!(JsonText::parse("{oops".into()).is_err());
