@@ -7,9 +7,18 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 
+/// An ERROR caught in a subtransaction.
+#[derive(Debug)]
+pub struct Caught {
+    pub message: String,
+    /// It was a cancel (`statement_timeout`, `pg_cancel_backend`), which a
+    /// backend must not swallow.
+    pub cancelled: bool,
+}
+
 /// Runs `f` in a subtransaction, kept (`keep`) or rolled back when it
-/// succeeds; an ERROR in it is its message.
-pub fn run<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> Result<T, String> {
+/// succeeds; an ERROR in it is caught.
+pub fn run<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> Result<T, Caught> {
     // SAFETY: inside a transaction, on the backend's (or the worker's
     // main) thread; the memory context and resource owner are restored
     // whichever way the subtransaction ends, as PL/pgSQL does around an
@@ -42,9 +51,13 @@ pub fn run<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> Res
         // SAFETY: rolls back the subtransaction begun above.
         unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
         restore();
-        Err(match error {
-            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e.message().to_owned(),
-            CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+        let report = match &error {
+            CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => e,
+            CaughtError::RustPanic { ereport, .. } => ereport,
+        };
+        Err(Caught {
+            message: report.message().to_owned(),
+            cancelled: report.sql_error_code() == PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
         })
     })
     .execute()

@@ -12,8 +12,8 @@ pub const WAIT: Duration = Duration::from_secs(15);
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_ref: u64,
-    /// The text of the last text frame received, as it came (exact
-    /// numbers, key order).
+    /// The text of the last frame received, as it came (exact numbers,
+    /// key order; a binary frame's bytes as text).
     pub last_text: String,
 }
 
@@ -119,7 +119,10 @@ impl Client {
                     self.last_text = t.to_string();
                     return Some(serde_json::from_str(&t).unwrap());
                 }
-                Some(Ok(Message::Binary(b))) => return Some(kind4_as_json(&b)),
+                Some(Ok(Message::Binary(b))) => {
+                    self.last_text = String::from_utf8_lossy(&b).into_owned();
+                    return Some(kind4_as_json(&b));
+                }
                 Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => continue,
                 other => panic!("socket ended: {other:?}"),
             }
@@ -245,7 +248,8 @@ pub fn kind4_as_json(frame: &[u8]) -> Value {
     let meta_at = 5 + topic_len + event_len;
     let body = &frame[meta_at + meta_len..];
     let payload = if frame[4] == 1 {
-        serde_json::from_slice(body).unwrap()
+        // (a number past f64 stays as its text: see `last_text`)
+        serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
     } else {
         json!({ "bytes": body })
     };

@@ -38,6 +38,8 @@ fn main() {
          GRANT INSERT ON notes TO sender;
          CREATE POLICY sender_may_send_to_allowed ON realtime.messages FOR INSERT TO sender
            WITH CHECK (realtime.topic() = 'allowed' AND extension = 'broadcast');
+         CREATE POLICY sender_waits_on_slow ON realtime.messages FOR INSERT TO sender
+           WITH CHECK (realtime.topic() = 'slow' AND (SELECT true FROM pg_sleep(2)));
          CREATE POLICY writable_read ON realtime.messages FOR SELECT TO authenticated
            USING (realtime.topic() IN ('writable', 'replayroom'));
          CREATE POLICY writable_write ON realtime.messages FOR INSERT TO authenticated
@@ -54,6 +56,8 @@ fn main() {
         database_broadcasts_from_concurrent_sessions_follow_commit_order,
         bad_sends_warn_and_the_transaction_goes_on,
         sends_follow_the_insert_policies_on_realtime_messages,
+        a_cancel_during_the_policy_check_is_not_swallowed,
+        payload_numbers_arrive_exactly_as_committed,
         prepare_after_a_send_is_refused,
         a_lost_database_broadcast_is_announced,
     ];
@@ -417,4 +421,45 @@ fn supabase_js_presence_syncs_tabs_and_leaves(ctx: &Ctx) {
     ] {
         assert!(heard.contains(&expected), "{expected} not in {heard:?}");
     }
+}
+
+fn a_cancel_during_the_policy_check_is_not_swallowed(ctx: &Ctx) {
+    // the probe of a slow policy outlives statement_timeout: an ERROR,
+    // not a WARNING that lets the statement carry on
+    let out = ctx.cluster.psql_output(&format!(
+        "SET statement_timeout = '200ms'; SET ROLE sender; {}",
+        send_sql(1, "slow")
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("canceling statement due to statement timeout"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("WarnSendingBroadcastMessage"), "{stderr}");
+}
+
+fn payload_numbers_arrive_exactly_as_committed(ctx: &Ctx) {
+    ctx.rt.block_on(async {
+        let mut client = listener(ctx, "numbers").await;
+        // numbers JSON parsers round, and nesting parsers refuse
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        ctx.cluster.psql(&format!(
+            "SELECT realtime.send('{{\"big\": 123456789012345678901234, \"p\": 1.10, \"huge\": 1e400}}', 'n', 'numbers', false);
+             SELECT realtime.send('{deep}', 'deep', 'numbers', false);
+             SELECT realtime.send('{{\"n\": 2}}', 'after', 'numbers', false);"
+        ));
+        let first = client.broadcast().await;
+        assert_eq!(first["event"], "n");
+        let raw = client.last_text.clone();
+        // (jsonb writes 1e400 out in full)
+        let huge = format!("1{}", "0".repeat(400));
+        for exact in ["123456789012345678901234", "1.10", &huge] {
+            assert!(raw.contains(exact), "{exact} not in {raw}");
+        }
+        // deep nesting passes through as it is, too
+        assert_eq!(client.broadcast().await["event"], "deep");
+        assert!(client.last_text.ends_with(&deep), "{}", client.last_text);
+        assert_eq!(client.broadcast().await["event"], "after");
+    });
 }

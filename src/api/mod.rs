@@ -3,6 +3,8 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+mod broadcast;
+
 /// Whether pg_realtime was loaded through `shared_preload_libraries`, so
 /// that its worker and shared memory exist.
 #[pg_extern]

@@ -24,7 +24,7 @@
 
 mod described;
 pub(crate) mod encode;
-mod send;
+pub(crate) mod send;
 mod skips;
 mod trigger;
 mod truncate;

@@ -1,60 +1,58 @@
 //! Broadcast from the database (`docs/protocol.md`, "Broadcast from the
-//! database"): `realtime.send` and `realtime.send_binary` add a broadcast
-//! to the transaction's buffer, so it goes out at commit, in commit order
-//! with the transaction's row changes, and never on rollback or from a
-//! rolled-back savepoint. No row is written.
+//! database"): a send joins the transaction's buffer, so it goes out at
+//! commit, in commit order with the transaction's row changes (its row
+//! events first), and never on rollback or from a rolled-back savepoint.
+//! No row is kept. The SQL surface is `src/api/broadcast.rs`.
 //!
 //! As on Supabase, whoever may send to a topic is whoever may insert its
 //! message into `realtime.messages` (privileges, and row-level security
-//! policies with `realtime.topic()` set: probed in a subtransaction that is
-//! rolled back, only for roles the policies apply to), and a bad argument
-//! is a WARNING, never an aborted transaction.
+//! policies with `realtime.topic()` set: probed by an insert in a
+//! subtransaction that is rolled back, only for roles the policies apply
+//! to), and a bad argument is a WARNING, never an aborted transaction.
 
 use super::txn::{self, TXN};
+use bgworker::server::protocol::TOPIC_PREFIX;
+use bgworker::server::PAYLOAD_SLACK;
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::JsonB;
-use serde_json::Value;
-
-/// Bytes a payload may have over `pg_realtime.max_payload_size`, as Supabase allows.
-const PAYLOAD_SLACK: usize = 500;
 
 /// What a broadcast carries.
-enum Body<'a> {
-    Json(Option<Value>),
+pub enum Body<'a> {
+    /// A payload's JSON text as `jsonb_out` wrote it (exact numbers), and
+    /// whether it is an object without `id`, which gets one.
+    Json {
+        text: Option<&'a str>,
+        add_id: bool,
+    },
     Binary(Option<&'a [u8]>),
 }
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn send(payload: Option<JsonB>, event: Option<&str>, topic: Option<&str>, private: default!(Option<bool>, true)) {
-    warn_unless_sent(topic, event, private, Body::Json(payload.map(|j| j.0)));
-}
+/// What was wrong, for the WARNING.
+type Refusal = String;
 
-#[pg_extern(volatile, parallel_unsafe)]
-fn send_binary(
-    payload: Option<&[u8]>,
-    event: Option<&str>,
-    topic: Option<&str>,
-    private: default!(Option<bool>, true),
-) {
-    warn_unless_sent(topic, event, private, Body::Binary(payload));
-}
-
-fn warn_unless_sent(topic: Option<&str>, event: Option<&str>, private: Option<bool>, body: Body<'_>) {
+/// Sends, or says why not with a WARNING (Supabase's words, so that what
+/// watches for them still does).
+pub fn send_or_warn(topic: Option<&str>, event: Option<&str>, private: Option<bool>, body: Body<'_>) {
     if let Err(why) = enqueue(topic, event, private, body) {
-        // Supabase's words, so that what watches for them still does
         warning!("WarnSendingBroadcastMessage: {why}");
     }
 }
 
-fn enqueue(topic: Option<&str>, event: Option<&str>, private: Option<bool>, body: Body<'_>) -> Result<(), String> {
+fn enqueue(topic: Option<&str>, event: Option<&str>, private: Option<bool>, body: Body<'_>) -> Result<(), Refusal> {
     let topic = topic.filter(|t| !t.is_empty()).ok_or("the topic is empty")?;
     let event = event.ok_or("the event is null")?;
     let private = private.ok_or("private is null")?;
     ready_to_send()?;
     let id = uuid::Uuid::new_v4().to_string();
-    let (binary, bytes): (bool, Vec<u8>) = match body {
-        Body::Json(payload) => (false, with_id(payload, &id).to_string().into_bytes()),
-        Body::Binary(payload) => (true, payload.unwrap_or_default().to_vec()),
+    let (binary, bytes) = match body {
+        Body::Json { text, add_id } => (false, json_with_id(text, add_id, &id)?),
+        Body::Binary(payload) => {
+            // (kind 4 holds names of up to 255 bytes, and bytes have no other form)
+            if TOPIC_PREFIX.len() + topic.len() > 255 || event.len() > 255 {
+                return Err("a binary broadcast's topic and event may have at most 255 bytes each".into());
+            }
+            (true, payload.unwrap_or_default().to_vec())
+        }
     };
     let max = crate::gucs::max_payload_bytes();
     if bytes.len() > max + PAYLOAD_SLACK {
@@ -63,11 +61,11 @@ fn enqueue(topic: Option<&str>, event: Option<&str>, private: Option<bool>, body
             bytes.len()
         ));
     }
-    let json = (!binary).then(|| String::from_utf8_lossy(&bytes).into_owned());
+    let json = (!binary).then(|| String::from_utf8_lossy(&bytes));
     may_send(topic, event, private, json.as_deref())?;
     // A commit record, whose LSN orders the broadcast among commits, even
     // for a transaction that writes nothing else.
-    // SAFETY: inside a transaction, not in parallel mode (the function is
+    // SAFETY: inside a transaction, not in parallel mode (the functions are
     // parallel unsafe), not in recovery (`ready_to_send`).
     unsafe { pg_sys::GetTopTransactionId() };
     txn::ensure_callbacks();
@@ -84,19 +82,28 @@ fn enqueue(topic: Option<&str>, event: Option<&str>, private: Option<bool>, body
     Ok(())
 }
 
-/// The payload with `id` added, as Supabase's `realtime.send` adds it: to
-/// an object without one. NULL is an object with the id alone.
-fn with_id(payload: Option<Value>, id: &str) -> Value {
-    let mut payload = payload.unwrap_or_else(|| Value::Object(Default::default()));
-    if let Value::Object(map) = &mut payload {
-        map.entry("id").or_insert_with(|| Value::from(id));
-    }
-    payload
+/// The payload's text with `"id"` put first in an object that has none;
+/// NULL is an object with the id alone. Checked to be JSON the worker can
+/// take as it is.
+fn json_with_id(text: Option<&str>, add_id: bool, id: &str) -> Result<Vec<u8>, Refusal> {
+    let with_id = match text {
+        None => format!(r#"{{"id": "{id}"}}"#),
+        Some(t) if add_id && t.starts_with('{') => match t[1..].trim_start() {
+            "}" => format!(r#"{{"id": "{id}"}}"#),
+            rest => format!(r#"{{"id": "{id}", {rest}"#),
+        },
+        Some(t) => t.to_owned(),
+    };
+    // (the worker takes it with the same check: what passes here is never
+    // dropped there)
+    serde_json::from_str::<&serde_json::value::RawValue>(&with_id)
+        .map_err(|e| format!("the payload cannot be sent as it is: {e}"))?;
+    Ok(with_id.into_bytes())
 }
 
 /// Whether this session can send at all: the worker runs, serves this
 /// database, and this is not a standby.
-fn ready_to_send() -> Result<(), String> {
+fn ready_to_send() -> Result<(), Refusal> {
     if !crate::preloaded() {
         return Err("pg_realtime is not running (it is not in shared_preload_libraries)".into());
     }
@@ -119,11 +126,13 @@ fn ready_to_send() -> Result<(), String> {
     Ok(())
 }
 
+const REFUSED: &str = "permission denied: the current role may not insert this message into realtime.messages";
+
 /// Whether the current user may insert this message into
 /// `realtime.messages`: its INSERT privilege, then, when row-level security
-/// applies to it, the policies, probed by an INSERT that is rolled back.
-fn may_send(topic: &str, event: &str, private: bool, payload: Option<&str>) -> Result<(), String> {
-    const REFUSED: &str = "permission denied: the current role may not insert this message into realtime.messages";
+/// applies to it, the policies, probed by an INSERT that is rolled back (a
+/// subtransaction per send, as Supabase pays an insert per send).
+fn may_send(topic: &str, event: &str, private: bool, payload: Option<&str>) -> Result<(), Refusal> {
     // SAFETY: syscache look-ups by name; InvalidOid when missing.
     let relid = unsafe {
         let namespace = pg_sys::get_namespace_oid(c"realtime".as_ptr(), true);
@@ -144,6 +153,12 @@ fn may_send(topic: &str, event: &str, private: bool, payload: Option<&str>) -> R
     if rls != pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
         return Ok(());
     }
+    probe_insert(topic, event, private, payload)
+}
+
+/// The policies' answer: an INSERT as the current user, rolled back. A
+/// cancel (a statement timeout) is raised again, never taken for a no.
+fn probe_insert(topic: &str, event: &str, private: bool, payload: Option<&str>) -> Result<(), Refusal> {
     let probe = crate::subxact::run(
         || {
             Spi::connect_mut(|client| {
@@ -166,33 +181,11 @@ fn may_send(topic: &str, event: &str, private: bool, payload: Option<&str>) -> R
     );
     match probe {
         Ok(Ok(())) => Ok(()),
+        Err(caught) if caught.cancelled => {
+            ErrorReport::new(PgSqlErrorCode::ERRCODE_QUERY_CANCELED, caught.message, "realtime.send")
+                .report(PgLogLevel::ERROR);
+            unreachable!("an ERROR does not return")
+        }
         Ok(Err(_)) | Err(_) => Err(REFUSED.into()),
     }
 }
-
-extension_sql!(
-    r#"
--- Supabase's trigger helper: the row change as a broadcast to a private
--- topic, {old_record, record, operation, table, schema} (plus id).
-CREATE FUNCTION realtime.broadcast_changes(
-  topic_name text, event_name text, operation text, table_name text,
-  table_schema text, new record, old record, level text DEFAULT 'ROW'
-) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN
-  IF level = 'STATEMENT' THEN
-    RAISE EXCEPTION 'function can only be triggered for each row, not for each statement';
-  END IF;
-  IF operation NOT IN ('INSERT', 'UPDATE', 'DELETE') THEN
-    RAISE EXCEPTION 'Unexpected operation type: %', operation;
-  END IF;
-  PERFORM realtime.send(
-    pg_catalog.jsonb_build_object(
-      'old_record', old, 'record', new, 'operation', operation,
-      'table', table_name, 'schema', table_schema),
-    event_name, topic_name, true);
-END;
-$$;
-"#,
-    name = "broadcast_changes",
-    requires = [send],
-);

@@ -20,6 +20,9 @@ pub static MAX_PAYLOAD_KB: GucSetting<i32> = GucSetting::<i32>::new(3000);
 pub static MAX_MESSAGES_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static MAX_PRESENCE_PER_SECOND_PER_CONNECTION: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static MAX_PRESENCE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static MAX_PRESENCE_PER_CONNECTION_KB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static MAX_PRESENCE_PAYLOAD_KB: GucSetting<i32> = GucSetting::<i32>::new(64);
+pub static MAX_PRESENCE_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static MAX_HTTP_BROADCASTS_PER_SECOND: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static REPLAY_MAX_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static REPLAY_MAX_KB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
@@ -149,6 +152,27 @@ pub fn define() {
         GucFlags::UNIT_KB,
     );
     int(
+        c"pg_realtime.max_presence_bytes_per_connection",
+        c"Bytes of presence state one WebSocket connection's channels may hold together; tracks past it are refused.",
+        &MAX_PRESENCE_PER_CONNECTION_KB,
+        1,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"pg_realtime.max_presence_payload_size",
+        c"Bytes of one presence track's payload (at most 1MB, the limit of a control frame); past it the channel is closed.",
+        &MAX_PRESENCE_PAYLOAD_KB,
+        1,
+        GucFlags::UNIT_KB,
+    );
+    int(
+        c"pg_realtime.max_presence_per_second",
+        c"Presence messages a second over all WebSocket connections; past it the channel sending is closed.",
+        &MAX_PRESENCE_PER_SECOND,
+        1,
+        GucFlags::default(),
+    );
+    int(
         c"pg_realtime.max_http_broadcasts_per_second",
         c"Messages a second over all HTTP broadcast requests; past it they are answered 429.",
         &MAX_HTTP_BROADCASTS_PER_SECOND,
@@ -203,7 +227,12 @@ pub fn limits() -> Limits {
         max_payload_bytes: max_payload_bytes(),
         messages_per_second_per_connection: MAX_MESSAGES_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
         presence_per_second_per_connection: MAX_PRESENCE_PER_SECOND_PER_CONNECTION.get().max(1) as u32,
-        max_presence_bytes: count(&MAX_PRESENCE_KB) * 1024,
+        presence_per_second: MAX_PRESENCE_PER_SECOND.get().max(1) as u32,
+        max_presence_payload_bytes: count(&MAX_PRESENCE_PAYLOAD_KB) * 1024,
+        presence: bgworker::server::presence::PresenceBounds {
+            max_bytes: count(&MAX_PRESENCE_KB) * 1024,
+            max_bytes_per_connection: count(&MAX_PRESENCE_PER_CONNECTION_KB) * 1024,
+        },
         http_broadcasts_per_second: MAX_HTTP_BROADCASTS_PER_SECOND.get().max(1) as u32,
         replay: bgworker::server::replay::Bounds {
             max_messages: count(&REPLAY_MAX_MESSAGES),

@@ -281,7 +281,7 @@ pub fn rolled_back<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Catalog
 }
 
 fn subtransaction<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> CatalogResult<T> {
-    crate::subxact::run(f, keep).map_err(CatalogError::Raised)
+    crate::subxact::run(f, keep).map_err(|caught| CatalogError::Raised(caught.message))
 }
 
 /// Inserts a private topic's probe rows (`broadcast` and `presence`) as

@@ -4,7 +4,7 @@
 //! private topic those that may read its broadcasts, with `meta.id`.
 
 use super::hub::hub_key;
-use super::protocol::{JsonText, Outbound, Payload};
+use super::protocol::{JsonText, Outbound, Payload, TOPIC_PREFIX};
 use super::replay::Stored;
 use super::Context;
 use crate::shared::stats::Counters;
@@ -18,8 +18,6 @@ pub(super) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
-
-const TOPIC_PREFIX: &str = "realtime:";
 
 impl Context {
     /// Sends `b` (committed at `commit_time_us`) to its topic's members,

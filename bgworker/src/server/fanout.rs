@@ -158,6 +158,22 @@ impl Budget {
         })
     }
 
+    /// Reserves `bytes` of the total for a buffer no queue holds (an HTTP
+    /// body being read), if they fit under the total limit; they are
+    /// counted until the reservation is dropped.
+    pub fn reserve(self: &Arc<Budget>, bytes: usize) -> Option<Reservation> {
+        let limit = self.total_limit.load(Ordering::Relaxed);
+        self.total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t.saturating_add(bytes) <= limit).then_some(t + bytes)
+            })
+            .ok()?;
+        Some(Reservation {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
     /// A new queue under this budget.
     pub fn queue(self: &Arc<Budget>) -> (FanoutSender, FanoutReceiver) {
         let queue = Arc::new(Queue {
@@ -196,6 +212,18 @@ impl Budget {
                 None => break,
             }
         }
+    }
+}
+
+/// Bytes of the total held outside the queues (`Budget::reserve`).
+pub struct Reservation {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.total.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 

@@ -35,6 +35,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+/// Bytes a broadcast's or a track's payload may have over
+/// `pg_realtime.max_payload_size`, as Supabase allows.
+pub const PAYLOAD_SLACK: usize = 500;
+
 /// Log lines a second about what clients do wrong (bad configs, frames
 /// over the limit, slow writes), over all connections.
 const LOG_LINES_PER_SECOND: u32 = 10;
@@ -84,10 +88,14 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Broadcasts and presence messages a second one connection may send.
     pub messages_per_second_per_connection: u32,
-    /// Presence messages a second one connection may send.
+    /// Presence messages a second one connection may send, and all of
+    /// them together.
     pub presence_per_second_per_connection: u32,
-    /// Bytes of presence state over all topics.
-    pub max_presence_bytes: usize,
+    pub presence_per_second: u32,
+    /// Bytes of one track's payload.
+    pub max_presence_payload_bytes: usize,
+    /// Bytes of presence state over all topics, and per connection.
+    pub presence: presence::PresenceBounds,
     /// Messages a second over all HTTP broadcast requests.
     pub http_broadcasts_per_second: u32,
     /// What the replay store keeps of private broadcasts from the database.
@@ -110,7 +118,12 @@ impl Default for Limits {
             max_payload_bytes: 3000 * 1024,
             messages_per_second_per_connection: 1000,
             presence_per_second_per_connection: 10,
-            max_presence_bytes: 64 << 20,
+            presence_per_second: 10_000,
+            max_presence_payload_bytes: 64 << 10,
+            presence: presence::PresenceBounds {
+                max_bytes: 64 << 20,
+                max_bytes_per_connection: 1 << 20,
+            },
             http_broadcasts_per_second: 10_000,
             replay: replay::Bounds {
                 max_messages: 10_000,
@@ -171,6 +184,8 @@ pub struct Context {
     joins: rate::SharedBucket,
     /// Messages a second over all HTTP broadcasts.
     http_broadcasts: rate::SharedBucket,
+    /// Presence messages a second over all connections.
+    presence_rate: rate::SharedBucket,
     /// Log lines a second about what clients do wrong.
     log_lines: rate::SharedBucket,
     /// The worker's main thread, for `postgres_changes`; without it (unit
@@ -194,6 +209,7 @@ impl Context {
             budget: fanout::Budget::new(limits.max_pending_bytes, limits.max_pending_bytes_total),
             joins: rate::SharedBucket::new(limits.joins_per_second),
             http_broadcasts: rate::SharedBucket::new(limits.http_broadcasts_per_second),
+            presence_rate: rate::SharedBucket::new(limits.presence_per_second),
             log_lines: rate::SharedBucket::new(LOG_LINES_PER_SECOND),
             settings: RwLock::new(Arc::new(settings)),
             options,
@@ -304,7 +320,7 @@ async fn accept_loop(
                 let shutdown = shutdown.clone();
                 let done = done.clone();
                 tokio::spawn(async move {
-                    let served = AssertUnwindSafe(connection::serve(stream, peer, ctx.clone(), shutdown, gate))
+                    let served = AssertUnwindSafe(connection::accept::serve(stream, peer, ctx.clone(), shutdown, gate))
                         .catch_unwind()
                         .await;
                     if served.is_err() {

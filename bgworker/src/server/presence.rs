@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use thiserror::Error;
 
 /// What a meta costs besides its key and payload.
@@ -23,6 +24,17 @@ const META_OVERHEAD: usize = 96;
 pub enum PresenceError {
     #[error("Presence state is full (pg_realtime.max_presence_bytes is {max} bytes)")]
     StateFull { max: usize },
+    #[error("This connection tracks too much presence (pg_realtime.max_presence_bytes_per_connection is {max} bytes)")]
+    ConnectionFull { max: usize },
+}
+
+/// How much presence state may be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PresenceBounds {
+    /// Over all topics.
+    pub max_bytes: usize,
+    /// By one connection's channels together.
+    pub max_bytes_per_connection: usize,
 }
 
 /// One tracked presence: a channel's (one connection's) meta under a key.
@@ -129,7 +141,46 @@ fn render_key(out: &mut String, key: &str, metas: &[&Meta]) {
 #[derive(Default)]
 struct State {
     topics: HashMap<String, Topic>,
+    usage: Usage,
+}
+
+/// The bytes the metas hold, in all and by connection.
+#[derive(Default)]
+struct Usage {
     bytes: usize,
+    /// (connections with none are absent)
+    by_connection: HashMap<u64, usize>,
+}
+
+impl Usage {
+    fn add(&mut self, connection: u64, bytes: usize) {
+        self.bytes += bytes;
+        *self.by_connection.entry(connection).or_default() += bytes;
+    }
+
+    fn remove(&mut self, connection: u64, bytes: usize) {
+        self.bytes -= bytes;
+        if let Some(held) = self.by_connection.get_mut(&connection) {
+            *held -= bytes;
+            if *held == 0 {
+                self.by_connection.remove(&connection);
+            }
+        }
+    }
+
+    /// Why `bytes` more for `connection` do not fit, if they do not.
+    fn room_for(&self, connection: u64, bytes: usize, bounds: PresenceBounds) -> Result<(), PresenceError> {
+        let held = self.by_connection.get(&connection).copied().unwrap_or(0);
+        if held + bytes > bounds.max_bytes_per_connection {
+            return Err(PresenceError::ConnectionFull {
+                max: bounds.max_bytes_per_connection,
+            });
+        }
+        if self.bytes + bytes > bounds.max_bytes {
+            return Err(PresenceError::StateFull { max: bounds.max_bytes });
+        }
+        Ok(())
+    }
 }
 
 /// Every topic's presences, shared by all connections.
@@ -154,15 +205,20 @@ impl Default for Presences {
 }
 
 impl Presences {
-    /// `member` hears the presences of `key` (a hub key) from now on; the
-    /// state it starts from is returned, as `presence_state`'s payload.
-    pub fn listen(&self, key: &str, wire: &str, member: Member) -> JsonText {
+    /// `member` hears the presences of `key` (a hub key) from now on,
+    /// starting from the state now: queued for it (charged like any
+    /// message) as `presence_state` with `join_ref`, before any diff.
+    pub fn listen(&self, key: &str, wire: &str, join_ref: &str, member: Member) {
         let mut state = self.state.lock();
         let topic = state.topics.entry(key.to_owned()).or_default();
         topic.wire = wire.to_owned();
         topic.listeners.retain(|m| m.connection != member.connection);
+        let now = JsonText::parse(topic.state()).unwrap_or_else(|_| JsonText::parse("{}".into()).expect("{} is JSON"));
+        // (too large for its queue: the connection is told and closed)
+        let _ = member
+            .tx
+            .send(Arc::new(Outbound::push_text(join_ref, wire, "presence_state", now)));
         topic.listeners.push(member);
-        JsonText::parse(topic.state()).unwrap_or_else(|_| JsonText::parse("{}".into()).expect("{} is JSON"))
     }
 
     pub fn unlisten(&self, key: &str, connection: u64) {
@@ -185,7 +241,7 @@ impl Presences {
         presence_key: &str,
         connection: u64,
         payload: &Map<String, Value>,
-        max_bytes: usize,
+        bounds: PresenceBounds,
     ) -> Result<(), PresenceError> {
         let mut payload = payload.clone();
         payload.remove("phx_ref");
@@ -204,7 +260,7 @@ impl Presences {
                 if metas.is_empty() {
                     topic.metas.remove(&k);
                 }
-                state.bytes -= old.bytes(&k);
+                state.usage.remove(connection, old.bytes(&k));
                 Some((k, old))
             }
             None => None,
@@ -215,17 +271,17 @@ impl Presences {
             prev: old.as_ref().map(|(_, m)| m.phx_ref.clone()),
             payload,
         };
-        if state.bytes + meta.bytes(presence_key) > max_bytes {
+        if let Err(full) = state.usage.room_for(connection, meta.bytes(presence_key), bounds) {
             if let Some((k, old)) = old {
                 // (refused: the old meta stays as it was)
-                state.bytes += old.bytes(&k);
+                state.usage.add(connection, old.bytes(&k));
                 topic.metas.entry(k).or_default().push(old);
             } else if topic.is_empty() {
                 state.topics.remove(key);
             }
-            return Err(PresenceError::StateFull { max: max_bytes });
+            return Err(full);
         }
-        state.bytes += meta.bytes(presence_key);
+        state.usage.add(connection, meta.bytes(presence_key));
         topic.send_diff(Some((presence_key, &meta)), old.as_ref().map(|(k, m)| (k.as_str(), m)));
         topic.metas.entry(presence_key.to_owned()).or_default().push(meta);
         Ok(())
@@ -245,8 +301,9 @@ impl Presences {
             if metas.is_empty() {
                 topic.metas.remove(&k);
             }
-            state.bytes -= old.bytes(&k);
+            let bytes = old.bytes(&k);
             topic.send_diff(None, Some((&k, &old)));
+            state.usage.remove(connection, bytes);
         }
         if topic.is_empty() {
             state.topics.remove(key);
@@ -255,7 +312,7 @@ impl Presences {
 
     /// Bytes the state holds now.
     pub fn bytes(&self) -> usize {
-        self.state.lock().bytes
+        self.state.lock().usage.bytes
     }
 }
 

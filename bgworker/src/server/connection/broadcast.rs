@@ -5,11 +5,11 @@
 //! bounded few) and sent or refused, in order, once it answers.
 
 use super::asks::Stage;
-use super::presence::PAYLOAD_SLACK;
 use super::{broadcast_frame, Connection, TOPIC_PREFIX};
 use crate::server::errors::AuthorizeError;
 use crate::server::link::{Authorize, Question};
 use crate::server::protocol::{Outbound, Payload, UserBroadcast};
+use crate::server::PAYLOAD_SLACK;
 use crate::shared::stats::Counters;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::error::Error as WsError;

@@ -244,8 +244,10 @@ impl Connection {
         let hears_presence = channel.config.presence.enabled && channel.private.is_none_or(|p| p.read.presence);
         let subtopic = channel.subtopic.clone();
         self.channels.insert(frame.topic.clone(), channel);
-        // (listening first: diffs after the state queue behind the reply)
-        let presence_state = hears_presence.then(|| self.listen_presence(&frame.topic)).flatten();
+        // (its state is queued: it follows the reply and any replay)
+        if hears_presence {
+            self.listen_presence(&frame.topic);
+        }
         self.send(&Outbound::reply(
             &frame,
             "ok",
@@ -255,9 +257,7 @@ impl Connection {
         for message in &replayed {
             self.send(&message.replayed(&join_ref, &frame.topic)).await?;
         }
-        if let Some(state) = presence_state {
-            self.send(&state).await?;
-        }
+
         if let Some(result) = subscription {
             let subscribed = result.is_ok();
             self.send(&subscription_status(&join_ref, &frame.topic, &subtopic, result))

@@ -8,6 +8,7 @@
 //! to the socket has a timeout, and a connection whose queue overflowed
 //! (`fanout`) is told and closed.
 
+pub(super) mod accept;
 mod asks;
 mod broadcast;
 mod join;
@@ -15,15 +16,15 @@ mod presence;
 mod refresh;
 
 use super::fanout::{FanoutReceiver, FanoutSender, Overflow, Received};
-use super::handshake::{self, Accepted};
+use super::handshake::Accepted;
 use super::http;
 use super::link::MainRequest;
-use super::{Context, HandshakeSlot};
+use super::Context;
 use crate::changes::registry::ChannelKey;
 use crate::server::join::JoinConfig;
 use crate::server::jwt::{self, AuthError, Claims};
 use crate::server::log::escape;
-use crate::server::protocol::{self, Frame, Inbound, Outbound, UserBroadcast, Vsn};
+use crate::server::protocol::{self, Frame, Inbound, Outbound, UserBroadcast, Vsn, TOPIC_PREFIX};
 use crate::shared::stats::Counters;
 use asks::Asks;
 use futures_util::{SinkExt, StreamExt};
@@ -32,112 +33,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-const TOPIC_PREFIX: &str = "realtime:";
-/// What one read from a client's socket takes at most.
-const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// How often channels whose new identity the join rate limits held back
 /// are tried again.
 const REVALIDATE_EVERY: Duration = Duration::from_millis(100);
-
-/// Serves one accepted TCP connection to the end. `gate` counts it as a
-/// handshake until the upgrade is done.
-pub async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<Context>,
-    shutdown: watch::Receiver<bool>,
-    gate: HandshakeSlot,
-) {
-    let deadline = Instant::now() + ctx.options.handshake_timeout;
-    let mut stream = stream;
-    let head = match tokio::time::timeout_at(deadline, http::read_head(&mut stream)).await {
-        Ok(Ok(head)) => head,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "request refused");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "request timed out");
-            return;
-        }
-    };
-    if head.method != "GET" {
-        // (an HTTP broadcast, a preflight: answered within the same bounds)
-        http::serve(head, stream, &ctx, deadline).await;
-        return;
-    }
-    let stream = http::Prefixed::new(head.raw, stream);
-    // tungstenite zero-fills its read buffer's free space (128 kB by
-    // default) before every read, even one that finds nothing: with many
-    // sockets woken for each broadcast that memset was 28% of the network
-    // threads (perf, `make bench-broadcast`, 1,000 subscribers). Clients
-    // send small frames; larger ones are read in more pieces.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(Some(ctx.options.max_frame_bytes))
-        .max_frame_size(Some(ctx.options.max_frame_bytes));
-    let mut accepted = None;
-    // The callback's error type is tungstenite's; it is built only to refuse.
-    #[allow(clippy::result_large_err)]
-    let callback = |request: &_, response| match handshake::check(&ctx, request) {
-        Ok(a) => {
-            accepted = Some(a);
-            Ok(response)
-        }
-        Err(refusal) => Err(refusal.response()),
-    };
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
-    let ws = match tokio::time::timeout_at(deadline, upgrade).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "upgrade failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "upgrade timed out");
-            return;
-        }
-    };
-    drop(gate);
-    let Some(accepted) = accepted else { return };
-    let id = ctx.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (tx, rx) = ctx.budget.queue();
-    let joins = super::rate::Bucket::new(
-        ctx.settings().limits.joins_per_second_per_connection,
-        std::time::Instant::now(),
-    );
-    let limits = &ctx.settings().limits;
-    let now = std::time::Instant::now();
-    let messages = super::rate::Bucket::new(limits.messages_per_second_per_connection, now);
-    let presence_rate = super::rate::Bucket::new(limits.presence_per_second_per_connection, now);
-    let asks = Asks::new(ctx.options.ask_timeout);
-    let mut conn = Connection {
-        id,
-        peer,
-        ctx,
-        ws,
-        accepted,
-        channels: HashMap::new(),
-        joining: HashMap::new(),
-        fanout_tx: tx,
-        asks,
-        joins,
-        messages,
-        presence_rate,
-        next_join: 1,
-        revalidate_at: None,
-    };
-    conn.run(rx, shutdown).await;
-}
 
 /// Where a channel's postgres_changes subscription stands on the main thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,9 +18,6 @@ use tokio_tungstenite::tungstenite::error::Error as WsError;
 /// Presence messages held while a private channel's write permission is asked.
 const MAX_HELD: usize = 8;
 
-/// Bytes a payload may have over `pg_realtime.max_payload_size`, as Supabase allows.
-pub(super) const PAYLOAD_SLACK: usize = 500;
-
 /// A channel's presence: its key, what it hears, what it has tracked.
 #[derive(Default)]
 pub(super) struct ChannelPresence {
@@ -52,18 +49,22 @@ impl ChannelPresence {
 }
 
 impl Connection {
-    /// Starts hearing the channel's presence; the state to send after the
-    /// join reply is returned.
-    pub(super) fn listen_presence(&mut self, topic: &str) -> Option<Outbound> {
-        let channel = self.channels.get_mut(topic)?;
+    /// Starts hearing the channel's presence: its `presence_state` is
+    /// queued, ahead of every diff, behind what is sent directly (the join
+    /// reply, a replay).
+    pub(super) fn listen_presence(&mut self, topic: &str) {
+        let Some(channel) = self.channels.get_mut(topic) else {
+            return;
+        };
         let key = hub_key(topic, channel.private.is_some());
         let member = Member {
             connection: self.id,
             tx: self.fanout_tx.clone(),
         };
-        let state = self.ctx.presences.listen(&key, topic, member);
+        self.ctx
+            .presences
+            .listen(&key, topic, channel.join_ref.as_deref().unwrap_or(""), member);
         channel.presence.listening = Some(key);
-        Some(Outbound::push_text(channel.join_ref(), topic, "presence_state", state))
     }
 
     /// Leaves the presence of a channel being removed: it stops hearing,
@@ -78,11 +79,18 @@ impl Connection {
     }
 
     pub(super) async fn on_presence(&mut self, frame: Frame) -> Result<(), WsError> {
-        let rate = self.ctx.settings().limits.presence_per_second_per_connection;
-        if !self.presence_rate.take(rate, std::time::Instant::now()) {
+        let limits = self.ctx.settings().limits.clone();
+        let now = std::time::Instant::now();
+        if !self.presence_rate.take(limits.presence_per_second_per_connection, now) {
             Counters::incr(&self.ctx.counters.rate_limited);
             return self
                 .shut_channel(&frame.topic, "Client presence rate limit exceeded")
+                .await;
+        }
+        if !self.ctx.presence_rate.take(limits.presence_per_second, now) {
+            Counters::incr(&self.ctx.counters.rate_limited);
+            return self
+                .shut_channel(&frame.topic, "Too many presence messages per second")
                 .await;
         }
         let Some(channel) = self.channels.get_mut(&frame.topic) else {
@@ -103,6 +111,18 @@ impl Connection {
                 self.ask_presence_write(&frame.topic);
                 Ok(())
             }
+        }
+    }
+
+    /// After the channel's identity changed: whether it may still track
+    /// is asked again if it tracks (a refusal untracks it).
+    pub(super) fn recheck_presence_write(&mut self, topic: &str) {
+        if self
+            .channels
+            .get(topic)
+            .is_some_and(|c| c.private.is_some() && c.presence.tracked.is_some())
+        {
+            self.ask_presence_write(topic);
         }
     }
 
@@ -146,6 +166,12 @@ impl Connection {
         if let Some(private) = &mut channel.private {
             private.presence_write = Some(allowed);
         }
+        if !allowed {
+            // (tracked by an earlier identity that could: it leaves)
+            if let Some(key) = channel.presence.tracked.take() {
+                self.ctx.presences.untrack(&key, self.id);
+            }
+        }
         let held = std::mem::take(&mut channel.presence.held);
         for frame in held {
             if allowed {
@@ -177,7 +203,7 @@ impl Connection {
                 };
                 let limits = &self.ctx.settings().limits;
                 let bytes = serde_json::to_vec(payload).map_or(0, |v| v.len());
-                if bytes > limits.max_payload_bytes + PAYLOAD_SLACK {
+                if bytes > limits.max_presence_payload_bytes {
                     return self.shut_channel(&frame.topic, "Track message size exceeded").await;
                 }
                 let key = hub_key(&frame.topic, channel.private.is_some());
@@ -187,7 +213,7 @@ impl Connection {
                     &channel.presence.key,
                     self.id,
                     payload,
-                    limits.max_presence_bytes,
+                    limits.presence,
                 );
                 match tracked {
                     Ok(()) => {

@@ -93,6 +93,7 @@ impl Connection {
             private.broadcast_write = None;
             private.presence_write = None;
         }
+        self.recheck_presence_write(topic);
         self.revalidate(topic);
     }
 
@@ -199,12 +200,8 @@ impl Connection {
         match (channel.presence.listening.take(), hears_presence) {
             (Some(key), false) => self.ctx.presences.unlisten(&key, id),
             (Some(key), true) => channel.presence.listening = Some(key),
-            (None, true) => {
-                // (it starts from a state, as after a join)
-                if let Some(state) = self.listen_presence(topic) {
-                    self.send(&state).await?;
-                }
-            }
+            // (it starts from a state, as after a join)
+            (None, true) => self.listen_presence(topic),
             (None, false) => {}
         }
         self.resubscribe(topic);

@@ -5,24 +5,26 @@
 //! broadcast write policies, answered 202 once fanned out.
 
 use super::{Head, Response};
+use crate::server::fanout::Reservation;
 use crate::server::handshake::query_param;
 use crate::server::hub::hub_key;
 use crate::server::jwt::{self, Claims};
 use crate::server::link::{Authorize, MainRequest, Question};
-use crate::server::protocol::{JsonText, Outbound, Payload};
-use crate::server::Context;
+use crate::server::protocol::{JsonText, Outbound, Payload, TOPIC_PREFIX};
+use crate::server::{Context, PAYLOAD_SLACK};
 use crate::shared::stats::Counters;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const PREFIXES: [&str; 2] = ["/realtime/v1/api/broadcast", "/api/broadcast"];
-const PAYLOAD_SLACK: usize = 500;
 const TOO_LARGE: &str = "Payload size exceeds tenant limit";
+const NO_DATABASE: &str = "Realtime was unable to connect to the project database";
 
 /// Which endpoint a path is.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,7 +45,7 @@ impl Route {
             return Some(Route::Batch);
         }
         let (topic, event) = rest.strip_prefix('/')?.split_once("/events/")?;
-        let decode = |s: &str| query_param(&format!("v={s}"), "v").filter(|v| !v.is_empty());
+        let decode = |s: &str| percent_decode_path(s).filter(|v| !v.is_empty());
         Some(Route::Event {
             topic: decode(topic)?,
             event: decode(event)?,
@@ -51,17 +53,34 @@ impl Route {
     }
 }
 
+/// `%XX` decoded (a `+` stays a `+`: this is a path, not a query).
+fn percent_decode_path(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 pub async fn post(route: Route, head: &Head, stream: &mut TcpStream, ctx: &Arc<Context>) -> Response {
     let Some(claims) = caller(head, ctx) else {
         return Response::message(401, "Unauthorized");
     };
-    let limits = ctx.settings().limits.clone();
-    let max_payload = limits.max_payload_bytes + PAYLOAD_SLACK;
+    let max_payload = ctx.settings().limits.max_payload_bytes + PAYLOAD_SLACK;
     let max_body = match route {
         Route::Batch => ctx.options.max_frame_bytes,
         Route::Event { .. } => max_payload,
     };
-    let body = match read_body(head, stream, max_body).await {
+    let body = match read_body(head, stream, max_body, ctx).await {
         Ok(body) => body,
         // (one payload over the limit: Supabase's answer for it)
         Err(r) if r.status == 413 && max_body == max_payload => return Response::message(422, TOO_LARGE),
@@ -82,28 +101,52 @@ fn caller(head: &Head, ctx: &Context) -> Option<Claims> {
     ctx.settings().verifier.verify(token.trim(), jwt::now()).ok()
 }
 
-/// The body, by its `content-length` (at most `max` bytes).
-async fn read_body(head: &Head, stream: &mut TcpStream, max: usize) -> Result<Vec<u8>, Response> {
-    let Some(length) = head
-        .header("content-length")
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    else {
+/// The body, by its `content-length` (at most `max` bytes), its bytes
+/// reserved against `pg_realtime.max_pending_bytes_total` while it is read
+/// and handled, and grown only as they arrive.
+async fn read_body(head: &Head, stream: &mut TcpStream, max: usize, ctx: &Context) -> Result<Body, Response> {
+    let Some(length) = head.header("content-length") else {
         return Err(Response::message(411, "Length Required"));
+    };
+    let Ok(length) = length.trim().parse::<usize>() else {
+        return Err(Response::message(400, "content-length is not a number"));
     };
     if length > max {
         return Err(Response::message(413, "Payload Too Large"));
     }
-    let mut body = head.raw[head.head_len..].to_vec();
-    if body.len() > length {
+    let Some(reservation) = ctx.budget.reserve(length) else {
+        return Err(Response::message(
+            503,
+            "Too many bytes are waiting in the server; try again",
+        ));
+    };
+    let early = &head.raw[head.head_len..];
+    if early.len() > length {
         return Err(Response::message(400, "One request per connection"));
     }
-    let start = body.len();
-    body.resize(length, 0);
-    stream
-        .read_exact(&mut body[start..])
-        .await
-        .map_err(|_| Response::message(400, "The body ended early"))?;
-    Ok(body)
+    if head
+        .header("expect")
+        .is_some_and(|e| e.eq_ignore_ascii_case("100-continue"))
+    {
+        let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+    }
+    let mut bytes = Vec::with_capacity(length.min(64 * 1024));
+    bytes.extend_from_slice(early);
+    let rest = (length - early.len()) as u64;
+    let read = (&mut *stream).take(rest).read_to_end(&mut bytes).await;
+    if read.is_err() || bytes.len() < length {
+        return Err(Response::message(400, "The body ended early"));
+    }
+    Ok(Body {
+        bytes,
+        _reservation: reservation,
+    })
+}
+
+/// A request's body and the budget it holds.
+struct Body {
+    bytes: Vec<u8>,
+    _reservation: Reservation,
 }
 
 #[derive(Deserialize)]
@@ -121,8 +164,8 @@ struct Message {
     id: Option<String>,
 }
 
-async fn batch(ctx: &Arc<Context>, claims: &Claims, body: &[u8]) -> Response {
-    let Ok(batch) = serde_json::from_slice::<Batch>(body) else {
+async fn batch(ctx: &Arc<Context>, claims: &Claims, body: &Body) -> Response {
+    let Ok(batch) = serde_json::from_slice::<Batch>(&body.bytes) else {
         let errors = json!({"errors": {"messages": ["must be a list of {topic, event, payload, private}"]}});
         return Response::json(422, errors);
     };
@@ -140,14 +183,21 @@ async fn batch(ctx: &Arc<Context>, claims: &Claims, body: &[u8]) -> Response {
     if let Err(response) = within_rate(ctx, batch.messages.len()) {
         return response;
     }
-    // Private messages go only where the caller may write (else skipped).
-    let mut may_write: HashMap<String, bool> = HashMap::new();
+    // Every private topic is asked about first (once each): private
+    // messages go only where the caller may write, and nothing goes out
+    // before the answers are in.
+    let mut may_write: HashMap<&str, bool> = HashMap::new();
+    for m in batch.messages.iter().filter(|m| m.private) {
+        if let Entry::Vacant(entry) = may_write.entry(m.topic.as_str()) {
+            match may_write_to(ctx, claims, &m.topic).await {
+                Ok(allowed) => entry.insert(allowed),
+                Err(response) => return response,
+            };
+        }
+    }
+    let may_write: HashMap<String, bool> = may_write.into_iter().map(|(t, w)| (t.to_owned(), w)).collect();
     for m in batch.messages {
-        if m.private
-            && !*may_write
-                .entry(m.topic.clone())
-                .or_insert(may_write_to(ctx, claims, &m.topic).await)
-        {
+        if m.private && may_write.get(&m.topic) != Some(&true) {
             continue;
         }
         let payload = m.payload.map_or(Payload::Json(serde_json::Value::Null), |raw| {
@@ -165,15 +215,22 @@ async fn one_event(
     head: &Head,
     topic: String,
     event: String,
-    body: Vec<u8>,
+    body: Body,
 ) -> Response {
     let content_type = head.header("content-type").unwrap_or("");
     let payload = match content_type.split(';').next().unwrap_or("").trim() {
-        "application/json" => match String::from_utf8(body).ok().and_then(|t| JsonText::parse(t).ok()) {
+        "application/json" => match String::from_utf8(body.bytes).ok().and_then(|t| JsonText::parse(t).ok()) {
             Some(text) => Payload::Text(text),
             None => return Response::message(422, "The body is not valid JSON"),
         },
-        "application/octet-stream" => Payload::Binary(body),
+        // (kind 4 holds names of up to 255 bytes, and bytes have no other form)
+        "application/octet-stream" if TOPIC_PREFIX.len() + topic.len() > 255 || event.len() > 255 => {
+            return Response::message(
+                422,
+                "A binary broadcast's topic and event may have at most 255 bytes each",
+            );
+        }
+        "application/octet-stream" => Payload::Binary(body.bytes),
         _ => {
             let error = "Unsupported Media Type. Use application/json or application/octet-stream";
             return Response::json(415, json!({ "error": error }));
@@ -183,8 +240,12 @@ async fn one_event(
         return response;
     }
     let private = query_param(&head.query, "private").is_some_and(|v| v == "true");
-    if private && !may_write_to(ctx, claims, &topic).await {
-        return Response::message(403, "Unauthorized");
+    if private {
+        match may_write_to(ctx, claims, &topic).await {
+            Ok(true) => {}
+            Ok(false) => return Response::message(403, "Unauthorized"),
+            Err(response) => return response,
+        }
     }
     fan_out(ctx, &topic, private, event, None, payload);
     Response::empty(202)
@@ -206,11 +267,20 @@ fn within_rate(ctx: &Context, n: usize) -> Result<(), Response> {
 }
 
 /// Whether the caller's identity may broadcast on private `topic`, by the
-/// policies (asked of the main thread, as for a channel's first broadcast).
-async fn may_write_to(ctx: &Context, claims: &Claims, topic: &str) -> bool {
+/// policies (asked of the main thread, as for a channel's first
+/// broadcast, and counted against the join rates as a join's checks
+/// are). `Err` is the answer when it cannot be known.
+async fn may_write_to(ctx: &Context, claims: &Claims, topic: &str) -> Result<bool, Response> {
+    let unavailable = || Response::message(503, NO_DATABASE);
     let Some(main) = &ctx.main else {
-        return false;
+        return Err(unavailable());
     };
+    if !ctx
+        .joins
+        .take(ctx.settings().limits.joins_per_second, std::time::Instant::now())
+    {
+        return Err(Response::message(429, "You have exceeded your rate limit"));
+    }
     let (reply, answer) = tokio::sync::oneshot::channel();
     let asked = main.send(MainRequest::Authorize(Authorize {
         subtopic: topic.to_owned(),
@@ -218,11 +288,14 @@ async fn may_write_to(ctx: &Context, claims: &Claims, topic: &str) -> bool {
         question: Question::Write("broadcast"),
         reply,
     }));
-    asked
-        && matches!(
-            tokio::time::timeout(ctx.options.ask_timeout, answer).await,
-            Ok(Ok(Ok(permissions))) if permissions.broadcast
-        )
+    if !asked {
+        return Err(unavailable());
+    }
+    match tokio::time::timeout(ctx.options.ask_timeout, answer).await {
+        Ok(Ok(Ok(permissions))) => Ok(permissions.broadcast),
+        Ok(Ok(Err(_))) => Ok(false),
+        Ok(Err(_)) | Err(_) => Err(unavailable()),
+    }
 }
 
 fn fan_out(
@@ -233,7 +306,7 @@ fn fan_out(
     metadata: Option<serde_json::Value>,
     payload: Payload,
 ) {
-    let topic = format!("realtime:{subtopic}");
+    let topic = format!("{TOPIC_PREFIX}{subtopic}");
     let key = hub_key(&topic, private);
     Counters::incr(&ctx.counters.broadcasts_sent);
     ctx.hub.send(
@@ -267,5 +340,14 @@ mod tests {
         assert_eq!(Route::of("/realtime/v1/api/broadcast//events/e"), None);
         assert_eq!(Route::of("/realtime/v1/api/broadcast/t/other/e"), None);
         assert_eq!(Route::of("/realtime/v1/websocket"), None);
+        // a path keeps its plus signs; a broken escape is no route
+        assert_eq!(
+            Route::of("/api/broadcast/a+b/events/e"),
+            Some(Route::Event {
+                topic: "a+b".into(),
+                event: "e".into()
+            })
+        );
+        assert_eq!(Route::of("/api/broadcast/a%zz/events/e"), None);
     }
 }

@@ -26,7 +26,30 @@ pub async fn serve(head: Head, mut stream: TcpStream, ctx: &Arc<Context>, deadli
         Err(_) => Response::message(408, "Request Timeout"),
     };
     let write_timeout = ctx.settings().limits.write_timeout;
-    let _ = tokio::time::timeout(write_timeout, response.write(&mut stream)).await;
+    if let Ok(Ok(())) = tokio::time::timeout(write_timeout, response.write(&mut stream)).await {
+        drain(&mut stream).await;
+    }
+}
+
+/// What a client may still be sending when it is answered early (a
+/// refused upload) is read and dropped, for a while: closing a socket with
+/// unread bytes resets it, and the client would see a broken connection
+/// instead of the answer.
+async fn drain(stream: &mut TcpStream) {
+    use tokio::io::AsyncReadExt;
+    const MAX_DRAIN: usize = 8 << 20;
+    const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+    let mut sink = [0u8; 8192];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(DRAIN_FOR, async {
+        while drained < MAX_DRAIN {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn respond(head: &Head, stream: &mut TcpStream, ctx: &Arc<Context>) -> Response {

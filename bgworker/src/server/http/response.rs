@@ -73,6 +73,7 @@ impl Response {
         out.into_bytes()
     }
 
+    /// Writes the response and ends our side of the connection.
     pub async fn write(&self, stream: &mut TcpStream) -> std::io::Result<()> {
         stream.write_all(&self.to_bytes()).await?;
         stream.shutdown().await
@@ -94,6 +95,7 @@ fn reason(status: u16) -> &'static str {
         415 => "Unsupported Media Type",
         422 => "Unprocessable Entity",
         429 => "Too Many Requests",
-        _ => "Service Unavailable",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
     }
 }

@@ -27,13 +27,33 @@ fn diff(rx: &mut FanoutReceiver) -> Value {
     serde_json::from_str(t.get()).unwrap()
 }
 
+/// Listens on "room" and returns the state queued for it.
 fn state(p: &Presences, connection: u64) -> (Value, FanoutReceiver) {
-    let (m, rx) = member(connection);
-    let text = p.listen("room", "realtime:room", m);
-    (serde_json::from_str(text.get()).unwrap(), rx)
+    let (m, mut rx) = member(connection);
+    p.listen("room", "realtime:room", "1", m);
+    (queued_state(&mut rx), rx)
 }
 
-const MAX: usize = 1 << 20;
+/// The next queued message, which must be a presence_state; its payload.
+fn queued_state(rx: &mut FanoutReceiver) -> Value {
+    let out = rx.try_recv().expect("a state is queued");
+    let Outbound::Frame(Frame {
+        event,
+        join_ref,
+        payload: Payload::Text(t),
+        ..
+    }) = &*out
+    else {
+        panic!("not a state: {out:?}");
+    };
+    assert_eq!((event.as_str(), join_ref.as_deref()), ("presence_state", Some("1")));
+    serde_json::from_str(t.get()).unwrap()
+}
+
+const MAX: PresenceBounds = PresenceBounds {
+    max_bytes: 1 << 20,
+    max_bytes_per_connection: 1 << 20,
+};
 
 #[test]
 fn track_retrack_and_untrack_are_diffs_every_listener_sees() {
@@ -111,7 +131,8 @@ fn topics_are_apart_and_state_is_bounded_in_bytes() {
     let p = Presences::default();
     let (_, mut public) = state(&p, 1);
     let (m, mut private) = member(2);
-    p.listen("private\0realtime:room", "realtime:room", m);
+    p.listen("private\0realtime:room", "realtime:room", "1", m);
+    assert_eq!(queued_state(&mut private), json!({}));
     p.track("private\0realtime:room", "realtime:room", "k", 3, &map(json!({})), MAX)
         .unwrap();
     assert!(public.try_recv().is_none());
@@ -120,21 +141,56 @@ fn topics_are_apart_and_state_is_bounded_in_bytes() {
         1
     );
     let big = map(json!({"blob": "x".repeat(2000)}));
-    let max = p.bytes() + 1000;
+    let max = PresenceBounds {
+        max_bytes: p.bytes() + 1000,
+        ..MAX
+    };
     assert_eq!(
         p.track("room", "realtime:room", "k", 4, &big, max),
-        Err(PresenceError::StateFull { max })
+        Err(PresenceError::StateFull { max: max.max_bytes })
     );
     // a refused re-track keeps the old meta
     assert!(p
         .track("private\0realtime:room", "realtime:room", "k", 3, &big, max)
         .is_err());
-    let (kept, _) = {
-        let (m, rx) = member(5);
-        (p.listen("private\0realtime:room", "realtime:room", m), rx)
+    let kept = {
+        let (m, mut rx) = member(5);
+        p.listen("private\0realtime:room", "realtime:room", "1", m);
+        queued_state(&mut rx)
     };
-    let kept: Value = serde_json::from_str(kept.get()).unwrap();
     assert!(kept["k"]["metas"][0].get("blob").is_none());
     p.untrack("private\0realtime:room", 3);
+    assert_eq!(p.bytes(), 0);
+}
+
+#[test]
+fn one_connection_may_hold_only_its_share() {
+    let p = Presences::default();
+    let (_, mut watcher) = state(&p, 9);
+    let small = PresenceBounds {
+        max_bytes: 1 << 20,
+        max_bytes_per_connection: 1000,
+    };
+    let blob = map(json!({"blob": "x".repeat(600)}));
+    p.track("room", "realtime:room", "a", 1, &blob, small).unwrap();
+    diff(&mut watcher);
+    // a second channel of the same connection would pass its share
+    assert_eq!(
+        p.track("other", "realtime:other", "a", 1, &blob, small),
+        Err(PresenceError::ConnectionFull { max: 1000 })
+    );
+    // another connection still may; and a re-track of the same meta fits
+    p.track("room", "realtime:room", "b", 2, &blob, small).unwrap();
+    p.track(
+        "room",
+        "realtime:room",
+        "a",
+        1,
+        &map(json!({"blob": "y".repeat(600)})),
+        small,
+    )
+    .unwrap();
+    p.untrack("room", 1);
+    p.untrack("room", 2);
     assert_eq!(p.bytes(), 0);
 }

@@ -17,6 +17,9 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use thiserror::Error;
 
+/// What every channel topic starts with (`realtime:room`).
+pub const TOPIC_PREFIX: &str = "realtime:";
+
 /// The serializer a socket negotiated with its `vsn` query parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vsn {

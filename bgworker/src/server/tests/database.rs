@@ -64,7 +64,11 @@ async fn database_broadcasts_reach_their_topic_only_with_meta_id() {
     assert_eq!(notice["event"], "system");
     assert_eq!(notice["payload"]["extension"], "broadcast");
     assert_eq!(recv(&mut v2).await[4]["channel"], "room");
-    heartbeat_ok(&mut other, "2").await;
+    // (a sentinel, sent after: the first thing `other` hears)
+    server
+        .ctx
+        .broadcast_from_database(&from_db("elsewhere", false, DbPayload::Json("1".into())), 0);
+    assert_eq!(recv_binary(&mut other).await.last(), Some(&b'1'));
     server.stop().await;
 }
 

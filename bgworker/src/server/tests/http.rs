@@ -131,13 +131,17 @@ async fn per_event_broadcasts_take_json_or_bytes_and_nothing_else() {
     let mut bytes_frame = vec![4, 13, 7, 0, 0];
     bytes_frame.extend_from_slice(b"realtime:roomcur pos\x01\x02");
     assert_eq!(recv_binary(&mut v2).await, bytes_frame);
-    // a private topic needs the write policy (no database here: refused)
+    // a private topic needs the write policy, which needs the database
     let (status, _, _) = http(
         &server,
         post(&format!("{path}?private=true"), &auth, "application/json", "{}"),
     )
     .await;
-    assert_eq!(status, 403);
+    assert_eq!(status, 503);
+    // kind 4 holds names of 255 bytes at most: refused, not dropped later
+    let long = format!("/api/broadcast/{}/events/e", "t".repeat(250));
+    let (status, _, _) = http(&server, post(&long, &auth, "application/octet-stream", "\u{1}")).await;
+    assert_eq!(status, 422);
     heartbeat_ok(&mut v2, "5").await;
     server.stop().await;
 }
@@ -174,10 +178,24 @@ async fn limits_hold_for_http_requests() {
     .await;
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("reduce the batch size"), "{body}");
-    for expected in [202, 202, 429] {
-        let (status, _, _) = http(&server, post(path, &auth, "application/json", "{}")).await;
-        assert_eq!(status, expected);
+    // a burst at once: a second's worth (2) goes, then 429
+    let server = Arc::new(server);
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let (server, request) = (server.clone(), post(path, &auth, "application/json", "{}"));
+            tokio::spawn(async move { http(&server, request).await.0 })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for request in burst {
+        statuses.push(request.await.unwrap());
     }
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    assert!(accepted >= 2 && statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.iter().all(|s| [202, 429].contains(s)), "{statuses:?}");
+    let Ok(server) = Arc::try_unwrap(server) else {
+        panic!("the burst is over")
+    };
     // no content-length, a method or path we do not serve
     let (status, _, _) = http(&server, format!("POST {path} HTTP/1.1\r\n{auth}\r\n\r\n")).await;
     assert_eq!(status, 411);
@@ -217,5 +235,81 @@ async fn cors_preflights_are_answered() {
     assert!(header("access-control-allow-methods").contains("POST"));
     assert!(header("access-control-allow-headers").contains("authorization"));
     assert!(header("access-control-allow-headers").contains("x-custom"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn private_http_broadcasts_follow_the_write_policies_asked_once_per_topic() {
+    let (waker, _wake_rx) = crate::server::wake::wake_pair().unwrap();
+    let (link, rx) = link::main_link(waker);
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = asked.clone();
+    std::thread::spawn(move || {
+        while let Ok(request) = rx.recv() {
+            if let link::MainRequest::Authorize(a) = request {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let ok = a.subtopic == "open";
+                let _ = a.reply.send(Ok(link::Permissions {
+                    broadcast: ok,
+                    presence: ok,
+                }));
+            }
+        }
+    });
+    let server = TestServer::with_main(settings(SECRET, 10, 10), Options::default(), Some(link)).await;
+    let auth = bearer(&token(60));
+    let message = |topic: &str, n: i64| json!({"topic": topic, "event": "e", "payload": {"n": n}, "private": true});
+    let batch = json!({"messages": [message("open", 1), message("shut", 2), message("open", 3), message("shut", 4)]});
+    let (status, _, _) = http(
+        &server,
+        post("/api/broadcast", &auth, "application/json", &batch.to_string()),
+    )
+    .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one question per topic"
+    );
+    let (status, _, _) = http(
+        &server,
+        post(
+            "/api/broadcast/shut/events/e?private=true",
+            &auth,
+            "application/json",
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _, _) = http(
+        &server,
+        post(
+            "/api/broadcast/open/events/e?private=true",
+            &auth,
+            "application/json",
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(status, 202);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_early_refusal_of_a_large_upload_reaches_the_client() {
+    let server = TestServer::start().await;
+    let body = format!(r#"{{"blob":"{}"}}"#, "x".repeat(2 << 20));
+    let forged = hs256(
+        "not-the-secret-not-the-secret-not-the",
+        json!({"role": "anon", "exp": jwt::now() + 60}),
+    );
+    // refused before its body is read: the answer still arrives whole
+    let (status, _, answer) = http(
+        &server,
+        post("/api/broadcast/t/events/e", &bearer(&forged), "application/json", &body),
+    )
+    .await;
+    assert_eq!((status, answer.as_str()), (401, r#"{"message":"Unauthorized"}"#));
     server.stop().await;
 }

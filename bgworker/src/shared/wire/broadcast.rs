@@ -1,7 +1,8 @@
 //! A broadcast sent from SQL (`realtime.send`, `realtime.send_binary`,
 //! `realtime.broadcast_changes`) as a transaction record carries it: a
-//! change of kind 4 with no relation, among the transaction's row changes
-//! in statement order, delivered at commit with them.
+//! change of kind 4 with no relation, written among the transaction's row
+//! changes. Decoding sets broadcasts apart (`Transaction::broadcasts`);
+//! the worker delivers them after the transaction's row events.
 
 use super::{Reader, WireError};
 
