@@ -14,6 +14,9 @@ pub struct Caught {
     /// It was a cancel (`statement_timeout`, `pg_cancel_backend`), which a
     /// backend must not swallow.
     pub cancelled: bool,
+    /// It was `insufficient_privilege` (a permission or a row-level
+    /// security policy said no).
+    pub refused: bool,
 }
 
 /// Runs `f` in a subtransaction, kept (`keep`) or rolled back when it
@@ -58,6 +61,7 @@ pub fn run<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, keep: bool) -> Res
         Err(Caught {
             message: report.message().to_owned(),
             cancelled: report.sql_error_code() == PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+            refused: report.sql_error_code() == PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         })
     })
     .execute()

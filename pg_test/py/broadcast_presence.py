@@ -3,8 +3,8 @@ vsn 1.0.0), a second implementation of the protocol beside supabase-js.
 
 Two clients join one channel: both track presence (until each sees both),
 then `bob` untracks (until `alice` sees only herself); `alice` broadcasts
-with `self` on, `bob` answers, then, once she has the answer, `alice`
-sends "end", the sentinel both wait for. Prints one JSON line with what each saw.
+with `self` on, `bob` answers once he has it, and once she has the
+answer `alice` sends "end", the sentinel both wait for. Prints one JSON line with what each saw.
 """
 
 import asyncio
@@ -68,10 +68,12 @@ async def main():
     await until(lambda: keys(alice) == ["alice"], "bob untracked")
     result["presence"]["after_untrack"] = keys(alice)
 
-    await alice.send_broadcast("hello", {"n": 1})
-    await bob.send_broadcast("reply", {"n": 2})
-    # (two senders: "end" goes once alice has the reply, so it is last)
+    # (each message is sent once the one before it has been heard: no two
+    # senders race)
     heard = lambda name, event: any(m["event"] == event for m in result["got"][name])
+    await alice.send_broadcast("hello", {"n": 1})
+    await until(lambda: heard("bob", "hello"), "the hello")
+    await bob.send_broadcast("reply", {"n": 2})
     await until(lambda: heard("alice", "reply"), "the reply")
     await alice.send_broadcast("end", {})
     ended = lambda name: any(m["event"] == "end" for m in result["got"][name])

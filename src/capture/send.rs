@@ -156,8 +156,9 @@ fn may_send(topic: &str, event: &str, private: bool, payload: Option<&str>) -> R
     probe_insert(topic, event, private, payload)
 }
 
-/// The policies' answer: an INSERT as the current user, rolled back. A
-/// cancel (a statement timeout) is raised again, never taken for a no.
+/// The policies' answer: an INSERT as the current user, rolled back. Only
+/// `insufficient_privilege` is a no; another error is said as it is, and
+/// a cancel (a statement timeout) is raised again.
 fn probe_insert(topic: &str, event: &str, private: bool, payload: Option<&str>) -> Result<(), Refusal> {
     let probe = crate::subxact::run(
         || {
@@ -186,6 +187,9 @@ fn probe_insert(topic: &str, event: &str, private: bool, payload: Option<&str>) 
                 .report(PgLogLevel::ERROR);
             unreachable!("an ERROR does not return")
         }
-        Ok(Err(_)) | Err(_) => Err(REFUSED.into()),
+        Err(caught) if caught.refused => Err(REFUSED.into()),
+        // (a policy that failed, a lock timeout: said as it is)
+        Err(caught) => Err(format!("the policy check failed: {}", caught.message)),
+        Ok(Err(e)) => Err(format!("the policy check failed: {e}")),
     }
 }

@@ -24,6 +24,10 @@ use tokio::sync::Notify;
 /// were lost (`force`): they must get through, but not without bound.
 pub const NOTICE_ALLOWANCE: usize = 64 * 1024;
 
+/// The share of `pg_realtime.max_pending_bytes_total` that buffers outside
+/// the queues (HTTP bodies being read) may reserve, besides it.
+const RESERVABLE_SHARE: usize = 4;
+
 /// Why a queue overflowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
@@ -50,6 +54,10 @@ pub struct Budget {
     total_limit: AtomicUsize,
     /// Bytes of every [`Charge`] some queue holds.
     total: AtomicUsize,
+    /// Bytes reserved for buffers outside the queues ([`Budget::reserve`]),
+    /// at most `RESERVABLE_SHARE` of the total limit, apart from `total`:
+    /// they never make a queue overflow.
+    reserved: AtomicUsize,
     queues: Mutex<HashMap<u64, Weak<Queue>>>,
     next_id: AtomicU64,
 }
@@ -131,6 +139,7 @@ impl Budget {
             per_queue: AtomicUsize::new(per_queue),
             total_limit: AtomicUsize::new(total),
             total: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
             queues: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         })
@@ -158,14 +167,15 @@ impl Budget {
         })
     }
 
-    /// Reserves `bytes` of the total for a buffer no queue holds (an HTTP
-    /// body being read), if they fit under the total limit; they are
-    /// counted until the reservation is dropped.
+    /// Reserves `bytes` for a buffer no queue holds (an HTTP body being
+    /// read), if they fit in the reservable share (a quarter of the total
+    /// limit, apart from what the queues hold: reservations never make a
+    /// queue overflow); counted until the reservation is dropped.
     pub fn reserve(self: &Arc<Budget>, bytes: usize) -> Option<Reservation> {
-        let limit = self.total_limit.load(Ordering::Relaxed);
-        self.total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t.saturating_add(bytes) <= limit).then_some(t + bytes)
+        let limit = self.total_limit.load(Ordering::Relaxed) / RESERVABLE_SHARE;
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r.saturating_add(bytes) <= limit).then_some(r + bytes)
             })
             .ok()?;
         Some(Reservation {
@@ -223,7 +233,7 @@ pub struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.total.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.reserved.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -248,6 +258,42 @@ impl FanoutSender {
         self.push(message, charge.clone(), 0)
     }
 
+    /// `send_shared` of one message that weighs `size` (computed once for
+    /// every queue it goes to).
+    pub fn send_shared_sized(
+        &self,
+        message: Arc<Outbound>,
+        size: usize,
+        charge: &Arc<Charge>,
+    ) -> Result<(), FanoutError> {
+        self.push_sized(message, size, charge.clone(), 0)
+    }
+
+    /// Queues a message that may take the queue past its limit by its own
+    /// size (a join's `presence_state`, which must reach the joiner
+    /// however large the topic): still charged against the total.
+    pub fn send_allowing_itself(&self, message: Arc<Outbound>) -> Result<(), FanoutError> {
+        let size = message.weight();
+        let charge = self.budget.charge(size);
+        self.push_sized(message, size, charge, size)
+    }
+
+    /// Drops what waits for `topic` (a channel that left): nothing queued
+    /// for an old join reaches the topic's next one.
+    pub fn purge_topic(&self, topic: &str) {
+        let dropped: Vec<Item> = {
+            let mut state = self.queue.state.lock();
+            let (keep, drop): (VecDeque<Item>, VecDeque<Item>) = std::mem::take(&mut state.items)
+                .into_iter()
+                .partition(|(m, ..)| m.topic() != topic);
+            state.items = keep;
+            state.bytes -= drop.iter().map(|(_, size, _)| size).sum::<usize>();
+            drop.into_iter().collect()
+        };
+        // (the charges are let go outside the queue's lock)
+        std::mem::drop(dropped);
+    }
+
     /// Queues even a little past the limit (`NOTICE_ALLOWANCE`): for the
     /// notices that say messages were lost.
     pub fn force(&self, message: Arc<Outbound>) -> Result<(), FanoutError> {
@@ -262,6 +308,16 @@ impl FanoutSender {
 
     fn push(&self, message: Arc<Outbound>, charge: Arc<Charge>, allowance: usize) -> Result<(), FanoutError> {
         let size = message.weight();
+        self.push_sized(message, size, charge, allowance)
+    }
+
+    fn push_sized(
+        &self,
+        message: Arc<Outbound>,
+        size: usize,
+        charge: Arc<Charge>,
+        allowance: usize,
+    ) -> Result<(), FanoutError> {
         {
             let mut state = self.queue.state.lock();
             if state.closed {
@@ -491,5 +547,46 @@ mod tests {
         drop(rx);
         assert_eq!(budget.pending_bytes(), 0);
         assert_eq!(budget.queues.lock().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn reservations_have_their_own_share_and_never_evict() {
+        let budget = Budget::new(100_000, 40_000);
+        let (tx, mut rx) = budget.queue();
+        // a quarter of the total may be reserved, apart from the queues
+        let held = budget.reserve(10_000).expect("a quarter fits");
+        assert!(budget.reserve(1).is_none());
+        // the queues still have all of the total
+        for _ in 0..3 {
+            assert_eq!(tx.send(msg(10_000)), Ok(()));
+        }
+        assert!(matches!(next(&mut rx).await, Received::Message(_)));
+        drop(held);
+        assert!(budget.reserve(10_000).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_topic_s_queued_messages_go_when_it_leaves() {
+        let budget = Budget::new(100_000, 1 << 30);
+        let (tx, mut rx) = budget.queue();
+        let on = |topic: &str| {
+            Arc::new(Outbound::Frame(crate::server::protocol::Frame {
+                join_ref: None,
+                msg_ref: None,
+                topic: topic.into(),
+                event: "e".into(),
+                payload: Payload::Binary(vec![0; 100]),
+            }))
+        };
+        for topic in ["realtime:a", "realtime:b", "realtime:a"] {
+            assert_eq!(tx.send(on(topic)), Ok(()));
+        }
+        tx.purge_topic("realtime:a");
+        assert_eq!(
+            rx.try_recv().map(|m| m.topic().to_owned()).as_deref(),
+            Some("realtime:b")
+        );
+        assert!(rx.try_recv().is_none());
+        assert_eq!(budget.pending_bytes(), 0);
     }
 }

@@ -96,10 +96,11 @@ pub fn send_to(members: &[Member], except: Option<u64>, message: Outbound) -> us
         return 0;
     };
     let message = Arc::new(message);
-    let charge = first.tx.charge(message.weight());
+    let size = message.weight();
+    let charge = first.tx.charge(size);
     members
         .iter()
         .filter(|m| Some(m.connection) != except)
-        .filter(|m| m.tx.send_shared(message.clone(), &charge) == Err(FanoutError::Full))
+        .filter(|m| m.tx.send_shared_sized(message.clone(), size, &charge) == Err(FanoutError::Full))
         .count()
 }

@@ -214,10 +214,11 @@ impl Presences {
         topic.wire = wire.to_owned();
         topic.listeners.retain(|m| m.connection != member.connection);
         let now = JsonText::parse(topic.state()).unwrap_or_else(|_| JsonText::parse("{}".into()).expect("{} is JSON"));
-        // (too large for its queue: the connection is told and closed)
+        // (past the queue's limit by its own size at most: a large topic's
+        // state still reaches a joiner; the total bound still holds)
         let _ = member
             .tx
-            .send(Arc::new(Outbound::push_text(join_ref, wire, "presence_state", now)));
+            .send_allowing_itself(Arc::new(Outbound::push_text(join_ref, wire, "presence_state", now)));
         topic.listeners.push(member);
     }
 

@@ -22,6 +22,15 @@ const OVERHEAD: usize = 96;
 pub const MAX_LIMIT: usize = 1000;
 pub const DEFAULT_LIMIT: usize = 10;
 
+/// Which stored messages a join asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// Committed at this time or later (Unix ms; the age bound applied).
+    pub since_ms: i64,
+    /// The newest this many.
+    pub limit: usize,
+}
+
 /// The `limit` of a join's `replay`, clamped to 1..=`MAX_LIMIT`.
 pub fn limit(asked: Option<i64>) -> usize {
     asked.map_or(DEFAULT_LIMIT, |n| n.clamp(1, MAX_LIMIT as i64) as usize)
@@ -61,18 +70,17 @@ impl Stored {
     /// The message as a replay sends it, after the join reply: pushed with
     /// the join's ref, `meta: {"replayed": true, "id": ..}`; a binary
     /// payload as kind 4.
-    pub fn replayed(&self, join_ref: &str, wire_topic: &str) -> Outbound {
+    /// (`None`: a payload that is not JSON, which was not delivered live
+    /// either.)
+    pub fn replayed(&self, join_ref: &str, wire_topic: &str) -> Option<Outbound> {
         let meta = serde_json::json!({"replayed": true, "id": self.id});
-        match &*self.payload {
+        Some(match &*self.payload {
             DbPayload::Json(text) => {
                 let body = format!(
                     r#"{{"type":"broadcast","event":{},"payload":{text},"meta":{meta}}}"#,
                     serde_json::Value::from(self.event.as_str())
                 );
-                match JsonText::parse(body) {
-                    Ok(body) => Outbound::push_text(join_ref, wire_topic, "broadcast", body),
-                    Err(_) => Outbound::push(join_ref, wire_topic, "broadcast", serde_json::Value::Null),
-                }
+                Outbound::push_text(join_ref, wire_topic, "broadcast", JsonText::parse(body).ok()?)
             }
             DbPayload::Binary(bytes) => Outbound::Broadcast {
                 topic: wire_topic.to_owned(),
@@ -81,7 +89,7 @@ impl Stored {
                 payload: Payload::Binary(bytes.clone()),
                 encoded: Default::default(),
             },
-        }
+        })
     }
 }
 
@@ -120,29 +128,20 @@ impl ReplayStore {
         }
     }
 
-    /// Runs `join` (the channel joining the hub) and returns the newest
-    /// `limit` messages of `topic` committed at `since_ms` or later and
-    /// younger than `max_age_ms`, oldest first; under the store's lock.
-    pub fn join_and_replay(
-        &self,
-        topic: &str,
-        since_ms: i64,
-        limit: usize,
-        cutoff_ms: i64,
-        join: impl FnOnce(),
-    ) -> Vec<Stored> {
+    /// Hands `join` (the channel joining the hub and queueing its replay)
+    /// the newest `range.limit` messages of `topic` committed at
+    /// `range.since_ms` or later, oldest first; under the store's lock.
+    pub fn join_and_replay(&self, topic: &str, range: Range, join: impl FnOnce(&[&Stored])) {
         let inner = self.inner.lock();
-        join();
-        let mut newest: Vec<Stored> = inner
+        let mut newest: Vec<&Stored> = inner
             .messages
             .iter()
             .rev()
-            .filter(|m| m.topic == topic && m.at_ms >= since_ms.max(cutoff_ms))
-            .take(limit)
-            .cloned()
+            .filter(|m| m.topic == topic && m.at_ms >= range.since_ms)
+            .take(range.limit)
             .collect();
         newest.reverse();
-        newest
+        join(&newest);
     }
 
     pub fn bytes(&self) -> usize {
@@ -170,8 +169,13 @@ mod tests {
         max_age_ms: 1_000_000,
     };
 
-    fn ids(messages: &[Stored]) -> Vec<&str> {
-        messages.iter().map(|m| m.id.as_str()).collect()
+    /// The ids a join of `topic` gets replayed.
+    fn replay(store: &ReplayStore, topic: &str, since_ms: i64, limit: usize) -> Vec<String> {
+        let mut got = Vec::new();
+        store.join_and_replay(topic, Range { since_ms, limit }, |m| {
+            got = m.iter().map(|m| m.id.clone()).collect();
+        });
+        got
     }
 
     #[test]
@@ -181,13 +185,10 @@ mod tests {
             let topic = if n % 2 == 0 { "even" } else { "odd" };
             store.deliver_and_keep(message(topic, n), WIDE, n, || {});
         }
-        let mut joined = false;
-        let got = store.join_and_replay("even", 0, 2, 0, || joined = true);
-        assert!(joined);
-        assert_eq!(ids(&got), ["id-4", "id-6"]);
-        assert_eq!(ids(&store.join_and_replay("even", 3, 10, 0, || {})), ["id-4", "id-6"]);
-        assert_eq!(ids(&store.join_and_replay("even", 0, 10, 5, || {})), ["id-6"]);
-        assert!(store.join_and_replay("none", 0, 10, 0, || {}).is_empty());
+        assert_eq!(replay(&store, "even", 0, 2), ["id-4", "id-6"]);
+        assert_eq!(replay(&store, "even", 3, 10), ["id-4", "id-6"]);
+        assert_eq!(replay(&store, "even", 5, 10), ["id-6"]);
+        assert!(replay(&store, "none", 0, 10).is_empty());
     }
 
     #[test]
@@ -200,26 +201,23 @@ mod tests {
         for n in 1..=5 {
             store.deliver_and_keep(message("t", n), few, n, || {});
         }
-        assert_eq!(
-            ids(&store.join_and_replay("t", 0, 10, 0, || {})),
-            ["id-3", "id-4", "id-5"]
-        );
+        assert_eq!(replay(&store, "t", 0, 10), ["id-3", "id-4", "id-5"]);
         let one = message("t", 9).bytes();
         let small = Bounds {
             max_bytes: one * 2,
             ..WIDE
         };
         store.deliver_and_keep(message("t", 9), small, 9, || {});
-        assert_eq!(ids(&store.join_and_replay("t", 0, 10, 0, || {})), ["id-5", "id-9"]);
+        assert_eq!(replay(&store, "t", 0, 10), ["id-5", "id-9"]);
         assert_eq!(store.bytes(), message("t", 5).bytes() + one);
         let young = Bounds { max_age_ms: 10, ..WIDE };
         store.deliver_and_keep(message("t", 100), young, 100, || {});
-        assert_eq!(ids(&store.join_and_replay("t", 0, 10, 0, || {})), ["id-100"]);
+        assert_eq!(replay(&store, "t", 0, 10), ["id-100"]);
         // one too large for the store is delivered, not kept
         let mut delivered = false;
         let tiny = Bounds { max_bytes: 10, ..WIDE };
         store.deliver_and_keep(message("t", 101), tiny, 101, || delivered = true);
         assert!(delivered);
-        assert_eq!(ids(&store.join_and_replay("t", 0, 10, 0, || {})), ["id-100"]);
+        assert_eq!(replay(&store, "t", 0, 10), ["id-100"]);
     }
 }

@@ -17,6 +17,7 @@ use crate::server::protocol::{Frame, Outbound, Payload};
 use crate::server::replay;
 use crate::shared::stats::Counters;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 
 pub(super) use crate::server::hub::hub_key;
@@ -209,35 +210,8 @@ impl Connection {
                 Value::Object(entry)
             })
             .collect();
-        let mut replayed = Vec::new();
         if channel.private.is_none_or(|p| p.read.broadcast) {
-            let key = hub_key(&frame.topic, channel.private.is_some());
-            let member = Member {
-                connection: self.id,
-                tx: self.fanout_tx.clone(),
-            };
-            let hub = &self.ctx.hub;
-            match channel
-                .config
-                .broadcast
-                .replay
-                .as_ref()
-                .filter(|_| channel.private.is_some())
-            {
-                Some(asked) => {
-                    let bounds = self.ctx.settings().limits.replay;
-                    let cutoff = crate::server::database::now_ms() - bounds.max_age_ms;
-                    let limit = replay::limit(asked.limit);
-                    replayed =
-                        self.ctx
-                            .replay
-                            .join_and_replay(&channel.subtopic, asked.since_ms, limit, cutoff, || {
-                                hub.join(&key, member)
-                            });
-                }
-                None => hub.join(&key, member),
-            }
-            channel.hub_key = Some(key);
+            self.join_hub(&mut channel, &frame.topic);
         }
         Counters::incr(&self.ctx.counters.channels_joined);
         let join_ref = channel.join_ref().to_owned();
@@ -254,10 +228,6 @@ impl Connection {
             json!({ "postgres_changes": postgres_changes }),
         ))
         .await?;
-        for message in &replayed {
-            self.send(&message.replayed(&join_ref, &frame.topic)).await?;
-        }
-
         if let Some(result) = subscription {
             let subscribed = result.is_ok();
             self.send(&subscription_status(&join_ref, &frame.topic, &subtopic, result))
@@ -275,6 +245,45 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// The channel joins the hub of its topic, to hear its broadcasts. A
+    /// private channel that asked for a replay gets it queued (charged
+    /// like any message) in the same step, under the replay store's lock:
+    /// each stored message reaches it once, replayed or live.
+    fn join_hub(&mut self, channel: &mut Channel, topic: &str) {
+        let key = hub_key(topic, channel.private.is_some());
+        let member = Member {
+            connection: self.id,
+            tx: self.fanout_tx.clone(),
+        };
+        let hub = &self.ctx.hub;
+        let asked = channel
+            .config
+            .broadcast
+            .replay
+            .as_ref()
+            .filter(|_| channel.private.is_some());
+        match asked {
+            Some(asked) => {
+                let bounds = self.ctx.settings().limits.replay;
+                let cutoff = crate::server::database::now_ms().saturating_sub(bounds.max_age_ms);
+                let (join_ref, tx) = (channel.join_ref().to_owned(), &self.fanout_tx);
+                let range = replay::Range {
+                    since_ms: asked.since_ms.max(cutoff),
+                    limit: replay::limit(asked.limit),
+                };
+                self.ctx.replay.join_and_replay(&channel.subtopic, range, |replayed| {
+                    hub.join(&key, member);
+                    for message in replayed.iter().filter_map(|m| m.replayed(&join_ref, topic)) {
+                        // (too much for its queue: the connection is told and closed)
+                        let _ = tx.send(Arc::new(message));
+                    }
+                });
+            }
+            None => hub.join(&key, member),
+        }
+        channel.hub_key = Some(key);
     }
 
     /// Acts on an answer from the main thread.

@@ -404,6 +404,8 @@ impl Connection {
             self.ctx.hub.leave(key, self.id);
         }
         self.leave_presence(&channel.presence);
+        // (what was queued for it must not reach the topic's next join)
+        self.fanout_tx.purge_topic(topic);
         if channel.subscription != Subscription::None {
             self.unsubscribe(topic, channel.join);
         }

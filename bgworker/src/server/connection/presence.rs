@@ -88,9 +88,10 @@ impl Connection {
                 .await;
         }
         if !self.ctx.presence_rate.take(limits.presence_per_second, now) {
+            // (everyone's limit: this channel is not to blame, and stays)
             Counters::incr(&self.ctx.counters.rate_limited);
             return self
-                .shut_channel(&frame.topic, "Too many presence messages per second")
+                .presence_error(&frame, "Too many presence messages per second")
                 .await;
         }
         let Some(channel) = self.channels.get_mut(&frame.topic) else {
@@ -162,17 +163,40 @@ impl Connection {
             }
             return Ok(());
         }
-        let allowed = allowed.unwrap_or(false);
+        let allowed = match allowed {
+            Ok(allowed) => allowed,
+            Err(e) => {
+                // Not known (a timeout, no database): held messages are
+                // refused with why, a tracked meta stays, and the next
+                // track asks again.
+                channel.presence.asked_for = None;
+                let held = std::mem::take(&mut channel.presence.held);
+                for frame in held {
+                    self.presence_error(&frame, &e.to_string()).await?;
+                }
+                return Ok(());
+            }
+        };
         if let Some(private) = &mut channel.private {
             private.presence_write = Some(allowed);
         }
-        if !allowed {
-            // (tracked by an earlier identity that could: it leaves)
-            if let Some(key) = channel.presence.tracked.take() {
-                self.ctx.presences.untrack(&key, self.id);
-            }
-        }
+        // (tracked by an earlier identity that could: it leaves, and the
+        // client is told)
+        let untracked = channel.presence.tracked.take_if(|_| !allowed).map(|key| {
+            self.ctx.presences.untrack(&key, self.id);
+            Outbound::system(
+                Some(channel.join_ref()),
+                topic,
+                "presence",
+                "error",
+                "Unauthorized: this channel's identity may no longer track presence on this Channel topic; it was untracked",
+                &channel.subtopic,
+            )
+        });
         let held = std::mem::take(&mut channel.presence.held);
+        if let Some(notice) = untracked {
+            self.send(&notice).await?;
+        }
         for frame in held {
             if allowed {
                 self.apply_presence(frame).await?;

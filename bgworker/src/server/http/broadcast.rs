@@ -60,8 +60,11 @@ fn percent_decode_path(s: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -108,7 +111,13 @@ async fn read_body(head: &Head, stream: &mut TcpStream, max: usize, ctx: &Contex
     let Some(length) = head.header("content-length") else {
         return Err(Response::message(411, "Length Required"));
     };
-    let Ok(length) = length.trim().parse::<usize>() else {
+    let length = length.trim();
+    let Some(length) = length
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| length.parse::<usize>().ok())
+        .flatten()
+    else {
         return Err(Response::message(400, "content-length is not a number"));
     };
     if length > max {
@@ -349,5 +358,6 @@ mod tests {
             })
         );
         assert_eq!(Route::of("/api/broadcast/a%zz/events/e"), None);
+        assert_eq!(Route::of("/api/broadcast/a%+f/events/e"), None);
     }
 }

@@ -27,7 +27,7 @@ pub async fn serve(head: Head, mut stream: TcpStream, ctx: &Arc<Context>, deadli
     };
     let write_timeout = ctx.settings().limits.write_timeout;
     if let Ok(Ok(())) = tokio::time::timeout(write_timeout, response.write(&mut stream)).await {
-        drain(&mut stream).await;
+        drain(&mut stream, deadline).await;
     }
 }
 
@@ -35,13 +35,15 @@ pub async fn serve(head: Head, mut stream: TcpStream, ctx: &Arc<Context>, deadli
 /// refused upload) is read and dropped, for a while: closing a socket with
 /// unread bytes resets it, and the client would see a broken connection
 /// instead of the answer.
-async fn drain(stream: &mut TcpStream) {
+async fn drain(stream: &mut TcpStream, deadline: Instant) {
     use tokio::io::AsyncReadExt;
     const MAX_DRAIN: usize = 8 << 20;
     const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(2);
     let mut sink = [0u8; 8192];
     let mut drained = 0;
-    let _ = tokio::time::timeout(DRAIN_FOR, async {
+    // (within the request's deadline, which its handshake slot is held for)
+    let until = deadline.min(Instant::now() + DRAIN_FOR);
+    let _ = tokio::time::timeout_at(until, async {
         while drained < MAX_DRAIN {
             match stream.read(&mut sink).await {
                 Ok(0) | Err(_) => return,

@@ -185,7 +185,10 @@ impl Encoded {
         vsn: Vsn,
         build: impl FnOnce() -> Option<tokio_tungstenite::tungstenite::Message>,
     ) -> Option<tokio_tungstenite::tungstenite::Message> {
-        let slot = &self.0[usize::from(vsn == Vsn::V2)];
+        let slot = match vsn {
+            Vsn::V1 => &self.0[0],
+            Vsn::V2 => &self.0[1],
+        };
         slot.get_or_init(build).clone()
     }
 }
@@ -273,6 +276,14 @@ impl Outbound {
             event: "phx_close".into(),
             payload: Payload::Json(json!({})),
         })
+    }
+
+    /// The channel topic it is sent on.
+    pub fn topic(&self) -> &str {
+        match self {
+            Outbound::Frame(f) => &f.topic,
+            Outbound::Broadcast { topic, .. } | Outbound::PostgresChanges { topic, .. } => topic,
+        }
     }
 
     /// About how many bytes the message holds and costs to send: what
