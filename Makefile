@@ -13,7 +13,7 @@ PG ?=
 PGTEST_MAJORS := $(if $(PG),$(PG),14 15 16 17 18)
 E2E_MAJORS := $(if $(PG),$(PG),14 15 18)
 
-.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching bench-soak bench-broadcast fuzz clean
+.PHONY: deps install install-release run test lint unit majors pgtest e2e bench bench-instructions bench-rls bench-matching bench-soak bench-broadcast bench-scale fuzz clean
 
 deps:
 	scripts/install-deps.sh
@@ -87,6 +87,12 @@ bench-soak: install-release
 ## tokio-tungstenite relay (bench/README.md, "Broadcast").
 bench-broadcast: install-release
 	cargo bench -p pg_realtime_e2e --bench broadcast
+
+## Idle joined connections (1,000, 10,000, as many as the file limit
+## allows): memory per connection and join rate beside a bare
+## tokio-tungstenite server (bench/README.md, "Scale").
+bench-scale: install-release
+	cargo bench -p pg_realtime_e2e --bench scale
 
 ## parse-and-match, in one process (see bench/README.md).
 bench-matching:

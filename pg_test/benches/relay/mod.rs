@@ -60,7 +60,7 @@ pub fn serve(port: u16) {
 async fn connection(stream: tokio::net::TcpStream, members: Members, id: u64) {
     // (the read buffer pg_realtime uses: tungstenite zero-fills it before
     // each read, so the default 128 kB would make this ceiling too low)
-    let config = WebSocketConfig::default().read_buffer_size(8 * 1024);
+    let config = WebSocketConfig::default().read_buffer_size(2 * 1024);
     let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };

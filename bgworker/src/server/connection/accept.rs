@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 
 /// What one read from a client's socket takes at most.
-const READ_BUFFER_BYTES: usize = 8 * 1024;
+const READ_BUFFER_BYTES: usize = 2 * 1024;
 
 /// Serves one accepted TCP connection to the end. `gate` counts it as a
 /// handshake until the upgrade is done (or the HTTP request answered).
@@ -30,7 +30,9 @@ pub async fn serve(
     gate: HandshakeSlot,
 ) {
     let deadline = Instant::now() + ctx.options.handshake_timeout;
-    let head = match tokio::time::timeout_at(deadline, http::read_head(&mut stream)).await {
+    // (the HTTP paths are boxed: their buffers would otherwise be part of
+    // every connection's future, for its whole life)
+    let head = match tokio::time::timeout_at(deadline, Box::pin(http::read_head(&mut stream))).await {
         Ok(Ok(head)) => head,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "request refused");
@@ -43,10 +45,11 @@ pub async fn serve(
     };
     if head.method != "GET" {
         // (an HTTP broadcast, a preflight: answered within the same bounds)
-        http::serve(head, stream, &ctx, deadline).await;
+        Box::pin(http::serve(head, stream, &ctx, deadline)).await;
         return;
     }
-    let Some((ws, accepted)) = upgrade(Prefixed::new(head.raw, stream), peer, &ctx, deadline).await else {
+    let upgraded = Box::pin(upgrade(Prefixed::new(head.raw, stream), peer, &ctx, deadline)).await;
+    let Some((ws, accepted)) = upgraded else {
         return;
     };
     drop(gate);
@@ -123,5 +126,35 @@ impl Connection {
             revalidate_at: None,
         };
         (conn, fanout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What an idle connection's task holds besides its buffers: its
+    /// future, which boxing the rare paths keeps small (bench/README.md,
+    /// "Scale").
+    #[tokio::test]
+    async fn a_connection_s_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr);
+        let (server, _) = tokio::join!(listener.accept(), client);
+        let (stream, peer) = server.unwrap();
+        let counters: &'static crate::shared::stats::Counters = Box::leak(Box::default());
+        let settings = crate::server::Settings {
+            verifier: crate::server::jwt::Verifier::new(Some("s"), None).unwrap(),
+            max_connections: 10,
+            max_channels_per_connection: 10,
+            limits: Default::default(),
+            restart_notice_window: std::time::Duration::ZERO,
+        };
+        let ctx = crate::server::Context::new(settings, Default::default(), counters, None);
+        let gate = crate::server::HandshakeSlot::acquire(&ctx).unwrap();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let future = super::serve(stream, peer, ctx, rx, gate);
+        // (9,248 bytes before; 2,400 at the time of writing)
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 3_000, "a connection's future takes {size} bytes");
     }
 }

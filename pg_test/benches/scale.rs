@@ -1,0 +1,273 @@
+//! Scale on one machine (`make bench-scale`; bench/README.md, "Scale").
+//! So far the first of issue 17's benchmarks, *connections and memory*:
+//! SCALE_CONNECTIONS (default "1000,10000,max") idle joined connections,
+//! each joined to a channel of its own, opened by SCALE_GENERATORS (2)
+//! generator processes (each bound by the same file limit) from several
+//! 127.0.0.x source addresses; for each count, the server's resident
+//! memory per connection (`VmRSS` from /proc, after minus before, each
+//! count against a fresh server process) and the joins a second, beside a minimal tokio-tungstenite server built here
+//! with the same buffer settings (the floor), in the same run. "max" is
+//! as many as the worker says the hard `RLIMIT_NOFILE` leaves it.
+//! Loopback only. Not a test.
+
+use futures_util::{SinkExt, StreamExt};
+use pg_realtime_e2e::*;
+use std::io::{BufRead, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+mod floor;
+
+fn setting(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.into())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--floor") {
+        floor::serve(args[at + 1].parse().expect("a port"));
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "--generate") {
+        generate(
+            &args[at + 1],
+            args[at + 2].parse().unwrap(),
+            args[at + 3].parse().unwrap(),
+        );
+        return;
+    }
+    raise_nofile();
+    let hard = hard_nofile();
+    let generators: usize = setting("SCALE_GENERATORS", "2").parse().unwrap();
+    let cluster = Cluster::start_with(ClusterConfig {
+        settings: vec![
+            format!("pg_realtime.max_connections = {hard}"),
+            "pg_realtime.max_joins_per_second = 1000000".into(),
+            "pg_realtime.max_pending_handshakes = 100000".into(),
+        ],
+        nofile: Some(hard),
+        ..Default::default()
+    });
+    cluster.psql("CREATE EXTENSION pg_realtime");
+    cluster.wait_for_websocket(Duration::from_secs(10));
+    let capacity = client_sockets(&cluster);
+    let counts: Vec<usize> = setting("SCALE_CONNECTIONS", "1000,10000,max")
+        .split(',')
+        .map(|n| match n.trim() {
+            "max" => capacity,
+            n => n.parse().expect("a count"),
+        })
+        .collect();
+    let token = token("anon", 3600);
+    println!("idle joined connections: {generators} generator processes, one channel each, vsn 1.0.0");
+    println!(
+        "{:>11}   {:>14} {:>12}   {:>14} {:>12}   {:>6}",
+        "connections", "floor kB/conn", "joins/s", "ours kB/conn", "joins/s", "ratio"
+    );
+    let mut source = 1u8;
+    for n in counts {
+        let floor_url = "ws://127.0.0.1:PORT/socket/websocket?vsn=1.0.0".to_owned();
+        let ours_url = format!(
+            "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={token}&vsn=1.0.0",
+            cluster.ws_port
+        );
+        // Each count against fresh server processes: memory an earlier,
+        // larger run freed would otherwise be reused without growing RSS.
+        let floor_port = free_port();
+        let mut floor = floor::spawn(floor_port);
+        let floor_url = floor_url.replace("PORT", &floor_port.to_string());
+        let (floor_kb, floor_rate) = hold(&floor_url, floor.id() as i32, n, generators, &mut source);
+        let _ = floor.kill();
+        let _ = floor.wait();
+        let worker = fresh_worker(&cluster);
+        let (ours_kb, ours_rate) = hold(&ours_url, worker, n, generators, &mut source);
+        println!(
+            "{n:>11}   {floor_kb:>14.2} {floor_rate:>12.0}   {ours_kb:>14.2} {ours_rate:>12.0}   {:>6.2}",
+            ours_kb / floor_kb
+        );
+        settle(&cluster);
+    }
+    let stats = cluster.psql(
+        "SELECT string_agg(name || '=' || value, ' ') FROM realtime.stats() \
+         WHERE name IN ('connections_total', 'handshakes_refused', 'joins_refused')",
+    );
+    println!("realtime.stats(): {stats}");
+}
+
+/// Opens `n` joined connections to `url` through `generators` processes,
+/// holds them while the server's memory is read, then lets them go.
+/// Returns kB per connection and joins a second.
+fn hold(url: &str, server_pid: i32, n: usize, generators: usize, source: &mut u8) -> (f64, f64) {
+    let before = rss_kb(server_pid);
+    let started = Instant::now();
+    let mut children: Vec<(Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>)> = (0..generators)
+        .map(|g| {
+            let share = n / generators + usize::from(g < n % generators);
+            // (a source address per 20,000 connections: ephemeral ports last)
+            *source = source.checked_add(1).expect("at most 254 sources");
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args(["--generate", url, &share.to_string(), &source.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+            (child, lines)
+        })
+        .collect();
+    for (_, lines) in &mut children {
+        let line = lines.next().expect("a generator line").unwrap();
+        assert_eq!(line, "JOINED", "a generator failed: {line}");
+    }
+    let elapsed = started.elapsed();
+    // (let the server settle: buffers of the handshakes freed)
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kb(server_pid);
+    for (child, _) in &mut children {
+        writeln!(child.stdin.as_mut().unwrap(), "DONE").unwrap();
+    }
+    for (mut child, _) in children {
+        assert!(child.wait().unwrap().success());
+    }
+    (
+        (after.saturating_sub(before)) as f64 / n as f64,
+        n as f64 / elapsed.as_secs_f64(),
+    )
+}
+
+/// A generator process: `n` connections to `url` from 127.0.0.`source`,
+/// each joined; says JOINED, holds them (answering nothing: idle) until
+/// DONE on stdin.
+fn generate(url: &str, n: usize, source: u8) {
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(512));
+        let mut joins = Vec::with_capacity(n);
+        for i in 0..n {
+            let (url, gate) = (url.to_owned(), gate.clone());
+            joins.push(tokio::spawn(async move {
+                let _permit = gate.acquire_owned().await.unwrap();
+                connect_and_join(&url, Ipv4Addr::new(127, 0, 0, source), i).await
+            }));
+        }
+        let mut sockets = Vec::with_capacity(n);
+        for join in joins {
+            sockets.push(join.await.expect("a connection failed"));
+        }
+        println!("JOINED");
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        })
+        .await;
+        drop(sockets);
+    });
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn connect_and_join(url: &str, source: Ipv4Addr, i: usize) -> Ws {
+    let port: u16 = url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+    let stream = socket
+        .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        .await
+        .expect("connect");
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::client_async(url, stream))
+        .await
+        .expect("an upgrade in time")
+        .expect("upgrade");
+    let join = format!(
+        r#"{{"topic":"realtime:idle-{i}","event":"phx_join","payload":{{"config":{{}}}},"ref":"1","join_ref":"1"}}"#
+    );
+    ws.send(Message::Text(join.into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("a join reply in time")
+        {
+            Some(Ok(Message::Text(t))) if t.contains("phx_reply") => {
+                assert!(t.contains(r#""status":"ok""#), "join refused: {t}");
+                return ws;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("join failed: {other:?}"),
+        }
+    }
+}
+
+/// How many client sockets the worker says its file limit leaves (its
+/// log line at start, `src/worker/fds.rs`).
+fn client_sockets(cluster: &Cluster) -> usize {
+    let log = cluster.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("client sockets"))
+        .expect("the worker's file-limit line");
+    let before = line.split(" client sockets").next().unwrap();
+    before.rsplit(' ').next().unwrap().parse().expect("a count")
+}
+
+/// `VmRSS` of `pid`, in kB.
+fn rss_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A new worker process (the old one terminated; the postmaster starts
+/// another), serving WebSockets; its pid.
+fn fresh_worker(cluster: &Cluster) -> i32 {
+    let old = cluster.worker_pid().expect("the worker runs");
+    cluster.psql(&format!("SELECT pg_terminate_backend({old})"));
+    let pid = cluster.wait_for_a_new_worker(old);
+    cluster.wait_for_websocket(Duration::from_secs(10));
+    pid
+}
+
+/// Waits until pg_realtime has let go of the last run's sockets.
+fn settle(cluster: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.stat("connections_open") > 0 {
+        assert!(Instant::now() < deadline, "pg_realtime kept its sockets for a minute");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The hard `RLIMIT_NOFILE`, which root cannot raise here.
+fn hard_nofile() -> u32 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    line.split_whitespace().nth(4).unwrap().parse().unwrap()
+}
+
+/// Raises this process's soft file limit to the hard one.
+fn raise_nofile() {
+    let hard = hard_nofile();
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={}", std::process::id()))
+        .arg(format!("--nofile={hard}:{hard}"))
+        .status()
+        .expect("prlimit runs");
+    assert!(status.success(), "prlimit failed");
+}
