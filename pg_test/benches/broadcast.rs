@@ -12,18 +12,19 @@
 //! timestamp in each payload) of each side, and the ratio. Not a test.
 
 use futures_util::{SinkExt, StreamExt};
+use pg_realtime_e2e::load::{connect_and_join, hard_nofile, raise_nofile, Ws};
 use pg_realtime_e2e::*;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::net::TcpSocket;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 mod relay;
 
 const TOPIC: &str = "realtime:bench";
+const JOIN_CONFIG: &str = r#"{"broadcast":{"self":false}}"#;
 
 fn setting(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.into())
@@ -166,7 +167,7 @@ async fn run_once(url: &str, source: Ipv4Addr, n: usize, messages: usize, window
         let (url, run, joined, gate) = (url.to_owned(), run.clone(), joined.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await.unwrap();
-            let ws = connect_and_join(&url, source).await;
+            let ws = connect_and_join(&url, source, TOPIC, JOIN_CONFIG).await;
             drop(permit);
             joined.fetch_add(1, Ordering::AcqRel);
             subscribe(ws, run, messages).await;
@@ -180,7 +181,7 @@ async fn run_once(url: &str, source: Ipv4Addr, n: usize, messages: usize, window
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut publisher = connect_and_join(url, source).await;
+    let mut publisher = connect_and_join(url, source, TOPIC, JOIN_CONFIG).await;
     let started = Instant::now();
     for k in 0..messages {
         if k >= window {
@@ -238,42 +239,6 @@ async fn wait_for(run: &Run, k: usize) {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-async fn connect_and_join(url: &str, source: Ipv4Addr) -> Ws {
-    let port: u16 = url
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    let stream = socket
-        .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
-        .await
-        .expect("connect");
-    let _ = stream.set_nodelay(true);
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.expect("upgrade");
-    let join = format!(
-        r#"{{"topic":"{TOPIC}","event":"phx_join","payload":{{"config":{{"broadcast":{{"self":false}}}}}},"ref":"1","join_ref":"1"}}"#
-    );
-    ws.send(Message::Text(join.into())).await.unwrap();
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.contains("phx_reply") => {
-                assert!(t.contains(r#""status":"ok""#), "join refused: {t}");
-                return ws;
-            }
-            Some(Ok(_)) => continue,
-            other => panic!("join failed: {other:?}"),
-        }
-    }
-}
-
 /// Reads broadcasts until all `messages` have come, noting each one's
 /// latency; sends a heartbeat every 20 s (servers close silent sockets).
 async fn subscribe(mut ws: Ws, run: Arc<Run>, messages: usize) {
@@ -315,23 +280,4 @@ fn seq_and_time(text: &str) -> Option<(usize, u64)> {
         digits.parse().ok()
     };
     Some((number("\"seq\":")? as usize, number("\"t\":")?))
-}
-
-/// The hard `RLIMIT_NOFILE`, which root cannot raise here.
-fn hard_nofile() -> u32 {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
-    line.split_whitespace().nth(4).unwrap().parse().unwrap()
-}
-
-/// Raises this process's soft file limit to the hard one (10,000
-/// subscribers are 10,000 sockets).
-fn raise_nofile() {
-    let hard = hard_nofile();
-    let status = std::process::Command::new("prlimit")
-        .arg(format!("--pid={}", std::process::id()))
-        .arg(format!("--nofile={hard}:{hard}"))
-        .status()
-        .expect("prlimit runs");
-    assert!(status.success(), "prlimit failed");
 }

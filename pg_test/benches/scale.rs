@@ -10,14 +10,12 @@
 //! as many as the worker says the hard `RLIMIT_NOFILE` leaves it.
 //! Loopback only. Not a test.
 
-use futures_util::{SinkExt, StreamExt};
+use pg_realtime_e2e::load::{connect_and_join, hard_nofile, raise_nofile, rss_kb};
 use pg_realtime_e2e::*;
 use std::io::{BufRead, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::Message;
 
 mod floor;
 
@@ -155,7 +153,13 @@ fn generate(url: &str, n: usize, source: u8) {
             let (url, gate) = (url.to_owned(), gate.clone());
             joins.push(tokio::spawn(async move {
                 let _permit = gate.acquire_owned().await.unwrap();
-                connect_and_join(&url, Ipv4Addr::new(127, 0, 0, source), i).await
+                connect_and_join(
+                    &url,
+                    Ipv4Addr::new(127, 0, 0, source),
+                    &format!("realtime:idle-{i}"),
+                    "{}",
+                )
+                .await
             }));
         }
         let mut sockets = Vec::with_capacity(n);
@@ -172,47 +176,6 @@ fn generate(url: &str, n: usize, source: u8) {
     });
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-async fn connect_and_join(url: &str, source: Ipv4Addr, i: usize) -> Ws {
-    let port: u16 = url
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    let stream = socket
-        .connect(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
-        .await
-        .expect("connect");
-    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(60), tokio_tungstenite::client_async(url, stream))
-        .await
-        .expect("an upgrade in time")
-        .expect("upgrade");
-    let join = format!(
-        r#"{{"topic":"realtime:idle-{i}","event":"phx_join","payload":{{"config":{{}}}},"ref":"1","join_ref":"1"}}"#
-    );
-    ws.send(Message::Text(join.into())).await.unwrap();
-    loop {
-        match tokio::time::timeout(Duration::from_secs(60), ws.next())
-            .await
-            .expect("a join reply in time")
-        {
-            Some(Ok(Message::Text(t))) if t.contains("phx_reply") => {
-                assert!(t.contains(r#""status":"ok""#), "join refused: {t}");
-                return ws;
-            }
-            Some(Ok(_)) => continue,
-            other => panic!("join failed: {other:?}"),
-        }
-    }
-}
-
 /// How many client sockets the worker says its file limit leaves (its
 /// log line at start, `src/worker/fds.rs`).
 fn client_sockets(cluster: &Cluster) -> usize {
@@ -223,16 +186,6 @@ fn client_sockets(cluster: &Cluster) -> usize {
         .expect("the worker's file-limit line");
     let before = line.split(" client sockets").next().unwrap();
     before.rsplit(' ').next().unwrap().parse().expect("a count")
-}
-
-/// `VmRSS` of `pid`, in kB.
-fn rss_kb(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// A new worker process (the old one terminated; the postmaster starts
@@ -252,22 +205,4 @@ fn settle(cluster: &Cluster) {
         assert!(Instant::now() < deadline, "pg_realtime kept its sockets for a minute");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The hard `RLIMIT_NOFILE`, which root cannot raise here.
-fn hard_nofile() -> u32 {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
-    line.split_whitespace().nth(4).unwrap().parse().unwrap()
-}
-
-/// Raises this process's soft file limit to the hard one.
-fn raise_nofile() {
-    let hard = hard_nofile();
-    let status = Command::new("prlimit")
-        .arg(format!("--pid={}", std::process::id()))
-        .arg(format!("--nofile={hard}:{hard}"))
-        .status()
-        .expect("prlimit runs");
-    assert!(status.success(), "prlimit failed");
 }

@@ -3,29 +3,21 @@
 // `a` sends JSON, binary and an oversized payload, all acked; then `b` and
 // `c` send, and `b` sends "end", the sentinel every client waits for: what
 // each received before it is the whole story. Prints one JSON line.
-import { client, env, fail, done, subscribeAll } from './lib.mjs'
+import { client, env, fail, done, subscribeAll, conditions } from './lib.mjs'
 
 const key = env('ANON_KEY')
 const big = Number(env('BIG_BYTES'))
 const result = {}
 const timer = setTimeout(() => fail(`timed out: ${JSON.stringify(result)}`), 20000)
 const got = { a: [], b: [], c: [] }
-const waiters = []
+const { changed, until } = conditions()
 
 function record(name) {
   return (m) => {
     const payload = m.payload instanceof ArrayBuffer ? { bytes: [...new Uint8Array(m.payload)] } : m.payload
     got[name].push({ event: m.event, payload })
-    waiters.forEach((w) => w())
+    changed()
   }
-}
-
-function until(pred) {
-  return new Promise((resolve) => {
-    const check = () => { if (pred()) resolve() }
-    waiters.push(check)
-    check()
-  })
 }
 
 function channel(sb, name, broadcast) {

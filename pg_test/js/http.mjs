@@ -3,24 +3,17 @@
 // per-event endpoint (JSON and bytes, public and private). A listener on
 // each topic records what arrives until the sentinel "end"; a client with
 // a forged key must be refused. Prints one JSON line.
-import { client, env, fail, done, subscribeAll } from './lib.mjs'
+import { client, env, fail, done, subscribeAll, conditions } from './lib.mjs'
 
 const user = env('USER_KEY')
 const forged = env('FORGED_KEY')
 const result = { got: { room: [], writable: [] } }
 const timer = setTimeout(() => fail(`timed out: ${JSON.stringify(result)}`), 20000)
-const waiters = []
-function until(pred) {
-  return new Promise((resolve) => {
-    const check = () => { if (pred()) resolve() }
-    waiters.push(check)
-    check()
-  })
-}
+const { changed, until } = conditions()
 const record = (name) => (m) => {
   const payload = m.payload instanceof ArrayBuffer ? { bytes: [...new Uint8Array(m.payload)] } : m.payload
   result.got[name].push({ event: m.event, payload })
-  waiters.forEach((w) => w())
+  changed()
 }
 
 const listenerClient = client(user)

@@ -52,3 +52,19 @@ export function done(result) {
   console.log(JSON.stringify(result))
   process.exit(0)
 }
+
+/**
+ * Waiting for a condition that callbacks change: `until(pred)` resolves
+ * once `pred()` holds, checked now and after every `changed()`.
+ */
+export function conditions() {
+  const waiters = []
+  return {
+    changed: () => waiters.forEach((w) => w()),
+    until: (pred) => new Promise((resolve) => {
+      const check = () => { if (pred()) resolve() }
+      waiters.push(check)
+      check()
+    }),
+  }
+}

@@ -3,7 +3,7 @@
 // process ("carol", ROLE=tab) is killed with SIGKILL: no leave, no close
 // frame. Prints one JSON line: the watcher's state after each step and
 // the joins and leaves it heard.
-import { client, env, fail, done, subscribeAll } from './lib.mjs'
+import { client, env, fail, done, subscribeAll, conditions } from './lib.mjs'
 import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 
@@ -21,15 +21,7 @@ if (process.env.ROLE === 'tab') {
 
 const result = { steps: {}, heard: [] }
 const timer = setTimeout(() => fail(`timed out: ${JSON.stringify(result)}`), 30000)
-const waiters = []
-const changed = () => waiters.forEach((w) => w())
-function until(pred) {
-  return new Promise((resolve) => {
-    const check = () => { if (pred()) resolve() }
-    waiters.push(check)
-    check()
-  })
-}
+const { changed, until } = conditions()
 
 const watcher = join(client(key), 'watcher', true)
   .on('presence', { event: 'sync' }, changed)

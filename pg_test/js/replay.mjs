@@ -4,21 +4,14 @@
 // harness has sent one more from the database meanwhile) it waits for that
 // live one, leaves, joins again and gets the newest two again. Prints one
 // JSON line with what each round heard.
-import { client, env, fail, done, subscribeAll } from './lib.mjs'
+import { client, env, fail, done, subscribeAll, conditions } from './lib.mjs'
 import { createInterface } from 'node:readline'
 
 const user = env('USER_KEY')
 const since = Number(env('SINCE'))
 const result = { first: [], rejoined: [] }
 const timer = setTimeout(() => fail(`timed out: ${JSON.stringify(result)}`), 20000)
-const waiters = []
-function until(pred) {
-  return new Promise((resolve) => {
-    const check = () => { if (pred()) resolve() }
-    waiters.push(check)
-    check()
-  })
-}
+const { changed, until } = conditions()
 
 const sb = client(user)
 await sb.realtime.setAuth(user)
@@ -26,7 +19,7 @@ function join(round) {
   return sb.channel('replayroom', { config: { private: true, broadcast: { replay: { since, limit: 2 } } } })
     .on('broadcast', { event: 'note' }, (m) => {
       result[round].push({ payload: m.payload, meta: m.meta })
-      waiters.forEach((w) => w())
+      changed()
     })
 }
 const first = join('first')

@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod client;
+pub mod load;
 pub mod runner;
 
 /// The JWT secret every test cluster starts with.
@@ -304,13 +305,7 @@ impl Cluster {
 
     /// The realtime worker's resident memory now, in kB (`VmRSS`).
     pub fn worker_rss_kb(&self) -> u64 {
-        let pid = self.worker_pid().expect("the worker runs");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        load::rss_kb(self.worker_pid().expect("the worker runs"))
     }
 
     /// The realtime worker's pid, once it is up.

@@ -5,45 +5,17 @@
 //! cost at least with this crate.
 
 use futures_util::{SinkExt, StreamExt};
-use std::io::BufRead;
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Starts `--floor <port>` and waits for it to say READY.
 pub fn spawn(port: u16) -> std::process::Child {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--floor", &port.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "READY");
-    child
+    pg_realtime_e2e::load::spawn_helper("--floor", port)
 }
 
 /// Serves until stdin closes.
 pub fn serve(port: u16) {
-    super::raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        println!("READY");
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(connection(stream));
-            }
-        });
-        let _ = tokio::task::spawn_blocking(|| std::io::stdin().lines().count()).await;
-    });
+    pg_realtime_e2e::load::serve_helper(port, connection);
 }
 
 async fn connection(stream: tokio::net::TcpStream) {

@@ -7,10 +7,8 @@
 
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -19,41 +17,15 @@ type Members = Arc<RwLock<HashMap<u64, mpsc::UnboundedSender<Message>>>>;
 
 /// Starts `--relay <port>` and waits for it to say READY.
 pub fn spawn(port: u16) -> std::process::Child {
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--relay", &port.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "READY");
-    child
+    pg_realtime_e2e::load::spawn_helper("--relay", port)
 }
 
 /// Serves until stdin closes (the benchmark ended or died).
 pub fn serve(port: u16) {
-    super::raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        println!("READY");
-        let members: Members = Arc::default();
-        let ids = Arc::new(AtomicU64::new(1));
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, members.clone(), ids.fetch_add(1, Ordering::Relaxed)));
-            }
-        });
-        // stdin closing ends the relay
-        let _ = tokio::task::spawn_blocking(|| std::io::stdin().lines().count()).await;
+    let members: Members = Arc::default();
+    let ids = Arc::new(AtomicU64::new(1));
+    pg_realtime_e2e::load::serve_helper(port, move |stream| {
+        connection(stream, members.clone(), ids.fetch_add(1, Ordering::Relaxed))
     });
 }
 

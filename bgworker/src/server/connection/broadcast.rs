@@ -5,7 +5,7 @@
 //! bounded few) and sent or refused, in order, once it answers.
 
 use super::asks::Stage;
-use super::{broadcast_frame, Connection, TOPIC_PREFIX};
+use super::{broadcast_frame, Channel, Connection, TOPIC_PREFIX};
 use crate::server::errors::AuthorizeError;
 use crate::server::link::{Authorize, Question};
 use crate::server::protocol::{Outbound, Payload, UserBroadcast};
@@ -82,22 +82,33 @@ impl Connection {
         }
     }
 
-    /// Asks for the channel's write permission, unless it was asked for its
-    /// current identity already.
     fn ask_write(&mut self, topic: &str) {
+        self.ask_write_permission(topic, "broadcast", |c| &mut c.held.asked_for);
+    }
+
+    /// Asks whether the channel's identity may write `extension`, unless
+    /// that was asked for its current identity already (`asked_for`, the
+    /// channel's note of the identity it last asked for).
+    pub(super) fn ask_write_permission(
+        &mut self,
+        topic: &str,
+        extension: &'static str,
+        asked_for: fn(&mut Channel) -> &mut Option<u64>,
+    ) {
         let Some(channel) = self.channels.get_mut(topic) else {
             return;
         };
-        if channel.held.asked_for == Some(channel.identity) {
+        let identity = channel.identity;
+        if *asked_for(channel) == Some(identity) {
             return;
         }
-        channel.held.asked_for = Some(channel.identity);
+        *asked_for(channel) = Some(identity);
         let (subtopic, claims) = (channel.subtopic.clone(), channel.claims.clone());
         let asker = self.asker(topic, &self.channels[topic], Stage::Join);
         self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
             subtopic,
             claims,
-            question: Question::Write("broadcast"),
+            question: Question::Write(extension),
             reply,
         });
     }

@@ -4,12 +4,10 @@
 //! first one asks for the `presence` write permission, and what is sent
 //! meanwhile is held (a bounded few) and applied, in order, once it is known.
 
-use super::asks::Stage;
 use super::join::hub_key;
 use super::Connection;
 use crate::server::errors::AuthorizeError;
 use crate::server::hub::Member;
-use crate::server::link::{Authorize, Question};
 use crate::server::protocol::{Frame, Outbound};
 use crate::shared::stats::Counters;
 use serde_json::{json, Value};
@@ -30,7 +28,7 @@ pub(super) struct ChannelPresence {
     /// Messages waiting for the write permission, and the identity it was
     /// asked for.
     held: Vec<Frame>,
-    asked_for: Option<u64>,
+    pub(super) asked_for: Option<u64>,
 }
 
 impl ChannelPresence {
@@ -128,21 +126,7 @@ impl Connection {
     }
 
     fn ask_presence_write(&mut self, topic: &str) {
-        let Some(channel) = self.channels.get_mut(topic) else {
-            return;
-        };
-        if channel.presence.asked_for == Some(channel.identity) {
-            return;
-        }
-        channel.presence.asked_for = Some(channel.identity);
-        let (subtopic, claims) = (channel.subtopic.clone(), channel.claims.clone());
-        let asker = self.asker(topic, &self.channels[topic], Stage::Join);
-        self.asks.authorize(self.ctx.main.as_ref(), asker, |reply| Authorize {
-            subtopic,
-            claims,
-            question: Question::Write("presence"),
-            reply,
-        });
+        self.ask_write_permission(topic, "presence", |c| &mut c.presence.asked_for);
     }
 
     /// The `presence` write permission came: held messages are applied or
