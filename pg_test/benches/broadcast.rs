@@ -82,11 +82,7 @@ fn main() {
     cluster.wait_for_websocket(Duration::from_secs(10));
     let relay_port = free_port();
     let mut relay = relay::spawn(relay_port);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     println!(
         "broadcast fan-out: {messages} messages, window {window}, vsn {vsn}, one publisher, median of {rounds} rounds"
     );

@@ -52,11 +52,7 @@ fn main() {
     let rounds = env_usize("ROUNDS", 3);
     let c = Cluster::start();
     c.psql(SETUP);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     println!(
         "{USERS} users x {CHANNELS_PER_USER} channels = {} subscribers; {rows} single-row INSERTs per run, {rounds} rounds",
         USERS * CHANNELS_PER_USER

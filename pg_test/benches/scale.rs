@@ -141,11 +141,7 @@ fn hold(url: &str, server_pid: i32, n: usize, generators: usize, source: &mut u8
 /// DONE on stdin.
 fn generate(url: &str, n: usize, source: u8) {
     raise_nofile();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(512));
         let mut joins = Vec::with_capacity(n);

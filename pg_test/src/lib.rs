@@ -432,6 +432,12 @@ pub fn python_ok(script: &str, env: &[(&str, String)]) -> String {
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("python3 runs");
+    succeeded(script, out)
+}
+
+/// The stdout of `script`, which must have exited 0 (else both outputs
+/// are shown).
+fn succeeded(script: &str, out: Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -455,12 +461,5 @@ pub fn run_node(script: &str, env: &[(&str, String)]) -> Output {
 /// Runs a script that must exit 0; returns its stdout.
 pub fn node_ok(script: &str, env: &[(&str, String)]) -> String {
     let out = run_node(script, env);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{script} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    succeeded(script, out)
 }
