@@ -15,6 +15,7 @@
 
 use super::catalog::{self, CatalogError, CatalogResult, SpiResult};
 use super::deadline::Deadline;
+use super::plans;
 use pgrx::prelude::*;
 use std::panic::UnwindSafe;
 
@@ -44,9 +45,7 @@ pub fn resolve(role: &str) -> SpiResult<Result<ActingRole, RoleRefusal>> {
          LEFT JOIN pg_catalog.pg_roles r ON r.rolname = $1"
     );
     let (auth, target, superuser, granted, authenticator_superuser) = Spi::connect(|client| {
-        let row = client
-            .select(&query, Some(1), &[role.into(), authenticator.as_str().into()])?
-            .first();
+        let row = plans::select(client, &query, Some(1), &[role.into(), authenticator.as_str().into()])?.first();
         SpiResult::Ok((
             row.get::<pg_sys::Oid>(1)?,
             row.get::<pg_sys::Oid>(2)?,
@@ -253,7 +252,8 @@ pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> 
 fn set_local(settings: &[(&str, String)]) -> SpiResult<()> {
     Spi::connect(|client| {
         for (name, value) in settings {
-            client.select(
+            plans::select(
+                client,
                 "SELECT pg_catalog.set_config($1, $2, true)",
                 None,
                 &[(*name).into(), value.as_str().into()],

@@ -8,6 +8,8 @@ use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
 
+use super::plans;
+
 /// A table as the catalog has it now.
 pub struct Table {
     pub relid: u32,
@@ -32,7 +34,7 @@ pub type CatalogResult<T> = Result<T, CatalogError>;
 
 /// The first column of the first row (None: no row, or NULL).
 fn first<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid<'_>]) -> SpiResult<Option<T>> {
-    Spi::connect(|client| match client.select(query, Some(1), args)?.next() {
+    Spi::connect(|client| match plans::select(client, query, Some(1), args)?.next() {
         Some(row) => row.get::<T>(1),
         None => Ok(None),
     })
@@ -46,7 +48,7 @@ fn rows<T>(
 ) -> SpiResult<Vec<T>> {
     Spi::connect(|client| {
         let mut out = Vec::new();
-        for row in client.select(query, None, args)? {
+        for row in plans::select(client, query, None, args)? {
             out.extend(read(&row)?);
         }
         Ok(out)
@@ -175,7 +177,12 @@ pub fn access(role: &str, relid: u32) -> SpiResult<Option<Access>> {
 /// Makes the transaction's `search_path` empty: expressions are printed
 /// with, and later run under, fully qualified names.
 pub fn clear_search_path() -> SpiResult<()> {
-    Spi::run("SELECT pg_catalog.set_config('search_path', '', true)")
+    run("SELECT pg_catalog.set_config('search_path', '', true)")
+}
+
+/// Runs a SELECT for its effect, on its kept plan.
+fn run(query: &str) -> SpiResult<()> {
+    Spi::connect(|client| plans::select(client, query, None, &[]).map(drop))
 }
 
 /// Runs `query` (a row check from `bgworker::changes::rls`) over `rows`;
@@ -183,6 +190,10 @@ pub fn clear_search_path() -> SpiResult<()> {
 /// subscriber (`acting::as_identity`).
 pub fn visible_rows(query: &str, rows: &str) -> SpiResult<Vec<i32>> {
     Spi::connect(|client| {
+        // (planned afresh, not kept: the check names its table only
+        // inside a cast, so a kept plan would outlive an ALTER COLUMN
+        // TYPE, and a policy helper wrongly marked IMMUTABLE would be
+        // folded with the first subscriber's claims)
         let table = client.select(query, None, &[rows.into()])?;
         let mut out = Vec::new();
         for row in table {
@@ -244,6 +255,7 @@ pub fn cast_all_to_json(values: &[String], sql_type: &str) -> SpiResult<Vec<Opti
          FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(v, i) ORDER BY i"
     );
     Spi::connect(|client| {
+        // (planned afresh: a type dropped and made again keeps its name)
         let table = client.select(&query, None, &[values.to_vec().into()])?;
         let mut out = Vec::with_capacity(values.len());
         for row in table {
@@ -257,7 +269,7 @@ pub fn cast_all_to_json(values: &[String], sql_type: &str) -> SpiResult<Vec<Opti
 /// (a policy function) may have taken: a subtransaction's rollback does
 /// not release them.
 pub fn release_session_locks() -> SpiResult<()> {
-    Spi::run("SELECT pg_catalog.pg_advisory_unlock_all()")
+    run("SELECT pg_catalog.pg_advisory_unlock_all()")
 }
 
 /// Runs `f` in a subtransaction; a Postgres error in it becomes

@@ -53,6 +53,9 @@ pub struct Channels {
     /// The key filter slot of each table that has one (see
     /// `publish_interest`).
     filter_slots: HashMap<u32, usize>,
+    /// Joins or leaves not yet in the interest table: it is written once
+    /// per batch of requests (each write reads every subscription).
+    interest_stale: bool,
 }
 
 impl Channels {
@@ -78,7 +81,7 @@ impl Channels {
             reply,
             since: Instant::now(),
         });
-        self.publish_interest();
+        self.interest_stale = true;
     }
 
     /// Ends a channel's subscription, active or waiting (nothing if it has
@@ -87,18 +90,28 @@ impl Channels {
         let ended = self.active.unsubscribe(key).is_some();
         if ended {
             Counters::decr(&crate::shmem::counters().subscriptions);
-            self.publish_interest();
+            self.interest_stale = true;
         }
         if self.waiting.unsubscribe(key).is_some() {
             self.replies.retain(|w| w.key != *key);
-            self.publish_interest();
+            self.interest_stale = true;
         }
         ended
+    }
+
+    /// Writes the interest table and key filters if joins or leaves came
+    /// since the last time. Before a join is answered: from its reply on,
+    /// every commit it wants must be captured and let through.
+    pub fn publish_if_stale(&mut self) {
+        if std::mem::take(&mut self.interest_stale) {
+            self.publish_interest();
+        }
     }
 
     /// Every wanted trigger is on: makes each waiting join active and
     /// answers it.
     pub fn admit_waiting(&mut self) {
+        self.publish_if_stale();
         for waiting in std::mem::take(&mut self.replies) {
             if let Some(subscription) = self.waiting.unsubscribe(&waiting.key) {
                 if self.active.get(&waiting.key).is_none() {
@@ -138,6 +151,7 @@ impl Channels {
     /// is freed only after nothing points at it; a trigger that reads a
     /// slot meanwhile rewritten for another table sends its row on.
     fn publish_interest(&mut self) {
+        self.interest_stale = false;
         let (mut tables, mut schemas, mut all) = self.active.interest();
         let (waiting_tables, waiting_schemas, waiting_all) = self.waiting.interest();
         tables.extend(waiting_tables);

@@ -16,6 +16,7 @@ mod drain;
 mod fds;
 mod listen;
 mod network;
+mod plans;
 mod postgres_changes;
 mod private;
 mod subscribe;

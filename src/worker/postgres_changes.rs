@@ -27,6 +27,9 @@ pub struct PostgresChanges {
     access: AccessCache,
     capture: CaptureSwitch,
     drain: Drain,
+    /// Joins validated in this batch of requests: settled (triggers, then
+    /// replies) once at its end, not one by one.
+    joins_to_settle: bool,
 }
 
 impl PostgresChanges {
@@ -38,6 +41,7 @@ impl PostgresChanges {
             access: AccessCache::default(),
             capture: CaptureSwitch::default(),
             drain: Drain::default(),
+            joins_to_settle: false,
         }
     }
 
@@ -60,6 +64,8 @@ impl PostgresChanges {
     /// on, else an error to those that have waited
     /// `channels::JOIN_WAIT_LIMIT`.
     fn settle(&mut self) {
+        // (the triggers follow the interest table: joins first in it)
+        self.channels.publish_if_stale();
         let now = Instant::now();
         let interest = crate::shmem::interest();
         let busy = self.capture.switch_triggers(now, |oids| interest.any(oids));
@@ -79,7 +85,7 @@ impl PostgresChanges {
         let started = Instant::now();
         while started.elapsed() < slice {
             let Ok(request) = self.requests.try_recv() else {
-                return false;
+                break;
             };
             match request {
                 // (one whose asker stopped waiting is not worth the work:
@@ -90,6 +96,10 @@ impl PostgresChanges {
                 MainRequest::Authorize(request) => super::private::authorize(request),
                 MainRequest::Unsubscribe(key) => self.unsubscribe(&key),
             }
+        }
+        self.channels.publish_if_stale();
+        if std::mem::take(&mut self.joins_to_settle) {
+            self.settle();
         }
         !self.requests.is_empty()
     }
@@ -139,7 +149,7 @@ impl PostgresChanges {
                 // is captured.
                 self.channels
                     .wait(request.key, Subscription { bindings, sink }, request.reply);
-                self.settle();
+                self.joins_to_settle = true;
             }
             Err(message) => {
                 let _ = request.reply.send(Err(message));

@@ -151,6 +151,16 @@ pub struct Match<'a, S> {
     pub ids: Vec<u32>,
 }
 
+/// The equality condition a binding is indexed by, and the key it is
+/// filed under (None: the binding is matched by scanning).
+fn indexed_by(binding: &Binding) -> Option<(&Condition, String)> {
+    let c = binding
+        .conditions
+        .iter()
+        .find(|c| c.op == Op::Eq && !c.negate && c.values.len() == 1)?;
+    Some((c, index_key(c.kind, &c.values[0])?))
+}
+
 impl<S> Registry<S> {
     /// Adds (or replaces) a channel's subscription.
     pub fn subscribe(&mut self, key: ChannelKey, subscription: Subscription<S>) {
@@ -161,11 +171,7 @@ impl<S> Registry<S> {
             for c in &binding.conditions {
                 *index.filtered.entry(c.column.clone()).or_default() += 1;
             }
-            let eq = binding
-                .conditions
-                .iter()
-                .find(|c| c.op == Op::Eq && !c.negate && c.values.len() == 1);
-            match eq.and_then(|c| Some((c, index_key(c.kind, &c.values[0])?))) {
+            match indexed_by(binding) {
                 Some((c, value_key)) => {
                     index.columns.insert(c.column.clone(), c.kind);
                     index
@@ -214,17 +220,32 @@ impl<S> Registry<S> {
                 }
             }
         }
+        // (each binding out of the one list it went into: a leave costs
+        // its own entries, not a walk over every key of the table)
+        for binding in &subscription.bindings {
+            let Some(index) = self.targets.get_mut(&binding.target) else {
+                continue;
+            };
+            match indexed_by(binding) {
+                Some((c, value_key)) => {
+                    if let Some(values) = index.by_value.get_mut(&c.column) {
+                        if let Some(v) = values.get_mut(&value_key) {
+                            v.retain(|(k, _)| k != key);
+                            if v.is_empty() {
+                                values.remove(&value_key);
+                            }
+                        }
+                        if values.is_empty() {
+                            index.by_value.remove(&c.column);
+                        }
+                    }
+                }
+                None => index.scan.retain(|(k, _)| k != key),
+            }
+        }
         let targets: HashSet<&Target> = subscription.bindings.iter().map(|b| &b.target).collect();
         for target in targets {
             if let Some(index) = self.targets.get_mut(target) {
-                index.scan.retain(|(k, _)| k != key);
-                index.by_value.retain(|_, values| {
-                    values.retain(|_, v| {
-                        v.retain(|(k, _)| k != key);
-                        !v.is_empty()
-                    });
-                    !values.is_empty()
-                });
                 if index.scan.is_empty() && index.by_value.is_empty() {
                     self.targets.remove(target);
                     if matches!(target, Target::Schema(_)) {
@@ -661,6 +682,43 @@ mod tests {
         assert!(r.is_empty());
         assert!(r.targets.is_empty());
         assert_eq!(r.interest(), (vec![], vec![], false));
+    }
+
+    #[test]
+    fn a_leave_takes_only_its_own_entries() {
+        let mut r: Registry<()> = Registry::default();
+        let on = |v: Option<&str>| Binding {
+            id: 1,
+            target: Target::Table(100),
+            events: EventFilter::All,
+            conditions: v
+                .map(|v| eq("recipient_id", Kind::Uuid, json!(v)))
+                .into_iter()
+                .collect(),
+        };
+        for (c, v) in [(1, Some("a")), (2, Some("b")), (3, Some("a")), (4, None)] {
+            let bindings = vec![on(v)];
+            r.subscribe(key(c), Subscription { bindings, sink: () });
+        }
+        let heard = |r: &Registry<()>, v: &str| -> Vec<u64> {
+            let m = r.matches(&relation(), ChangeKind::Insert, &row(json!({ "recipient_id": v })));
+            m.iter().map(|m| m.channel.connection).collect()
+        };
+        r.unsubscribe(&key(1));
+        assert_eq!(heard(&r, "a"), vec![3, 4]);
+        assert_eq!(heard(&r, "b"), vec![2, 4]);
+        r.unsubscribe(&key(3));
+        assert_eq!(heard(&r, "a"), vec![4]);
+        assert_eq!(
+            r.targets[&Target::Table(100)].by_value["recipient_id"].len(),
+            1,
+            "a's list went"
+        );
+        r.unsubscribe(&key(2));
+        assert!(r.targets[&Target::Table(100)].by_value.is_empty());
+        assert_eq!(heard(&r, "b"), vec![4]);
+        r.unsubscribe(&key(4));
+        assert!(r.targets.is_empty());
     }
 
     #[test]
