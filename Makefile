@@ -88,9 +88,10 @@ bench-soak: install-release
 bench-broadcast: install-release
 	cargo bench -p pg_realtime_e2e --bench broadcast
 
-## Idle joined connections (1,000, 10,000, as many as the file limit
-## allows): memory per connection and join rate beside a bare
-## tokio-tungstenite server (bench/README.md, "Scale").
+## Scale on one machine, each beside a baseline in the same run (about
+## 3 minutes; bench/README.md, "Scale"): idle connections and memory,
+## postgres_changes fan-out beside pg_recvlogical, one-transaction
+## bursts beside a bare relay, a join storm.
 bench-scale: install-release
 	cargo bench -p pg_realtime_e2e --bench scale
 

@@ -51,12 +51,14 @@ CONF
 }
 
 # The bench tables (a: no trigger; b, c, e, f: published, so captured;
-# d: a pg_notify trigger) and the subscribers' role; KEY is its token.
+# d, g: a pg_notify trigger) and the subscribers' role; KEY is its token.
 create_schema() {
   psql_b <<'SQL'
 SET client_min_messages = error;
 CREATE EXTENSION pg_realtime;
 CREATE ROLE service_role NOLOGIN BYPASSRLS;
+-- (its own role: run.sh tells its backend from pgbench's by the user)
+CREATE ROLE listener LOGIN;
 CREATE ROLE authenticator NOINHERIT LOGIN;
 GRANT service_role TO authenticator;
 CREATE TABLE bench_a (id bigserial PRIMARY KEY, n int, body text, ts timestamptz);
@@ -65,11 +67,13 @@ CREATE TABLE bench_c (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_d (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_e (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_f (LIKE bench_a INCLUDING ALL);
+CREATE TABLE bench_g (LIKE bench_a INCLUDING ALL);
 CREATE TABLE bench_lat (LIKE bench_a INCLUDING ALL);
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO service_role;
 CREATE FUNCTION notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_notify('bench', row_to_json(NEW)::text); RETURN NULL; END $$;
-CREATE TRIGGER notify AFTER INSERT ON bench_d FOR EACH ROW EXECUTE FUNCTION notify_row();
+BEGIN PERFORM pg_notify(TG_ARGV[0], row_to_json(NEW)::text); RETURN NULL; END $$;
+CREATE TRIGGER notify AFTER INSERT ON bench_d FOR EACH ROW EXECUTE FUNCTION notify_row('bench_d');
+CREATE TRIGGER notify AFTER INSERT ON bench_g FOR EACH ROW EXECUTE FUNCTION notify_row('bench_g');
 CREATE PUBLICATION supabase_realtime FOR TABLE bench_b, bench_c, bench_e, bench_f, bench_lat;
 SQL
   KEY=$(python3 "$ROOT/scripts/jwt.py" --secret "$SECRET" --role service_role)
@@ -85,6 +89,15 @@ start_subscriber() {  # table expected [filter] -> SUB_PID, waits for READY
   echo "subscriber for $1 did not get ready:"; cat "$out"; exit 1
 }
 
+
+start_listener() {  # channel -> SUB_PID, waits for READY (bench/listener.mjs)
+  local out=$DIR/listen-$1.out
+  PGHOST=$DIR PGPORT=$PGPORT PGUSER=listener CHANNEL=$1 "$NODE" "$ROOT/bench/listener.mjs" > "$out" 2>&1 &
+  SUB_PID=$!
+  SUB_PIDS="$SUB_PIDS $SUB_PID"
+  for _ in $(seq 100); do grep -q READY "$out" 2>/dev/null && return 0; sleep 0.1; done
+  echo "listener on $1 did not get ready:"; cat "$out"; exit 1
+}
 
 # Waits until bench_b's capture trigger is switched off, the steady state of
 # a published table nobody subscribes to (unless BENCH_CONF keeps triggers

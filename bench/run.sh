@@ -19,6 +19,10 @@
 #   (f) as (c), but the subscriber's filter is n=gt.1000000000, which no
 #       key filter can serve: every row is encoded, published and matched
 #       by the worker, none is sent (what (c) measured before key filters)
+#   (g) as (d), with a LISTEN client (node-postgres, bench/listener.mjs)
+#       receiving every notification: the baseline for (e). (Its backend
+#       listens throughout, so (d)'s commits wake it too: PostgreSQL
+#       signals every listener of the database, whatever the channel.)
 # Rounds interleave the variants (in reverse order every other round, so
 # that drift within a round favours none), and each variant is reported
 # as the median over rounds of its TPS divided by (a)'s in the same round:
@@ -30,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-4}
 ROUNDS=${ROUNDS:-9}
-VARIANTS=${VARIANTS:-a b c d e f}
+VARIANTS=${VARIANTS:-a b c d e f g}
 CLIENTS=${CLIENTS:-2}
 # BENCH_CONF: more postgresql.conf lines, for experiments; LATENCY=0 skips
 # the latency run; PROTOCOL=prepared runs pgbench with prepared statements
@@ -47,6 +51,8 @@ start_subscriber bench_e 0
 E_PID=$SUB_PID
 start_subscriber bench_f 0 n=gt.1000000000
 F_PID=$SUB_PID
+start_listener bench_g
+G_PID=$SUB_PID
 wait_for_idle_capture
 
 for t in $VARIANTS; do
@@ -58,10 +64,12 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
 
 POSTMASTER_PID=$(head -1 "$DIR/data/postmaster.pid")
+LISTENER_BACKEND=$(psql_b -t -A -c "SELECT pid FROM pg_stat_activity WHERE usename = 'listener'")
 # CPU of the server's processes: the backends pgbench used (exited, so
-# counted in the postmaster's reaped-children time) plus the realtime worker.
+# counted in the postmaster's reaped-children time) plus the realtime
+# worker plus (g)'s LISTEN backend, which sends the notifications.
 server_ticks() {
-  echo $(( $(awk '{print $16 + $17}' "/proc/$POSTMASTER_PID/stat") + $(cpu_ticks "$WORKER_PID") ))
+  echo $(( $(awk '{print $16 + $17}' "/proc/$POSTMASTER_PID/stat") + $(cpu_ticks "$WORKER_PID") + $(cpu_ticks "$LISTENER_BACKEND") ))
 }
 
 # pgbench's backends exit when it does; their CPU reaches the postmaster's
@@ -130,7 +138,7 @@ for t in $VARIANTS; do
   u=$(echo "${server_us[$t]}" | median)
   label=$(case $t in a) echo "no trigger";; b) echo "capture, no subscriber";; c) echo "capture, 1 subscriber";;
           d) echo "pg_notify(row_to_json)";; e) echo "capture + full delivery";;
-          f) echo "capture, 1 range filter";; esac)
+          f) echo "capture, 1 range filter";; g) echo "pg_notify + LISTEN client";; esac)
   printf '  (%s) %-24s %10.1f tps   ratio %.3f (CI %s; quartiles %s)   %6.1f us/txn   CPU ratio %.3f (CI %s)\n' "$t" "$label" "$m" \
     "$(echo "${ratios[$t]}" | median)" "$(echo "${ratios[$t]}" | median_ci)" "$(echo "${ratios[$t]}" | quartiles)" \
     "$u" "$(echo "${cpu_ratios[$t]}" | median)" "$(echo "${cpu_ratios[$t]}" | median_ci)"
@@ -142,6 +150,9 @@ echo "  (c) rows inserted: $(psql_b -t -A -c "SELECT count(*) FROM bench_c"), no
   "rows dropped by the key filter: $(stat rows_filtered_out)"
 echo "  (f) rows inserted: $(psql_b -t -A -c "SELECT count(*) FROM bench_f"), none sent (filter matches none)"
 echo "  (e) rows inserted: $(psql_b -t -A -c "SELECT count(*) FROM bench_e"), events delivered: $delivered, dropped: $dropped"
+kill "$G_PID" 2>/dev/null && wait "$G_PID" 2>/dev/null || true
+echo "  (g) rows inserted: $(psql_b -t -A -c "SELECT count(*) FROM bench_g"), notifications received:" \
+  "$(tail -1 "$DIR/listen-bench_g.out")"
 kill "$C_PID" "$E_PID" "$F_PID" 2>/dev/null || true
 SUB_PID=""
 

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 pub mod client;
 pub mod load;
+pub mod measure;
 pub mod runner;
+pub mod writer;
 
 /// The JWT secret every test cluster starts with.
 pub const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-e2e-secret";
@@ -289,6 +291,12 @@ impl Cluster {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap()
+    }
+
+    /// The path of a program of the cluster's PostgreSQL (a client
+    /// program: it may run as whoever we are).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
     }
 
     /// One counter of `realtime.stats()`.

@@ -32,17 +32,40 @@ pub fn raise_nofile() {
 
 /// `VmRSS` of `pid`, in kB.
 pub fn rss_kb(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    crate::measure::status_kb(pid, "VmRSS")
 }
 
 /// A socket from `source` to `url` (on 127.0.0.1), upgraded, joined to
 /// `topic` with `config`; each step within a minute.
 pub async fn connect_and_join(url: &str, source: Ipv4Addr, topic: &str, config: &str) -> Ws {
+    connect_and_join_with(url, source, topic, &format!(r#"{{"config":{config}}}"#)).await
+}
+
+/// As `connect_and_join`, with the join's whole `payload` (a config and
+/// an `access_token`, as supabase-js sends).
+pub async fn connect_and_join_with(url: &str, source: Ipv4Addr, topic: &str, payload: &str) -> Ws {
+    let mut ws = connect(url, source).await;
+    let within = Duration::from_secs(60);
+    let join = format!(r#"{{"topic":"{topic}","event":"phx_join","payload":{payload},"ref":"1","join_ref":"1"}}"#);
+    ws.send(Message::Text(join.into())).await.unwrap();
+    loop {
+        match tokio::time::timeout(within, ws.next())
+            .await
+            .expect("a join reply in time")
+        {
+            Some(Ok(Message::Text(t))) if t.contains("phx_reply") => {
+                assert!(t.contains(r#""status":"ok""#), "join refused: {t}");
+                return ws;
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("join failed: {other:?}"),
+        }
+    }
+}
+
+/// A socket from `source` to `url` (on 127.0.0.1), upgraded within a
+/// minute, joined to nothing.
+pub async fn connect(url: &str, source: Ipv4Addr) -> Ws {
     let port: u16 = url
         .split(':')
         .nth(2)
@@ -60,24 +83,27 @@ pub async fn connect_and_join(url: &str, source: Ipv4Addr, topic: &str, config: 
         .expect("connect");
     let _ = stream.set_nodelay(true);
     let within = Duration::from_secs(60);
-    let (mut ws, _) = tokio::time::timeout(within, tokio_tungstenite::client_async(url, stream))
+    let (ws, _) = tokio::time::timeout(within, tokio_tungstenite::client_async(url, stream))
         .await
         .expect("an upgrade in time")
         .expect("upgrade");
-    let join =
-        format!(r#"{{"topic":"{topic}","event":"phx_join","payload":{{"config":{config}}},"ref":"1","join_ref":"1"}}"#);
-    ws.send(Message::Text(join.into())).await.unwrap();
+    ws
+}
+
+/// Waits (a minute at most) for the `system` message that says a joined
+/// channel's postgres_changes are subscribed; panics on an error one.
+pub async fn await_subscribed(ws: &mut Ws) {
     loop {
-        match tokio::time::timeout(within, ws.next())
+        match tokio::time::timeout(Duration::from_secs(60), ws.next())
             .await
-            .expect("a join reply in time")
+            .expect("a subscription status in time")
         {
-            Some(Ok(Message::Text(t))) if t.contains("phx_reply") => {
-                assert!(t.contains(r#""status":"ok""#), "join refused: {t}");
-                return ws;
+            Some(Ok(Message::Text(t))) if t.contains(r#""extension":"postgres_changes""#) => {
+                assert!(t.contains(r#""status":"ok""#), "subscription refused: {t}");
+                return;
             }
             Some(Ok(_)) => continue,
-            other => panic!("join failed: {other:?}"),
+            other => panic!("the socket ended before its subscription: {other:?}"),
         }
     }
 }

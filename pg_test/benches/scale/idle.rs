@@ -1,56 +1,25 @@
-//! Scale on one machine (`make bench-scale`; bench/README.md, "Scale").
-//! So far the first of issue 17's benchmarks, *connections and memory*:
-//! SCALE_CONNECTIONS (default "1000,10000,max") idle joined connections,
-//! each joined to a channel of its own, opened by SCALE_GENERATORS (2)
-//! generator processes (each bound by the same file limit) from several
-//! 127.0.0.x source addresses; for each count, the server's resident
-//! memory per connection (`VmRSS` from /proc, after minus before, each
-//! count against a fresh server process) and the joins a second, beside a minimal tokio-tungstenite server built here
-//! with the same buffer settings (the floor), in the same run. "max" is
-//! as many as the worker says the hard `RLIMIT_NOFILE` leaves it.
-//! Loopback only. Not a test.
+//! Benchmark 1, *connections and memory*: SCALE_CONNECTIONS (default
+//! "1000,10000,max") idle joined connections, each joined to a channel of
+//! its own, opened by SCALE_GENERATORS (2) generator processes (each bound
+//! by the same file limit) from several 127.0.0.x source addresses; for
+//! each count, the server's resident memory per connection (`VmRSS` from
+//! /proc, after minus before, each count against a fresh server process)
+//! and the joins a second, beside a minimal tokio-tungstenite server built
+//! here with the same buffer settings (the floor), in the same run. "max"
+//! is as many as the worker says the hard `RLIMIT_NOFILE` leaves it.
 
-use pg_realtime_e2e::load::{connect_and_join, hard_nofile, raise_nofile, rss_kb};
+use super::{fresh_source, fresh_worker, open_cluster, print_stats, setting, settle};
+use crate::floor;
+use pg_realtime_e2e::load::{connect_and_join, raise_nofile, rss_kb};
 use pg_realtime_e2e::*;
 use std::io::{BufRead, Write};
 use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-mod floor;
-
-fn setting(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.into())
-}
-
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(at) = args.iter().position(|a| a == "--floor") {
-        floor::serve(args[at + 1].parse().expect("a port"));
-        return;
-    }
-    if let Some(at) = args.iter().position(|a| a == "--generate") {
-        generate(
-            &args[at + 1],
-            args[at + 2].parse().unwrap(),
-            args[at + 3].parse().unwrap(),
-        );
-        return;
-    }
-    raise_nofile();
-    let hard = hard_nofile();
+pub fn run() {
     let generators: usize = setting("SCALE_GENERATORS", "2").parse().unwrap();
-    let cluster = Cluster::start_with(ClusterConfig {
-        settings: vec![
-            format!("pg_realtime.max_connections = {hard}"),
-            "pg_realtime.max_joins_per_second = 1000000".into(),
-            "pg_realtime.max_pending_handshakes = 100000".into(),
-        ],
-        nofile: Some(hard),
-        ..Default::default()
-    });
-    cluster.psql("CREATE EXTENSION pg_realtime");
-    cluster.wait_for_websocket(Duration::from_secs(10));
+    let cluster = open_cluster(&[]);
     let capacity = client_sockets(&cluster);
     let counts: Vec<usize> = setting("SCALE_CONNECTIONS", "1000,10000,max")
         .split(',')
@@ -65,7 +34,6 @@ fn main() {
         "{:>11}   {:>14} {:>12}   {:>14} {:>12}   {:>6}",
         "connections", "floor kB/conn", "joins/s", "ours kB/conn", "joins/s", "ratio"
     );
-    let mut source = 1u8;
     for n in counts {
         let floor_url = "ws://127.0.0.1:PORT/socket/websocket?vsn=1.0.0".to_owned();
         let ours_url = format!(
@@ -77,35 +45,39 @@ fn main() {
         let floor_port = free_port();
         let mut floor = floor::spawn(floor_port);
         let floor_url = floor_url.replace("PORT", &floor_port.to_string());
-        let (floor_kb, floor_rate) = hold(&floor_url, floor.id() as i32, n, generators, &mut source);
+        let (floor_kb, floor_rate) = hold(&floor_url, floor.id() as i32, n, generators);
         let _ = floor.kill();
         let _ = floor.wait();
         let worker = fresh_worker(&cluster);
-        let (ours_kb, ours_rate) = hold(&ours_url, worker, n, generators, &mut source);
+        let (ours_kb, ours_rate) = hold(&ours_url, worker, n, generators);
         println!(
             "{n:>11}   {floor_kb:>14.2} {floor_rate:>12.0}   {ours_kb:>14.2} {ours_rate:>12.0}   {:>6.2}",
             ours_kb / floor_kb
         );
         settle(&cluster);
     }
-    let stats = cluster.psql(
-        "SELECT string_agg(name || '=' || value, ' ') FROM realtime.stats() \
-         WHERE name IN ('connections_total', 'handshakes_refused', 'joins_refused')",
+    print_stats(
+        &cluster,
+        &[
+            "connections_total",
+            "handshakes_refused",
+            "channels_joined",
+            "joins_refused",
+        ],
     );
-    println!("realtime.stats(): {stats}");
 }
 
 /// Opens `n` joined connections to `url` through `generators` processes,
 /// holds them while the server's memory is read, then lets them go.
 /// Returns kB per connection and joins a second.
-fn hold(url: &str, server_pid: i32, n: usize, generators: usize, source: &mut u8) -> (f64, f64) {
+fn hold(url: &str, server_pid: i32, n: usize, generators: usize) -> (f64, f64) {
     let before = rss_kb(server_pid);
     let started = Instant::now();
     let mut children: Vec<(Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>)> = (0..generators)
         .map(|g| {
             let share = n / generators + usize::from(g < n % generators);
-            // (a source address per 20,000 connections: ephemeral ports last)
-            *source = source.checked_add(1).expect("at most 254 sources");
+            // (a source address per generator: ephemeral ports last)
+            let source = fresh_source().octets()[3];
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .args(["--generate", url, &share.to_string(), &source.to_string()])
                 .stdin(Stdio::piped())
@@ -136,10 +108,10 @@ fn hold(url: &str, server_pid: i32, n: usize, generators: usize, source: &mut u8
     )
 }
 
-/// A generator process: `n` connections to `url` from 127.0.0.`source`,
+/// A generator process (`--generate`): `n` connections to `url` from 127.0.0.`source`,
 /// each joined; says JOINED, holds them (answering nothing: idle) until
 /// DONE on stdin.
-fn generate(url: &str, n: usize, source: u8) {
+pub fn generate(url: &str, n: usize, source: u8) {
     raise_nofile();
     let rt = runtime();
     rt.block_on(async {
@@ -182,23 +154,4 @@ fn client_sockets(cluster: &Cluster) -> usize {
         .expect("the worker's file-limit line");
     let before = line.split(" client sockets").next().unwrap();
     before.rsplit(' ').next().unwrap().parse().expect("a count")
-}
-
-/// A new worker process (the old one terminated; the postmaster starts
-/// another), serving WebSockets; its pid.
-fn fresh_worker(cluster: &Cluster) -> i32 {
-    let old = cluster.worker_pid().expect("the worker runs");
-    cluster.psql(&format!("SELECT pg_terminate_backend({old})"));
-    let pid = cluster.wait_for_a_new_worker(old);
-    cluster.wait_for_websocket(Duration::from_secs(10));
-    pid
-}
-
-/// Waits until pg_realtime has let go of the last run's sockets.
-fn settle(cluster: &Cluster) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while cluster.stat("connections_open") > 0 {
-        assert!(Instant::now() < deadline, "pg_realtime kept its sockets for a minute");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
