@@ -1437,6 +1437,17 @@ fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
             !join.is_finished(),
             "answered while a writer without the trigger was running"
         );
+        // a join that needs no trigger switched is answered meanwhile
+        let (mut plain_too, _) = subscriber_at(
+            c.ws_port,
+            "plain-too",
+            json!([{"event": "*", "schema": "public", "table": "plain"}]),
+        )
+        .await;
+        c.psql("UPDATE plain SET v = 5 WHERE id = 1");
+        assert_eq!(record(&plain_too.event().await)["v"], 5);
+        assert!(!join.is_finished(), "the tree's join is still waiting");
+        drop(plain_too);
         writeln!(stdin, "COMMIT; \\echo committed").unwrap();
         assert_eq!(out.next().unwrap().unwrap(), "committed");
         let (mut tree, _) = join.await.unwrap();

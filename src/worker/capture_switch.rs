@@ -4,7 +4,7 @@
 //! and when to look again.
 
 use super::catalog;
-use bgworker::changes::switch::Switches;
+use bgworker::changes::switch::{Busy, Switches};
 use bgworker::shared::stats::Counters;
 use pgrx::pg_sys;
 use std::sync::atomic::Ordering;
@@ -85,23 +85,25 @@ impl CaptureSwitch {
     }
 
     /// Switches the triggers in line with what is wanted (`wanted` says
-    /// whether anyone listens to a relation or namespace); returns why
-    /// some wanted trigger is not on yet (each a table and the reason),
-    /// empty when all are.
-    pub fn switch_triggers(&mut self, now: Instant, wanted: impl Fn(&[u32]) -> bool) -> Vec<String> {
+    /// whether anyone listens to a relation or namespace); returns which
+    /// wanted triggers are not on yet, and why (empty when all are).
+    pub fn switch_triggers(&mut self, now: Instant, wanted: impl Fn(&[u32]) -> bool) -> Busy {
         self.settled = now;
         self.unsettled = false;
         self.look_again.retain(|again| *again > now);
-        let mut busy: Vec<String> = Vec::new();
+        let mut busy = Busy::default();
         // SAFETY: reads shared state; on a standby no trigger fires at all.
         if unsafe { pg_sys::RecoveryInProgress() } {
             return busy;
         }
         let captured = catalog::in_transaction(catalog::captured).unwrap_or_else(|e| {
             pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
-            busy.push(format!("the captured tables (could not list them: {e})"));
+            busy.reasons
+                .push(format!("the captured tables (could not list them: {e})"));
+            busy.unknown = true;
             Vec::new()
         });
+        busy.captured = captured.iter().map(|t| t.relid).collect();
         let plan = self
             .switches
             .plan(now, &captured, crate::gucs::capture_idle_timeout(), |t| {
@@ -116,14 +118,16 @@ impl CaptureSwitch {
                 Ok(true) => Counters::incr(&counters.captures_enabled),
                 Ok(false) => {
                     Counters::incr(&counters.capture_lock_retries);
-                    busy.push(format!(
+                    busy.reasons.push(format!(
                         "{} (a transaction that writes it holds a lock on it)",
                         table.name
                     ));
+                    busy.tables.push((table.relid, table.namespace));
                 }
                 Err(e) => {
                     pgrx::warning!("pg_realtime: could not switch on capture of {}: {e}", table.name);
-                    busy.push(format!("{} ({e})", table.name));
+                    busy.reasons.push(format!("{} ({e})", table.name));
+                    busy.tables.push((table.relid, table.namespace));
                 }
             }
         }

@@ -5,6 +5,7 @@
 
 use bgworker::changes::deliver::{Subscriber, Viewer};
 use bgworker::changes::registry::{ChannelKey, Registry, RowFilter, Subscription};
+use bgworker::changes::switch::Busy;
 use bgworker::server::errors::SubscribeError;
 use bgworker::server::fanout::FanoutSender;
 use bgworker::server::protocol::Outbound;
@@ -108,11 +109,15 @@ impl Channels {
         }
     }
 
-    /// Every wanted trigger is on: makes each waiting join active and
-    /// answers it.
-    pub fn admit_waiting(&mut self) {
+    /// Makes each waiting join whose tables' triggers are all on (none in
+    /// `busy`) active, and answers it.
+    pub fn admit_waiting(&mut self, busy: &Busy) {
         self.publish_if_stale();
-        for waiting in std::mem::take(&mut self.replies) {
+        let (ready, held): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.replies)
+            .into_iter()
+            .partition(|w| !self.held_up(&w.key, busy));
+        self.replies = held;
+        for waiting in ready {
             if let Some(subscription) = self.waiting.unsubscribe(&waiting.key) {
                 if self.active.get(&waiting.key).is_none() {
                     Counters::incr(&crate::shmem::counters().subscriptions);
@@ -121,6 +126,18 @@ impl Channels {
             }
             let _ = waiting.reply.send(Ok(()));
         }
+    }
+
+    /// Whether a waiting join covers a table whose trigger is not on.
+    fn held_up(&self, key: &ChannelKey, busy: &Busy) -> bool {
+        let Some(subscription) = self.waiting.get(key) else {
+            return false;
+        };
+        let schema_oid = |name: &str| self.schema_oids.get(name).copied();
+        subscription
+            .bindings
+            .iter()
+            .any(|b| busy.holds_up(&b.target, schema_oid))
     }
 
     /// Some wanted trigger is not on, for the reasons in `busy`: refuses

@@ -60,9 +60,8 @@ impl PostgresChanges {
     }
 
     /// Brings the capture triggers in line with the subscriptions, then
-    /// answers the waiting joins: all of them once every wanted trigger is
-    /// on, else an error to those that have waited
-    /// `channels::JOIN_WAIT_LIMIT`.
+    /// answers the waiting joins whose triggers are all on; of the others,
+    /// those that have waited `channels::JOIN_WAIT_LIMIT` get an error.
     fn settle(&mut self) {
         // (the triggers follow the interest table: joins first in it)
         self.channels.publish_if_stale();
@@ -72,10 +71,9 @@ impl PostgresChanges {
         if !self.channels.has_waiting() {
             return;
         }
-        if busy.is_empty() {
-            self.channels.admit_waiting();
-        } else {
-            self.channels.give_up_late(now, &busy);
+        self.channels.admit_waiting(&busy);
+        if !busy.is_empty() {
+            self.channels.give_up_late(now, &busy.reasons);
         }
     }
 

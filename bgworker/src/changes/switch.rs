@@ -11,6 +11,7 @@
 //! one, so a table switched on has no writer left that wrote without the
 //! trigger.
 
+use super::registry::Target;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,43 @@ impl Switches {
     /// When the next table left on without subscribers is due to go off.
     pub fn next_due(&self, idle_timeout: Duration) -> Option<Instant> {
         self.idle_since.values().min().map(|since| *since + idle_timeout)
+    }
+}
+
+/// The wanted triggers not on yet after a pass of switching: a join that
+/// needs none of them is answered, the others wait for the next pass.
+#[derive(Debug, Default)]
+pub struct Busy {
+    /// Each such table and why, for the joins that give up waiting.
+    pub reasons: Vec<String>,
+    /// Those tables, as (relid, namespace).
+    pub tables: Vec<(u32, u32)>,
+    /// Every captured table's relid (a partitioned one for its tree).
+    pub captured: Vec<u32>,
+    /// The captured tables could not be listed: any may be off.
+    pub unknown: bool,
+}
+
+impl Busy {
+    pub fn is_empty(&self) -> bool {
+        !self.unknown && self.tables.is_empty()
+    }
+
+    /// Whether a binding on `target` waits for a trigger not on yet
+    /// (`schema_oid` resolves a schema's name). A table that is not one
+    /// of the captured ones (a partition) waits whenever any does.
+    pub fn holds_up(&self, target: &Target, schema_oid: impl Fn(&str) -> Option<u32>) -> bool {
+        if self.unknown {
+            return true;
+        }
+        if self.tables.is_empty() {
+            return false;
+        }
+        match target {
+            Target::Table(relid) => !self.captured.contains(relid) || self.tables.iter().any(|(t, _)| t == relid),
+            Target::Schema(name) => schema_oid(name).is_none_or(|oid| self.tables.iter().any(|(_, n)| *n == oid)),
+            Target::All => true,
+        }
     }
 }
 
@@ -173,5 +211,40 @@ mod tests {
             |_| false,
         );
         assert!(plan.disable.is_empty());
+    }
+
+    #[test]
+    fn only_joins_that_need_a_busy_trigger_wait() {
+        let busy = Busy {
+            reasons: vec!["public.b (locked)".into()],
+            tables: vec![(20, 2200)],
+            captured: vec![10, 20, 30],
+            unknown: false,
+        };
+        let schema = |name: &str| match name {
+            "public" => Some(2200),
+            "other" => Some(3300),
+            _ => None,
+        };
+        assert!(!busy.holds_up(&Target::Table(10), schema), "its own trigger is on");
+        assert!(busy.holds_up(&Target::Table(20), schema));
+        assert!(
+            busy.holds_up(&Target::Table(99), schema),
+            "not a captured root: it may be 20's partition"
+        );
+        assert!(busy.holds_up(&Target::Schema("public".into()), schema));
+        assert!(!busy.holds_up(&Target::Schema("other".into()), schema));
+        assert!(busy.holds_up(&Target::Schema("unknown".into()), schema));
+        assert!(busy.holds_up(&Target::All, schema));
+        let none = Busy {
+            captured: vec![10],
+            ..Busy::default()
+        };
+        assert!(none.is_empty() && !none.holds_up(&Target::All, schema));
+        let unlisted = Busy {
+            unknown: true,
+            ..Busy::default()
+        };
+        assert!(!unlisted.is_empty() && unlisted.holds_up(&Target::Table(10), schema));
     }
 }
