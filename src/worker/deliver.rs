@@ -8,7 +8,7 @@ use super::channels::{system_error, Channels};
 use bgworker::changes::deliver::{self, SendKind};
 use bgworker::changes::registry::ChannelKey;
 use bgworker::server::fanout::{Charge, FanoutError};
-use bgworker::server::protocol::Outbound;
+use bgworker::server::protocol::ChangeMessages;
 use bgworker::server::Context;
 use bgworker::shared::stats::Counters;
 use bgworker::shared::wire::Transaction;
@@ -62,6 +62,7 @@ fn deliver_changes(channels: &mut Channels, access: &mut AccessCache, transactio
     // (connections that closed without their leaves reaching us)
     let mut gone: Vec<ChannelKey> = Vec::new();
     let counters = crate::shmem::counters();
+    let mut messages = ChangeMessages::default();
     for send in sends {
         let data = &frames[send.frame];
         if send.kind == SendKind::Notice {
@@ -75,12 +76,8 @@ fn deliver_changes(channels: &mut Channels, access: &mut AccessCache, transactio
             continue;
         }
         let charge = charges[send.frame].get_or_insert_with(|| send.sink.tx.charge(data.len()));
-        let out = Outbound::PostgresChanges {
-            topic: send.sink.topic.clone(),
-            ids: send.ids,
-            data: data.clone(),
-        };
-        match send.sink.tx.send_shared(Arc::new(out), charge) {
+        let out = messages.get(send.frame, &send.sink.topic, send.ids, data);
+        match send.sink.tx.send_shared(out, charge) {
             Ok(()) => Counters::incr(&counters.events_delivered),
             // Too far behind: its connection tells each channel and
             // closes (`server::fanout`).

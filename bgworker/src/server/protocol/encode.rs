@@ -21,19 +21,12 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
             );
             Some(WsMessage::Text(Utf8Bytes::from(text)))
         }
-        Outbound::PostgresChanges { topic, ids, data } => {
-            // (one string built, in one go: this is the path every
-            // delivered change takes)
-            let topic = Value::String(topic.clone());
-            let ids = json!(ids);
-            let text = match vsn {
-                Vsn::V2 => format!(r#"[null,null,{topic},"postgres_changes",{{"ids":{ids},"data":{data}}}]"#),
-                Vsn::V1 => format!(
-                    r#"{{"topic":{topic},"event":"postgres_changes","payload":{{"ids":{ids},"data":{data}}},"ref":null}}"#
-                ),
-            };
-            Some(WsMessage::Text(Utf8Bytes::from(text)))
-        }
+        Outbound::PostgresChanges {
+            topic,
+            ids,
+            data,
+            encoded,
+        } => encoded.get_or_build(vsn, || Some(encode_change(vsn, topic, ids, data))),
         Outbound::Broadcast {
             topic,
             event,
@@ -42,6 +35,20 @@ pub fn encode(vsn: Vsn, out: &Outbound) -> Option<WsMessage> {
             encoded,
         } => encoded.get_or_build(vsn, || encode_broadcast(vsn, topic, event, metadata.as_ref(), payload)),
     }
+}
+
+/// A postgres_changes event's frame for one serializer (one string built,
+/// in one go: this is the path every delivered change takes).
+fn encode_change(vsn: Vsn, topic: &str, ids: &[u32], data: &str) -> WsMessage {
+    let topic = Value::String(topic.to_owned());
+    let ids = json!(ids);
+    let text = match vsn {
+        Vsn::V2 => format!(r#"[null,null,{topic},"postgres_changes",{{"ids":{ids},"data":{data}}}]"#),
+        Vsn::V1 => format!(
+            r#"{{"topic":{topic},"event":"postgres_changes","payload":{{"ids":{ids},"data":{data}}},"ref":null}}"#
+        ),
+    };
+    WsMessage::Text(Utf8Bytes::from(text))
 }
 
 /// A broadcast's frame for one serializer.
@@ -171,6 +178,7 @@ mod tests {
             topic: "realtime:t\"x".into(),
             ids: vec![3, 9],
             data: Arc::from(r#"{"type":"INSERT"}"#),
+            encoded: Encoded::default(),
         };
         let WsMessage::Text(t) = encode(Vsn::V2, &out).unwrap() else {
             panic!()
@@ -186,6 +194,33 @@ mod tests {
         let v: Value = serde_json::from_str(&t).unwrap();
         assert_eq!(v["payload"]["ids"], json!([3, 9]));
         assert_eq!(v["event"], "postgres_changes");
+    }
+
+    #[test]
+    fn channels_alike_share_one_change_message_encoded_once() {
+        let data: Arc<str> = Arc::from(r#"{"type":"INSERT"}"#);
+        let mut messages = ChangeMessages::default();
+        let a = messages.get(0, "realtime:t", vec![3], &data);
+        let b = messages.get(0, "realtime:t", vec![3], &data);
+        assert!(Arc::ptr_eq(&a, &b), "same change, topic and ids: one message");
+        for other in [
+            messages.get(1, "realtime:t", vec![3], &data),
+            messages.get(0, "realtime:u", vec![3], &data),
+            messages.get(0, "realtime:t", vec![3, 4], &data),
+        ] {
+            assert!(!Arc::ptr_eq(&a, &other));
+        }
+        let text = |out: &Outbound| match encode(Vsn::V1, out) {
+            Some(WsMessage::Text(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        let (first, again) = (text(&a), text(&b));
+        assert_eq!(
+            first.as_str().as_ptr(),
+            again.as_str().as_ptr(),
+            "encoded once, the bytes shared"
+        );
+        assert!(first.as_str().contains(r#""ids":[3]"#));
     }
 
     #[test]

@@ -166,11 +166,40 @@ pub enum Outbound {
     },
     /// A `postgres_changes` event: `data` is serialized once per change and
     /// shared by every channel it goes to; `ids` are this channel's bindings.
+    /// Channels with the same topic and ids (one channel name and bindings
+    /// on many sockets) share one message (`ChangeMessages`), encoded once
+    /// per serializer.
     PostgresChanges {
         topic: String,
         ids: Vec<u32>,
         data: Arc<str>,
+        encoded: Encoded,
     },
+}
+
+/// The postgres_changes messages of one delivery pass, one per change,
+/// topic and binding ids.
+#[derive(Default)]
+pub struct ChangeMessages {
+    built: std::collections::HashMap<(usize, String, Vec<u32>), Arc<Outbound>>,
+}
+
+impl ChangeMessages {
+    /// The message of change `frame` (its `data`) for a channel of `topic`
+    /// with bindings `ids`: the one built before for the same three, if any.
+    pub fn get(&mut self, frame: usize, topic: &str, ids: Vec<u32>, data: &Arc<str>) -> Arc<Outbound> {
+        self.built
+            .entry((frame, topic.to_owned(), ids))
+            .or_insert_with_key(|(_, topic, ids)| {
+                Arc::new(Outbound::PostgresChanges {
+                    topic: topic.clone(),
+                    ids: ids.clone(),
+                    data: data.clone(),
+                    encoded: Encoded::default(),
+                })
+            })
+            .clone()
+    }
 }
 
 /// The frames of a message once built, per serializer (`None` inside: it
@@ -309,7 +338,7 @@ impl Outbound {
                     // (twice: its frame, once built, is held beside it)
                     2 * (topic.len() + event.len() + metadata.as_ref().map_or(0, json_len) + payload_weight(payload))
                 }
-                Outbound::PostgresChanges { topic, ids, data } => topic.len() + ids.len() * 11 + data.len(),
+                Outbound::PostgresChanges { topic, ids, data, .. } => topic.len() + ids.len() * 11 + data.len(),
             }
     }
 }

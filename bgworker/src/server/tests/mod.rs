@@ -453,6 +453,7 @@ fn fake_main(rx: link::MainReceiver, unsubscribed: std::sync::mpsc::Sender<Strin
                         topic,
                         ids,
                         data: Arc::from(r#"{"type":"INSERT","record":{"id":1}}"#),
+                        encoded: Default::default(),
                     };
                     s.sink.send(Arc::new(event)).unwrap();
                 }
