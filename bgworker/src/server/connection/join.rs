@@ -217,7 +217,7 @@ impl Connection {
         let join_ref = channel.join_ref().to_owned();
         let hears_presence = channel.config.presence.enabled && channel.private.is_none_or(|p| p.read.presence);
         let subtopic = channel.subtopic.clone();
-        self.channels.insert(frame.topic.clone(), channel);
+        self.channels.insert(frame.topic.clone(), Box::new(channel));
         // (its state is queued: it follows the reply and any replay)
         if hears_presence {
             self.listen_presence(&frame.topic);
@@ -347,9 +347,19 @@ impl Connection {
     /// is about a join that was left or replaced).
     fn take_joining(&mut self, topic: &str, join: u64) -> Option<(Channel, Frame)> {
         match self.joining.get(topic) {
-            Some((channel, _)) if channel.join == join => self.joining.remove(topic),
+            Some((channel, _)) if channel.join == join => self.take_joining_any(topic),
             _ => None,
         }
+    }
+
+    /// Takes `topic`'s joining channel out, whichever join it is; the map's
+    /// table goes with its last entry.
+    pub(super) fn take_joining_any(&mut self, topic: &str) -> Option<(Channel, Frame)> {
+        let taken = self.joining.remove(topic);
+        if self.joining.is_empty() {
+            self.joining = std::collections::HashMap::new();
+        }
+        taken
     }
 
     /// Decides what needs only the frame; `Err` is the reply's `reason`.

@@ -50,7 +50,7 @@ impl Connection {
         // the same rate limits: now if they allow it, else as soon as they
         // do. Until then the channel keeps its old identity, and its old
         // token's expiry; only the latest new one is asked about.
-        channel.pending = Some((token.to_owned(), claims));
+        channel.pending = Some(Box::new((token.to_owned(), claims)));
         self.revalidate_at.get_or_insert_with(Instant::now);
         self.revalidate_due();
         Ok(())
@@ -82,9 +82,10 @@ impl Connection {
         let Some(channel) = self.channels.get_mut(topic) else {
             return;
         };
-        let Some((token, claims)) = channel.pending.take() else {
+        let Some(pending) = channel.pending.take() else {
             return;
         };
+        let (token, claims) = *pending;
         channel.token = token;
         channel.claims = claims;
         channel.identity += 1;
