@@ -16,6 +16,7 @@
 use super::catalog::{self, CatalogError, CatalogResult, SpiResult};
 use super::deadline::Deadline;
 use super::plans;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use std::panic::UnwindSafe;
 
@@ -248,19 +249,18 @@ pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> 
     answer
 }
 
-/// Sets each setting for the rest of the (sub)transaction.
+/// Sets each setting for the rest of the (sub)transaction, in one query
+/// (one execution per check, not one per setting).
 fn set_local(settings: &[(&str, String)]) -> SpiResult<()> {
-    Spi::connect(|client| {
-        for (name, value) in settings {
-            plans::select(
-                client,
-                "SELECT pg_catalog.set_config($1, $2, true)",
-                None,
-                &[(*name).into(), value.as_str().into()],
-            )?;
-        }
-        Ok(())
-    })
+    let calls: Vec<String> = (0..settings.len())
+        .map(|i| format!("pg_catalog.set_config(${}, ${}, true)", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let query = format!("SELECT {}", calls.join(", "));
+    let args: Vec<DatumWithOid<'_>> = settings
+        .iter()
+        .flat_map(|(name, value)| [(*name).into(), value.as_str().into()])
+        .collect();
+    Spi::connect(|client| plans::select(client, &query, None, &args).map(drop))
 }
 
 /// The current user switched to a role in the restricted security
