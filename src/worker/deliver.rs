@@ -7,7 +7,7 @@ use super::access::AccessCache;
 use super::channels::{system_error, Channels};
 use bgworker::changes::deliver::{self, SendKind};
 use bgworker::changes::registry::ChannelKey;
-use bgworker::server::fanout::{Charge, FanoutError};
+use bgworker::server::fanout::{Charge, FanoutError, LaterWakes};
 use bgworker::server::protocol::ChangeMessages;
 use bgworker::server::Context;
 use bgworker::shared::stats::Counters;
@@ -63,6 +63,9 @@ fn deliver_changes(channels: &mut Channels, access: &mut AccessCache, transactio
     let mut gone: Vec<ChannelKey> = Vec::new();
     let counters = crate::shmem::counters();
     let mut messages = ChangeMessages::default();
+    // (connections woken for batches of their events, the last ones when
+    // this goes at the end of the pass)
+    let mut later = LaterWakes::default();
     for send in sends {
         let data = &frames[send.frame];
         if send.kind == SendKind::Notice {
@@ -77,7 +80,11 @@ fn deliver_changes(channels: &mut Channels, access: &mut AccessCache, transactio
         }
         let charge = charges[send.frame].get_or_insert_with(|| send.sink.tx.charge(data.len()));
         let out = messages.get(send.frame, &send.sink.topic, send.ids, data);
-        match send.sink.tx.send_shared(out, charge) {
+        let sent = send.sink.tx.send_shared_later(out, charge, &mut later);
+        if later.due() {
+            later.wake();
+        }
+        match sent {
             Ok(()) => Counters::incr(&counters.events_delivered),
             // Too far behind: its connection tells each channel and
             // closes (`server::fanout`).

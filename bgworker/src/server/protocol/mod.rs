@@ -182,13 +182,24 @@ pub enum Outbound {
 #[derive(Default)]
 pub struct ChangeMessages {
     built: std::collections::HashMap<(usize, String, Vec<u32>), Arc<Outbound>>,
+    /// The last one asked for: a change's channels come one after another,
+    /// and alike ones mostly in a row (no hashing for them).
+    last: Option<(usize, Arc<Outbound>)>,
 }
 
 impl ChangeMessages {
     /// The message of change `frame` (its `data`) for a channel of `topic`
     /// with bindings `ids`: the one built before for the same three, if any.
     pub fn get(&mut self, frame: usize, topic: &str, ids: Vec<u32>, data: &Arc<str>) -> Arc<Outbound> {
-        self.built
+        if let Some((f, out)) = &self.last {
+            if let Outbound::PostgresChanges { topic: t, ids: i, .. } = &**out {
+                if *f == frame && t == topic && *i == ids {
+                    return out.clone();
+                }
+            }
+        }
+        let out = self
+            .built
             .entry((frame, topic.to_owned(), ids))
             .or_insert_with_key(|(_, topic, ids)| {
                 Arc::new(Outbound::PostgresChanges {
@@ -198,7 +209,9 @@ impl ChangeMessages {
                     encoded: Encoded::default(),
                 })
             })
-            .clone()
+            .clone();
+        self.last = Some((frame, out.clone()));
+        out
     }
 }
 
