@@ -12,12 +12,13 @@
 //! timestamp in each payload) of each side, and the ratio. Not a test.
 
 use futures_util::{SinkExt, StreamExt};
-use pg_realtime_e2e::load::{connect_and_join, hard_nofile, raise_nofile, Ws};
+use pg_realtime_e2e::load::{connect_and_join, hard_nofile, raise_nofile, setting, Ws};
+use pg_realtime_e2e::measure::{micros_now, number_after};
 use pg_realtime_e2e::*;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -25,14 +26,6 @@ mod relay;
 
 const TOPIC: &str = "realtime:bench";
 const JOIN_CONFIG: &str = r#"{"broadcast":{"self":false}}"#;
-
-fn setting(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.into())
-}
-
-fn micros_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
-}
 
 /// One run's figures.
 struct Figures {
@@ -270,10 +263,5 @@ async fn subscribe(mut ws: Ws, run: Arc<Run>, messages: usize) {
 
 /// `"seq":<k>,"t":<micros>` from a broadcast's text, without parsing it all.
 fn seq_and_time(text: &str) -> Option<(usize, u64)> {
-    let number = |key: &str| -> Option<u64> {
-        let at = text.find(key)? + key.len();
-        let digits: String = text[at..].chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    };
-    Some((number("\"seq\":")? as usize, number("\"t\":")?))
+    Some((number_after(text, "\"seq\":")? as usize, number_after(text, "\"t\":")?))
 }

@@ -7,7 +7,7 @@
 //! server (`joins`). SCALE_BENCHES picks some ("idle,changes,burst,joins").
 //! Loopback only; every count and duration is bounded. Not a test.
 
-use pg_realtime_e2e::load::{hard_nofile, raise_nofile};
+use pg_realtime_e2e::load::{hard_nofile, raise_nofile, setting};
 use pg_realtime_e2e::*;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -54,10 +54,6 @@ fn main() {
     }
     println!();
     println!("all in {:.0} s", started.elapsed().as_secs_f64());
-}
-
-fn setting(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.into())
 }
 
 /// A loopback source address no earlier run used (ports a run left in

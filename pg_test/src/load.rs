@@ -12,6 +12,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
+/// A benchmark's setting from the environment, or its default.
+pub fn setting(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.into())
+}
+
 /// The hard `RLIMIT_NOFILE`, which root cannot raise here.
 pub fn hard_nofile() -> u32 {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
