@@ -1469,9 +1469,21 @@ fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
             active(&c) == "plain:0 tree:0 tree_eu:0 tree_us:0"
         });
 
-        // a writer that outlasts the join's limit: refused, the socket stays
-        writeln!(stdin, "BEGIN; INSERT INTO plain VALUES (2, 2); \\echo written").unwrap();
+        // a writer that outlasts the join's limit: refused, told about its
+        // own table only (another join waits for another), the socket stays
+        writeln!(
+            stdin,
+            "BEGIN; INSERT INTO plain VALUES (2, 2); INSERT INTO tree VALUES (5, 'eu'); \\echo written"
+        )
+        .unwrap();
         assert_eq!(out.next().unwrap().unwrap(), "written");
+        let ws_port = c.ws_port;
+        let tree_refused = tokio::spawn(async move {
+            let tok = user();
+            let mut client = Client::connect(ws_port, &tok).await;
+            let bindings = json!([{"event": "*", "schema": "public", "table": "tree"}]);
+            client.join("tree-late", bindings, &tok).await.system.unwrap()
+        });
         let mut client = Client::connect(c.ws_port, &tok).await;
         let joined = client
             .join(
@@ -1486,6 +1498,14 @@ fn idle_tables_have_capture_switched_off_until_a_join(_ctx: &Ctx) {
         assert!(
             message.contains("could not be switched on within 5 s for public.plain (a transaction that writes it holds a lock on it)"),
             "{message}"
+        );
+        assert!(!message.contains("public.tree"), "{message}");
+        let tree_system = tree_refused.await.unwrap();
+        let tree_message = tree_system[4]["message"].as_str().unwrap();
+        assert_eq!(tree_system[4]["status"], "error", "{tree_system}");
+        assert!(
+            tree_message.contains("public.tree (") && !tree_message.contains("public.plain"),
+            "{tree_message}"
         );
         writeln!(stdin, "COMMIT; \\echo committed").unwrap();
         assert_eq!(out.next().unwrap().unwrap(), "committed");

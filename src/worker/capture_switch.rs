@@ -4,7 +4,7 @@
 //! and when to look again.
 
 use super::catalog;
-use bgworker::changes::switch::{Busy, Switches};
+use bgworker::changes::switch::{Busy, BusyTable, Switches};
 use bgworker::shared::stats::Counters;
 use pgrx::pg_sys;
 use std::sync::atomic::Ordering;
@@ -96,13 +96,15 @@ impl CaptureSwitch {
         if unsafe { pg_sys::RecoveryInProgress() } {
             return busy;
         }
-        let captured = catalog::in_transaction(catalog::captured).unwrap_or_else(|e| {
-            pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
-            busy.reasons
-                .push(format!("the captured tables (could not list them: {e})"));
-            busy.unknown = true;
-            Vec::new()
-        });
+        let captured = match catalog::in_transaction(catalog::captured) {
+            Ok(captured) => captured,
+            Err(e) => {
+                // (nothing switched this pass: the idle timers are kept)
+                pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
+                busy.unknown = Some(format!("the captured tables (could not list them: {e})"));
+                return busy;
+            }
+        };
         busy.captured = captured.iter().map(|t| t.relid).collect();
         let plan = self
             .switches
@@ -118,16 +120,19 @@ impl CaptureSwitch {
                 Ok(true) => Counters::incr(&counters.captures_enabled),
                 Ok(false) => {
                     Counters::incr(&counters.capture_lock_retries);
-                    busy.reasons.push(format!(
-                        "{} (a transaction that writes it holds a lock on it)",
-                        table.name
-                    ));
-                    busy.tables.push((table.relid, table.namespace));
+                    busy.tables.push(BusyTable {
+                        relid: table.relid,
+                        namespace: table.namespace,
+                        reason: format!("{} (a transaction that writes it holds a lock on it)", table.name),
+                    });
                 }
                 Err(e) => {
                     pgrx::warning!("pg_realtime: could not switch on capture of {}: {e}", table.name);
-                    busy.reasons.push(format!("{} ({e})", table.name));
-                    busy.tables.push((table.relid, table.namespace));
+                    busy.tables.push(BusyTable {
+                        relid: table.relid,
+                        namespace: table.namespace,
+                        reason: format!("{} ({e})", table.name),
+                    });
                 }
             }
         }

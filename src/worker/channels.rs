@@ -128,6 +128,21 @@ impl Channels {
         }
     }
 
+    /// Why a waiting join's tables are not all captured yet.
+    fn busy_reasons(&self, key: &ChannelKey, busy: &Busy) -> String {
+        let schema_oid = |name: &str| self.schema_oids.get(name).copied();
+        let mut reasons: Vec<&str> = self
+            .waiting
+            .get(key)
+            .into_iter()
+            .flat_map(|s| s.bindings.iter())
+            .flat_map(|b| busy.reasons_for(&b.target, schema_oid))
+            .collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        reasons.join(", ")
+    }
+
     /// Whether a waiting join covers a table whose trigger is not on.
     fn held_up(&self, key: &ChannelKey, busy: &Busy) -> bool {
         let Some(subscription) = self.waiting.get(key) else {
@@ -140,9 +155,9 @@ impl Channels {
             .any(|b| busy.holds_up(&b.target, schema_oid))
     }
 
-    /// Some wanted trigger is not on, for the reasons in `busy`: refuses
-    /// the joins that have waited `JOIN_WAIT_LIMIT`.
-    pub fn give_up_late(&mut self, now: Instant, busy: &[String]) {
+    /// Some wanted trigger is not on (`busy`): refuses the joins that have
+    /// waited `JOIN_WAIT_LIMIT`, each told why its own tables are off.
+    pub fn give_up_late(&mut self, now: Instant, busy: &Busy) {
         let (late, patient): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.replies)
             .into_iter()
             .partition(|w| now.duration_since(w.since) >= JOIN_WAIT_LIMIT);
@@ -151,10 +166,11 @@ impl Channels {
             return;
         }
         for waiting in late {
+            let why = self.busy_reasons(&waiting.key, busy);
             self.waiting.unsubscribe(&waiting.key);
             let _ = waiting.reply.send(Err(SubscribeError::CaptureOff {
                 secs: JOIN_WAIT_LIMIT.as_secs(),
-                busy: busy.join(", "),
+                busy: why,
             }));
         }
         self.publish_interest();

@@ -79,7 +79,7 @@ fn deliver_changes(channels: &mut Channels, access: &mut AccessCache, transactio
             continue;
         }
         let charge = charges[send.frame].get_or_insert_with(|| send.sink.tx.charge(data.len()));
-        let out = messages.get(send.frame, &send.sink.topic, send.ids, data);
+        let out = messages.get(send.row, send.frame, &send.sink.topic, send.ids, data);
         let sent = send.sink.tx.send_shared_later(out, charge, &mut later);
         if later.due() {
             later.wake();

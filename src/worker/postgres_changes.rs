@@ -73,7 +73,7 @@ impl PostgresChanges {
         }
         self.channels.admit_waiting(&busy);
         if !busy.is_empty() {
-            self.channels.give_up_late(now, &busy.reasons);
+            self.channels.give_up_late(now, &busy);
         }
     }
 

@@ -106,6 +106,9 @@ pub struct Send<'r, S> {
     pub sink: &'r S,
     pub ids: Vec<u32>,
     pub frame: usize,
+    /// The matched row it stands for: a row's sends come one after
+    /// another.
+    pub row: usize,
     pub kind: SendKind,
 }
 
@@ -149,6 +152,7 @@ impl<'r, S> Plan<'r, S> {
             sink: p.sink,
             ids: p.ids,
             frame,
+            row: p.row,
             kind,
         });
     }

@@ -86,34 +86,56 @@ impl Switches {
 /// needs none of them is answered, the others wait for the next pass.
 #[derive(Debug, Default)]
 pub struct Busy {
-    /// Each such table and why, for the joins that give up waiting.
-    pub reasons: Vec<String>,
-    /// Those tables, as (relid, namespace).
-    pub tables: Vec<(u32, u32)>,
+    /// Those tables.
+    pub tables: Vec<BusyTable>,
     /// Every captured table's relid (a partitioned one for its tree).
     pub captured: Vec<u32>,
-    /// The captured tables could not be listed: any may be off.
-    pub unknown: bool,
+    /// The captured tables could not be listed (why): any may be off.
+    pub unknown: Option<String>,
+}
+
+/// A captured table whose wanted trigger is not on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusyTable {
+    pub relid: u32,
+    pub namespace: u32,
+    /// Why, for the joins that give up waiting.
+    pub reason: String,
 }
 
 impl Busy {
     pub fn is_empty(&self) -> bool {
-        !self.unknown && self.tables.is_empty()
+        self.unknown.is_none() && self.tables.is_empty()
     }
 
     /// Whether a binding on `target` waits for a trigger not on yet
     /// (`schema_oid` resolves a schema's name). A table that is not one
     /// of the captured ones (a partition) waits whenever any does.
     pub fn holds_up(&self, target: &Target, schema_oid: impl Fn(&str) -> Option<u32>) -> bool {
-        if self.unknown {
-            return true;
+        self.unknown.is_some()
+            || self
+                .tables
+                .iter()
+                .any(|t| Self::blocks(t, target, &schema_oid, &self.captured))
+    }
+
+    /// Why a binding on `target` waits: the reasons of the busy tables it
+    /// needs (none: it does not wait).
+    pub fn reasons_for(&self, target: &Target, schema_oid: impl Fn(&str) -> Option<u32>) -> Vec<&str> {
+        if let Some(why) = &self.unknown {
+            return vec![why.as_str()];
         }
-        if self.tables.is_empty() {
-            return false;
-        }
+        self.tables
+            .iter()
+            .filter(|t| Self::blocks(t, target, &schema_oid, &self.captured))
+            .map(|t| t.reason.as_str())
+            .collect()
+    }
+
+    fn blocks(table: &BusyTable, target: &Target, schema_oid: &impl Fn(&str) -> Option<u32>, captured: &[u32]) -> bool {
         match target {
-            Target::Table(relid) => !self.captured.contains(relid) || self.tables.iter().any(|(t, _)| t == relid),
-            Target::Schema(name) => schema_oid(name).is_none_or(|oid| self.tables.iter().any(|(_, n)| *n == oid)),
+            Target::Table(relid) => !captured.contains(relid) || table.relid == *relid,
+            Target::Schema(name) => schema_oid(name).is_none_or(|oid| table.namespace == oid),
             Target::All => true,
         }
     }
@@ -216,14 +238,25 @@ mod tests {
     #[test]
     fn only_joins_that_need_a_busy_trigger_wait() {
         let busy = Busy {
-            reasons: vec!["public.b (locked)".into()],
-            tables: vec![(20, 2200)],
-            captured: vec![10, 20, 30],
-            unknown: false,
+            tables: vec![
+                BusyTable {
+                    relid: 20,
+                    namespace: 2200,
+                    reason: "public.b (locked)".into(),
+                },
+                BusyTable {
+                    relid: 40,
+                    namespace: 3300,
+                    reason: "other.d (locked)".into(),
+                },
+            ],
+            captured: vec![10, 20, 30, 40],
+            unknown: None,
         };
         let schema = |name: &str| match name {
             "public" => Some(2200),
             "other" => Some(3300),
+            "third" => Some(4400),
             _ => None,
         };
         assert!(!busy.holds_up(&Target::Table(10), schema), "its own trigger is on");
@@ -233,7 +266,15 @@ mod tests {
             "not a captured root: it may be 20's partition"
         );
         assert!(busy.holds_up(&Target::Schema("public".into()), schema));
-        assert!(!busy.holds_up(&Target::Schema("other".into()), schema));
+        assert!(!busy.holds_up(&Target::Schema("third".into()), schema));
+        assert_eq!(busy.reasons_for(&Target::Table(20), schema), ["public.b (locked)"]);
+        assert_eq!(
+            busy.reasons_for(&Target::Schema("other".into()), schema),
+            ["other.d (locked)"],
+            "a join that gives up is told its own tables, not every busy one"
+        );
+        assert!(busy.reasons_for(&Target::Table(10), schema).is_empty());
+        assert_eq!(busy.reasons_for(&Target::All, schema).len(), 2);
         assert!(busy.holds_up(&Target::Schema("unknown".into()), schema));
         assert!(busy.holds_up(&Target::All, schema));
         let none = Busy {
@@ -242,9 +283,10 @@ mod tests {
         };
         assert!(none.is_empty() && !none.holds_up(&Target::All, schema));
         let unlisted = Busy {
-            unknown: true,
+            unknown: Some("the captured tables (could not list them)".into()),
             ..Busy::default()
         };
         assert!(!unlisted.is_empty() && unlisted.holds_up(&Target::Table(10), schema));
+        assert_eq!(unlisted.reasons_for(&Target::Table(10), schema).len(), 1);
     }
 }

@@ -345,7 +345,7 @@ impl FanoutSender {
         allowance: usize,
         later: Option<&mut LaterWakes>,
     ) -> Result<(), FanoutError> {
-        {
+        let filling = {
             let mut state = self.queue.state.lock();
             if state.closed {
                 return Err(FanoutError::Closed);
@@ -359,12 +359,20 @@ impl FanoutSender {
                 self.queue.overflow(Overflow::Connection);
                 return Err(FanoutError::Full);
             }
+            let mark = limit / LaterWakes::WAKE_AT_FRACTION_OF_LIMIT;
+            let below = state.bytes <= mark;
             state.bytes += size;
             state.items.push_back((message, size, Hold::new(&charge)));
-        }
+            // A queue filling up is woken now, not with its batch: left
+            // to wait, it could pass its limit before its connection ran.
+            // (Once, as it passes the mark: a connection woken takes all
+            // there is before it waits again, so it waits only on a queue
+            // emptied, below the mark.)
+            below && state.bytes > mark
+        };
         match later {
-            None => self.queue.wake.notify_one(),
-            Some(later) => later.note(&self.queue),
+            Some(later) if !filling => later.note(&self.queue),
+            _ => self.queue.wake.notify_one(),
         }
         if self.budget.total.load(Ordering::Acquire) > self.budget.total_limit.load(Ordering::Relaxed) {
             self.budget.evict();
@@ -387,6 +395,7 @@ impl FanoutSender {
 /// latest when this is dropped, so that a connection receiving many
 /// messages of a pass is woken for a batch of them, not for each (each
 /// wake of a parked network thread is a system call and a task switch).
+/// A queue passing a quarter of its limit is woken at once instead.
 #[derive(Default)]
 pub struct LaterWakes {
     queues: Vec<Arc<Queue>>,
@@ -398,6 +407,9 @@ impl LaterWakes {
     /// they are woken: a connection is woken for about this many.
     const PUSHES_PER_QUEUE: usize = 16;
     const MIN_PUSHES: usize = 4096;
+    /// A queue holding more than its limit divided by this is woken at
+    /// once instead.
+    const WAKE_AT_FRACTION_OF_LIMIT: usize = 4;
 
     fn note(&mut self, queue: &Arc<Queue>) {
         if !queue.wake_later.swap(true, Ordering::AcqRel) {

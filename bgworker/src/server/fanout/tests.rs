@@ -191,6 +191,8 @@ async fn later_wakes_wake_a_queue_once_for_a_batch() {
     let taken = tokio::time::timeout(std::time::Duration::from_secs(10), receiving).await;
     assert_eq!(taken.expect("woken when the wakes were let go").unwrap(), 3);
     // enough pushes make it due; after a wake, a queue is noted again
+    // (one far below its limit: a filling one is woken at once)
+    let budget = Budget::new(1 << 30, 1 << 31);
     let (tx, _rx) = budget.queue();
     let mut later = LaterWakes::default();
     for _ in 0..LaterWakes::MIN_PUSHES {
@@ -201,4 +203,23 @@ async fn later_wakes_wake_a_queue_once_for_a_batch() {
     assert!(later.queues.is_empty() && !later.due());
     assert_eq!(tx.send_shared_later(msg(10), &charge, &mut later), Ok(()));
     assert_eq!(later.queues.len(), 1);
+}
+
+#[tokio::test]
+async fn later_wakes_wake_a_filling_queue_at_once() {
+    // Left to its batch, a queue could pass its limit before its
+    // connection ran: past a quarter of it, it is woken at each push.
+    let budget = Budget::new(1_000, 1 << 30);
+    let (tx, mut rx) = budget.queue();
+    let charge = tx.charge(100);
+    let mut later = LaterWakes::default();
+    let receiving = tokio::spawn(async move { matches!(rx.recv().await, Received::Message(_)) });
+    tokio::task::yield_now().await;
+    while tx.pending_bytes() <= 1_000 / LaterWakes::WAKE_AT_FRACTION_OF_LIMIT {
+        assert_eq!(tx.send_shared_later(msg(10), &charge, &mut later), Ok(()));
+    }
+    assert!(!later.due(), "a few pushes: the batch is not due");
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(10), receiving).await;
+    assert!(woken.expect("woken before the batch").unwrap());
+    drop(later);
 }

@@ -200,13 +200,13 @@ mod tests {
     fn channels_alike_share_one_change_message_encoded_once() {
         let data: Arc<str> = Arc::from(r#"{"type":"INSERT"}"#);
         let mut messages = ChangeMessages::default();
-        let a = messages.get(0, "realtime:t", vec![3], &data);
-        let b = messages.get(0, "realtime:t", vec![3], &data);
+        let a = messages.get(0, 0, "realtime:t", vec![3], &data);
+        let b = messages.get(0, 0, "realtime:t", vec![3], &data);
         assert!(Arc::ptr_eq(&a, &b), "same change, topic and ids: one message");
         for other in [
-            messages.get(1, "realtime:t", vec![3], &data),
-            messages.get(0, "realtime:u", vec![3], &data),
-            messages.get(0, "realtime:t", vec![3, 4], &data),
+            messages.get(0, 1, "realtime:t", vec![3], &data),
+            messages.get(0, 0, "realtime:u", vec![3], &data),
+            messages.get(0, 0, "realtime:t", vec![3, 4], &data),
         ] {
             assert!(!Arc::ptr_eq(&a, &other));
         }
@@ -221,6 +221,27 @@ mod tests {
             "encoded once, the bytes shared"
         );
         assert!(first.as_str().contains(r#""ids":[3]"#));
+    }
+
+    #[test]
+    fn a_change_message_goes_once_every_queue_has_sent_it() {
+        // The byte budget counts a change's data once: what the pass keeps
+        // of each channel's message (and its encoded frame) must not
+        // outlive the queues holding it.
+        let data: Arc<str> = Arc::from(r#"{"type":"INSERT"}"#);
+        let mut messages = ChangeMessages::default();
+        let a = messages.get(0, 0, "realtime:t", vec![3], &data);
+        assert!(encode(Vsn::V1, &a).is_some());
+        let gone = Arc::downgrade(&a);
+        drop(a);
+        assert!(gone.upgrade().is_none(), "sent everywhere: let go");
+        let again = messages.get(0, 0, "realtime:t", vec![3], &data);
+        assert!(matches!(&*again, Outbound::PostgresChanges { ids, .. } if *ids == [3]));
+        // a later row forgets the earlier row's messages
+        let kept = messages.get(0, 0, "realtime:u", vec![1], &data);
+        let next = messages.get(1, 1, "realtime:u", vec![1], &data);
+        assert!(!Arc::ptr_eq(&kept, &next));
+        assert!(messages.built.len() == 1, "only row 1's message is known");
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub use encode::encode;
 
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use std::sync::Arc;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Weak};
 use thiserror::Error;
 
 /// What every channel topic starts with (`realtime:room`).
@@ -177,41 +178,69 @@ pub enum Outbound {
     },
 }
 
-/// The postgres_changes messages of one delivery pass, one per change,
-/// topic and binding ids.
+/// The postgres_changes messages of one matched row of a delivery pass,
+/// one per frame, topic and binding ids. Held weakly: a message and its
+/// encoded frames go as soon as every queue it went to has sent it (the
+/// byte budget counts a frame's data once, not each channel's copy).
 #[derive(Default)]
 pub struct ChangeMessages {
-    built: std::collections::HashMap<(usize, String, Vec<u32>), Arc<Outbound>>,
+    /// The row whose messages `built` holds.
+    row: usize,
+    built: std::collections::HashMap<(usize, String, Vec<u32>), Weak<Outbound>>,
     /// The last one asked for: a change's channels come one after another,
     /// and alike ones mostly in a row (no hashing for them).
-    last: Option<(usize, Arc<Outbound>)>,
+    last: Option<(usize, Weak<Outbound>)>,
 }
 
 impl ChangeMessages {
-    /// The message of change `frame` (its `data`) for a channel of `topic`
-    /// with bindings `ids`: the one built before for the same three, if any.
-    pub fn get(&mut self, frame: usize, topic: &str, ids: Vec<u32>, data: &Arc<str>) -> Arc<Outbound> {
-        if let Some((f, out)) = &self.last {
-            if let Outbound::PostgresChanges { topic: t, ids: i, .. } = &**out {
-                if *f == frame && t == topic && *i == ids {
-                    return out.clone();
-                }
-            }
+    /// The message of frame `frame` (its `data`, of matched row `row`) for
+    /// a channel of `topic` with bindings `ids`: the one built before for
+    /// the same three, if it is still queued somewhere. Asking for another
+    /// row forgets the last row's.
+    pub fn get(&mut self, row: usize, frame: usize, topic: &str, ids: Vec<u32>, data: &Arc<str>) -> Arc<Outbound> {
+        if row != self.row {
+            self.row = row;
+            self.built.clear();
         }
-        let out = self
-            .built
-            .entry((frame, topic.to_owned(), ids))
-            .or_insert_with_key(|(_, topic, ids)| {
-                Arc::new(Outbound::PostgresChanges {
-                    topic: topic.clone(),
-                    ids: ids.clone(),
-                    data: data.clone(),
-                    encoded: Encoded::default(),
-                })
-            })
-            .clone();
-        self.last = Some((frame, out.clone()));
+        if let Some(out) = self.last_if(frame, topic, &ids) {
+            return out;
+        }
+        let out = match self.built.entry((frame, topic.to_owned(), ids)) {
+            Entry::Occupied(mut slot) => match slot.get().upgrade() {
+                Some(out) => out,
+                None => {
+                    let out = Self::message(topic, &slot.key().2, data);
+                    slot.insert(Arc::downgrade(&out));
+                    out
+                }
+            },
+            Entry::Vacant(slot) => {
+                let out = Self::message(topic, &slot.key().2, data);
+                slot.insert(Arc::downgrade(&out));
+                out
+            }
+        };
+        self.last = Some((frame, Arc::downgrade(&out)));
         out
+    }
+
+    fn message(topic: &str, ids: &[u32], data: &Arc<str>) -> Arc<Outbound> {
+        Arc::new(Outbound::PostgresChanges {
+            topic: topic.to_owned(),
+            ids: ids.to_vec(),
+            data: data.clone(),
+            encoded: Encoded::default(),
+        })
+    }
+
+    /// The last message asked for, if it is for the same three and alive.
+    fn last_if(&self, frame: usize, topic: &str, ids: &[u32]) -> Option<Arc<Outbound>> {
+        let (f, out) = self.last.as_ref()?;
+        let out = out.upgrade()?;
+        match &*out {
+            Outbound::PostgresChanges { topic: t, ids: i, .. } if *f == frame && t == topic && i == ids => Some(out),
+            _ => None,
+        }
     }
 }
 
