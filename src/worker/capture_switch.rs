@@ -33,6 +33,9 @@ pub struct CaptureSwitch {
     look_again: Vec<Instant>,
     /// `capture_syncs` when last looked at.
     syncs_seen: u64,
+    /// The last pass could not list the captured tables (warned once for
+    /// a run of failures).
+    listing_failed: bool,
 }
 
 impl Default for CaptureSwitch {
@@ -43,6 +46,7 @@ impl Default for CaptureSwitch {
             unsettled: true,
             look_again: Vec::new(),
             syncs_seen: 0,
+            listing_failed: false,
         }
     }
 }
@@ -99,12 +103,17 @@ impl CaptureSwitch {
         let captured = match catalog::in_transaction(catalog::captured) {
             Ok(captured) => captured,
             Err(e) => {
-                // (nothing switched this pass: the idle timers are kept)
-                pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
+                // (nothing switched this pass: the idle timers are kept,
+                // and it is tried again in a second)
+                if !std::mem::replace(&mut self.listing_failed, true) {
+                    pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
+                }
+                self.look_again.push(now + SETTLE_AGAIN);
                 busy.unknown = Some(format!("the captured tables (could not list them: {e})"));
                 return busy;
             }
         };
+        self.listing_failed = false;
         busy.captured = captured.iter().map(|t| t.relid).collect();
         let plan = self
             .switches

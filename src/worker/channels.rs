@@ -37,8 +37,18 @@ pub type JoinReply = tokio::sync::oneshot::Sender<Result<(), SubscribeError>>;
 /// A join waiting for capture triggers to be switched on.
 struct Waiting {
     key: ChannelKey,
-    reply: JoinReply,
+    /// Its askers: the join, and any later ask for the same channel (a
+    /// token refresh) while it waits, all answered alike.
+    replies: Vec<JoinReply>,
     since: Instant,
+}
+
+impl Waiting {
+    fn answer(self, answer: Result<(), SubscribeError>) {
+        for reply in self.replies {
+            let _ = reply.send(answer.clone());
+        }
+    }
 }
 
 #[derive(Default)]
@@ -75,13 +85,20 @@ impl Channels {
     /// Adds a validated join to the waiting ones and publishes its
     /// interest: from now on its tables' commits are captured (once their
     /// triggers are on).
+    /// An ask for a channel that already waits (a token refresh) replaces
+    /// its subscription and is answered with it, within the first ask's
+    /// limit: one wait per channel, so one refusal cannot end another's
+    /// subscription, nor an admission find none.
     pub fn wait(&mut self, key: ChannelKey, subscription: Subscription<Sink>, reply: JoinReply) {
         self.waiting.subscribe(key.clone(), subscription);
-        self.replies.push(Waiting {
-            key,
-            reply,
-            since: Instant::now(),
-        });
+        match self.replies.iter_mut().find(|w| w.key == key) {
+            Some(waiting) => waiting.replies.push(reply),
+            None => self.replies.push(Waiting {
+                key,
+                replies: vec![reply],
+                since: Instant::now(),
+            }),
+        }
         self.interest_stale = true;
     }
 
@@ -122,9 +139,9 @@ impl Channels {
                 if self.active.get(&waiting.key).is_none() {
                     Counters::incr(&crate::shmem::counters().subscriptions);
                 }
-                self.active.subscribe(waiting.key, subscription);
+                self.active.subscribe(waiting.key.clone(), subscription);
             }
-            let _ = waiting.reply.send(Ok(()));
+            waiting.answer(Ok(()));
         }
     }
 
@@ -168,7 +185,7 @@ impl Channels {
         for waiting in late {
             let why = self.busy_reasons(&waiting.key, busy);
             self.waiting.unsubscribe(&waiting.key);
-            let _ = waiting.reply.send(Err(SubscribeError::CaptureOff {
+            waiting.answer(Err(SubscribeError::CaptureOff {
                 secs: JOIN_WAIT_LIMIT.as_secs(),
                 busy: why,
             }));
@@ -199,13 +216,13 @@ impl Channels {
         let mut slots: HashMap<u32, usize> = HashMap::new();
         for relid in &oids {
             let filter = self.active.row_filter(*relid).union(self.waiting.row_filter(*relid));
-            let RowFilter::Keys { column, kind, keys } = filter else {
+            let RowFilter::Keys { column, kind, bloom } = filter else {
                 continue;
             };
             let Some(slot) = self.filter_slots.get(relid).copied().or_else(|| free.pop()) else {
                 continue; // no slot left: every row of this table goes on
             };
-            if filters.write(slot, *relid, column, kind, keys) {
+            if filters.write(slot, *relid, column, kind, &bloom) {
                 slots.insert(*relid, slot);
             }
         }

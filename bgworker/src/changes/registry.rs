@@ -7,6 +7,7 @@
 use super::filter::FilterRow;
 use super::filter::{Condition, Op};
 use crate::shared::keys::{index_key, json_key, Kind};
+use crate::shared::prefilter::{Bloom, CountingBloom};
 use crate::shared::wire::{ChangeKind, Relation};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -73,9 +74,44 @@ struct TargetIndex {
     by_value: HashMap<String, HashMap<String, Vec<(ChannelKey, usize)>>>,
     /// The columns `by_value` is keyed on, with their kinds.
     columns: HashMap<String, Kind>,
+    /// A table's: while `by_value` has one column, that column and the
+    /// Bloom filter of its keys, kept as they come and go (the capture
+    /// triggers' key filter, written once per batch of joins; rebuilt
+    /// from every key each time, it was a quarter of the worker's time in
+    /// a join storm). One per table at most: 32 kB each.
+    bloom: Option<(String, CountingBloom)>,
     /// Every column a condition here looks at, with how many do: all a
     /// change's row needs to be parsed for to be matched.
     filtered: HashMap<String, usize>,
+}
+
+impl TargetIndex {
+    /// Runs `change` on the kept Bloom filter if it is `column`'s.
+    fn bloom_for(&mut self, column: &str, change: impl FnOnce(&mut CountingBloom)) {
+        if let Some((c, bloom)) = &mut self.bloom {
+            if c == column {
+                change(bloom);
+            }
+        }
+    }
+
+    /// Keeps `bloom` for a table's one `by_value` column (built from its
+    /// keys when it becomes the only one), none otherwise.
+    fn settle_bloom(&mut self, target: &Target) {
+        let mut columns = self.by_value.iter();
+        match (target, columns.next(), columns.next()) {
+            (Target::Table(_), Some((column, values)), None) => {
+                if self.bloom.as_ref().is_none_or(|(c, _)| c != column) {
+                    let mut bloom = CountingBloom::default();
+                    for key in values.keys() {
+                        bloom.add(key);
+                    }
+                    self.bloom = Some((column.clone(), bloom));
+                }
+            }
+            _ => self.bloom = None,
+        }
+    }
 }
 
 /// A channel's subscription: its bindings and where its events go.
@@ -107,19 +143,16 @@ impl<S> Default for Registry<S> {
 /// Which rows of a table its bindings may want, for the capture trigger to
 /// drop the others before they are sent (`crate::shared::prefilter`).
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // (one per table, briefly, once per batch of joins)
 pub enum RowFilter<'a> {
     /// No binding names the table.
     Unbound,
     /// Any row may be wanted.
     Every,
-    /// Only rows whose value in `column` has one of these equality keys
-    /// ([`json_key`]): every binding has its indexed equality condition
-    /// on that column.
-    Keys {
-        column: &'a str,
-        kind: Kind,
-        keys: Vec<&'a str>,
-    },
+    /// Only rows whose value in `column` has one of the equality keys
+    /// ([`json_key`]) of `bloom`: every binding has its indexed equality
+    /// condition on that column.
+    Keys { column: &'a str, kind: Kind, bloom: Bloom },
 }
 
 impl<'a> RowFilter<'a> {
@@ -128,15 +161,19 @@ impl<'a> RowFilter<'a> {
         match (self, other) {
             (RowFilter::Unbound, f) | (f, RowFilter::Unbound) => f,
             (
-                RowFilter::Keys { column, kind, mut keys },
+                RowFilter::Keys {
+                    column,
+                    kind,
+                    mut bloom,
+                },
                 RowFilter::Keys {
                     column: c,
                     kind: k,
-                    keys: more,
+                    bloom: more,
                 },
             ) if column == c && kind == k => {
-                keys.extend(more);
-                RowFilter::Keys { column, kind, keys }
+                bloom.union(&more);
+                RowFilter::Keys { column, kind, bloom }
             }
             _ => RowFilter::Every,
         }
@@ -174,6 +211,13 @@ impl<S> Registry<S> {
             match indexed_by(binding) {
                 Some((c, value_key)) => {
                     index.columns.insert(c.column.clone(), c.kind);
+                    let known = index
+                        .by_value
+                        .get(&c.column)
+                        .is_some_and(|v| v.contains_key(&value_key));
+                    if !known {
+                        index.bloom_for(&c.column, |bloom| bloom.add(&value_key));
+                    }
                     index
                         .by_value
                         .entry(c.column.clone())
@@ -181,6 +225,7 @@ impl<S> Registry<S> {
                         .entry(value_key)
                         .or_default()
                         .push((key.clone(), i));
+                    index.settle_bloom(&binding.target);
                 }
                 None => index.scan.push((key.clone(), i)),
             }
@@ -229,15 +274,21 @@ impl<S> Registry<S> {
             match indexed_by(binding) {
                 Some((c, value_key)) => {
                     if let Some(values) = index.by_value.get_mut(&c.column) {
+                        let mut last = false;
                         if let Some(v) = values.get_mut(&value_key) {
                             v.retain(|(k, _)| k != key);
-                            if v.is_empty() {
+                            last = v.is_empty();
+                            if last {
                                 values.remove(&value_key);
                             }
                         }
                         if values.is_empty() {
                             index.by_value.remove(&c.column);
                         }
+                        if last {
+                            index.bloom_for(&c.column, |bloom| bloom.remove(&value_key));
+                        }
+                        index.settle_bloom(&binding.target);
                     }
                 }
                 None => index.scan.retain(|(k, _)| k != key),
@@ -347,13 +398,13 @@ impl<S> Registry<S> {
         };
         let mut columns = index.by_value.iter();
         match (index.scan.is_empty(), columns.next(), columns.next()) {
-            (true, Some((column, values)), None) => match index.columns.get(column) {
-                Some(kind) => RowFilter::Keys {
+            (true, Some((column, _)), None) => match (index.columns.get(column), &index.bloom) {
+                (Some(kind), Some((c, bloom))) if c == column => RowFilter::Keys {
                     column,
                     kind: *kind,
-                    keys: values.keys().map(String::as_str).collect(),
+                    bloom: bloom.bloom().clone(),
                 },
-                None => RowFilter::Every,
+                _ => RowFilter::Every,
             },
             _ => RowFilter::Every,
         }
@@ -797,14 +848,7 @@ mod tests {
             sink: (),
         };
         let keys = |f: RowFilter| match f {
-            RowFilter::Keys { column, kind, mut keys } => {
-                keys.sort();
-                Some((
-                    column.to_string(),
-                    kind,
-                    keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
-                ))
-            }
+            RowFilter::Keys { column, kind, bloom } => Some((column.to_string(), kind, bloom)),
             _ => None,
         };
         let gt = Condition {
@@ -815,7 +859,7 @@ mod tests {
         r.subscribe(key(2), sub(vec![gt.clone(), eq("n", Kind::Number, json!(6.0))]));
         assert_eq!(
             keys(r.row_filter(100)),
-            Some(("n".into(), Kind::Number, vec!["5".into(), "6".into()]))
+            Some(("n".into(), Kind::Number, Bloom::of(["5", "6"])))
         );
         // a binding with no equality condition: every row
         r.subscribe(key(3), sub(vec![gt]));
@@ -830,10 +874,7 @@ mod tests {
         let mut waiting: Registry<()> = Registry::default();
         waiting.subscribe(key(5), sub(vec![eq("n", Kind::Number, json!(7))]));
         let both = r.row_filter(100).union(waiting.row_filter(100));
-        assert_eq!(
-            keys(both),
-            Some(("n".into(), Kind::Number, vec!["5".into(), "6".into(), "7".into()]))
-        );
+        assert_eq!(keys(both), Some(("n".into(), Kind::Number, Bloom::of(["5", "6", "7"]))));
         assert_eq!(r.row_filter(100).union(RowFilter::Every), RowFilter::Every);
         waiting.subscribe(key(5), sub(vec![eq("title", Kind::Text, json!("x"))]));
         assert_eq!(r.row_filter(100).union(waiting.row_filter(100)), RowFilter::Every);
@@ -841,6 +882,52 @@ mod tests {
         r.unsubscribe(&key(1));
         r.unsubscribe(&key(2));
         assert_eq!(r.row_filter(100), RowFilter::Unbound);
+    }
+
+    /// The Bloom filter kept as keys come and go is always the one built
+    /// from the keys wanted now: never a key missing (a row lost), and no
+    /// key left over after its last binding went.
+    #[test]
+    fn kept_row_filters_equal_filters_built_from_the_keys() {
+        let mut r: Registry<()> = Registry::default();
+        let sub = |v: u64| Subscription {
+            bindings: vec![Binding {
+                id: 1,
+                target: Target::Table(100),
+                events: EventFilter::Only(ChangeKind::Insert),
+                conditions: vec![eq("n", Kind::Number, json!(v))],
+            }],
+            sink: (),
+        };
+        let mut wanted: HashMap<u64, u64> = HashMap::new(); // channel -> value
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        for _ in 0..5_000 {
+            let channel = next(200);
+            if next(3) == 0 {
+                r.unsubscribe(&key(channel));
+                wanted.remove(&channel);
+            } else {
+                // (a join again on the same channel replaces its binding)
+                let value = next(50);
+                r.subscribe(key(channel), sub(value));
+                wanted.insert(channel, value);
+            }
+            let keys: Vec<String> = wanted.values().map(|v| v.to_string()).collect();
+            match r.row_filter(100) {
+                RowFilter::Keys { column, kind, bloom } => {
+                    assert_eq!((column, kind), ("n", Kind::Number));
+                    assert_eq!(bloom, Bloom::of(keys.iter().map(String::as_str)));
+                }
+                RowFilter::Unbound => assert!(wanted.is_empty()),
+                RowFilter::Every => panic!("every binding has its equality condition"),
+            }
+        }
     }
 
     #[test]

@@ -84,6 +84,87 @@ fn kind_of(code: u64) -> Option<Kind> {
     })
 }
 
+/// The bits of a slot's Bloom filter for a set of keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Bloom([u64; BLOOM_WORDS]);
+
+impl Default for Bloom {
+    fn default() -> Self {
+        Bloom([0; BLOOM_WORDS])
+    }
+}
+
+impl std::fmt::Debug for Bloom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set: u32 = self.0.iter().map(|w| w.count_ones()).sum();
+        write!(f, "Bloom({set} bits set)")
+    }
+}
+
+impl Bloom {
+    /// The filter of exactly `keys`.
+    pub fn of<'k>(keys: impl IntoIterator<Item = &'k str>) -> Bloom {
+        let mut bloom = Bloom::default();
+        for key in keys {
+            for bit in bits(key_hash(key)) {
+                bloom.0[bit / 64] |= 1 << (bit % 64);
+            }
+        }
+        bloom
+    }
+
+    /// Adds the keys of `other`.
+    pub fn union(&mut self, other: &Bloom) {
+        for (word, more) in self.0.iter_mut().zip(other.0.iter()) {
+            *word |= more;
+        }
+    }
+}
+
+/// A [`Bloom`] kept up to date as keys come and go, by a count per bit (a
+/// Bloom filter cannot forget a key by itself): adding or removing a key
+/// costs its own hash, not a rebuild from every key. The caller adds each
+/// distinct key once and removes only keys it added.
+#[derive(Clone)]
+pub struct CountingBloom {
+    counts: Vec<u32>,
+    bloom: Bloom,
+}
+
+impl Default for CountingBloom {
+    fn default() -> Self {
+        CountingBloom {
+            counts: vec![0; BLOOM_BITS],
+            bloom: Bloom::default(),
+        }
+    }
+}
+
+impl CountingBloom {
+    pub fn add(&mut self, key: &str) {
+        for bit in bits(key_hash(key)) {
+            self.counts[bit] += 1;
+            self.bloom.0[bit / 64] |= 1 << (bit % 64);
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        for bit in bits(key_hash(key)) {
+            // (saturating: a key never added, a caller's bug, must not
+            // wrap a count and leave a bit set for good)
+            self.counts[bit] = self.counts[bit].saturating_sub(1);
+            if self.counts[bit] == 0 {
+                self.bloom.0[bit / 64] &= !(1 << (bit % 64));
+            }
+        }
+    }
+
+    /// The filter of the keys added and not removed.
+    pub fn bloom(&self) -> &Bloom {
+        &self.bloom
+    }
+}
+
 /// What a slot says about a table, as a reader caches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyColumn {
@@ -196,27 +277,15 @@ impl<'a> KeyFilters<'a> {
     }
 
     /// Makes `slot` filter `relid` on `column` (compared as `kind`) for
-    /// exactly `keys`. Writer only (the realtime worker); leaves the slot
+    /// the keys of `bloom`. Writer only (the realtime worker); leaves the slot
     /// untouched when it already says just that. False, and nothing
     /// written, for a column name longer than a slot holds (63 bytes, as
     /// Postgres's NAMEDATALEN allows): the table gets no key filter.
-    pub fn write<'k>(
-        &self,
-        slot: usize,
-        relid: u32,
-        column: &str,
-        kind: Kind,
-        keys: impl IntoIterator<Item = &'k str>,
-    ) -> bool {
+    pub fn write(&self, slot: usize, relid: u32, column: &str, kind: Kind, bloom: &Bloom) -> bool {
         if column.len() >= NAME_WORDS * 8 || column.contains('\0') {
             return false;
         }
-        let mut bloom = [0u64; BLOOM_WORDS];
-        for key in keys {
-            for bit in bits(key_hash(key)) {
-                bloom[bit / 64] |= 1 << (bit % 64);
-            }
-        }
+        let bloom = &bloom.0;
         let mut name = [0u64; NAME_WORDS];
         let bytes = column.as_bytes();
         assert!(
@@ -294,7 +363,7 @@ mod tests {
         let words = slots(2);
         let f = KeyFilters::new(&words);
         assert_eq!(f.column(0, 7), None, "an empty slot describes no table");
-        f.write(0, 7, "recipient_id", Kind::Number, ["5", "6"]);
+        f.write(0, 7, "recipient_id", Kind::Number, &Bloom::of(["5", "6"]));
         let column = f.column(0, 7).unwrap();
         assert_eq!((column.name.as_str(), column.kind), ("recipient_id", Kind::Number));
         assert_eq!(f.column(0, 8), None);
@@ -310,37 +379,62 @@ mod tests {
         // no key (NULL): wanted by nobody, unless the slot changed
         assert!(!f.wants(0, 7, g, None) && f.wants(0, 7, g + 1, None));
         let v = f.version(0);
-        f.write(0, 7, "recipient_id", Kind::Number, ["6", "5"]);
+        f.write(0, 7, "recipient_id", Kind::Number, &Bloom::of(["6", "5"]));
         assert_eq!(f.version(0), v, "the same keys: not rewritten");
-        f.write(0, 7, "recipient_id", Kind::Number, ["5"]);
+        f.write(0, 7, "recipient_id", Kind::Number, &Bloom::of(["5"]));
         assert_ne!(f.version(0), v);
         assert_eq!(f.generation(0), g);
+    }
+
+    #[test]
+    fn a_counting_bloom_forgets_a_key_without_a_rebuild() {
+        let mut kept = CountingBloom::default();
+        for key in ["a", "b", "c"] {
+            kept.add(key);
+        }
+        assert_eq!(kept.bloom(), &Bloom::of(["a", "b", "c"]));
+        kept.remove("b");
+        assert_eq!(kept.bloom(), &Bloom::of(["a", "c"]));
+        // a bit two keys share stays set while either is there
+        let keys: Vec<String> = (0..5_000).map(|k| k.to_string()).collect();
+        for key in &keys {
+            kept.add(key);
+        }
+        for key in &keys[..4_000] {
+            kept.remove(key);
+        }
+        let left = ["a", "c"].into_iter().chain(keys[4_000..].iter().map(String::as_str));
+        assert_eq!(kept.bloom(), &Bloom::of(left));
+        for key in keys[4_000..].iter().map(String::as_str).chain(["a", "c"]) {
+            kept.remove(key);
+        }
+        assert_eq!(kept.bloom(), &Bloom::default());
     }
 
     #[test]
     fn generations_change_with_the_column_not_the_keys() {
         let words = slots(1);
         let f = KeyFilters::new(&words);
-        f.write(0, 7, "a", Kind::Number, ["1"]);
+        f.write(0, 7, "a", Kind::Number, &Bloom::of(["1"]));
         let g = f.column(0, 7).unwrap().generation;
-        f.write(0, 7, "a", Kind::Number, ["1", "2"]);
+        f.write(0, 7, "a", Kind::Number, &Bloom::of(["1", "2"]));
         assert_eq!(f.column(0, 7).unwrap().generation, g);
         assert!(f.wants(0, 7, g, hash_of("2")));
-        f.write(0, 7, "a", Kind::Number, ["2"]);
+        f.write(0, 7, "a", Kind::Number, &Bloom::of(["2"]));
         assert!(!f.wants(0, 7, g, hash_of("1")), "a key nobody wants any more");
-        f.write(0, 7, "b", Kind::Number, ["2"]);
+        f.write(0, 7, "b", Kind::Number, &Bloom::of(["2"]));
         let h = f.column(0, 7).unwrap();
         assert_ne!(h.generation, g);
         assert_eq!(h.name, "b");
-        f.write(0, 7, "b", Kind::Text, ["2"]);
+        f.write(0, 7, "b", Kind::Text, &Bloom::of(["2"]));
         assert_ne!(f.column(0, 7).unwrap().generation, h.generation);
         f.clear(0);
         assert_eq!(f.column(0, 7), None);
         let long = "x".repeat(63);
-        assert!(f.write(0, 9, &long, Kind::Uuid, []));
+        assert!(f.write(0, 9, &long, Kind::Uuid, &Bloom::of([])));
         assert_eq!(f.column(0, 9).unwrap().name, long);
         // longer than a slot holds: refused, the slot untouched
-        assert!(!f.write(0, 9, &"y".repeat(64), Kind::Uuid, []));
+        assert!(!f.write(0, 9, &"y".repeat(64), Kind::Uuid, &Bloom::of([])));
         assert_eq!(f.column(0, 9).unwrap().name, long);
     }
 
@@ -352,16 +446,16 @@ mod tests {
     fn readers_racing_rewrites_never_see_a_torn_slot() {
         let words = slots(1);
         let f = KeyFilters::new(&words);
-        f.write(0, 7, "a", Kind::Text, ["keep"]);
+        f.write(0, 7, "a", Kind::Text, &Bloom::of(["keep"]));
         let stop = AtomicBool::new(false);
         let hash = key_hash("keep");
         std::thread::scope(|s| {
             s.spawn(|| {
                 for i in 0..20_000 {
                     if i % 2 == 0 {
-                        f.write(0, 7, "b", Kind::Text, []);
+                        f.write(0, 7, "b", Kind::Text, &Bloom::of([]));
                     } else {
-                        f.write(0, 7, "a", Kind::Text, ["keep"]);
+                        f.write(0, 7, "a", Kind::Text, &Bloom::of(["keep"]));
                     }
                 }
                 stop.store(true, Ordering::Release);

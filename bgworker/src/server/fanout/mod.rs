@@ -152,6 +152,12 @@ impl Budget {
     pub fn set_limits(&self, per_queue: usize, total: usize) {
         self.per_queue.store(per_queue, Ordering::Relaxed);
         self.total_limit.store(total, Ordering::Relaxed);
+        // (a queue waiting for its batch may now be past the quarter of a
+        // lower limit, a mark no later push will cross: woken now)
+        let queues: Vec<Arc<Queue>> = self.queues.lock().values().filter_map(Weak::upgrade).collect();
+        for queue in queues {
+            queue.wake.notify_one();
+        }
     }
 
     /// Bytes held now by queued messages, each shared one once.

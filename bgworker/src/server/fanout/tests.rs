@@ -223,3 +223,23 @@ async fn later_wakes_wake_a_filling_queue_at_once() {
     assert!(woken.expect("woken before the batch").unwrap());
     drop(later);
 }
+
+#[tokio::test]
+async fn a_lower_limit_wakes_queues_waiting_for_their_batch() {
+    // No later push would cross the quarter mark of the new limit.
+    let budget = Budget::new(1 << 20, 1 << 30);
+    let (tx, mut rx) = budget.queue();
+    let charge = tx.charge(100);
+    let mut later = LaterWakes::default();
+    let receiving = tokio::spawn(async move { matches!(rx.recv().await, Received::Message(_)) });
+    tokio::task::yield_now().await;
+    for _ in 0..3 {
+        assert_eq!(tx.send_shared_later(msg(10), &charge, &mut later), Ok(()));
+    }
+    tokio::task::yield_now().await;
+    assert!(!receiving.is_finished(), "waiting for its batch");
+    budget.set_limits(tx.pending_bytes() * 2, 1 << 30);
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(10), receiving).await;
+    assert!(woken.expect("woken by the new limits").unwrap());
+    drop(later);
+}
