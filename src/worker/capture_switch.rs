@@ -108,12 +108,16 @@ impl CaptureSwitch {
                 if !std::mem::replace(&mut self.listing_failed, true) {
                     pgrx::warning!("pg_realtime: could not list the captured tables: {e}");
                 }
-                self.look_again.push(now + SETTLE_AGAIN);
+                if !self.look_again.iter().any(|again| *again <= now + SETTLE_AGAIN) {
+                    self.look_again.push(now + SETTLE_AGAIN);
+                }
                 busy.unknown = Some(format!("the captured tables (could not list them: {e})"));
                 return busy;
             }
         };
-        self.listing_failed = false;
+        if std::mem::take(&mut self.listing_failed) {
+            pgrx::log!("pg_realtime: the captured tables could be listed again");
+        }
         busy.captured = captured.iter().map(|t| t.relid).collect();
         let plan = self
             .switches

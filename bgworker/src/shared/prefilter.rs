@@ -121,39 +121,35 @@ impl Bloom {
     }
 }
 
-/// A [`Bloom`] kept up to date as keys come and go, by a count per bit (a
-/// Bloom filter cannot forget a key by itself): adding or removing a key
-/// costs its own hash, not a rebuild from every key. The caller adds each
-/// distinct key once and removes only keys it added.
-#[derive(Clone)]
+/// A [`Bloom`] kept up to date as keys come and go, by a count per bit in
+/// use (a Bloom filter cannot forget a key by itself): adding or removing
+/// a key costs its own hash, not a rebuild from every key. The counts are
+/// kept only for bits set, so a filter costs its 1 kB and about 20 bytes
+/// a key. The caller adds each distinct key once and removes only keys it
+/// added.
+#[derive(Clone, Default)]
 pub struct CountingBloom {
-    counts: Vec<u32>,
+    counts: std::collections::HashMap<u16, u32>,
     bloom: Bloom,
-}
-
-impl Default for CountingBloom {
-    fn default() -> Self {
-        CountingBloom {
-            counts: vec![0; BLOOM_BITS],
-            bloom: Bloom::default(),
-        }
-    }
 }
 
 impl CountingBloom {
     pub fn add(&mut self, key: &str) {
         for bit in bits(key_hash(key)) {
-            self.counts[bit] += 1;
+            *self.counts.entry(bit as u16).or_insert(0) += 1;
             self.bloom.0[bit / 64] |= 1 << (bit % 64);
         }
     }
 
     pub fn remove(&mut self, key: &str) {
         for bit in bits(key_hash(key)) {
-            // (saturating: a key never added, a caller's bug, must not
-            // wrap a count and leave a bit set for good)
-            self.counts[bit] = self.counts[bit].saturating_sub(1);
-            if self.counts[bit] == 0 {
+            let Some(count) = self.counts.get_mut(&(bit as u16)) else {
+                debug_assert!(false, "a key removed that was not added");
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.counts.remove(&(bit as u16));
                 self.bloom.0[bit / 64] &= !(1 << (bit % 64));
             }
         }
