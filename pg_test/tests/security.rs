@@ -102,6 +102,7 @@ fn main() {
         a_membership_without_set_is_not_enough,
         a_slow_policy_is_cancelled_and_its_subscribers_told,
         a_private_policy_helper_sees_the_databases_search_path,
+        a_policy_helper_wrongly_marked_immutable_sees_each_subscriber,
         // (last: they restart the worker)
         a_policy_that_ends_the_worker_is_refused_after,
         a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster,
@@ -752,4 +753,70 @@ fn a_policy_that_catches_its_cancel_ends_the_worker_not_the_cluster(ctx: &Ctx) {
     );
     c.psql("ALTER SYSTEM RESET pg_realtime.check_timeout");
     c.psql("SELECT pg_reload_conf()");
+}
+
+/// Two subscribers' tokens for `mallory.inbox`: its policy lets each see
+/// the rows addressed to its `sub` claim.
+fn inbox_reader(sub: &str) -> String {
+    token_with(
+        SECRET,
+        json!({"role": "authenticated", "sub": sub, "exp": now() + 3600}),
+    )
+}
+
+/// Rows for A, then B, then A again: each subscriber's next event must be
+/// its own row (B's own row is the sentinel that proves A's first did not
+/// reach B; A's second, that B's did not reach A).
+async fn each_sees_only_its_own(c: &Cluster, a: &mut Client, b: &mut Client, round: &str) {
+    c.psql(&format!(
+        "INSERT INTO mallory.inbox (recipient, body) VALUES ('reader-a', 'a1 {round}');
+         INSERT INTO mallory.inbox (recipient, body) VALUES ('reader-b', 'b1 {round}');
+         INSERT INTO mallory.inbox (recipient, body) VALUES ('reader-a', 'a2 {round}');"
+    ));
+    for (client, want) in [(a, ["a1", "a2"].as_slice()), (b, ["b1"].as_slice())] {
+        for want in want {
+            let event = client.event().await;
+            assert_eq!(event[4]["data"]["record"]["body"], format!("{want} {round}"), "{event}");
+        }
+    }
+}
+
+/// A plan shared between subscribers would fold a policy helper wrongly
+/// marked IMMUTABLE with the first subscriber's claims; the worker must
+/// not share plans while such a helper exists, nor after one is made so.
+fn a_policy_helper_wrongly_marked_immutable_sees_each_subscriber(ctx: &Ctx) {
+    let c = &ctx.c;
+    c.psql(
+        "SET ROLE mallory;
+         CREATE FUNCTION mallory.reader() RETURNS text LANGUAGE sql STABLE
+           AS $$ SELECT pg_catalog.current_setting('request.jwt.claim.sub', true) $$;
+         CREATE TABLE mallory.inbox (id bigserial PRIMARY KEY, recipient text, body text);
+         ALTER TABLE mallory.inbox ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY addressed ON mallory.inbox FOR SELECT USING (recipient = mallory.reader());
+         GRANT SELECT ON mallory.inbox TO authenticated;
+         RESET ROLE;
+         GRANT authenticated TO authenticator;
+         ALTER PUBLICATION supabase_realtime ADD TABLE mallory.inbox;",
+    );
+    ctx.rt.block_on(async {
+        let binding = json!([{"event": "INSERT", "schema": "mallory", "table": "inbox"}]);
+        let (ta, tb) = (inbox_reader("reader-a"), inbox_reader("reader-b"));
+        let mut a = Client::connect(c.ws_port, &ta).await;
+        let mut b = Client::connect(c.ws_port, &tb).await;
+        assert_eq!(subscribe(&mut a, "inbox", binding.clone(), &ta).await.0, "ok");
+        assert_eq!(subscribe(&mut b, "inbox", binding, &tb).await.0, "ok");
+        // correctly marked STABLE: read again for every subscriber
+        each_sees_only_its_own(c, &mut a, &mut b, "stable").await;
+        // made IMMUTABLE after plans were kept, then a new helper so from
+        // the start
+        c.psql("SET ROLE mallory; ALTER FUNCTION mallory.reader() IMMUTABLE;");
+        each_sees_only_its_own(c, &mut a, &mut b, "altered").await;
+        c.psql(
+            "SET ROLE mallory;
+             CREATE FUNCTION mallory.reader2() RETURNS text LANGUAGE plpgsql IMMUTABLE
+               AS $$ BEGIN RETURN pg_catalog.current_setting('request.jwt.claim.sub', true); END $$;
+             ALTER POLICY addressed ON mallory.inbox USING (recipient = mallory.reader2());",
+        );
+        each_sees_only_its_own(c, &mut a, &mut b, "created").await;
+    });
 }

@@ -1,9 +1,13 @@
 //! What each subscriber may see of a delivered row: its role's column
-//! privileges, read from the catalog and cached for `ACCESS_TTL`, and the
-//! row-level security check of each row, run as the subscriber (`acting`).
+//! privileges, read from the catalog and cached until the table changes
+//! (`invalidations`) or for `ACCESS_TTL` at most, and the row-level
+//! security check of each row, run as the subscriber (`acting`), on a
+//! plan its role's subscribers share when they may (`share`).
 
 use super::acting::{self, ActingRole};
 use super::catalog;
+use super::invalidations;
+use super::share::Sharing;
 use bgworker::changes::deliver::{Access, CheckGroup, CheckKey, Grants, RoleTable};
 use bgworker::changes::rls;
 use bgworker::shared::stats::Counters;
@@ -13,8 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long privileges and policies read from the catalog are trusted
-/// before they are read again, so a REVOKE or a new policy takes effect
-/// within this time.
+/// before they are read again. A change to the table (a REVOKE, a new
+/// policy, an ALTER TABLE) takes effect at once; one to a role's
+/// memberships, within this time.
 const ACCESS_TTL: Duration = Duration::from_secs(1);
 
 /// What a role may read of a table, with the role as resolved when it
@@ -35,6 +40,7 @@ struct ReadAt {
 #[derive(Default)]
 pub struct AccessCache {
     entries: HashMap<(Arc<str>, u32), ReadAt>,
+    sharing: Sharing,
 }
 
 impl AccessCache {
@@ -56,6 +62,20 @@ struct CheckJob {
 }
 
 impl Access for AccessCache {
+    /// Forgets what was read of the tables changed since (nothing read,
+    /// nothing to forget: no transaction).
+    fn catch_up(&mut self) {
+        if !self.entries.is_empty() {
+            invalidations::catch_up();
+        }
+        let changed = invalidations::take_changed();
+        if changed.all {
+            self.entries.clear();
+        } else if !changed.relids.is_empty() {
+            self.entries.retain(|(_, relid), _| !changed.relids.contains(relid));
+        }
+    }
+
     fn is_stale(&self, role: &Arc<str>, relid: u32) -> bool {
         self.entries
             .get(&(role.clone(), relid))
@@ -116,7 +136,10 @@ impl Access for AccessCache {
                 images,
             });
         }
-        BackgroundWorker::transaction(move || run_checks(jobs))
+        let sharing = self.sharing;
+        let (seen, sharing) = BackgroundWorker::transaction(move || run_checks(jobs, sharing));
+        self.sharing = sharing;
+        seen
     }
 }
 
@@ -151,7 +174,7 @@ fn read_all(
 }
 
 /// Runs each check as its identity, in the current transaction.
-fn run_checks(jobs: Vec<CheckJob>) -> HashMap<CheckKey, Option<HashSet<usize>>> {
+fn run_checks(jobs: Vec<CheckJob>, mut sharing: Sharing) -> (HashMap<CheckKey, Option<HashSet<usize>>>, Sharing) {
     let mut out = HashMap::new();
     if let Err(e) = catalog::clear_search_path() {
         pgrx::warning!("pg_realtime: could not prepare the row-level security checks: {e}");
@@ -159,7 +182,7 @@ fn run_checks(jobs: Vec<CheckJob>) -> HashMap<CheckKey, Option<HashSet<usize>>> 
         for job in jobs {
             out.insert(job.key, None);
         }
-        return out;
+        return (out, sharing);
     }
     let counters = crate::shmem::counters();
     for job in jobs {
@@ -176,7 +199,7 @@ fn run_checks(jobs: Vec<CheckJob>) -> HashMap<CheckKey, Option<HashSet<usize>>> 
             topic: None,
             subject: job.key.relid,
         };
-        let seen = acting::as_identity(&identity, || catalog::visible_rows(&job.query, &job.images));
+        let seen = check(&identity, &job, &mut sharing);
         let seen: Option<HashSet<usize>> = match seen {
             Ok(positions) => Some(
                 positions
@@ -198,7 +221,25 @@ fn run_checks(jobs: Vec<CheckJob>) -> HashMap<CheckKey, Option<HashSet<usize>>> 
         out.insert(job.key, seen);
     }
     let _ = catalog::release_session_locks();
-    out
+    (out, sharing)
+}
+
+/// Runs `job`'s check as `identity`: on its role's shared plan if
+/// `sharing` allows, run again planned afresh if a function changed
+/// meanwhile (it may have been planned with that function folded).
+fn check(identity: &acting::Identity<'_>, job: &CheckJob, sharing: &mut Sharing) -> catalog::CatalogResult<Vec<i32>> {
+    let planned = &crate::shmem::counters().rls_checks_planned;
+    let kept_for = sharing.allowed().then_some(u32::from(job.role.0));
+    let seen = acting::as_identity(identity, || catalog::visible_rows(&job.query, &job.images, kept_for));
+    if kept_for.is_none() {
+        Counters::incr(planned);
+    }
+    if kept_for.is_none() || !sharing.changed() {
+        return seen;
+    }
+    sharing.allowed();
+    Counters::incr(planned);
+    acting::as_identity(identity, || catalog::visible_rows(&job.query, &job.images, None))
 }
 
 /// What `role` may read of the table now: None if the role may no longer
@@ -212,7 +253,7 @@ fn read_grants(role: &str, relid: u32, name: Option<&(String, String)>) -> catal
     };
     let check = access.policies.map(|policies| {
         let (schema, table) = name.cloned().unwrap_or_default();
-        rls::check_query(&schema, &table, &rls::predicate(&policies))
+        rls::check_query(&schema, &table, relid, &rls::predicate(&policies))
     });
     Ok(Some(Readable {
         role: acting,

@@ -232,6 +232,9 @@ pub fn as_identity<T>(identity: &Identity<'_>, f: impl FnOnce() -> SpiResult<T> 
         ("realtime.topic", identity.topic.unwrap_or("")),
         ("lock_timeout", lock_timeout.as_str()),
         ("search_path", subscriber_search_path()),
+        // (a check kept for a role's subscribers runs on one generic
+        // plan, not re-planned with each one's claims: `share`)
+        ("plan_cache_mode", "force_generic_plan"),
     ]
     .map(|(name, value)| (name, value.to_owned()));
     let answer = catalog::rolled_back(move || {

@@ -174,6 +174,28 @@ pub fn access(role: &str, relid: u32) -> SpiResult<Option<Access>> {
     Ok(Some(Access { columns, policies }))
 }
 
+/// Whether the database has a function that a plan would fold as a
+/// constant (IMMUTABLE) but whose result might depend on who runs it: one
+/// a user wrote, in a language other than C or internal (which only a
+/// superuser may use), outside the system schemas, not part of an
+/// extension. Such a function in a policy, wrongly marked, is run once
+/// when a plan is made, not once per subscriber (`access::share`).
+pub fn user_immutable_functions_exist() -> SpiResult<bool> {
+    let found = first::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_proc p \
+           JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+           WHERE p.provolatile = 'i' AND l.lanname NOT IN ('c', 'internal') \
+             AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d \
+               WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid \
+                 AND d.deptype = 'e'))",
+        &[],
+    )?;
+    // (no answer: assume there is one)
+    Ok(found != Some(false))
+}
+
 /// Makes the transaction's `search_path` empty: expressions are printed
 /// with, and later run under, fully qualified names.
 pub fn clear_search_path() -> SpiResult<()> {
@@ -187,14 +209,15 @@ fn run(query: &str) -> SpiResult<()> {
 
 /// Runs `query` (a row check from `bgworker::changes::rls`) over `rows`;
 /// returns the 1-based positions of the rows it keeps. Run it as the
-/// subscriber (`acting::as_identity`).
-pub fn visible_rows(query: &str, rows: &str) -> SpiResult<Vec<i32>> {
+/// subscriber (`acting::as_identity`). With `kept_for`, on the plan kept
+/// for that role, shared by its subscribers (only while `access::share`
+/// allows); without, planned afresh.
+pub fn visible_rows(query: &str, rows: &str, kept_for: Option<u32>) -> SpiResult<Vec<i32>> {
     Spi::connect(|client| {
-        // (planned afresh, not kept: the check names its table only
-        // inside a cast, so a kept plan would outlive an ALTER COLUMN
-        // TYPE, and a policy helper wrongly marked IMMUTABLE would be
-        // folded with the first subscriber's claims)
-        let table = client.select(query, None, &[rows.into()])?;
+        let table = match kept_for {
+            Some(role) => plans::select_check(client, role, query, rows)?,
+            None => client.select(query, None, &[rows.into()])?,
+        };
         let mut out = Vec::new();
         for row in table {
             if let Some(n) = row.get::<i32>(1)? {

@@ -14,11 +14,13 @@ mod deadline;
 mod deliver;
 mod drain;
 mod fds;
+mod invalidations;
 mod listen;
 mod network;
 mod plans;
 mod postgres_changes;
 mod private;
+mod share;
 mod subscribe;
 
 use bgworker::server::log::{forwarder, LogReceiver};
@@ -119,6 +121,7 @@ fn prepare_session() {
     .unwrap_or_else(|e| error!("pg_realtime: cannot set the worker's time zone and search_path: {e}"));
     acting::remember_search_path(search_path.unwrap_or_default());
     deadline::register();
+    invalidations::register();
     BackgroundWorker::transaction(acting::quarantine_on_start);
     crate::shmem::set_worker_latch();
     // Whatever subscribers the previous worker had are gone with it.

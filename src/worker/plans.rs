@@ -5,27 +5,59 @@
 //! planner, 227 joins a second). Kept by query text and argument types,
 //! at most `MAX_PLANS` (then all are let go and planned again);
 //! PostgreSQL's plan cache replans a kept plan itself when a catalog it
-//! reads, the role or the search_path it depends on changes. Only for
-//! queries over the system catalogs: a row check or a cast, which run a
-//! table owner's code and name their table only inside a cast, are
-//! planned afresh (`catalog::visible_rows`).
+//! reads, the role or the search_path it depends on changes.
+//!
+//! Row checks have their own, smaller store (`check`), kept per role and
+//! query so that one table's subscribers share one generic plan
+//! (`docs/security.md`, "Kept checks"; `access::share` decides when they
+//! may).
 
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::PgOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::rc::Rc;
 
 use super::catalog::SpiResult;
 
-/// Distinct queries kept at once (the worker's own are a dozen).
+/// Distinct catalog queries kept at once (the worker's own are a dozen).
 const MAX_PLANS: usize = 64;
+/// Row checks kept at once: a generic plan of the seed app's `messages`
+/// check holds 32 kB (`pg_backend_memory_contexts` after one run), so
+/// about 2 MB at most.
+const MAX_CHECK_PLANS: usize = 64;
+
+/// Plans by key, at most `max` (then all are let go).
+struct Kept<K> {
+    plans: HashMap<K, Rc<OwnedPreparedStatement>>,
+    max: usize,
+}
+
+impl<K: Hash + Eq> Kept<K> {
+    fn new(max: usize) -> Kept<K> {
+        Kept {
+            plans: HashMap::new(),
+            max,
+        }
+    }
+
+    fn insert(&mut self, key: K, plan: Rc<OwnedPreparedStatement>) {
+        if self.plans.len() >= self.max {
+            self.plans.clear();
+        }
+        self.plans.insert(key, plan);
+    }
+}
 
 type Key = (String, Vec<u32>);
+/// (role, query): a check's one argument is always its rows, as text.
+type CheckKey = (u32, String);
 
 thread_local! {
-    static PLANS: RefCell<HashMap<Key, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<Kept<Key>> = RefCell::new(Kept::new(MAX_PLANS));
+    static CHECKS: RefCell<Kept<CheckKey>> = RefCell::new(Kept::new(MAX_CHECK_PLANS));
 }
 
 /// Runs the SELECT `query` with `args` through `client`, on its kept plan
@@ -36,25 +68,44 @@ pub fn select<'conn>(
     limit: Option<i64>,
     args: &[DatumWithOid<'_>],
 ) -> SpiResult<SpiTupleTable<'conn>> {
-    let plan = kept(client, query, args)?;
+    let key: Key = (query.to_owned(), args.iter().map(|a| u32::from(a.oid())).collect());
+    let plan = kept(&PLANS, key, client, query, args)?;
     client.select(&*plan, limit, args)
 }
 
-/// The kept plan of `query` for `args`' types. (An `Rc`, not a borrow of
-/// the map: code the query runs may come back here.)
-fn kept(client: &SpiClient<'_>, query: &str, args: &[DatumWithOid<'_>]) -> SpiResult<Rc<OwnedPreparedStatement>> {
-    let key: Key = (query.to_owned(), args.iter().map(|a| u32::from(a.oid())).collect());
-    if let Some(plan) = PLANS.with(|plans| plans.borrow().get(&key).cloned()) {
+/// Runs the row check `query` over `rows` (its `$1`, text) through
+/// `client`, on the plan kept for `role`.
+pub fn select_check<'conn>(
+    client: &SpiClient<'conn>,
+    role: u32,
+    query: &str,
+    rows: &str,
+) -> SpiResult<SpiTupleTable<'conn>> {
+    let args: [DatumWithOid<'_>; 1] = [rows.into()];
+    let plan = kept(&CHECKS, (role, query.to_owned()), client, query, &args)?;
+    client.select(&*plan, None, &args)
+}
+
+/// Lets every kept check plan go.
+pub fn forget_checks() {
+    CHECKS.with(|checks| checks.borrow_mut().plans.clear());
+}
+
+/// The plan kept in `store` under `key`, prepared for `args`' types on
+/// first use. (An `Rc`, not a borrow of the map: code the query runs may
+/// come back here.)
+fn kept<K: Hash + Eq>(
+    store: &'static std::thread::LocalKey<RefCell<Kept<K>>>,
+    key: K,
+    client: &SpiClient<'_>,
+    query: &str,
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<Rc<OwnedPreparedStatement>> {
+    if let Some(plan) = store.with(|kept| kept.borrow().plans.get(&key).cloned()) {
         return Ok(plan);
     }
     let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
     let plan = Rc::new(client.prepare(query, &types)?.keep());
-    PLANS.with(|plans| {
-        let mut plans = plans.borrow_mut();
-        if plans.len() >= MAX_PLANS {
-            plans.clear();
-        }
-        plans.insert(key, plan.clone());
-    });
+    store.with(|kept| kept.borrow_mut().insert(key, plan.clone()));
     Ok(plan)
 }

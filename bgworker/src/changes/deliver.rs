@@ -80,6 +80,10 @@ impl Grants {
 
 /// Privileges and row-level security, as the worker reads and runs them.
 pub trait Access {
+    /// Takes note of the catalog changes committed so far (a table
+    /// altered, a grant, a policy): pairs they touch become stale. Called
+    /// before each batch's first `is_stale`.
+    fn catch_up(&mut self) {}
     /// Whether the pair must be read (again) before it is used.
     fn is_stale(&self, role: &Arc<str>, relid: u32) -> bool;
     /// Reads each pair's grants; `names` gives each table's schema and
@@ -258,6 +262,7 @@ pub fn plan<'r, S: Subscriber>(
     if matched.pending.is_empty() {
         return plan;
     }
+    access.catch_up();
     let unreadable = read_stale(access, &matched);
     let visible = check_rows(access, &matched);
     build_sends(&mut plan, access, matched, &unreadable, &visible, max_record_bytes);

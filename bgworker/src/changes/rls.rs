@@ -52,11 +52,15 @@ const ORD: &str = "__pg_realtime_ord";
 
 /// The query that returns the 1-based positions of the rows (a JSON array
 /// of captured records, parameter `$1`) that meet `predicate` for
-/// `schema.table`.
-pub fn check_query(schema: &str, table: &str, predicate: &str) -> String {
+/// `schema.table` (`relid`). The table's OID as a `regclass` in the
+/// second column makes a kept plan of it depend on the table: PostgreSQL
+/// replans it after an ALTER TABLE (the rows are read as its row type,
+/// which the plan does not otherwise name).
+pub fn check_query(schema: &str, table: &str, relid: u32, predicate: &str) -> String {
     let (schema, table) = (quote_ident(schema), quote_ident(table));
     format!(
-        "SELECT {ORD}::pg_catalog.int4 FROM pg_catalog.jsonb_array_elements($1::pg_catalog.jsonb) \
+        "SELECT {ORD}::pg_catalog.int4, '{relid}'::pg_catalog.regclass \
+         FROM pg_catalog.jsonb_array_elements($1::pg_catalog.jsonb) \
          WITH ORDINALITY AS __pg_realtime_rows({ROW}, {ORD}), \
          LATERAL pg_catalog.jsonb_populate_record(NULL::{schema}.{table}, {ROW}) AS {table} \
          WHERE {predicate}"
@@ -113,7 +117,8 @@ mod tests {
 
     #[test]
     fn the_row_is_aliased_as_the_table() {
-        let q = check_query("public", "Odd\"Name", "(x = 1)");
+        let q = check_query("public", "Odd\"Name", 16384, "(x = 1)");
+        assert!(q.contains("'16384'::pg_catalog.regclass"), "{q}");
         assert!(q.contains("NULL::\"public\".\"Odd\"\"Name\""), "{q}");
         assert!(q.contains("AS \"Odd\"\"Name\" WHERE (x = 1)"), "{q}");
     }

@@ -71,6 +71,11 @@ counters! {
     rls_checks,
     /// Rows judged by those queries.
     rls_rows_checked,
+    /// Of those queries, the ones planned afresh, not run on the plan kept
+    /// for their role and table: all of them while the database has a
+    /// function that blocks sharing plans (`docs/security.md`, "Kept
+    /// checks").
+    rls_checks_planned,
     /// Capture triggers switched on for a join (see `changes::switch`).
     captures_enabled,
     /// Capture triggers switched off after `pg_realtime.capture_idle_timeout`.

@@ -1,0 +1,62 @@
+//! When subscribers of one role may share one kept plan of a table's row
+//! check (`docs/security.md`, "Kept checks").
+//!
+//! A generic plan reads the claims again on every run: they reach the
+//! check only through `current_setting`, which is STABLE, and a plan
+//! folds only IMMUTABLE functions. A policy helper wrongly marked
+//! IMMUTABLE would be folded with the first subscriber's claims and
+//! answer for all the others, so plans are shared only while the database
+//! has no function that could be one (`catalog::user_immutable_functions_exist`).
+//! That is read again whenever a function changes (`invalidations`) and
+//! at least every `REREAD`; a check run while a function changed is not
+//! trusted and is run again.
+
+use super::catalog;
+use super::invalidations;
+use super::plans;
+use std::time::{Duration, Instant};
+
+/// How long the answer is trusted when no function changed (an
+/// extension's member let go of changes no function).
+const REREAD: Duration = Duration::from_secs(1);
+
+/// Whether plans may be shared, and as of when.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sharing {
+    allowed: bool,
+    /// `invalidations::function_changes` when it was read.
+    functions: u64,
+    read_at: Option<Instant>,
+}
+
+impl Sharing {
+    /// Whether checks may run on shared plans now, read again if a
+    /// function changed or it is old; on a change to "no", every kept
+    /// check plan is let go. In a transaction.
+    pub fn allowed(&mut self) -> bool {
+        let fresh = self.read_at.is_some_and(|at| at.elapsed() < REREAD);
+        if fresh && !self.changed() {
+            return self.allowed;
+        }
+        self.functions = invalidations::function_changes();
+        self.read_at = Some(Instant::now());
+        let allowed = match catalog::user_immutable_functions_exist() {
+            Ok(exists) => !exists,
+            Err(e) => {
+                pgrx::warning!("pg_realtime: row checks are planned one by one: {e}");
+                false
+            }
+        };
+        if !allowed {
+            plans::forget_checks();
+        }
+        self.allowed = allowed;
+        allowed
+    }
+
+    /// Whether a function changed since it was read: a check run on a
+    /// shared plan meanwhile may have been planned with it.
+    pub fn changed(&self) -> bool {
+        invalidations::function_changes() != self.functions
+    }
+}
