@@ -102,6 +102,7 @@ fn main() {
         a_membership_without_set_is_not_enough,
         a_slow_policy_is_cancelled_and_its_subscribers_told,
         a_private_policy_helper_sees_the_databases_search_path,
+        a_revoked_membership_hides_what_a_policy_read_through_it,
         a_policy_helper_wrongly_marked_immutable_sees_each_subscriber,
         // (last: they restart the worker)
         a_policy_that_ends_the_worker_is_refused_after,
@@ -818,5 +819,64 @@ fn a_policy_helper_wrongly_marked_immutable_sees_each_subscriber(ctx: &Ctx) {
              ALTER POLICY addressed ON mallory.inbox USING (recipient = mallory.reader2());",
         );
         each_sees_only_its_own(c, &mut a, &mut b, "created").await;
+        // an extension's member counts unless a superuser owns it (a
+        // function changed, so that the guard is read again at once)
+        c.psql(
+            "ALTER FUNCTION mallory.reader() STABLE;
+             ALTER EXTENSION pg_realtime ADD FUNCTION mallory.reader2();
+             ALTER FUNCTION mallory.reader2() COST 101;",
+        );
+        each_sees_only_its_own(c, &mut a, &mut b, "extension").await;
+        c.psql("ALTER EXTENSION pg_realtime DROP FUNCTION mallory.reader2()");
+    });
+}
+
+/// A policy that reads another table sees that table through the
+/// policies of the subscriber's role and memberships: a plan kept from
+/// before a membership was revoked must not keep what it let through.
+fn a_revoked_membership_hides_what_a_policy_read_through_it(ctx: &Ctx) {
+    let c = &ctx.c;
+    c.psql(
+        "CREATE ROLE staff NOLOGIN;
+         CREATE ROLE support NOLOGIN;
+         GRANT staff TO support;
+         GRANT support TO authenticator;
+         GRANT USAGE ON SCHEMA mallory TO support;
+         SET ROLE mallory;
+         CREATE TABLE mallory.rooms (room text);
+         ALTER TABLE mallory.rooms ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY staff_all ON mallory.rooms FOR SELECT TO staff USING (true);
+         INSERT INTO mallory.rooms VALUES ('r1');
+         CREATE TABLE mallory.room_notes (id bigserial PRIMARY KEY, room text, body text);
+         ALTER TABLE mallory.room_notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY in_room ON mallory.room_notes FOR SELECT
+           USING (EXISTS (SELECT FROM mallory.rooms r WHERE r.room = room_notes.room));
+         CREATE POLICY open ON mallory.room_notes FOR SELECT USING (room = 'open');
+         GRANT SELECT ON mallory.rooms, mallory.room_notes TO support;
+         RESET ROLE;
+         ALTER PUBLICATION supabase_realtime ADD TABLE mallory.room_notes;",
+    );
+    let note = |room: &str, body: &str| {
+        c.psql(&format!(
+            "INSERT INTO mallory.room_notes (room, body) VALUES ('{room}', '{body}')"
+        ))
+    };
+    ctx.rt.block_on(async {
+        let tok = token_with(SECRET, json!({"role": "support", "exp": now() + 3600}));
+        let mut client = Client::connect(c.ws_port, &tok).await;
+        let binding = json!([{"event": "INSERT", "schema": "mallory", "table": "room_notes"}]);
+        assert_eq!(subscribe(&mut client, "rooms", binding, &tok).await.0, "ok");
+        let mut next_body = async || client.event().await[4]["data"]["record"]["body"].clone();
+        note("r1", "seen");
+        assert_eq!(next_body().await, "seen");
+        // (the second check runs on the plan kept by the first)
+        let planned = c.stat("rls_checks_planned");
+        note("r1", "seen again");
+        assert_eq!(next_body().await, "seen again");
+        assert_eq!(c.stat("rls_checks_planned"), planned, "a kept plan was not used");
+        c.psql("REVOKE staff FROM support");
+        note("r1", "hidden");
+        note("open", "sentinel");
+        assert_eq!(next_body().await, "sentinel");
     });
 }

@@ -225,7 +225,7 @@ fn run_checks(jobs: Vec<CheckJob>, mut sharing: Sharing) -> (HashMap<CheckKey, O
 }
 
 /// Runs `job`'s check as `identity`: on its role's shared plan if
-/// `sharing` allows, run again planned afresh if a function changed
+/// `sharing` allows, run again planned afresh if the catalog changed
 /// meanwhile (it may have been planned with that function folded).
 fn check(identity: &acting::Identity<'_>, job: &CheckJob, sharing: &mut Sharing) -> catalog::CatalogResult<Vec<i32>> {
     let planned = &crate::shmem::counters().rls_checks_planned;

@@ -175,21 +175,25 @@ pub fn access(role: &str, relid: u32) -> SpiResult<Option<Access>> {
 }
 
 /// Whether the database has a function that a plan would fold as a
-/// constant (IMMUTABLE) but whose result might depend on who runs it: one
-/// a user wrote, in a language other than C or internal (which only a
-/// superuser may use), outside the system schemas, not part of an
-/// extension. Such a function in a policy, wrongly marked, is run once
-/// when a plan is made, not once per subscriber (`access::share`).
+/// constant (IMMUTABLE) but whose result might depend on who runs it:
+/// any but those a superuser owns that are in C or internal, in the
+/// system schemas or an extension's member (a non-superuser may own an
+/// extension's members: `pg_tle`, `ALTER EXTENSION ... ADD`). Such a
+/// function in a policy, wrongly marked, is run once when a plan is made,
+/// not once per subscriber (`access::share`).
 pub fn user_immutable_functions_exist() -> SpiResult<bool> {
     let found = first::<bool>(
         "SELECT EXISTS (SELECT FROM pg_catalog.pg_proc p \
            JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
            JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-           WHERE p.provolatile = 'i' AND l.lanname NOT IN ('c', 'internal') \
-             AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-             AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d \
-               WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid \
-                 AND d.deptype = 'e'))",
+           WHERE p.provolatile = 'i' \
+             AND NOT (EXISTS (SELECT FROM pg_catalog.pg_roles r \
+                              WHERE r.oid = p.proowner AND r.rolsuper) \
+               AND (l.lanname IN ('c', 'internal') \
+                 OR n.nspname IN ('pg_catalog', 'information_schema') \
+                 OR EXISTS (SELECT FROM pg_catalog.pg_depend d \
+                   WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
+                     AND d.objid = p.oid AND d.deptype = 'e'))))",
         &[],
     )?;
     // (no answer: assume there is one)

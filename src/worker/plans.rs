@@ -3,7 +3,7 @@
 //! subscriber. Planned afresh each time, they were most of a join's cost
 //! (`make bench-scale`, "joins": 61% of the worker's samples in the
 //! planner, 227 joins a second). Kept by query text and argument types,
-//! at most `MAX_PLANS` (then all are let go and planned again);
+//! at most `MAX_PLANS` (then the one used longest ago is let go);
 //! PostgreSQL's plan cache replans a kept plan itself when a catalog it
 //! reads, the role or the search_path it depends on changes.
 //!
@@ -29,10 +29,17 @@ const MAX_PLANS: usize = 64;
 /// about 2 MB at most.
 const MAX_CHECK_PLANS: usize = 64;
 
-/// Plans by key, at most `max` (then all are let go).
+/// Plans by key, at most `max` (then the one used longest ago is let go).
 struct Kept<K> {
-    plans: HashMap<K, Rc<OwnedPreparedStatement>>,
+    plans: HashMap<K, Entry>,
     max: usize,
+    /// Uses so far, to tell which plan was used longest ago.
+    uses: u64,
+}
+
+struct Entry {
+    plan: Rc<OwnedPreparedStatement>,
+    used: u64,
 }
 
 impl<K: Hash + Eq> Kept<K> {
@@ -40,14 +47,23 @@ impl<K: Hash + Eq> Kept<K> {
         Kept {
             plans: HashMap::new(),
             max,
+            uses: 0,
         }
+    }
+
+    fn get(&mut self, key: &K) -> Option<Rc<OwnedPreparedStatement>> {
+        self.uses += 1;
+        let entry = self.plans.get_mut(key)?;
+        entry.used = self.uses;
+        Some(entry.plan.clone())
     }
 
     fn insert(&mut self, key: K, plan: Rc<OwnedPreparedStatement>) {
         if self.plans.len() >= self.max {
-            self.plans.clear();
+            let oldest = self.plans.values().map(|e| e.used).min();
+            self.plans.retain(|_, e| Some(e.used) != oldest);
         }
-        self.plans.insert(key, plan);
+        self.plans.insert(key, Entry { plan, used: self.uses });
     }
 }
 
@@ -69,12 +85,13 @@ pub fn select<'conn>(
     args: &[DatumWithOid<'_>],
 ) -> SpiResult<SpiTupleTable<'conn>> {
     let key: Key = (query.to_owned(), args.iter().map(|a| u32::from(a.oid())).collect());
-    let plan = kept(&PLANS, key, client, query, args)?;
+    let (plan, _) = kept(&PLANS, key, client, query, args)?;
     client.select(&*plan, limit, args)
 }
 
 /// Runs the row check `query` over `rows` (its `$1`, text) through
-/// `client`, on the plan kept for `role`.
+/// `client`, on the plan kept for `role` (a plan made counts in
+/// `rls_checks_planned`).
 pub fn select_check<'conn>(
     client: &SpiClient<'conn>,
     role: u32,
@@ -82,7 +99,10 @@ pub fn select_check<'conn>(
     rows: &str,
 ) -> SpiResult<SpiTupleTable<'conn>> {
     let args: [DatumWithOid<'_>; 1] = [rows.into()];
-    let plan = kept(&CHECKS, (role, query.to_owned()), client, query, &args)?;
+    let (plan, made) = kept(&CHECKS, (role, query.to_owned()), client, query, &args)?;
+    if made {
+        bgworker::shared::stats::Counters::incr(&crate::shmem::counters().rls_checks_planned);
+    }
     client.select(&*plan, None, &args)
 }
 
@@ -92,20 +112,20 @@ pub fn forget_checks() {
 }
 
 /// The plan kept in `store` under `key`, prepared for `args`' types on
-/// first use. (An `Rc`, not a borrow of the map: code the query runs may
-/// come back here.)
+/// first use, and whether it was prepared now. (An `Rc`, not a borrow of
+/// the map: code the query runs may come back here.)
 fn kept<K: Hash + Eq>(
     store: &'static std::thread::LocalKey<RefCell<Kept<K>>>,
     key: K,
     client: &SpiClient<'_>,
     query: &str,
     args: &[DatumWithOid<'_>],
-) -> SpiResult<Rc<OwnedPreparedStatement>> {
-    if let Some(plan) = store.with(|kept| kept.borrow().plans.get(&key).cloned()) {
-        return Ok(plan);
+) -> SpiResult<(Rc<OwnedPreparedStatement>, bool)> {
+    if let Some(plan) = store.with(|kept| kept.borrow_mut().get(&key)) {
+        return Ok((plan, false));
     }
     let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
     let plan = Rc::new(client.prepare(query, &types)?.keep());
     store.with(|kept| kept.borrow_mut().insert(key, plan.clone()));
-    Ok(plan)
+    Ok((plan, true))
 }

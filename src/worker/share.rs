@@ -7,38 +7,41 @@
 //! IMMUTABLE would be folded with the first subscriber's claims and
 //! answer for all the others, so plans are shared only while the database
 //! has no function that could be one (`catalog::user_immutable_functions_exist`).
-//! That is read again whenever a function changes (`invalidations`) and
-//! at least every `REREAD`; a check run while a function changed is not
-//! trusted and is run again.
+//! That is read again whenever a function, a role, a membership or a
+//! schema changes (`invalidations`), when every kept plan is also let go
+//! (the policies of a table that a policy reads were chosen by
+//! membership when the plan was made), and at least every `REREAD`; a
+//! check run while one changed is not trusted and is run again.
 
 use super::catalog;
 use super::invalidations;
 use super::plans;
 use std::time::{Duration, Instant};
 
-/// How long the answer is trusted when no function changed (an
-/// extension's member let go of changes no function).
+/// How long the answer is trusted when nothing changed (an extension's
+/// member let go of changes no function).
 const REREAD: Duration = Duration::from_secs(1);
 
 /// Whether plans may be shared, and as of when.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sharing {
     allowed: bool,
-    /// `invalidations::function_changes` when it was read.
-    functions: u64,
+    /// `invalidations::catalog_changes` when it was read.
+    catalog: u64,
     read_at: Option<Instant>,
 }
 
 impl Sharing {
-    /// Whether checks may run on shared plans now, read again if a
-    /// function changed or it is old; on a change to "no", every kept
-    /// check plan is let go. In a transaction.
+    /// Whether checks may run on shared plans now, read again if the
+    /// catalog changed or it is old. After a change, or on "no", every
+    /// kept check plan is let go. In a transaction.
     pub fn allowed(&mut self) -> bool {
         let fresh = self.read_at.is_some_and(|at| at.elapsed() < REREAD);
-        if fresh && !self.changed() {
+        let changed = self.changed();
+        if fresh && !changed {
             return self.allowed;
         }
-        self.functions = invalidations::function_changes();
+        self.catalog = invalidations::catalog_changes();
         self.read_at = Some(Instant::now());
         let allowed = match catalog::user_immutable_functions_exist() {
             Ok(exists) => !exists,
@@ -47,16 +50,16 @@ impl Sharing {
                 false
             }
         };
-        if !allowed {
+        if changed || !allowed {
             plans::forget_checks();
         }
         self.allowed = allowed;
         allowed
     }
 
-    /// Whether a function changed since it was read: a check run on a
+    /// Whether the catalog changed since it was read: a check run on a
     /// shared plan meanwhile may have been planned with it.
     pub fn changed(&self) -> bool {
-        invalidations::function_changes() != self.functions
+        invalidations::catalog_changes() != self.catalog
     }
 }

@@ -71,9 +71,9 @@ counters! {
     rls_checks,
     /// Rows judged by those queries.
     rls_rows_checked,
-    /// Of those queries, the ones planned afresh, not run on the plan kept
-    /// for their role and table: all of them while the database has a
-    /// function that blocks sharing plans (`docs/security.md`, "Kept
+    /// Row check plans made: a plan kept for a role and table, prepared,
+    /// or a query planned afresh (all of them while the database has a
+    /// function that blocks sharing plans; `docs/security.md`, "Kept
     /// checks").
     rls_checks_planned,
     /// Capture triggers switched on for a join (see `changes::switch`).
