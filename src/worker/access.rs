@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long privileges and policies read from the catalog are trusted
-/// before they are read again. A change to the table (a REVOKE, a new
-/// policy, an ALTER TABLE) takes effect at once; one to a role's
-/// memberships, within this time.
+/// before they are read again, at most. A change heard through
+/// invalidation messages (a table, a role, a membership, a schema, the
+/// database's owner) takes effect at once (`invalidations`); anything
+/// else, within this time.
 const ACCESS_TTL: Duration = Duration::from_secs(1);
 
 /// What a role may read of a table, with the role as resolved when it

@@ -176,11 +176,12 @@ pub fn access(role: &str, relid: u32) -> SpiResult<Option<Access>> {
 
 /// Whether the database has a function that a plan would fold as a
 /// constant (IMMUTABLE) but whose result might depend on who runs it:
-/// any but those a superuser owns that are in C or internal, in the
-/// system schemas or an extension's member (a non-superuser may own an
-/// extension's members: `pg_tle`, `ALTER EXTENSION ... ADD`). Such a
-/// function in a policy, wrongly marked, is run once when a plan is made,
-/// not once per subscriber (`access::share`).
+/// any but those a superuser owns that are in C or internal or in the
+/// system schemas. Extensions' members count too: anyone's SQL may be
+/// packaged as one (`pg_tle`), and whoever installs it, a superuser
+/// included, has not checked its markings. Such a function in a policy,
+/// wrongly marked, is run once when a plan is made, not once per
+/// subscriber (`access::share`).
 pub fn user_immutable_functions_exist() -> SpiResult<bool> {
     let found = first::<bool>(
         "SELECT EXISTS (SELECT FROM pg_catalog.pg_proc p \
@@ -190,10 +191,7 @@ pub fn user_immutable_functions_exist() -> SpiResult<bool> {
              AND NOT (EXISTS (SELECT FROM pg_catalog.pg_roles r \
                               WHERE r.oid = p.proowner AND r.rolsuper) \
                AND (l.lanname IN ('c', 'internal') \
-                 OR n.nspname IN ('pg_catalog', 'information_schema') \
-                 OR EXISTS (SELECT FROM pg_catalog.pg_depend d \
-                   WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass \
-                     AND d.objid = p.oid AND d.deptype = 'e'))))",
+                 OR n.nspname IN ('pg_catalog', 'information_schema'))))",
         &[],
     )?;
     // (no answer: assume there is one)

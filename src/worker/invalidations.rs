@@ -2,12 +2,12 @@
 //! invalidation messages (`docs/security.md`, "Kept checks"): which tables
 //! changed (ALTER TABLE, GRANT, a policy), so what a role may read of them
 //! is read again before the next delivery rather than up to a second
-//! later; and whether a function, a role, a membership or a schema
-//! changed, after which kept check plans are let go (`access::share`: a
+//! later; and whether a function, a role, a membership, the database
+//! (its owner is a member of `pg_database_owner`) or a schema changed,
+//! after which kept check plans are let go (`access::share`: a
 //! membership decides which policies apply to a table a policy reads,
 //! and the worker does not rely on the plan cache replanning for it),
-//! and every table counts as changed for a role, a membership or a
-//! schema.
+//! and every table counts as changed for all but a function.
 //!
 //! Messages are taken when a transaction starts (or a lock is taken):
 //! [`catch_up`] starts one for that alone. A change that locks the table
@@ -45,14 +45,15 @@ thread_local! {
 pub fn register() {
     // Room for every table remembered, so that a callback never allocates.
     CHANGED.with(|changed| changed.borrow_mut().relids.reserve(MAX_CHANGED));
-    use pg_sys::SysCacheIdentifier::{AUTHMEMROLEMEM, AUTHOID, NAMESPACEOID, PROCOID};
+    use pg_sys::SysCacheIdentifier::{AUTHMEMROLEMEM, AUTHOID, DATABASEOID, NAMESPACEOID, PROCOID};
     // SAFETY: the main thread, once per process (PostgreSQL keeps a fixed
     // number of callback slots); the callbacks only set flags and counts
     // in room already made, and cannot raise an error.
     unsafe {
         pg_sys::CacheRegisterRelcacheCallback(Some(on_relation), pg_sys::Datum::from(0));
         pg_sys::CacheRegisterSyscacheCallback(PROCOID as _, Some(on_function), pg_sys::Datum::from(0));
-        for cache in [AUTHOID, AUTHMEMROLEMEM, NAMESPACEOID] {
+        // (the database's owner is a member of pg_database_owner)
+        for cache in [AUTHOID, AUTHMEMROLEMEM, DATABASEOID, NAMESPACEOID] {
             pg_sys::CacheRegisterSyscacheCallback(cache as _, Some(on_role_or_schema), pg_sys::Datum::from(0));
         }
     }

@@ -18,8 +18,8 @@ use super::invalidations;
 use super::plans;
 use std::time::{Duration, Instant};
 
-/// How long the answer is trusted when nothing changed (an extension's
-/// member let go of changes no function).
+/// How long the answer is trusted when nothing changed (a function added
+/// to or dropped from an extension changes no function, only `pg_depend`).
 const REREAD: Duration = Duration::from_secs(1);
 
 /// Whether plans may be shared, and as of when.
