@@ -101,6 +101,7 @@ pub fn run() {
             "events_dropped",
             "rls_checks",
             "rls_rows_checked",
+            "rls_checks_planned",
         ],
     );
 }
