@@ -279,16 +279,25 @@ fn a_consumer_that_stops_reading_does_not_hold_back_one_that_reads(ctx: &Ctx) {
     ctx.rt.block_on(async {
         let mut stalled = subscribed(&c, "stalled", "t").await;
         let mut reader = subscribed(&c, "reader", "t").await;
-        let writer = burst(&c, 10_000, 2000);
-        // (read unparsed: a debug build parsing 2 kB frames would be the
-        // slow consumer)
-        for id in 1..=10_000 {
-            let text = reader.recv_text().await;
-            let record = text.split_once(r#""record":{"id":"#).map(|(_, rest)| rest);
-            let got = record.and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
-            assert_eq!(got, Some(id.to_string().as_str()), "{}", &text[..text.len().min(300)]);
+        // (written 500 commits, 1 MB, at a time, each read by the reader
+        // before the next: it is never more than that behind, however
+        // slowly this debug build reads, and the stalled one falls behind
+        // by all of it; read unparsed: a debug build parsing 2 kB frames
+        // would be the slow consumer)
+        for chunk in 0..20 {
+            let ids = chunk * 500 + 1..=(chunk + 1) * 500;
+            c.psql(&format!(
+                "DO $$ BEGIN FOR i IN {}..{} LOOP INSERT INTO t VALUES (i, repeat('x', 2000)); COMMIT; END LOOP; END $$",
+                ids.start(),
+                ids.end()
+            ));
+            for id in ids {
+                let text = reader.recv_text().await;
+                let record = text.split_once(r#""record":{"id":"#).map(|(_, rest)| rest);
+                let got = record.and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next());
+                assert_eq!(got, Some(id.to_string().as_str()), "{}", &text[..text.len().min(300)]);
+            }
         }
-        writer.join().unwrap();
         // the stalled one, read at last: what fit, then the notice, then the close
         let (texts, code) = stalled.frames_until_close().await;
         let events = texts.iter().filter(|t| t.contains("\"postgres_changes\"")).count();
