@@ -83,13 +83,18 @@ async fn subscribed(c: &Cluster, topic: &str, table: &str) -> Client {
 /// bytes, on a thread of its own; it may be cut short (by a crash), so its
 /// outcome is not checked.
 fn burst(c: &Cluster, n: i32, pad: usize) -> std::thread::JoinHandle<()> {
-    let sql = format!(
-        "DO $$ BEGIN FOR i IN 1..{n} LOOP INSERT INTO t VALUES (i, repeat('x', {pad})); COMMIT; END LOOP; END $$"
-    );
-    let mut psql = c.psql_command(&sql);
+    let mut psql = c.psql_command(&commits(1..=n, pad));
     std::thread::spawn(move || {
         let _ = psql.output();
     })
+}
+
+/// One commit per id into `t`, each row padded with `pad` bytes.
+fn commits(ids: std::ops::RangeInclusive<i32>, pad: usize) -> String {
+    let (from, to) = (ids.start(), ids.end());
+    format!(
+        "DO $$ BEGIN FOR i IN {from}..{to} LOOP INSERT INTO t VALUES (i, repeat('x', {pad})); COMMIT; END LOOP; END $$"
+    )
 }
 
 /// Kills the worker while a burst of commits runs, then rejoins: the
@@ -286,11 +291,7 @@ fn a_consumer_that_stops_reading_does_not_hold_back_one_that_reads(ctx: &Ctx) {
         // would be the slow consumer)
         for chunk in 0..20 {
             let ids = chunk * 500 + 1..=(chunk + 1) * 500;
-            c.psql(&format!(
-                "DO $$ BEGIN FOR i IN {}..{} LOOP INSERT INTO t VALUES (i, repeat('x', 2000)); COMMIT; END LOOP; END $$",
-                ids.start(),
-                ids.end()
-            ));
+            c.psql(&commits(ids.clone(), 2000));
             for id in ids {
                 let text = reader.recv_text().await;
                 let record = text.split_once(r#""record":{"id":"#).map(|(_, rest)| rest);

@@ -33,9 +33,18 @@ pub struct Changed {
     pub relids: HashSet<u32>,
 }
 
+impl Changed {
+    /// Counts every table as changed (keeping the room made for them).
+    fn mark_all(&mut self) {
+        self.all = true;
+        self.relids.clear();
+    }
+}
+
 thread_local! {
     static CHANGED: RefCell<Changed> = RefCell::new(Changed::default());
-    /// Functions, roles, memberships and schemas changed (a count).
+    /// Functions, roles, memberships, databases and schemas changed (a
+    /// count).
     static CATALOG: Cell<u64> = const { Cell::new(0) };
     /// A table heard while `CHANGED` was borrowed: count every table.
     static MISSED: Cell<bool> = const { Cell::new(false) };
@@ -63,8 +72,7 @@ unsafe extern "C-unwind" fn on_relation(_arg: pg_sys::Datum, relid: pg_sys::Oid)
     let relid = u32::from(relid);
     note_changed(|changed| {
         if relid == 0 || changed.relids.len() >= MAX_CHANGED {
-            changed.all = true;
-            changed.relids.clear();
+            changed.mark_all();
         } else if !changed.all {
             changed.relids.insert(relid);
         }
@@ -77,10 +85,7 @@ unsafe extern "C-unwind" fn on_function(_arg: pg_sys::Datum, _cacheid: std::ffi:
 
 unsafe extern "C-unwind" fn on_role_or_schema(_arg: pg_sys::Datum, _cacheid: std::ffi::c_int, _hash: u32) {
     count_catalog_change();
-    note_changed(|changed| {
-        changed.all = true;
-        changed.relids.clear();
-    });
+    note_changed(Changed::mark_all);
 }
 
 fn count_catalog_change() {
@@ -117,8 +122,8 @@ pub fn take_changed() -> Changed {
 }
 
 /// A count of the catalog changes heard that let kept check plans go: it
-/// moves when a function, a role, a membership or a schema is created,
-/// altered or dropped (or the caches are reset).
+/// moves when a function, a role, a membership, a database or a schema
+/// is created, altered or dropped (or the caches are reset).
 pub fn catalog_changes() -> u64 {
     CATALOG.with(Cell::get)
 }

@@ -7,8 +7,8 @@
 //! IMMUTABLE would be folded with the first subscriber's claims and
 //! answer for all the others, so plans are shared only while the database
 //! has no function that could be one (`catalog::user_immutable_functions_exist`).
-//! That is read again whenever a function, a role, a membership or a
-//! schema changes (`invalidations`), when every kept plan is also let go
+//! That is read again whenever a function, a role, a membership, the
+//! database or a schema changes (`invalidations`), when every kept plan is also let go
 //! (the policies of a table that a policy reads were chosen by
 //! membership when the plan was made), and at least every `REREAD`; a
 //! check run while one changed is not trusted and is run again.
